@@ -1,0 +1,551 @@
+"""Sandboxes: run an untrusted Python program with no network, a private file system and limits.
+
+One protocol (``Sandbox.run(program, stdin, limits) -> ExecResult``), several backends:
+
+- ``bwrap``   bubblewrap namespaces: no network, read-only /usr, tmpfs work dir, no host secrets;
+              ``warm=True`` keeps one sandboxed worker per pool slot that forks per program.
+- ``docker``  a real Docker engine: warm containers (``--network none``, read-only root, memory
+              and pids limits), each program run through a worker started with ``docker exec``.
+- ``unshare`` util-linux namespaces (root only), tmpfs over the writable and secret places.
+- ``process`` rlimits and a clean environment only: not isolation, and says so.
+
+As root every backend runs the program as an unprivileged host uid of its own pool slot, so
+RLIMIT_NPROC counts only that slot's processes and no program can signal another's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import queue
+import select
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+from agentopd import _zygote
+from agentopd.types import ExecResult
+
+PYTHON = "/usr/bin/python3"  # the sandboxed interpreter, always by absolute path
+BACKENDS = ("bwrap", "docker", "unshare", "process")
+DOCKER_IMAGE = "agentopd-py:latest"
+SLOT_UID_BASE = 61000
+
+
+class SandboxUnavailable(RuntimeError):
+    """A backend cannot run on this machine; the message names the fix."""
+
+
+@dataclass
+class Limits:
+    """Per-program limits. Every backend enforces all of them."""
+
+    timeout_s: float = 10.0
+    """Wall-clock limit; the whole process tree is killed when it passes."""
+    cpu_s: float | None = None
+    """CPU-time limit (RLIMIT_CPU); default: the wall limit + 1 s."""
+    memory_mb: int = 512
+    """Address-space limit (RLIMIT_AS), and the container's memory limit under docker."""
+    nproc: int = 32
+    """Processes/threads the program may have at once (RLIMIT_NPROC / docker --pids-limit)."""
+    fsize_mb: int = 16
+    """Largest file the program may write (RLIMIT_FSIZE)."""
+    disk_mb: int = 64
+    """Size of the tmpfs work dir."""
+    output_bytes: int = 1 << 20
+    """Captured bytes per stream; more kills the program with status ``output_limit``."""
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+class Sandbox(Protocol):
+    name: str
+
+    def run(self, program: str, stdin: str = "", limits: Limits | None = None) -> ExecResult: ...
+
+    def close(self) -> None: ...
+
+
+def _result(d: dict, duration_s: float | None = None) -> ExecResult:
+    if d.get("timed_out"):
+        status = "timeout"
+    elif d.get("truncated"):
+        status = "output_limit"
+    elif d.get("oom"):
+        status = "memory"
+    elif d["exit_code"] != 0:
+        status = "runtime_error"
+    else:
+        status = "ok"
+    return ExecResult(
+        status=status,
+        exit_code=d["exit_code"],
+        stdout=d["stdout"],
+        stderr=d["stderr"],
+        timed_out=bool(d.get("timed_out")),
+        oom=bool(d.get("oom")),
+        truncated=bool(d.get("truncated")),
+        duration_s=duration_s if duration_s is not None else d.get("duration_s", 0.0),
+    )
+
+
+def _sandbox_error(msg: str, t0: float) -> ExecResult:
+    return ExecResult("sandbox_error", None, "", msg, False, False, False, time.monotonic() - t0)
+
+
+class _Slots:
+    """Host uids for pool slots (as root); one program at a time per uid."""
+
+    def __init__(self, n: int):
+        self.free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        base = SLOT_UID_BASE + 100 * (next(_slot_blocks) % 300)
+        for i in range(n):
+            self.free.put(base + i)
+
+    def take(self) -> int:
+        return self.free.get()
+
+    def give(self, uid: int) -> None:
+        self.free.put(uid)
+
+
+_slot_blocks = itertools.count()
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, 0)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _spawn_and_collect(argv, *, stdin_data: str, limits: Limits, uid: int | None, pass_fds=(), cwd=None,
+                       apply_rlimits=True) -> ExecResult:
+    """Start ``argv`` in a new session (as ``uid``, under ``limits``), collect its output, kill the
+    whole group when it overruns, and reap it."""
+    lim = limits.as_dict()
+    in_fd = _memfd("stdin", stdin_data.encode("utf-8", "surrogateescape"))
+
+    def pre():
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        if apply_rlimits:
+            _zygote.rlimits(lim)
+
+    t0 = time.monotonic()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        p = subprocess.Popen(argv, stdin=in_fd, stdout=out_w, stderr=err_w, pass_fds=pass_fds, cwd=cwd,
+                             env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, preexec_fn=pre,
+                             start_new_session=True)
+    except OSError as e:
+        for fd in (out_r, out_w, err_r, err_w):
+            os.close(fd)
+        return _sandbox_error(f"could not start {argv[0]}: {e}", t0)
+    finally:
+        os.close(in_fd)
+    os.close(out_w)
+    os.close(err_w)
+    d = _zygote.collect(p.pid, out_r, err_r, t0 + limits.timeout_s, limits.output_bytes)
+    p.returncode = d["exit_code"]  # collect() reaped it; stop Popen from waiting again
+    return _result(d, time.monotonic() - t0)
+
+
+# --------------------------------------------------------------------------------- bubblewrap
+
+
+def _bwrap_argv(limits: Limits, work="/work") -> list[str]:
+    argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib"]
+    if os.path.isdir("/usr/lib64"):
+        argv += ["--symlink", "usr/lib64", "/lib64"]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+             "--size", str(limits.disk_mb * (1 << 20)), "--tmpfs", work, "--chdir", work,
+             "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
+             "--setenv", "HOME", work, "--uid", "65534", "--gid", "65534"]
+    return argv
+
+
+class BwrapSandbox:
+    """bubblewrap: cold (a fresh namespace per program, ~15 ms) or warm (forking workers)."""
+
+    name = "bwrap"
+
+    def __init__(self, workers: int | None = None, warm: bool = False):
+        if not shutil.which("bwrap"):
+            raise SandboxUnavailable("bwrap backend: bubblewrap is not installed (apt-get install bubblewrap)")
+        self.workers = workers or os.cpu_count() or 1
+        self.root = os.geteuid() == 0
+        self.slots = _Slots(self.workers * 2) if self.root else None
+        self.pool = _WarmPool(self._start_worker, self.workers) if warm else None
+        self.name = "bwrap-warm" if warm else "bwrap"
+
+    def run(self, program: str, stdin: str = "", limits: Limits | None = None) -> ExecResult:
+        limits = limits or Limits()
+        if self.pool:
+            return self.pool.run(program, stdin, limits)
+        uid = self.slots.take() if self.slots else None
+        fd = _memfd("main.py", program.encode("utf-8", "surrogateescape"))
+        try:
+            argv = _bwrap_argv(limits) + ["--file", str(fd), "/work/main.py",
+                                          PYTHON, "-E", "-s", "-B", "/work/main.py"]
+            return _spawn_and_collect(argv, stdin_data=stdin, limits=limits, uid=uid, pass_fds=(fd,))
+        finally:
+            os.close(fd)
+            if uid is not None:
+                self.slots.give(uid)
+
+    def _start_worker(self, slot: int, limits: Limits) -> subprocess.Popen:
+        uid = SLOT_UID_BASE + 50 + slot if self.root else None
+        argv = _bwrap_argv(limits) + [PYTHON, "-E", "-s", "-B", "-c", _ZYGOTE_SRC, "/work"]
+        return _popen_worker(argv, uid)
+
+    def close(self):
+        if self.pool:
+            self.pool.close()
+
+
+_ZYGOTE_SRC = open(_zygote.__file__, encoding="utf-8").read()
+
+
+def _popen_worker(argv, uid):
+    def pre():
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, preexec_fn=pre,
+                            start_new_session=True)
+
+
+class _Worker:
+    def __init__(self, proc: subprocess.Popen, limits_key):
+        self.proc = proc
+        self.key = limits_key
+        self.buf = b""
+
+    def readline(self, deadline: float) -> bytes | None:
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def kill(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            f.close()
+
+
+class _WarmPool:
+    """Warm workers, one per slot. A worker that misbehaves (no reply in time, bad reply, died) is
+    killed and replaced; the caller gets ``sandbox_error`` or ``timeout``, never a hang."""
+
+    START_TIMEOUT_S = 30.0
+    GRACE_S = 5.0
+
+    def __init__(self, start, size: int, rlimit_nproc: bool = True):
+        self.start = start
+        self.rlimit_nproc = rlimit_nproc
+        self.idle: queue.SimpleQueue[tuple[int, _Worker | None]] = queue.SimpleQueue()
+        self.all: dict[int, _Worker] = {}
+        self.lock = threading.Lock()
+        for slot in range(size):
+            self.idle.put((slot, None))
+
+    def _spawn(self, slot: int, limits: Limits) -> _Worker:
+        w = _Worker(self.start(slot, limits), (limits.disk_mb, limits.memory_mb, limits.nproc))
+        line = w.readline(time.monotonic() + self.START_TIMEOUT_S)
+        if line is None or b"ready" not in line:
+            w.kill()
+            raise SandboxUnavailable("warm sandbox worker did not start (run `agentopd exec` on a file to see why)")
+        return w
+
+    def run(self, program: str, stdin: str, limits: Limits) -> ExecResult:
+        t0 = time.monotonic()
+        slot, w = self.idle.get()
+        try:
+            key = (limits.disk_mb, limits.memory_mb, limits.nproc)
+            if w is not None and (w.key != key or w.proc.poll() is not None):
+                w.kill()
+                w = None
+            if w is None:
+                w = self._spawn(slot, limits)
+                with self.lock:
+                    self.all[slot] = w
+            lim = limits.as_dict()
+            if not self.rlimit_nproc:
+                lim["nproc"] = 0
+            req = {"program": program, "stdin": stdin, "limits": lim}
+            try:
+                w.proc.stdin.write(json.dumps(req).encode() + b"\n")
+                w.proc.stdin.flush()
+                line = w.readline(t0 + limits.timeout_s + self.GRACE_S)
+            except OSError:
+                line = None
+            if line is None:
+                w.kill()
+                timed_out = time.monotonic() - t0 >= limits.timeout_s
+                w = None
+                if timed_out:
+                    return _result({"timed_out": True, "exit_code": -9, "stdout": "", "stderr": ""},
+                                   time.monotonic() - t0)
+                return _sandbox_error("warm sandbox worker died", t0)
+            return _result(json.loads(line))
+        except SandboxUnavailable as e:
+            return _sandbox_error(str(e), t0)
+        finally:
+            self.idle.put((slot, w))
+
+    def close(self):
+        with self.lock:
+            for w in self.all.values():
+                w.kill()
+            self.all.clear()
+
+
+# ------------------------------------------------------------------------------------ docker
+
+
+class DockerSandbox:
+    """Warm containers (one per pool slot) on a real Docker engine; each runs a worker through
+    ``docker exec`` as uid 65534 that forks per program (the container's own init and ``sleep``
+    run as its root with no capabilities, out of the programs' reach). Timeouts kill inside the container; a worker that
+    stops answering gets its container killed and replaced."""
+
+    name = "docker"
+
+    def __init__(self, workers: int | None = None, image: str = DOCKER_IMAGE):
+        if not shutil.which("docker"):
+            raise SandboxUnavailable("docker backend: the docker CLI is not installed (apt-get install docker.io)")
+        info = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"], capture_output=True,
+                              text=True, timeout=30)
+        if info.returncode != 0:
+            raise SandboxUnavailable("docker backend: no Docker engine answers (start it: dockerd &, or "
+                                     "systemctl start docker)")
+        if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode != 0:
+            build_local_image(image)
+        self.image = image
+        self.workers = workers or os.cpu_count() or 1
+        self.containers: dict[int, str] = {}
+        # RLIMIT_NPROC would count every host process of uid 65534 (all containers): the
+        # container's --pids-limit bounds processes instead.
+        self.pool = _WarmPool(self._start_worker, self.workers, rlimit_nproc=False)
+
+    def _start_worker(self, slot: int, limits: Limits) -> subprocess.Popen:
+        old = self.containers.pop(slot, None)
+        if old:
+            subprocess.run(["docker", "rm", "-f", old], capture_output=True)
+        name = f"agentopd-{os.getpid()}-{id(self) % 100000}-{slot}"
+        mb = limits.memory_mb + 64
+        cid = subprocess.run(
+            ["docker", "run", "-d", "--rm", "--name", name, "--network", "none", "--read-only", "--init",
+             "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+             "--memory", f"{mb}m", "--memory-swap", f"{mb}m", "--pids-limit", str(limits.nproc + 8),
+             "--tmpfs", f"/work:rw,exec,size={limits.disk_mb}m,uid=65534,gid=65534,mode=0700",
+             "--tmpfs", f"/tmp:rw,size={limits.disk_mb}m,mode=1777", "-v", "/usr:/usr:ro",
+             "-e", "PATH=/usr/bin:/bin", "-e", "LANG=C.UTF-8", "-e", "HOME=/work",
+             self.image, "sleep", "infinity"], capture_output=True, text=True, timeout=60)
+        if cid.returncode != 0:
+            raise SandboxUnavailable(f"docker run failed: {cid.stderr.strip()}")
+        self.containers[slot] = name
+        return _popen_worker(["docker", "exec", "-i", "--user", "65534:65534", name, PYTHON, "-E", "-s", "-B", "-c", _ZYGOTE_SRC, "/work"],
+                             None)
+
+    def run(self, program: str, stdin: str = "", limits: Limits | None = None) -> ExecResult:
+        return self.pool.run(program, stdin, limits or Limits())
+
+    def close(self):
+        self.pool.close()
+        for name in self.containers.values():
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        self.containers.clear()
+
+
+def build_local_image(image: str = DOCKER_IMAGE) -> None:
+    """Create a minimal image with no registry access: an empty root whose /usr the host
+    bind-mounts read-only at run time (``docker import`` of a tar of a few directories)."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for d in ("usr", "tmp", "work", "proc", "dev", "etc", "sys"):
+            ti = tarfile.TarInfo(d)
+            ti.type, ti.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
+            tar.addfile(ti)
+        for link, target in (("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"), ("sbin", "usr/sbin")):
+            ti = tarfile.TarInfo(link)
+            ti.type, ti.linkname = tarfile.SYMTYPE, target
+            tar.addfile(ti)
+        for name, text in (("etc/passwd", "root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/work:/bin/sh\n"),
+                           ("etc/group", "root:x:0:\nnogroup:x:65534:\n")):
+            data = text.encode()
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    r = subprocess.run(["docker", "import", "-", image], input=buf.getvalue(), capture_output=True)
+    if r.returncode != 0:
+        raise SandboxUnavailable(f"docker backend: could not build the local image: {r.stderr.decode().strip()}")
+
+
+# ----------------------------------------------------------------------------------- unshare
+
+
+_UNSHARE_SH = (
+    "set -e; for d in /tmp /var/tmp /dev/shm /root /home /run; do [ -d $d ] && mount -t tmpfs -o size=$2 t $d; done; "
+    "mkdir /tmp/w; chown $1:$1 /tmp/w; cd /tmp/w; cat <&3 >main.py; exec 3<&-; "
+    "exec setpriv --reuid $1 --regid $1 --clear-groups --inh-caps=-all --bounding-set=-all "
+    "/usr/bin/python3 -E -s -B main.py"
+)
+
+
+class UnshareSandbox:
+    """util-linux ``unshare`` (root only): new net/pid/ipc/uts/mount namespaces, tmpfs over /tmp,
+    /var/tmp, /dev/shm, /root, /home and /run, the program as a slot uid."""
+
+    name = "unshare"
+
+    def __init__(self, workers: int | None = None):
+        if os.geteuid() != 0:
+            raise SandboxUnavailable("unshare backend needs root; use bwrap (apt-get install bubblewrap)")
+        for tool in ("unshare", "setpriv"):
+            if not shutil.which(tool):
+                raise SandboxUnavailable(f"unshare backend: {tool} is missing (apt-get install util-linux)")
+        self.slots = _Slots(workers or os.cpu_count() or 1)
+
+    def run(self, program: str, stdin: str = "", limits: Limits | None = None) -> ExecResult:
+        limits = limits or Limits()
+        uid = self.slots.take()
+        fd = _memfd("main.py", program.encode("utf-8", "surrogateescape"))
+        try:
+            argv = ["unshare", "--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--mount-proc",
+                    "--kill-child=SIGKILL", "--", "/bin/sh", "-c", _UNSHARE_SH.replace("<&3", f"<&{fd}")
+                    .replace("3<&-", f"{fd}<&-"), "sh", str(uid), f"{limits.disk_mb}m"]
+            return _spawn_and_collect(argv, stdin_data=stdin, limits=limits, uid=None, pass_fds=(fd,),
+                                      apply_rlimits=True)
+        finally:
+            os.close(fd)
+            self.slots.give(uid)
+
+    def close(self):
+        pass
+
+
+# ----------------------------------------------------------------------------------- process
+
+
+class ProcessSandbox:
+    """rlimits, a clean environment and a private temp dir; NOT isolation (network, the file
+    system and other processes stay reachable). As root the program runs as a slot uid."""
+
+    name = "process"
+    _warned = False
+
+    def __init__(self, workers: int | None = None):
+        if not ProcessSandbox._warned:
+            warnings.warn("sandbox backend 'process' is not isolation: programs can reach the network and "
+                          "the file system; use bwrap or docker for untrusted code", stacklevel=2)
+            ProcessSandbox._warned = True
+        self.slots = _Slots(workers or os.cpu_count() or 1) if os.geteuid() == 0 else None
+
+    def run(self, program: str, stdin: str = "", limits: Limits | None = None) -> ExecResult:
+        import tempfile
+
+        limits = limits or Limits()
+        uid = self.slots.take() if self.slots else None
+        d = tempfile.mkdtemp(prefix="agentopd-")
+        try:
+            with open(os.path.join(d, "main.py"), "w", encoding="utf-8") as f:
+                f.write(program)
+            if uid is not None:
+                os.chown(d, uid, uid)
+            res = _spawn_and_collect([PYTHON, "-E", "-s", "-B", "main.py"], stdin_data=stdin, limits=limits,
+                                     uid=uid, cwd=d)
+            if uid is not None:  # a straggler that setsid()'d away still runs as this uid: end it
+                subprocess.run(["pkill", "-KILL", "-u", str(uid)], capture_output=True)
+            return res
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+            if uid is not None:
+                self.slots.give(uid)
+
+    def close(self):
+        pass
+
+
+# ------------------------------------------------------------------------------ choosing one
+
+
+def _probe(sb) -> bool:
+    r = sb.run("print(6 * 7)", limits=Limits(timeout_s=20))
+    return r.status == "ok" and r.stdout.strip() == "42"
+
+
+def make_sandbox(backend: str = "auto", workers: int | None = None, warm: bool = True) -> Sandbox:
+    """Build a sandbox by name. ``auto`` tries bwrap, docker, unshare, then process, and warns
+    when it falls back to a weaker one."""
+    if backend == "auto":
+        errors = []
+        for name in ("bwrap", "docker", "unshare", "process"):
+            try:
+                sb = make_sandbox(name, workers, warm)
+            except SandboxUnavailable as e:
+                errors.append(str(e))
+                continue
+            if name == "process" or _probe(sb):
+                if errors:
+                    warnings.warn(f"sandbox: fell back to '{name}' ({'; '.join(errors)})", stacklevel=2)
+                return sb
+            sb.close()
+            errors.append(f"{name} backend failed its self-test")
+        raise SandboxUnavailable("no sandbox backend works: " + "; ".join(errors))
+    if backend in ("bwrap", "bwrap-warm"):
+        return BwrapSandbox(workers, warm=warm or backend == "bwrap-warm")
+    if backend == "bwrap-cold":
+        return BwrapSandbox(workers, warm=False)
+    if backend == "docker":
+        return DockerSandbox(workers)
+    if backend == "unshare":
+        return UnshareSandbox(workers)
+    if backend == "process":
+        return ProcessSandbox(workers)
+    raise ValueError(f"unknown sandbox backend {backend!r}; choose from auto, {', '.join(BACKENDS)}, bwrap-cold")
+
+
+def run_many(sandbox: Sandbox, jobs: Iterable[tuple[str, str, Limits | None]], workers: int | None = None,
+             progress=None) -> list[ExecResult]:
+    """Run (program, stdin, limits) jobs on a pool sized to the machine; results in input order."""
+    jobs = list(jobs)
+    n = workers or getattr(sandbox, "workers", None) or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=n) as ex:
+        futs = [ex.submit(sandbox.run, *job) for job in jobs]
+        out = []
+        for f in futs:
+            out.append(f.result())
+            if progress:
+                progress(1)
+        return out
