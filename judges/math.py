@@ -1,0 +1,116 @@
+"""The math judge: extract the final answer, check it with math-verify in bounded time.
+
+The answer is the last ``\\boxed{...}`` (or ``\\fbox{...}``) in the response, else the last match of
+a final-answer pattern; none is a ``format_error``. Equivalence (``1/2`` = ``0.5``, ``\\sqrt{8}`` =
+``2\\sqrt{2}``, sets, intervals, ...) is decided by math-verify in worker processes with a hard
+deadline: a pathological expression costs at most ``timeout_s`` and gives ``judge_error`` (the
+verifier failed, not the answer), never a hung step. The critique names the expected answer only
+when ``reveal_answer`` is set: the reference is privileged information.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from agentopd.judges.base import BaseJudge, judge_error
+from agentopd.types import Judgement, Problem, Verdict
+from agentopd.workers import JsonWorker, WorkerPool
+
+DEFAULT_PATTERN = r"(?i)\banswer\s*(?:is|:)\s*:?\s*\$?(.+?)\$?\s*\.?\s*$"
+
+
+def _boxed(text: str) -> str | None:
+    """Contents of the last \\boxed{...} / \\fbox{...} with balanced braces."""
+    found = []  # (position, contents): the last one wins, braced or not
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth = 1
+        for i in range(m.end(), len(text)):
+            depth += (text[i] == "{") - (text[i] == "}")
+            if depth == 0:
+                found.append((m.start(), text[m.end():i].strip()))
+                break
+    found += [(m.start(), m.group(1)) for m in re.finditer(r"\\boxed ([^\s${][^\s$]*)", text)]  # \boxed 5
+    return max(found)[1] if found else None
+
+
+def extract_answer(text: str, pattern: str | None = DEFAULT_PATTERN) -> str | None:
+    """The last boxed answer, else the last line matching ``pattern`` (group 1)."""
+    ans = _boxed(text)
+    if ans:
+        return ans
+    if pattern:
+        hits = [m for line in text.splitlines() if (m := re.search(pattern, line.strip()))]
+        if hits:
+            return hits[-1].group(1).strip() or None
+    return None
+
+
+class MathVerifier:
+    """math-verify in a pool of worker processes with a hard per-call deadline."""
+
+    def __init__(self, workers: int | None = None, timeout_s: float = 5.0):
+        self.timeout_s = timeout_s
+        self.pool = WorkerPool(self._start, workers or os.cpu_count() or 1)
+
+    @staticmethod
+    def _start(slot, key):
+        return JsonWorker([sys.executable, "-m", "agentopd._math_worker"], env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+    def equivalent(self, gold: str, pred: str) -> tuple[bool | None, str]:
+        """(True/False, note), or (None, reason) when the verifier failed or ran out of time."""
+        try:
+            reply = self.pool.call({"gold": gold, "pred": pred}, self.timeout_s)
+        except RuntimeError as e:
+            return None, f"math verifier did not start: {e}"
+        if reply is None:
+            return None, f"math verification took longer than {self.timeout_s:g} s"
+        if "error" in reply:
+            return None, reply["error"]
+        return reply["ok"], reply.get("parsed", "")
+
+    def close(self):
+        self.pool.close()
+
+
+class MathJudge(BaseJudge):
+    """Scores 1 for an answer equivalent to ``payload["answer"]``, 0 otherwise. Problems whose
+    payload names a ``scorer`` (e.g. reasoning-gym) are scored by it instead."""
+
+    name = "math"
+
+    def __init__(self, reveal_answer: bool = False, timeout_s: float = 5.0, pattern: str | None = DEFAULT_PATTERN,
+                 workers: int | None = None):
+        self.reveal_answer = reveal_answer
+        self.pattern = pattern
+        self.workers = workers or os.cpu_count() or 1
+        self.verifier = MathVerifier(self.workers, timeout_s)
+
+    def judge(self, problem: Problem, response: str) -> Judgement:
+        answer = extract_answer(response, self.pattern)
+        if answer is None:
+            return Judgement(Verdict(0.0, 0, 1, "format_error"),
+                             "No final answer found. End with the answer in \\boxed{...}.")
+        scorer = problem.payload.get("scorer")
+        if scorer is not None:
+            try:
+                score = float(scorer(answer))
+            except Exception as e:  # a crashed scorer is the judge's failure
+                return judge_error(f"scorer failed: {type(e).__name__}: {e}")
+            ok, note = score >= 1.0, ""
+        else:
+            ok, note = self.verifier.equivalent(str(problem.payload["answer"]), answer)
+            if ok is None:
+                return judge_error(note)
+            score = float(ok)
+        status = "ok" if ok else "wrong_answer"
+        if ok:
+            critique = f"Correct: {answer}."
+        else:
+            critique = f"Your final answer {answer} is incorrect."
+            if self.reveal_answer and "answer" in problem.payload:
+                critique += f" The expected answer is {problem.payload['answer']}."
+        return Judgement(Verdict(score, int(ok), 1, status), critique)
+
+    def close(self):
+        self.verifier.close()

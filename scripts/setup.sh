@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install everything agentopd and its tests use, on a fresh Debian/Ubuntu machine (as root):
+# bubblewrap and a Docker engine (started if not running, plus the local sandbox image), and the
+# Python package with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+need=()
+command -v bwrap >/dev/null || need+=(bubblewrap)
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v setpriv >/dev/null || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if ! docker info >/dev/null 2>&1; then
+  ($SUDO dockerd >/tmp/agentopd-dockerd.log 2>&1 &)
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || { echo "setup: dockerd did not start (docker tests will skip):"; tail -5 /tmp/agentopd-dockerd.log; }
+fi
+python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+if docker info >/dev/null 2>&1; then
+  python3 -c "from agentopd.sandbox import build_local_image as b; b()"
+fi
+echo "setup: done"
