@@ -53,6 +53,11 @@ class BaseJudge:
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as ex:
             return list(ex.map(one, pairs))
 
+    def __deepcopy__(self, memo):
+        # a judge is a service (sandbox pools, worker processes, HTTP clients): copies share it,
+        # which is what gymnasium's make/check_env need when a judge is passed to an env
+        return self
+
     async def ajudge_many(self, pairs: list[tuple[Problem, str]]) -> list[Judgement]:
         return await asyncio.to_thread(self.judge_many, pairs)
 

@@ -1,0 +1,479 @@
+"""The math judge (judges/math.py: answer extraction, math-verify in worker processes with a hard
+deadline), the math environment (envs/math.py), the procedural generator (envs/procedural.py),
+reasoning-gym problems, and ``agentopd eval passk`` on a math file."""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import operator
+import re
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+from pathlib import Path
+
+import gymnasium as gym
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import agentopd.envs  # noqa: F401  (registers the environments)
+from agentopd.envs.data import DataError, load_math_problems
+from agentopd.envs.math import MathEnv
+from agentopd.envs.procedural import arithmetic_problems
+from agentopd.judges.math import MathJudge, extract_answer
+from agentopd.types import Problem
+
+TIMEOUT_S = 4.0
+
+
+# ----------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def judge():
+    """The module's one MathJudge (one pool of math-verify workers)."""
+    j = MathJudge(timeout_s=TIMEOUT_S, workers=2)
+    yield j
+    j.close()
+
+
+@pytest.fixture(scope="module")
+def reveal_judge(judge):
+    """A judge that states the expected answer, on the module judge's worker pool."""
+    j = MathJudge(reveal_answer=True, timeout_s=TIMEOUT_S, workers=2)
+    j.verifier.close()
+    j.verifier = judge.verifier
+    return j
+
+
+class _Shared:
+    """The module's judge, lent to environments: their close() must not close it."""
+
+    def __init__(self, judge):
+        self._judge = judge
+
+    def judge(self, problem, response):
+        return self._judge.judge(problem, response)
+
+    def __deepcopy__(self, memo):  # gymnasium deep-copies make() kwargs (check_env re-makes the env)
+        return self
+
+
+def mp(answer: str, pid: str = "p") -> Problem:
+    return Problem(pid, "Solve it.", "math", {"answer": answer})
+
+
+def boxed(ans: str) -> str:
+    return f"Let me think step by step.\nSo the result is \\boxed{{{ans}}}."
+
+
+# ----------------------------------------------------------------------- equivalence pairs
+
+# (gold, predicted, equivalent?) -- each pair checked against what math-verify decides
+EQUIV = [
+    ("1/2", "0.5", True),
+    ("\\frac{1}{2}", "0.5", True),
+    ("0.75", "3/4", True),
+    ("\\dfrac{3}{4}", "\\frac{6}{8}", True),
+    ("\\sqrt{8}", "2\\sqrt{2}", True),
+    ("2\\sqrt{2}", "\\sqrt{8}", True),
+    ("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2", True),
+    ("\\{1,2\\}", "\\{2,1\\}", True),
+    ("[0,1)", "[0,1)", True),
+    ("(-\\infty, 0)", "(-\\infty,0)", True),
+    ("x^2+2x+1", "(x+1)^2", True),
+    ("x^2-1", "(x-1)(x+1)", True),
+    ("1", "\\sin^2 x + \\cos^2 x", True),
+    ("2\\pi", "\\pi \\cdot 2", True),
+    ("50\\%", "50\\%", True),
+    ("50\\%", "0.5", True),
+    ("-3", "-3", True),
+    ("-\\frac{1}{2}", "-0.5", True),
+    ("123456789012345678901234567890", "123456789012345678901234567890", True),
+    ("3", "x=3", True),
+    ("1024", "2^{10}", True),
+    ("1000", "1{,}000", True),
+    ("10", "10.0", True),
+    ("-4/45", "-\\frac{4}{45}", True),
+    # wrong answers of each kind
+    ("1/2", "0.49", False),
+    ("1/2", "1/3", False),
+    ("\\sqrt{8}", "3\\sqrt{2}", False),
+    ("\\frac{\\sqrt{3}}{2}", "\\sqrt{2}/2", False),
+    ("\\{1,2\\}", "\\{1,3\\}", False),
+    ("\\{1,2\\}", "\\{1,2,3\\}", False),
+    ("[0,1)", "(0,1]", False),
+    ("[0,1)", "[0,1]", False),
+    ("(1,2)", "(2,1)", False),
+    ("x^2+2x+1", "(x-1)^2", False),
+    ("-3", "3", False),
+    ("-\\frac{1}{2}", "0.5", False),
+    ("123456789012345678901234567890", "123456789012345678901234567891", False),
+    ("3", "x = 4", False),
+    ("\\pi", "3.14159", False),
+    ("35/18", "36/18", False),
+]
+
+
+@pytest.mark.parametrize("gold, pred, same", EQUIV, ids=[f"{g}|{p}" for g, p, _ in EQUIV])
+def test_equivalence(judge, gold, pred, same):
+    j = judge.judge(mp(gold), boxed(pred))
+    v = j.verdict
+    assert v.status == ("ok" if same else "wrong_answer"), (v, j.critique)
+    assert v.score == (1.0 if same else 0.0) and v.passed == int(same) and v.total == 1
+    assert (pred in j.critique) and (("Correct" in j.critique) == same)
+
+
+def test_minerva_final_answer_line(judge):
+    text = "Final Answer: The final answer is $3$. I hope it is correct."
+    assert judge.judge(mp("3"), text).verdict.status == "ok"
+    assert judge.judge(mp("4"), text).verdict.status == "wrong_answer"
+
+
+# ------------------------------------------------------------------------------ extraction
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("first \\boxed{1}, on reflection \\boxed{2}", "2"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{\\{1, \\{2\\}\\}}", "\\{1, \\{2\\}\\}"),
+    ("so \\fbox{7}", "7"),
+    ("\\boxed 5 and later \\boxed 6", "6"),
+    ("\\boxed{3} then \\boxed 5", "5"),
+    ("\\boxed 5 then \\boxed{3}", "3"),
+    ("unclosed \\boxed{2} then \\boxed{\\frac{1}{2}", "2"),
+    ("Working...\nThe answer is 7.", "7"),
+    ("The answer is $\\frac{1}{2}$.", "\\frac{1}{2}"),
+    ("answer: 3.5.", "3.5"),
+    ("The answer is 1.\nNo wait, the answer is 2.", "2"),
+    ("\\boxed{9}\nThe answer is 7.", "9"),
+    ("I give up.", None),
+    ("", None),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_extract_answer_custom_pattern():
+    text = "18 - 6 = 12\n#### 12"
+    assert extract_answer(text) is None
+    assert extract_answer(text, pattern=r"####\s*(\S+)") == "12"
+    assert extract_answer("The answer is 7.", pattern=None) is None
+    assert extract_answer("\\boxed{4}\n#### 12", pattern=r"####\s*(\S+)") == "4"  # boxed still first
+
+
+def test_custom_pattern_in_the_judge(judge):
+    j = MathJudge(pattern=r"####\s*(\S+)", timeout_s=TIMEOUT_S)
+    j.verifier.close()
+    j.verifier = judge.verifier
+    assert j.judge(mp("12"), "18 - 6 = 12\n#### 12").verdict.status == "ok"
+    assert j.judge(mp("12"), "The answer is 12.").verdict.status == "format_error"
+
+
+@pytest.mark.parametrize("response", ["I think it is probably large.", "", "\\boxed{}"])
+def test_no_answer_is_a_format_error_asking_for_boxed(judge, response):
+    j = judge.judge(mp("42"), response)
+    assert j.verdict.status == "format_error" and j.verdict.score == 0.0 and j.verdict.passed == 0
+    assert "\\boxed" in j.critique and "42" not in j.critique
+
+
+def test_reveal_answer_controls_the_critique(judge, reveal_judge):
+    p = mp("\\frac{7}{13}")
+    hidden = judge.judge(p, boxed("0.5"))
+    shown = reveal_judge.judge(p, boxed("0.5"))
+    assert hidden.verdict.status == shown.verdict.status == "wrong_answer"
+    assert "\\frac{7}{13}" not in hidden.critique and "7" not in hidden.critique and "13" not in hidden.critique
+    assert "0.5" in hidden.critique
+    assert "\\frac{7}{13}" in shown.critique and "0.5" in shown.critique
+    # a correct answer needs no reveal either way
+    assert reveal_judge.judge(p, boxed("7/13")).verdict.status == "ok"
+
+
+# ------------------------------------------------------------------- bounded time, threads
+
+
+def test_pathological_expression_is_a_judge_error_in_bounded_time(judge):
+    t0 = time.monotonic()
+    j = judge.judge(mp("3"), boxed("2^{2^{2^{2^{2^{10}}}}}"))
+    elapsed = time.monotonic() - t0
+    assert j.verdict.status == "judge_error" and math.isnan(j.verdict.score)
+    assert "longer than" in j.verdict.details[0].error
+    assert elapsed < TIMEOUT_S + 5, f"took {elapsed:.1f} s"
+    # the worker that was stuck is dead, not left burning a CPU
+    dead = [w for w in judge.verifier.pool.live.values() if not w.alive()]
+    assert dead
+    # the same pool still judges correctly afterwards (more calls than slots: every slot is used)
+    for _ in range(2):
+        assert judge.judge(mp("1/2"), boxed("0.5")).verdict.status == "ok"
+        assert judge.judge(mp("1/2"), boxed("0.6")).verdict.status == "wrong_answer"
+    assert all(w.alive() for w in judge.verifier.pool.live.values())
+    for w in dead:
+        assert w.proc.poll() is not None
+
+
+def test_verification_from_many_threads(judge):
+    cases = [(g, p, s) for g, p, s in EQUIV[::2]] * 2
+    with ThreadPoolExecutor(max_workers=8) as ex:
+        got = list(ex.map(lambda c: judge.judge(mp(c[0]), boxed(c[1])).verdict.status, cases))
+    assert got == ["ok" if s else "wrong_answer" for _, _, s in cases]
+
+
+def test_judge_many_keeps_order(judge):
+    pairs = [(mp(str(i), f"p{i}"), boxed(str(i if i % 3 else i + 1))) for i in range(12)]
+    seen = []
+    out = judge.judge_many(pairs, progress=seen.append)
+    assert [j.verdict.status for j in out] == ["wrong_answer" if i % 3 == 0 else "ok" for i in range(12)]
+    assert sum(seen) == 12
+
+
+# ------------------------------------------------------------------------ the environment
+
+
+def _check(env):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env.unwrapped)
+    assert not [str(w.message) for w in caught]
+    obs, info = env.reset(seed=0)
+    assert isinstance(obs, str) and obs and env.observation_space.contains(obs)
+    assert info["turn"] == 0 and isinstance(info["problem_id"], str)
+    return obs, info
+
+
+def test_check_env_generated(judge):
+    env = gym.make("agentopd/Math-v0", n=20, judge=_Shared(judge))
+    try:
+        obs, info = _check(env)
+        p = env.unwrapped.problem
+        assert obs == p.prompt and "\\boxed" in obs
+        _, reward, terminated, truncated, info = env.step(boxed(p.payload["answer"]))
+        assert reward == 1.0 and terminated and not truncated and info["verdict"].status == "ok"
+    finally:
+        env.close()
+
+
+@pytest.fixture
+def custom_rows():
+    return [{"id": "q1", "q": "What is 1/2 + 1/4?", "a": "3/4"},
+            {"id": "q2", "q": "What is 6 * 7?", "a": 42},
+            {"id": "q3", "q": "Simplify sqrt(8).", "a": "2\\sqrt{2}"}]
+
+
+def test_check_env_jsonl_custom_columns(judge, tmp_path, custom_rows):
+    f = tmp_path / "math.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in custom_rows))
+    env = gym.make("agentopd/Math-v0", problems=str(f), question_key="q", answer_key="a", judge=_Shared(judge))
+    try:
+        _check(env)
+        probs = env.unwrapped.problems
+        assert [p.id for p in probs] == ["q1", "q2", "q3"]
+        assert [p.payload["answer"] for p in probs] == ["3/4", "42", "2\\sqrt{2}"]
+        assert all(p.kind == "math" for p in probs)
+        obs, _ = env.reset(options={"index": 2})
+        assert obs == "Simplify sqrt(8)."
+        _, reward, terminated, _, _ = env.step(boxed("\\sqrt{8}"))
+        assert reward == 1.0 and terminated
+    finally:
+        env.close()
+
+
+def test_check_env_datasets_dataset(judge, custom_rows):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{**r, "a": str(r["a"])} for r in custom_rows])
+    env = gym.make("agentopd/Math-v0", problems=ds, question_key="q", answer_key="a", judge=_Shared(judge))
+    try:
+        _check(env)
+        assert len(env.unwrapped.problems) == 3
+        env.reset(options={"index": 1})
+        _, reward, _, _, info = env.step(boxed("41"))
+        assert reward == 0.0 and info["verdict"].status == "wrong_answer"
+    finally:
+        env.close()
+
+
+def test_multi_turn_critique_is_the_next_observation(judge):
+    env = MathEnv(problems=[{"question": "What is 6 * 7?", "answer": "42"}], max_turns=3, judge=_Shared(judge))
+    try:
+        obs, _ = env.reset(seed=1)
+        assert obs == "What is 6 * 7?"
+        obs, reward, terminated, truncated, info = env.step("no idea")
+        assert info["verdict"].status == "format_error" and reward == 0.0 and not terminated and not truncated
+        assert "\\boxed" in obs and obs == info["critique"] == env.render()
+        obs, reward, terminated, _, info = env.step(boxed("41"))
+        assert reward == 0.0 and not terminated and "41" in obs and "incorrect" in obs and "42" not in obs
+        obs, reward, terminated, _, info = env.step(boxed("42"))
+        assert reward == 1.0 and terminated and info["turn"] == 3 and info["verdict"].status == "ok"
+    finally:
+        env.close()
+
+
+def test_multi_turn_turn_limit(judge):
+    env = MathEnv(problems=[{"question": "1+1?", "answer": "2"}], max_turns=2, judge=_Shared(judge))
+    env.reset(seed=0)
+    assert env.step(boxed("3"))[2] is False
+    _, reward, terminated, _, info = env.step(boxed("4"))
+    assert terminated and reward == 0.0 and info["verdict"].status == "wrong_answer"
+
+
+def test_env_judge_error_reward_is_nan(judge):
+    bad = Problem("x", "q", "math", {"answer": "1", "scorer": lambda a: 1 / 0})
+    env = MathEnv(problems=[bad], judge=_Shared(judge), max_turns=3)
+    env.reset(seed=0)
+    _, reward, terminated, _, info = env.step(boxed("1"))
+    assert math.isnan(reward) and info["verdict"].status == "judge_error" and not terminated
+
+
+def test_malformed_math_row_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"question": "1+1?", "answer": "2"}\n\n{"question": "2+2?"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{f}:3") + ".*answer"):
+        load_math_problems(str(f))
+    with pytest.raises(DataError, match=re.escape(f"{f}:3")):
+        MathEnv(problems=str(f), judge=object())
+    f.write_text('{"question": "1+1?", "answer": ""}\n')
+    with pytest.raises(DataError, match=re.escape(f"{f}:1") + ".*answer"):
+        load_math_problems(str(f))
+    f.write_text('{"q": "1+1?", "answer": "2"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{f}:1") + ".*question"):
+        load_math_problems(str(f))
+
+
+# --------------------------------------------------------------------- procedural problems
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _calc(expr: str):
+    """Evaluate +, -, *, / and brackets over integers exactly (Fractions), independently of the
+    generator."""
+
+    def ev(n):
+        if isinstance(n, ast.Expression):
+            return ev(n.body)
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return Fraction(n.value)
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
+            return -ev(n.operand)
+        if isinstance(n, ast.BinOp) and type(n.op) in _OPS:
+            return _OPS[type(n.op)](ev(n.left), ev(n.right))
+        raise ValueError(f"unexpected {ast.dump(n)}")
+
+    return ev(ast.parse(expr, mode="eval"))
+
+
+def _recompute(p: Problem) -> Fraction:
+    level = p.payload["level"]
+    if level == 4:
+        m = re.fullmatch(r"Solve for x: (\d+)x ([+-]) (\d+) = (-?\d+)\. .*", p.prompt)
+        assert m, p.prompt
+        a, sign, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+        b = b if sign == "+" else -b
+        return Fraction(c - b, a)
+    m = re.fullmatch(r"Compute (.+)\. Put the final answer in \\boxed\{\}\.", p.prompt)
+    assert m, p.prompt
+    expr = m[1]
+    shape = {1: r"\d\d [+-] \d\d", 2: r"\d\d \* \d{1,2}", 3: r"\(\d\d [+*-] \d\d\) [+-] \d\d",
+             5: r"\d/\d [+-] \d/\d"}[level]
+    assert re.fullmatch(shape, expr), (level, expr)
+    return _calc(expr)
+
+
+def test_generator_is_deterministic_per_seed():
+    a, b, c = arithmetic_problems(50, seed=7), arithmetic_problems(50, seed=7), arithmetic_problems(50, seed=8)
+    key = [(p.id, p.prompt, p.payload["answer"]) for p in a]
+    assert key == [(p.id, p.prompt, p.payload["answer"]) for p in b]
+    assert [p.prompt for p in a] != [p.prompt for p in c]
+    assert len({p.id for p in a + c}) == 100
+
+
+def test_generator_levels_and_answers_are_correct():
+    probs = arithmetic_problems(500, seed=3)
+    assert [p.payload["level"] for p in probs[:10]] == [1, 2, 3, 4, 5] * 2
+    for p in probs:
+        assert p.kind == "math" and p.prompt.endswith("Put the final answer in \\boxed{}.")
+        ans, want = p.payload["answer"], _recompute(p)
+        assert Fraction(ans) == want, (p.prompt, ans, want)
+        if p.payload["level"] == 4:
+            assert want.denominator == 1
+        if p.payload["level"] == 5:
+            assert ans == str(want)  # reduced p/q, or a plain integer
+        else:
+            assert re.fullmatch(r"-?\d+", ans), ans
+    only2 = arithmetic_problems(20, levels=(2,), seed=0)
+    assert {p.payload["level"] for p in only2} == {2}
+    with pytest.raises(ValueError, match="levels"):
+        arithmetic_problems(5, levels=(6,))
+
+
+def test_math_judge_accepts_generated_answers(judge):
+    probs = arithmetic_problems(15, seed=11)
+    out = judge.judge_many([(p, boxed(p.payload["answer"])) for p in probs])
+    assert [j.verdict.status for j in out] == ["ok"] * 15
+    wrong = [(p, boxed(str(Fraction(p.payload["answer"]) + 1))) for p in probs[:5]]
+    assert [j.verdict.status for j in judge.judge_many(wrong)] == ["wrong_answer"] * 5
+
+
+# ----------------------------------------------------------------------------- reasoning-gym
+
+
+def test_reasoning_gym_problems_use_their_scorer(judge):
+    pytest.importorskip("reasoning_gym")
+    from agentopd.envs.procedural import reasoning_gym_problems
+
+    probs = reasoning_gym_problems("basic_arithmetic", n=5)
+    assert len(probs) == 5 and all(callable(p.payload["scorer"]) for p in probs)
+    for p in probs:
+        ans = p.payload["answer"]
+        ok = judge.judge(p, boxed(ans))
+        assert ok.verdict.status == "ok" and ok.verdict.score == 1.0
+        wrong = judge.judge(p, boxed(str(int(float(ans)) + 1)))
+        assert wrong.verdict.status == "wrong_answer" and wrong.verdict.score == 0.0
+    # same seed, same questions
+    assert [p.prompt for p in reasoning_gym_problems("basic_arithmetic", n=5)] == [p.prompt for p in probs]
+
+
+def test_a_scorer_that_raises_is_a_judge_error(judge):
+    def boom(answer):
+        raise RuntimeError("scorer exploded")
+
+    j = judge.judge(Problem("x", "q", "math", {"answer": "1", "scorer": boom}), boxed("1"))
+    assert j.verdict.status == "judge_error" and math.isnan(j.verdict.score)
+    assert "scorer exploded" in j.verdict.details[0].error
+
+
+# ---------------------------------------------------------------------- eval passk on math
+
+
+def test_eval_passk_on_a_math_file(tmp_path):
+    ds = tmp_path / "math.jsonl"
+    rows = [{"id": "m1", "question": "1/2 as a decimal?", "answer": "0.5"},
+            {"id": "m2", "question": "sqrt(8)?", "answer": "2\\sqrt{2}"},
+            {"id": "m3", "question": "6*7?", "answer": "42"},
+            {"id": "m4", "question": "unused", "answer": "1"}]
+    ds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = [("m1", boxed("1/2")), ("m1", "The answer is 0.5."),      # 2/2
+               ("m2", boxed("\\sqrt{8}")), ("m2", boxed("3\\sqrt{2}")),  # 1/2
+               ("m3", boxed("41")), ("m3", "I am not sure.")]            # 0/2
+    s = tmp_path / "samples.jsonl"
+    s.write_text("".join(json.dumps({"task_id": t, "completion": c}) + "\n" for t, c in samples))
+    out = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, "-m", "agentopd.cli", "eval", "passk", "--dataset", str(ds), "--samples",
+                        str(s), "--k", "1,2", "--json", str(out), "--quiet"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert json.loads(r.stdout) == report
+    assert report["pass@1"] == pytest.approx(0.5)  # (1 + 0.5 + 0) / 3
+    assert report["pass@2"] == pytest.approx(2 / 3)
+    assert report["problems"] == 3 and report["samples"] == 6 and report["judge_errors"] == 0
+    assert report["missing_problems"] == 1 and "1 problems of the dataset have no samples" in r.stderr
+    results = [json.loads(line) for line in Path(str(s) + "_results.jsonl").read_text().splitlines()]
+    assert report["results"] == str(s) + "_results.jsonl"
+    assert [x["task_id"] for x in results] == [t for t, _ in samples]
+    assert [x["passed"] for x in results] == [True, True, True, False, False, False]
+    assert [x["result"] for x in results] == ["passed"] * 3 + ["failed: wrong_answer"] * 2 + ["failed: format_error"]
+    assert all(x["completion"] == c for x, (_, c) in zip(results, samples))
