@@ -4,8 +4,9 @@ This file is used twice: imported on the host (``collect``/``rlimits``) by the c
 run as a script inside a sandbox (bwrap, docker) as a *warm worker*: it reads one JSON request per
 line on stdin, forks a child per request that runs the program in this already-started
 interpreter, and answers one JSON line. Between requests it kills every process it can signal in
-its namespace and wipes the work dir, so one program cannot see or touch the next one's files or
-processes. It makes itself non-dumpable, so a program cannot ptrace it or read its memory or fds.
+its namespace, empties every writable place and drops SysV IPC objects, so one program cannot see
+or touch the next one's files, processes or memory. It makes itself non-dumpable, so a program
+cannot ptrace it or read its memory or fds.
 """
 import json
 import os
@@ -30,10 +31,14 @@ def rlimits(lim):
         resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"],) * 2)
 
 
-def collect(pid, out_fd, err_fd, deadline, cap):
+def collect(pid, out_fd, err_fd, deadline, cap, exit_128_is_signal=False, sinks=None):
     """Read the child's stdout/stderr until it exits (or the deadline / output cap); kill its group
-    when it overruns. Returns a result dict (exit_code, signal, stdout, stderr, flags)."""
+    when it overruns. Returns a result dict (exit_code, signal, stdout, stderr, flags).
+    ``exit_128_is_signal``: the child is a wrapper (bwrap, a shell) that reports a program killed
+    by signal N as exit code 128 + N. ``sinks``: {pipe fd: file fd} to splice the output into
+    (kernel to kernel, never through this process's memory) instead of returning it."""
     bufs = {out_fd: bytearray(), err_fd: bytearray()}
+    counts = {out_fd: 0, err_fd: 0}
     open_fds = [out_fd, err_fd]
     status = None
     timed_out = truncated = False
@@ -50,13 +55,17 @@ def collect(pid, out_fd, err_fd, deadline, cap):
         if not ready and status is not None:
             break  # the child is gone; only a stray process still holds a pipe open
         for fd in ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
+            if sinks:
+                n = os.splice(fd, sinks[fd], 65536)
+            else:
+                chunk = os.read(fd, 65536)
+                bufs[fd] += chunk
+                n = len(chunk)
+            if not n:
                 open_fds.remove(fd)
                 continue
-            bufs[fd] += chunk
-            if len(bufs[fd]) > cap:
-                del bufs[fd][cap:]
+            counts[fd] += n
+            if counts[fd] > cap:
                 truncated = True
         if truncated:
             break
@@ -72,20 +81,27 @@ def collect(pid, out_fd, err_fd, deadline, cap):
         _, status = os.waitpid(pid, 0)
     for fd in (out_fd, err_fd):
         os.close(fd)
+    if sinks:
+        for fd in sinks.values():
+            if os.fstat(fd).st_size > cap:
+                os.ftruncate(fd, cap)
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    code = os.WEXITSTATUS(status) if sig is None else -sig
+    if sig is None and exit_128_is_signal and 128 < code < 128 + 65:
+        sig, code = code - 128, 128 - code
     if sig == signal.SIGXCPU:
         timed_out = True
-    stderr = bufs[err_fd].decode("utf-8", "replace")
-    oom = "MemoryError" in stderr[-2000:] or (sig == signal.SIGKILL and not timed_out and not truncated)
-    return {
-        "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else -sig,
+    res = {
+        "exit_code": code,
         "signal": sig,
-        "stdout": bufs[out_fd].decode("utf-8", "replace"),
-        "stderr": stderr,
         "timed_out": timed_out,
         "truncated": truncated,
-        "oom": oom and not timed_out,
+        "oom": sig == signal.SIGKILL and not timed_out and not truncated,
     }
+    if not sinks:
+        res["stdout"] = bytes(bufs[out_fd][:cap]).decode("utf-8", "replace")
+        res["stderr"] = bytes(bufs[err_fd][:cap]).decode("utf-8", "replace")
+    return res
 
 
 # ---------------------------------------------------------------- the warm worker (in a sandbox)
@@ -118,6 +134,8 @@ def _child(path, stdin_path, out_w, err_w, lim):
     sys.stderr = open(2, "w", closefd=False, encoding="utf-8", errors="backslashreplace")
     sys.argv = [path]
     sys.path[0] = os.path.dirname(path)
+    if "random" in sys.modules:  # a fresh seed, as a new interpreter would have
+        sys.modules["random"].seed()
     code = 0
     try:
         with open(path, encoding="utf-8") as f:
@@ -125,10 +143,10 @@ def _child(path, stdin_path, out_w, err_w, lim):
         exec(compile(src, path, "exec"), {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
     except SystemExit as e:
         code = _exit_code(e)
-    except BaseException:
+    except BaseException as e:
         import traceback
 
-        traceback.print_exc()
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # from the program's frame on
         code = 1
     try:
         if "threading" in sys.modules:
@@ -141,7 +159,8 @@ def _child(path, stdin_path, out_w, err_w, lim):
 
 
 def _reap_all():
-    """Kill every process this worker can signal in its namespace (not itself, not pid 1)."""
+    """Kill every process this worker can signal in its namespace (all but itself when it is
+    pid 1), and reap them."""
     try:
         os.kill(-1, signal.SIGKILL)
     except OSError:
@@ -153,64 +172,190 @@ def _reap_all():
             return
 
 
-def _wipe(path):
-    import shutil
+def _forked(fn, *args):
+    """Run ``fn(*args)`` in a forked child and return its exit code. What the child reads (a
+    request, a program's output, file names) never enters this process's memory, which every
+    later program is forked from."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = fn(*args)
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
-    for name in os.listdir(path):
-        p = os.path.join(path, name)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
+
+def _rm(p):
+    """Remove ``p`` and everything under it, opening up directories a program chmod-ed shut."""
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return
+    if st.st_mode & 0o170000 != 0o040000:  # not a directory
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+        return
+    try:
+        os.chmod(p, 0o700)
+    except OSError:
+        pass
+    try:
+        names = os.listdir(p)
+    except OSError:
+        names = []
+    for name in names:
+        _rm(os.path.join(p, name))
+    try:
+        os.rmdir(p)
+    except OSError:
+        pass
 
 
-def serve(work):
+def _clean(dirs):
+    """Empty the writable places and drop SysV IPC objects; 0 when nothing of ours is left."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
+    for kind, ctl in (("shm", libc.shmctl), ("sem", libc.semctl), ("msg", libc.msgctl)):
+        try:
+            with open("/proc/sysvipc/" + kind) as f:
+                ids = [int(line.split()[1]) for line in list(f)[1:]]
+        except (OSError, ValueError, IndexError):
+            ids = []
+        for i in ids:
+            ctl(i, 0, 0)  # IPC_RMID
+    uid = os.getuid()
+    for d, mode in dirs.items():
+        if mode is not None:
+            try:
+                os.chmod(d, mode)
+            except OSError:
+                pass
+        try:
+            for name in os.listdir(d):
+                _rm(os.path.join(d, name))
+            if any(os.lstat(os.path.join(d, name)).st_uid == uid for name in os.listdir(d)):
+                return 1
+        except OSError:
+            return 1
+    return 0
+
+
+def _program(req_fd, lim_w, out_w, err_w, work):
+    """In a child of the worker: read one request, hand its limits to the worker, and become the
+    program (the worker, pid 1, collects its output: the program cannot stop that)."""
+    buf = bytearray()
+    while not buf.endswith(b"\n"):  # one request at a time: nothing follows its newline
+        chunk = os.read(req_fd, 1 << 20)
+        if not chunk:
+            os._exit(0)  # no more requests: the worker sees no limits and ends
+        buf += chunk
+    req = json.loads(buf)
+    rundir = os.path.join(work, "run")
+    os.mkdir(rundir)
+    path = os.path.join(rundir, req.get("filename", "main.py"))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(req["program"])
+    stdin_path = os.path.join(work, ".stdin")
+    with open(stdin_path, "wb") as f:
+        f.write(req.get("stdin", "").encode("utf-8", "surrogateescape"))
+    os.write(lim_w, json.dumps(req["limits"]).encode())
+    os.close(lim_w)
+    _child(path, stdin_path, out_w, err_w, req["limits"])
+
+
+def _run_one(req_fd, sinks, work):
+    """Fork the next program; collect it. None when there are no more requests."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    lim_r, lim_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for fd in (out_r, err_r, lim_r, *sinks.values()):
+                os.close(fd)
+            _program(req_fd, lim_w, out_w, err_w, work)
+        finally:
+            os._exit(121)
+    for fd in (out_w, err_w, lim_w):
+        os.close(fd)
+    raw = b""
+    while chunk := os.read(lim_r, 4096):  # waits until the next request has come in
+        raw += chunk
+    os.close(lim_r)
+    t0 = time.monotonic()
+    if not raw:
+        os.waitpid(pid, 0)
+        for fd in (out_r, err_r):
+            os.close(fd)
+        return None
+    lim = json.loads(raw)
+    fds = list(sinks.values())
+    res = collect(pid, out_r, err_r, t0 + lim["timeout_s"], lim["output_bytes"], sinks=dict(zip((out_r, err_r), fds)))
+    res["duration_s"] = time.monotonic() - t0
+    res["attach"] = [os.fstat(fd).st_size for fd in fds]
+    return res
+
+
+# modules most programs import: loaded once here, so a forked program does not pay for them
+_PRELOAD = ("typing", "collections", "re", "math", "itertools", "functools", "heapq", "bisect", "string",
+            "traceback", "ast", "copy", "random", "fractions", "operator", "dataclasses")
+
+
+def serve(work):
+    """The warm worker, meant to be pid 1 of its sandbox (programs cannot signal it). It never
+    reads a request itself: a forked child per request does and becomes the program, and the
+    program's output is spliced into memfds and sent on with sendfile, so no program inherits
+    memory holding an earlier program's stdin or output. After each program it replies (a JSON
+    line, then the raw stdout and stderr bytes it announces), kills every process left and empties
+    the writable places before the next request; when it cannot, it exits (the pool starts a
+    fresh sandbox)."""
+    import ctypes
+    import importlib
+
+    if os.getuid() == 0:
+        sys.exit("agentopd worker: refusing to run as root (it kills every process it can signal)")
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0: no ptrace, no /proc/<pid>/{mem,fd} for others
-    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back to us to be reaped
-    req_in = os.fdopen(os.dup(0), "rb")
+    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back to us (if not pid 1)
+    for name in _PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    os.chdir(work)
+    req_fd = os.dup(0)
     reply = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
-    os.set_inheritable(req_in.fileno(), False)
-    os.set_inheritable(reply, False)
+    for fd in (req_fd, reply):
+        os.set_inheritable(fd, False)
+    dirs = {}
+    for d in (work, "/tmp", "/dev/shm", "/dev/mqueue"):
+        if os.path.isdir(d) and os.access(d, os.W_OK):
+            st = os.stat(d)
+            dirs[d] = st.st_mode & 0o7777 if st.st_uid == os.getuid() else None
+    sinks = [os.memfd_create(n, os.MFD_CLOEXEC) for n in ("stdout", "stderr")]
     os.write(reply, b'{"ready": true}\n')
-    for line in req_in:
-        req = json.loads(line)
-        lim = req["limits"]
-        for d in (work, "/tmp"):
-            _wipe(d)
-        rundir = os.path.join(work, "run")
-        os.mkdir(rundir)
-        path = os.path.join(rundir, req.get("filename", "main.py"))
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(req["program"])
-        stdin_path = os.path.join(work, ".stdin")
-        with open(stdin_path, "wb") as f:
-            f.write(req.get("stdin", "").encode("utf-8", "surrogateescape"))
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        t0 = time.monotonic()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(out_r)
-                os.close(err_r)
-                _child(path, stdin_path, out_w, err_w, lim)
-            finally:
-                os._exit(121)
-        os.close(out_w)
-        os.close(err_w)
-        res = collect(pid, out_r, err_r, t0 + lim["timeout_s"], lim["output_bytes"])
-        res["duration_s"] = time.monotonic() - t0
+    while True:
+        for fd in sinks:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+        res = _run_one(req_fd, dict(enumerate(sinks)), work)
         _reap_all()
+        if res is None:
+            return
         os.write(reply, json.dumps(res).encode() + b"\n")
+        for fd, size in zip(sinks, res["attach"]):
+            off = 0
+            while off < size:  # kernel to kernel: the output never passes through this process
+                off += os.sendfile(reply, fd, off, size - off)
+        if _forked(_clean, dirs) != 0:
+            return
 
 
 if __name__ == "__main__":

@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import queue
-import select
 import shutil
-import signal
 import subprocess
-import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +28,7 @@ from typing import Iterable, Protocol
 
 from agentopd import _zygote
 from agentopd.types import ExecResult
+from agentopd.workers import JsonWorker, WorkerPool
 
 PYTHON = "/usr/bin/python3"  # the sandboxed interpreter, always by absolute path
 BACKENDS = ("bwrap", "docker", "unshare", "process")
@@ -75,6 +72,7 @@ class Sandbox(Protocol):
 
 
 def _result(d: dict, duration_s: float | None = None) -> ExecResult:
+    d["oom"] = d.get("oom") or "MemoryError" in d["stderr"][-2000:]
     if d.get("timed_out"):
         status = "timeout"
     elif d.get("truncated"):
@@ -106,18 +104,44 @@ class _Slots:
 
     def __init__(self, n: int):
         self.free: queue.SimpleQueue[int] = queue.SimpleQueue()
-        base = SLOT_UID_BASE + 100 * (next(_slot_blocks) % 300)
+        self._claim, block = _claim_uid_block()
+        self.base = SLOT_UID_BASE + 100 * block
         for i in range(n):
-            self.free.put(base + i)
+            self.free.put(self.base + i)
 
     def take(self) -> int:
         return self.free.get()
+
+    def release(self) -> None:
+        """Give the uid block back to the host (closing the lock file drops the flock)."""
+        self._claim.close()
+
+    __del__ = release
 
     def give(self, uid: int) -> None:
         self.free.put(uid)
 
 
 _slot_blocks = itertools.count()
+
+
+def _claim_uid_block():
+    """A block of 100 host uids that no other sandbox on this host holds, in this process or any
+    other: a flock per block, held as long as the returned file is open. (Two processes that
+    shared uids could kill or starve each other's programs: ``pkill -u``, RLIMIT_NPROC.)"""
+    import fcntl
+
+    lock_dir = "/run/lock" if os.path.isdir("/run/lock") else "/tmp"
+    start = next(_slot_blocks)
+    for i in range(300):
+        block = (start + i) % 300
+        f = open(os.path.join(lock_dir, f"agentopd-uids-{block}.lock"), "a")  # noqa: SIM115 (held open)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f, block
+        except OSError:
+            f.close()
+    raise SandboxUnavailable("all 300 blocks of sandbox uids are in use on this host")
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -128,7 +152,7 @@ def _memfd(name: str, data: bytes) -> int:
 
 
 def _spawn_and_collect(argv, *, stdin_data: str, limits: Limits, uid: int | None, pass_fds=(), cwd=None,
-                       apply_rlimits=True) -> ExecResult:
+                       apply_rlimits=True, wrapped=False) -> ExecResult:
     """Start ``argv`` in a new session (as ``uid``, under ``limits``), collect its output, kill the
     whole group when it overruns, and reap it."""
     lim = limits.as_dict()
@@ -157,7 +181,7 @@ def _spawn_and_collect(argv, *, stdin_data: str, limits: Limits, uid: int | None
         os.close(in_fd)
     os.close(out_w)
     os.close(err_w)
-    d = _zygote.collect(p.pid, out_r, err_r, t0 + limits.timeout_s, limits.output_bytes)
+    d = _zygote.collect(p.pid, out_r, err_r, t0 + limits.timeout_s, limits.output_bytes, exit_128_is_signal=wrapped)
     p.returncode = d["exit_code"]  # collect() reaped it; stop Popen from waiting again
     return _result(d, time.monotonic() - t0)
 
@@ -165,178 +189,138 @@ def _spawn_and_collect(argv, *, stdin_data: str, limits: Limits, uid: int | None
 # --------------------------------------------------------------------------------- bubblewrap
 
 
-def _bwrap_argv(limits: Limits, work="/work") -> list[str]:
-    argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+def _bwrap_argv(limits: Limits, work="/work", warm: bool = False) -> list[str]:
+    # cold: bwrap's own init reaps and dies with its parent (the calling thread, which waits for
+    # it). warm: the worker is pid 1 itself, so its programs cannot signal it; it ends on EOF.
+    argv = ["bwrap", "--unshare-all", "--as-pid-1" if warm else "--die-with-parent", "--new-session",
+            "--cap-drop", "ALL",
             "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib"]
     if os.path.isdir("/usr/lib64"):
         argv += ["--symlink", "usr/lib64", "/lib64"]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-             "--size", str(limits.disk_mb * (1 << 20)), "--tmpfs", work, "--chdir", work,
+    size = ["--size", str(limits.disk_mb * (1 << 20))]  # --size applies to the next --tmpfs only
+    # every writable place is a size-limited tmpfs (tmpfs pages are host memory that RLIMIT_AS
+    # does not count); the root and /dev tmpfs bwrap makes are remounted read-only
+    argv += ["--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/dev/shm", "--mqueue", "/dev/mqueue",
+             *size, "--tmpfs", "/tmp", *size, "--tmpfs", work, "--remount-ro", "/dev", "--remount-ro", "/",
+             "--chdir", work,
              "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
              "--setenv", "HOME", work, "--uid", "65534", "--gid", "65534"]
     return argv
 
 
-class BwrapSandbox:
-    """bubblewrap: cold (a fresh namespace per program, ~15 ms) or warm (forking workers)."""
+_ZYGOTE_SRC = open(_zygote.__file__, encoding="utf-8").read()
+_WORKER_CMD = [PYTHON, "-E", "-s", "-B", "-c", _ZYGOTE_SRC, "/work"]
+_CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
-    name = "bwrap"
 
-    def __init__(self, workers: int | None = None, warm: bool = False):
-        if not shutil.which("bwrap"):
-            raise SandboxUnavailable("bwrap backend: bubblewrap is not installed (apt-get install bubblewrap)")
+def _as_uid(uid: int | None):
+    if uid is None:
+        return None
+
+    def pre():
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+
+    return pre
+
+
+class _WarmSandbox:
+    """A pool of warm workers (``_zygote.serve`` in a sandbox), one per slot, each forking per
+    program. A worker that stops answering is killed and replaced; the caller gets ``timeout``
+    (past the program's limit) or ``sandbox_error``, never a hang."""
+
+    GRACE_S = 5.0
+    rlimit_nproc = True
+
+    def __init__(self, workers: int | None):
         self.workers = workers or os.cpu_count() or 1
-        self.root = os.geteuid() == 0
-        self.slots = _Slots(self.workers * 2) if self.root else None
-        self.pool = _WarmPool(self._start_worker, self.workers) if warm else None
-        self.name = "bwrap-warm" if warm else "bwrap"
+        self.pool = WorkerPool(self._start_worker, self.workers)
+
+    def _start_worker(self, slot: int, key) -> JsonWorker:
+        raise NotImplementedError
 
     def run(self, program: str, stdin: str = "", limits: Limits | None = None) -> ExecResult:
         limits = limits or Limits()
-        if self.pool:
-            return self.pool.run(program, stdin, limits)
+        lim = limits.as_dict()
+        if not self.rlimit_nproc:
+            lim["nproc"] = 0
+        req = {"program": program, "stdin": stdin, "limits": lim}
+        key = (limits.disk_mb, limits.memory_mb, limits.nproc)
+        t0 = time.monotonic()
+        for attempt in range(2):
+            try:
+                reply = self.pool.call(req, limits.timeout_s + self.GRACE_S, key)
+            except RuntimeError as e:
+                return _sandbox_error(f"warm sandbox worker did not start: {e}", t0)
+            if reply is not None:
+                out, err = reply.pop("attachments")
+                reply["stdout"], reply["stderr"] = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+                return _result(reply)
+            elapsed = time.monotonic() - t0
+            if elapsed >= limits.timeout_s:
+                return _result({"timed_out": True, "exit_code": -9, "stdout": "", "stderr": ""}, elapsed)
+            # a worker exits when it cannot clean up after the previous program; that can race
+            # with this request, which then gets one more try on a fresh worker
+        return _sandbox_error("warm sandbox worker died", t0)
+
+    def close(self):
+        self.pool.close()
+
+
+class BwrapSandbox(_WarmSandbox):
+    """bubblewrap: warm (default: forking workers that are pid 1 of their sandbox) or cold (a
+    fresh namespace per program)."""
+
+    name = "bwrap"
+
+    def __init__(self, workers: int | None = None, warm: bool = True):
+        if not shutil.which("bwrap"):
+            raise SandboxUnavailable("bwrap backend: bubblewrap is not installed (apt-get install bubblewrap)")
+        super().__init__(workers)
+        self.warm = warm
+        self.root = os.geteuid() == 0
+        self.slots = _Slots(self.workers * 2) if self.root else None
+        self.name = "bwrap" if warm else "bwrap-cold"
+
+    def _start_worker(self, slot: int, key) -> JsonWorker:
+        disk_mb, memory_mb, nproc = key
+        uid = self.slots.base + 90 + slot if self.root else None
+        argv = _bwrap_argv(Limits(disk_mb=disk_mb), warm=True) + _WORKER_CMD
+        return JsonWorker(argv, env=_CLEAN_ENV, preexec_fn=_as_uid(uid), key=key)
+
+    def run(self, program: str, stdin: str = "", limits: Limits | None = None) -> ExecResult:
+        if self.warm:
+            return super().run(program, stdin, limits)
+        limits = limits or Limits()
         uid = self.slots.take() if self.slots else None
         fd = _memfd("main.py", program.encode("utf-8", "surrogateescape"))
         try:
             argv = _bwrap_argv(limits) + ["--file", str(fd), "/work/main.py",
                                           PYTHON, "-E", "-s", "-B", "/work/main.py"]
-            return _spawn_and_collect(argv, stdin_data=stdin, limits=limits, uid=uid, pass_fds=(fd,))
+            return _spawn_and_collect(argv, stdin_data=stdin, limits=limits, uid=uid, pass_fds=(fd,), wrapped=True)
         finally:
             os.close(fd)
             if uid is not None:
                 self.slots.give(uid)
 
-    def _start_worker(self, slot: int, limits: Limits) -> subprocess.Popen:
-        uid = SLOT_UID_BASE + 50 + slot if self.root else None
-        argv = _bwrap_argv(limits) + [PYTHON, "-E", "-s", "-B", "-c", _ZYGOTE_SRC, "/work"]
-        return _popen_worker(argv, uid)
-
     def close(self):
-        if self.pool:
-            self.pool.close()
-
-
-_ZYGOTE_SRC = open(_zygote.__file__, encoding="utf-8").read()
-
-
-def _popen_worker(argv, uid):
-    def pre():
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-
-    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, preexec_fn=pre,
-                            start_new_session=True)
-
-
-class _Worker:
-    def __init__(self, proc: subprocess.Popen, limits_key):
-        self.proc = proc
-        self.key = limits_key
-        self.buf = b""
-
-    def readline(self, deadline: float) -> bytes | None:
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return None
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                return None
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line
-
-    def kill(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
-            f.close()
-
-
-class _WarmPool:
-    """Warm workers, one per slot. A worker that misbehaves (no reply in time, bad reply, died) is
-    killed and replaced; the caller gets ``sandbox_error`` or ``timeout``, never a hang."""
-
-    START_TIMEOUT_S = 30.0
-    GRACE_S = 5.0
-
-    def __init__(self, start, size: int, rlimit_nproc: bool = True):
-        self.start = start
-        self.rlimit_nproc = rlimit_nproc
-        self.idle: queue.SimpleQueue[tuple[int, _Worker | None]] = queue.SimpleQueue()
-        self.all: dict[int, _Worker] = {}
-        self.lock = threading.Lock()
-        for slot in range(size):
-            self.idle.put((slot, None))
-
-    def _spawn(self, slot: int, limits: Limits) -> _Worker:
-        w = _Worker(self.start(slot, limits), (limits.disk_mb, limits.memory_mb, limits.nproc))
-        line = w.readline(time.monotonic() + self.START_TIMEOUT_S)
-        if line is None or b"ready" not in line:
-            w.kill()
-            raise SandboxUnavailable("warm sandbox worker did not start (run `agentopd exec` on a file to see why)")
-        return w
-
-    def run(self, program: str, stdin: str, limits: Limits) -> ExecResult:
-        t0 = time.monotonic()
-        slot, w = self.idle.get()
-        try:
-            key = (limits.disk_mb, limits.memory_mb, limits.nproc)
-            if w is not None and (w.key != key or w.proc.poll() is not None):
-                w.kill()
-                w = None
-            if w is None:
-                w = self._spawn(slot, limits)
-                with self.lock:
-                    self.all[slot] = w
-            lim = limits.as_dict()
-            if not self.rlimit_nproc:
-                lim["nproc"] = 0
-            req = {"program": program, "stdin": stdin, "limits": lim}
-            try:
-                w.proc.stdin.write(json.dumps(req).encode() + b"\n")
-                w.proc.stdin.flush()
-                line = w.readline(t0 + limits.timeout_s + self.GRACE_S)
-            except OSError:
-                line = None
-            if line is None:
-                w.kill()
-                timed_out = time.monotonic() - t0 >= limits.timeout_s
-                w = None
-                if timed_out:
-                    return _result({"timed_out": True, "exit_code": -9, "stdout": "", "stderr": ""},
-                                   time.monotonic() - t0)
-                return _sandbox_error("warm sandbox worker died", t0)
-            return _result(json.loads(line))
-        except SandboxUnavailable as e:
-            return _sandbox_error(str(e), t0)
-        finally:
-            self.idle.put((slot, w))
-
-    def close(self):
-        with self.lock:
-            for w in self.all.values():
-                w.kill()
-            self.all.clear()
+        super().close()
+        if self.slots:
+            self.slots.release()
 
 
 # ------------------------------------------------------------------------------------ docker
 
 
-class DockerSandbox:
-    """Warm containers (one per pool slot) on a real Docker engine; each runs a worker through
-    ``docker exec`` as uid 65534 that forks per program (the container's own init and ``sleep``
-    run as its root with no capabilities, out of the programs' reach). Timeouts kill inside the container; a worker that
-    stops answering gets its container killed and replaced."""
+class DockerSandbox(_WarmSandbox):
+    """Warm containers (one per pool slot) on a real Docker engine. Each container's main process
+    (pid 1, uid 65534, out of its programs' reach) is the forking worker, attached through
+    ``docker run -i``: no per-program ``docker exec`` (~50 ms each). Timeouts kill inside the
+    container; a worker that stops answering gets its container removed and replaced."""
 
     name = "docker"
+    rlimit_nproc = False  # RLIMIT_NPROC would count every host process of uid 65534; --pids-limit bounds them
 
     def __init__(self, workers: int | None = None, image: str = DOCKER_IMAGE):
         if not shutil.which("docker"):
@@ -349,40 +333,38 @@ class DockerSandbox:
         if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode != 0:
             build_local_image(image)
         self.image = image
-        self.workers = workers or os.cpu_count() or 1
         self.containers: dict[int, str] = {}
-        # RLIMIT_NPROC would count every host process of uid 65534 (all containers): the
-        # container's --pids-limit bounds processes instead.
-        self.pool = _WarmPool(self._start_worker, self.workers, rlimit_nproc=False)
+        super().__init__(workers)
 
-    def _start_worker(self, slot: int, limits: Limits) -> subprocess.Popen:
+    def _start_worker(self, slot: int, key) -> JsonWorker:
+        disk_mb, memory_mb, nproc = key
         old = self.containers.pop(slot, None)
         if old:
             subprocess.run(["docker", "rm", "-f", old], capture_output=True)
-        name = f"agentopd-{os.getpid()}-{id(self) % 100000}-{slot}"
-        mb = limits.memory_mb + 64
-        cid = subprocess.run(
-            ["docker", "run", "-d", "--rm", "--name", name, "--network", "none", "--read-only", "--init",
-             "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-             "--memory", f"{mb}m", "--memory-swap", f"{mb}m", "--pids-limit", str(limits.nproc + 8),
-             "--tmpfs", f"/work:rw,exec,size={limits.disk_mb}m,uid=65534,gid=65534,mode=0700",
-             "--tmpfs", f"/tmp:rw,size={limits.disk_mb}m,mode=1777", "-v", "/usr:/usr:ro",
-             "-e", "PATH=/usr/bin:/bin", "-e", "LANG=C.UTF-8", "-e", "HOME=/work",
-             self.image, "sleep", "infinity"], capture_output=True, text=True, timeout=60)
-        if cid.returncode != 0:
-            raise SandboxUnavailable(f"docker run failed: {cid.stderr.strip()}")
+        name = f"agentopd-{os.getpid()}-{id(self) % 100000}-{slot}-{next(_container_ids)}"
+        mb = memory_mb + 64
         self.containers[slot] = name
-        return _popen_worker(["docker", "exec", "-i", "--user", "65534:65534", name, PYTHON, "-E", "-s", "-B", "-c", _ZYGOTE_SRC, "/work"],
-                             None)
-
-    def run(self, program: str, stdin: str = "", limits: Limits | None = None) -> ExecResult:
-        return self.pool.run(program, stdin, limits or Limits())
+        argv = ["docker", "run", "-i", "--rm", "--name", name, "--network", "none", "--read-only",
+                "--user", "65534:65534", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+                "--memory", f"{mb}m", "--memory-swap", f"{mb}m", "--pids-limit", str(nproc + 8),
+                "--tmpfs", f"/work:rw,exec,size={disk_mb}m,uid=65534,gid=65534,mode=0700",
+                "--tmpfs", f"/tmp:rw,size={disk_mb}m,mode=1777", "-v", "/usr:/usr:ro",
+                "-e", "PATH=/usr/bin:/bin", "-e", "LANG=C.UTF-8", "-e", "HOME=/work",
+                self.image, *_WORKER_CMD]
+        try:
+            return JsonWorker(argv, key=key)
+        except RuntimeError:
+            r = subprocess.run(["docker", "rm", "-f", name], capture_output=True, text=True)
+            raise RuntimeError(f"docker container {name} did not start ({r.stderr.strip() or 'no reply'})") from None
 
     def close(self):
-        self.pool.close()
+        super().close()
         for name in self.containers.values():
             subprocess.run(["docker", "rm", "-f", name], capture_output=True)
         self.containers.clear()
+
+
+_container_ids = itertools.count()
 
 
 def build_local_image(image: str = DOCKER_IMAGE) -> None:
@@ -393,11 +375,11 @@ def build_local_image(image: str = DOCKER_IMAGE) -> None:
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for d in ("usr", "tmp", "work", "proc", "dev", "etc", "sys"):
+        for d in ("usr", "tmp", "work", "proc", "dev", "etc", "sys", "sbin"):  # sbin: --init mounts docker-init there
             ti = tarfile.TarInfo(d)
             ti.type, ti.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
             tar.addfile(ti)
-        for link, target in (("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"), ("sbin", "usr/sbin")):
+        for link, target in (("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
             ti = tarfile.TarInfo(link)
             ti.type, ti.linkname = tarfile.SYMTYPE, target
             tar.addfile(ti)
@@ -417,10 +399,13 @@ def build_local_image(image: str = DOCKER_IMAGE) -> None:
 
 _UNSHARE_SH = (
     "set -e; for d in /tmp /var/tmp /dev/shm /root /home /run; do [ -d $d ] && mount -t tmpfs -o size=$2 t $d; done; "
-    "mkdir /tmp/w; chown $1:$1 /tmp/w; cd /tmp/w; cat <&3 >main.py; exec 3<&-; "
-    "exec setpriv --reuid $1 --regid $1 --clear-groups --inh-caps=-all --bounding-set=-all "
+    "mkdir /tmp/w; chown $1:$1 /tmp/w; cd /tmp/w; cat /proc/self/fd/$3 >main.py; "  # dash: no fd >= 10 in <&N
+    "setpriv --reuid $1 --regid $1 --clear-groups --inh-caps=-all --bounding-set=-all "
     "/usr/bin/python3 -E -s -B main.py"
-)
+)  # no exec: the shell stays the namespace's init. A program as init would ignore default-action
+#    signals (SIGXCPU, its own SIGKILL), and setpriv's uid change would clear the parent-death
+#    signal unshare gives init, so a program that setsid()s would outlive the kill of unshare's
+#    group. The shell reports the program's death by signal N as exit code 128 + N.
 
 
 class UnshareSandbox:
@@ -443,16 +428,16 @@ class UnshareSandbox:
         fd = _memfd("main.py", program.encode("utf-8", "surrogateescape"))
         try:
             argv = ["unshare", "--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--mount-proc",
-                    "--kill-child=SIGKILL", "--", "/bin/sh", "-c", _UNSHARE_SH.replace("<&3", f"<&{fd}")
-                    .replace("3<&-", f"{fd}<&-"), "sh", str(uid), f"{limits.disk_mb}m"]
+                    "--kill-child=SIGKILL", "--", "/bin/sh", "-c", _UNSHARE_SH, "sh", str(uid),
+                    f"{limits.disk_mb}m", str(fd)]
             return _spawn_and_collect(argv, stdin_data=stdin, limits=limits, uid=None, pass_fds=(fd,),
-                                      apply_rlimits=True)
+                                      apply_rlimits=True, wrapped=True)
         finally:
             os.close(fd)
             self.slots.give(uid)
 
     def close(self):
-        pass
+        self.slots.release()
 
 
 # ----------------------------------------------------------------------------------- process
@@ -494,7 +479,8 @@ class ProcessSandbox:
                 self.slots.give(uid)
 
     def close(self):
-        pass
+        if self.slots:
+            self.slots.release()
 
 
 # ------------------------------------------------------------------------------ choosing one
@@ -524,7 +510,7 @@ def make_sandbox(backend: str = "auto", workers: int | None = None, warm: bool =
             errors.append(f"{name} backend failed its self-test")
         raise SandboxUnavailable("no sandbox backend works: " + "; ".join(errors))
     if backend in ("bwrap", "bwrap-warm"):
-        return BwrapSandbox(workers, warm=warm or backend == "bwrap-warm")
+        return BwrapSandbox(workers, warm=warm)
     if backend == "bwrap-cold":
         return BwrapSandbox(workers, warm=False)
     if backend == "docker":

@@ -43,14 +43,32 @@ class JsonWorker:
         line, _, self.buf = self.buf.partition(b"\n")
         return line
 
+    def _readexact(self, n: int, deadline: float) -> bytes | None:
+        fd = self.proc.stdout.fileno()
+        while len(self.buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, max(n - len(self.buf), 1 << 16))
+            if not chunk:
+                return None
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
     def call(self, request: dict, timeout: float) -> dict | None:
-        """Send a request; the reply, or None if none came in time (the worker is then dead)."""
+        """Send a request; the reply, or None if none came in time (the worker is then dead).
+        A reply may announce raw byte blobs that follow its line (``"attach": [sizes]``); they
+        come back as ``reply["attachments"]``."""
         deadline = time.monotonic() + timeout
         try:
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
             self.proc.stdin.flush()
             line = self._readline(deadline)
             reply = json.loads(line) if line is not None else None
+            if reply is not None and "attach" in reply:
+                blobs = [self._readexact(n, deadline) for n in reply["attach"]]
+                reply = None if any(b is None for b in blobs) else {**reply, "attachments": blobs}
         except (OSError, ValueError):
             reply = None
         if reply is None:

