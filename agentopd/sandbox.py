@@ -30,10 +30,11 @@ from agentopd import _zygote
 from agentopd.types import ExecResult
 from agentopd.workers import JsonWorker, WorkerPool
 
-PYTHON = "/usr/bin/python3"  # the sandboxed interpreter, always by absolute path
+PYTHON = "/usr/bin/python3"  # the sandboxed interpreter, always by absolute path; standard library only (-S)
 BACKENDS = ("bwrap", "docker", "unshare", "process")
 DOCKER_IMAGE = "agentopd-py:latest"
-SLOT_UID_BASE = 61000
+SLOT_UID_BASE = 61000  # blocks of 100 host uids: 0..79 cold runs, 90..99 warm workers
+COLD_UIDS = 80
 
 
 class SandboxUnavailable(RuntimeError):
@@ -209,7 +210,7 @@ def _bwrap_argv(limits: Limits, work="/work", warm: bool = False) -> list[str]:
 
 
 _ZYGOTE_SRC = open(_zygote.__file__, encoding="utf-8").read()
-_WORKER_CMD = [PYTHON, "-E", "-s", "-B", "-c", _ZYGOTE_SRC, "/work"]
+_WORKER_CMD = [PYTHON, "-E", "-s", "-S", "-B", "-c", _ZYGOTE_SRC, "/work"]
 _CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -280,7 +281,9 @@ class BwrapSandbox(_WarmSandbox):
         super().__init__(workers)
         self.warm = warm
         self.root = os.geteuid() == 0
-        self.slots = _Slots(self.workers * 2) if self.root else None
+        # cold runs rotate through many uids: a uid's last processes may still be zombies being
+        # reaped by the host's init, and they count against the next run's RLIMIT_NPROC
+        self.slots = _Slots(COLD_UIDS) if self.root else None
         self.name = "bwrap" if warm else "bwrap-cold"
 
     def _start_worker(self, slot: int, key) -> JsonWorker:
@@ -297,7 +300,7 @@ class BwrapSandbox(_WarmSandbox):
         fd = _memfd("main.py", program.encode("utf-8", "surrogateescape"))
         try:
             argv = _bwrap_argv(limits) + ["--file", str(fd), "/work/main.py",
-                                          PYTHON, "-E", "-s", "-B", "/work/main.py"]
+                                          PYTHON, "-E", "-s", "-S", "-B", "/work/main.py"]
             return _spawn_and_collect(argv, stdin_data=stdin, limits=limits, uid=uid, pass_fds=(fd,), wrapped=True)
         finally:
             os.close(fd)
@@ -401,7 +404,7 @@ _UNSHARE_SH = (
     "set -e; for d in /tmp /var/tmp /dev/shm /root /home /run; do [ -d $d ] && mount -t tmpfs -o size=$2 t $d; done; "
     "mkdir /tmp/w; chown $1:$1 /tmp/w; cd /tmp/w; cat /proc/self/fd/$3 >main.py; "  # dash: no fd >= 10 in <&N
     "setpriv --reuid $1 --regid $1 --clear-groups --inh-caps=-all --bounding-set=-all "
-    "/usr/bin/python3 -E -s -B main.py"
+    "/usr/bin/python3 -E -s -S -B main.py"
 )  # no exec: the shell stays the namespace's init. A program as init would ignore default-action
 #    signals (SIGXCPU, its own SIGKILL), and setpriv's uid change would clear the parent-death
 #    signal unshare gives init, so a program that setsid()s would outlive the kill of unshare's
@@ -420,7 +423,7 @@ class UnshareSandbox:
         for tool in ("unshare", "setpriv"):
             if not shutil.which(tool):
                 raise SandboxUnavailable(f"unshare backend: {tool} is missing (apt-get install util-linux)")
-        self.slots = _Slots(workers or os.cpu_count() or 1)
+        self.slots = _Slots(COLD_UIDS)
 
     def run(self, program: str, stdin: str = "", limits: Limits | None = None) -> ExecResult:
         limits = limits or Limits()
@@ -455,7 +458,7 @@ class ProcessSandbox:
             warnings.warn("sandbox backend 'process' is not isolation: programs can reach the network and "
                           "the file system; use bwrap or docker for untrusted code", stacklevel=2)
             ProcessSandbox._warned = True
-        self.slots = _Slots(workers or os.cpu_count() or 1) if os.geteuid() == 0 else None
+        self.slots = _Slots(COLD_UIDS) if os.geteuid() == 0 else None
 
     def run(self, program: str, stdin: str = "", limits: Limits | None = None) -> ExecResult:
         import tempfile
@@ -468,7 +471,7 @@ class ProcessSandbox:
                 f.write(program)
             if uid is not None:
                 os.chown(d, uid, uid)
-            res = _spawn_and_collect([PYTHON, "-E", "-s", "-B", "main.py"], stdin_data=stdin, limits=limits,
+            res = _spawn_and_collect([PYTHON, "-E", "-s", "-S", "-B", "main.py"], stdin_data=stdin, limits=limits,
                                      uid=uid, cwd=d)
             if uid is not None:  # a straggler that setsid()'d away still runs as this uid: end it
                 subprocess.run(["pkill", "-KILL", "-u", str(uid)], capture_output=True)
