@@ -446,6 +446,20 @@ class UnshareSandbox:
 # ----------------------------------------------------------------------------------- process
 
 
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of ``uid``: a child becomes that uid and signals -1."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.kill(-1, 9)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
 class ProcessSandbox:
     """rlimits, a clean environment and a private temp dir; NOT isolation (network, the file
     system and other processes stay reachable). As root the program runs as a slot uid."""
@@ -474,7 +488,7 @@ class ProcessSandbox:
             res = _spawn_and_collect([PYTHON, "-E", "-s", "-S", "-B", "main.py"], stdin_data=stdin, limits=limits,
                                      uid=uid, cwd=d)
             if uid is not None:  # a straggler that setsid()'d away still runs as this uid: end it
-                subprocess.run(["pkill", "-KILL", "-u", str(uid)], capture_output=True)
+                _kill_uid(uid)
             return res
         finally:
             shutil.rmtree(d, ignore_errors=True)

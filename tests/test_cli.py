@@ -97,6 +97,32 @@ def test_exec_bogus_backend(tmp_path):
         assert name in lines[0]
 
 
+def _no_engines_env(tmp_path) -> dict:
+    """A PATH on which neither bwrap, docker, unshare nor setpriv can be found."""
+    empty = tmp_path / "empty-bin"
+    empty.mkdir(exist_ok=True)
+    return {**os.environ, "PATH": str(empty)}
+
+
+def test_exec_missing_backend_names_the_fix(tmp_path):
+    f = tmp_path / "hello.py"
+    f.write_text("print('hi')\n")
+    r = cli("exec", f, "--backend", "bwrap", env=_no_engines_env(tmp_path))
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and "apt-get install bubblewrap" in r.stderr
+    r = cli("exec", f, "--backend", "docker", env=_no_engines_env(tmp_path))
+    assert r.returncode == 2 and "docker" in r.stderr and "apt-get install docker.io" in r.stderr
+
+
+def test_exec_auto_falls_back_with_a_warning(tmp_path):
+    f = tmp_path / "hello.py"
+    f.write_text("print('hi')\n")
+    r = cli("exec", f, "--backend", "auto", env=_no_engines_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["stdout"] == "hi\n"
+    assert "fell back to 'process'" in r.stderr and "bubblewrap" in r.stderr
+
+
 def test_exec_missing_file(tmp_path):
     r = cli("exec", tmp_path / "nope.py")
     assert r.returncode != 0 and "nope.py" in r.stderr and "Traceback" not in r.stderr
