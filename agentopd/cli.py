@@ -90,6 +90,22 @@ def cmd_judges(a) -> int:
     return 0
 
 
+def cmd_train(a) -> int:
+    from agentopd.config import ConfigError, load
+
+    from agentopd.train import TrainConfig, train
+
+    try:
+        cfg = load(TrainConfig, a.config, a.overrides)
+        rows = train(cfg)
+    except ConfigError as e:
+        return _fail(str(e))
+    if rows:
+        last = rows[-1]
+        print(json.dumps({k: last[k] for k in ("step", "reward_mean", "pass_rate", "judge_errors") if k in last}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentopd", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
     pk.add_argument("--quiet", action="store_true", help="no progress bar")
     pk.set_defaults(func=cmd_eval_passk)
+
+    t = sub.add_parser("train", help="train a policy (GRPO / self-distillation) from a YAML config")
+    t.add_argument("--config", required=True, help="configs/X.yaml")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.steps=2")
+    t.set_defaults(func=cmd_train)
 
     j = sub.add_parser("judges", help="list the judges a config can name")
     j.set_defaults(func=cmd_judges)

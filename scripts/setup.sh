@@ -19,6 +19,8 @@ if ! docker info >/dev/null 2>&1; then
   for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || { echo "setup: dockerd did not start (docker tests will skip):"; tail -5 /tmp/agentopd-dockerd.log; }
 fi
+# the CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build
+python3 -c "import torch" 2>/dev/null || python3 -m pip install -q --disable-pip-version-check torch==2.13.0
 python3 -m pip install -q --disable-pip-version-check -e ".[test]"
 if docker info >/dev/null 2>&1; then
   python3 -c "from agentopd.sandbox import build_local_image as b; b()"

@@ -1,0 +1,196 @@
+"""Engines sample answers as token ids with their sampling log-probs; ``sequence_logprobs`` rescores
+given token ids. Token ids are the source of truth: nothing here decodes and re-tokenizes a response.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Generation:
+    response_ids: list[int]  # sampled ids (eos included if sampled; nothing after a stop)
+    logprobs: list[float]  # log-prob of each id under the distribution it was drawn from
+    text: str  # decode(response_ids, skip_special_tokens=True), for judges only
+    finish_reason: str  # "stop" (eos or stop string) or "length"
+
+
+class Engine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], n: int = 1, max_new_tokens: int = 256,
+                 temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | None = None,
+                 seed: int | None = None) -> list[list[Generation]]:
+        """``n`` samples for each prompt: ``result[prompt][sample]``."""
+        ...
+
+
+def apply_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """The chat template applied to ``messages`` with the generation prompt (assistant header) added."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)
+    return list(out["input_ids"])
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_left(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, both [B, L]."""
+    L = max(len(r) for r in rows)
+    ids_BL = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask_BL = torch.zeros((len(rows), L), dtype=torch.long)
+    for b, r in enumerate(rows):
+        if r:
+            ids_BL[b, L - len(r):] = torch.tensor(r)
+            mask_BL[b, L - len(r):] = 1
+    return ids_BL.to(device), mask_BL.to(device)
+
+
+def _positions(mask_BL: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding: the first real token of every row is at 0."""
+    return (mask_BL.cumsum(-1) - 1).clamp(min=0)
+
+
+def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                      micro_batch: int = 8, topk: int = 0):
+    """Per-token log-probs of ``response_ids[i]`` given ``prompt_ids[i]``: one forward per micro-batch.
+
+    Each row is laid out as ``[pad.. prompt | response ..pad]`` so that all responses start at the
+    same column; only the response positions' logits are computed (``logits_to_keep``). Works with
+    grad enabled (the learner) or under ``torch.no_grad`` (teachers). Returns ``(logprobs, topk)``:
+    ``logprobs`` a list of 1-D float32 tensors (one per row, len == len(response_ids[i])) on the
+    model's device; ``topk`` ``None`` or ``(values, indices)``, two lists of ``[len_i, K]`` tensors,
+    the K largest log-probs of the full distribution at each response position.
+    """
+    device = _device_of(model)
+    logprobs, top_vals, top_idx = [], [], []
+    for s in range(0, len(prompt_ids), micro_batch):
+        P, R = prompt_ids[s:s + micro_batch], response_ids[s:s + micro_batch]
+        assert all(len(p) > 0 for p in P), "every prompt needs at least one token"
+        Pmax, Rmax = max(len(p) for p in P), max(len(r) for r in R)
+        if Rmax == 0:
+            logprobs += [torch.zeros(0, device=device) for _ in P]
+            top_vals += [torch.zeros(0, topk, device=device) for _ in P]
+            top_idx += [torch.zeros(0, topk, dtype=torch.long, device=device) for _ in P]
+            continue
+        ids_BT = torch.zeros((len(P), Pmax + Rmax), dtype=torch.long)
+        mask_BT = torch.zeros_like(ids_BT)
+        for b, (p, r) in enumerate(zip(P, R)):
+            ids_BT[b, Pmax - len(p):Pmax + len(r)] = torch.tensor(p + r)
+            mask_BT[b, Pmax - len(p):Pmax + len(r)] = 1
+        ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
+        # logits at columns Pmax-1 .. Pmax+Rmax-2 predict the response tokens
+        logits_BRV = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=_positions(mask_BT),
+                           use_cache=False, logits_to_keep=Rmax + 1).logits[:, :-1]
+        logp_BRV = logits_BRV.float().log_softmax(-1)
+        target_BR = ids_BT[:, Pmax:]
+        lp_BR = logp_BRV.gather(-1, target_BR.unsqueeze(-1)).squeeze(-1)
+        if topk:
+            vals_BRK, idx_BRK = logp_BRV.topk(topk, dim=-1)
+        for b, r in enumerate(R):
+            logprobs.append(lp_BR[b, :len(r)])
+            if topk:
+                top_vals.append(vals_BRK[b, :len(r)])
+                top_idx.append(idx_BRK[b, :len(r)])
+    return logprobs, ((top_vals, top_idx) if topk else None)
+
+
+def _top_p_filter(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches ``top_p``; others get -inf."""
+    sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+    probs_BV = sorted_BV.softmax(-1)
+    drop_BV = probs_BV.cumsum(-1) - probs_BV >= top_p  # mass before this token already reaches top_p
+    drop_BV[:, 0] = False
+    sorted_BV = sorted_BV.masked_fill(drop_BV, float("-inf"))
+    return torch.full_like(logits_BV, float("-inf")).scatter(-1, order_BV, sorted_BV)
+
+
+class HFEngine:
+    """Batched sampling with a transformers causal LM: left padding, KV cache, a hand sampling loop
+    (so the log-prob of each id is exactly that of the distribution it was drawn from).
+
+    ``temperature == 0`` is greedy; its ``logprobs`` are then the untempered model log-probs (the
+    greedy point mass would give only zeros)."""
+
+    def __init__(self, model, tokenizer, device=None, batch_size: int = 32):
+        if device is not None:
+            model.to(device)
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.device = _device_of(model)
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = set(eos)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+
+    def generate(self, prompt_ids, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop=None,
+                 seed=None):
+        rows = [list(p) for p in prompt_ids for _ in range(n)]
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                flat = []
+                for s in range(0, len(rows), self.batch_size):
+                    flat += self._generate_batch(rows[s:s + self.batch_size], max_new_tokens,
+                                                 temperature, top_p, stop or [], gen)
+        finally:
+            self.model.train(was_training)
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+    def _pick(self, logits_BV, temperature, top_p, gen):
+        """The next token of every row and its log-prob under the distribution it was drawn from."""
+        logits_BV = logits_BV.float()
+        if temperature == 0:
+            tok_B = logits_BV.argmax(-1)
+            return tok_B, logits_BV.log_softmax(-1).gather(-1, tok_B[:, None]).squeeze(-1)
+        logits_BV = logits_BV / temperature
+        if top_p < 1.0:
+            logits_BV = _top_p_filter(logits_BV, top_p)
+        logp_BV = logits_BV.log_softmax(-1)
+        tok_B = torch.multinomial(logp_BV.exp(), 1, generator=gen).squeeze(-1)
+        return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
+
+    def _hit_stop(self, ids: list[int], stop: list[str], window: int) -> bool:
+        # checked after every token, so a stop string seen in the tail was completed by the last id
+        tail = self.tokenizer.decode(ids[-window:], skip_special_tokens=True)
+        return any(s in tail for s in stop)
+
+    def _generate_batch(self, rows, max_new_tokens, temperature, top_p, stop, gen):
+        B = len(rows)
+        ids_BL, mask_BL = _pad_left(rows, self.pad_id, self.device)
+        pos_B = _positions(mask_BL)[:, -1]
+        out = self.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=_positions(mask_BL),
+                         use_cache=True, logits_to_keep=1)
+        window = 4 * max((len(s) for s in stop), default=0) + 8  # a token carries >= 1 byte
+        resp = [[] for _ in range(B)]
+        lps = [[] for _ in range(B)]
+        reason = [None] * B
+        for step in range(max_new_tokens):
+            tok_B, lp_B = self._pick(out.logits[:, -1], temperature, top_p, gen)
+            toks, lp = tok_B.tolist(), lp_B.tolist()
+            for b in range(B):
+                if reason[b] is not None:
+                    continue
+                resp[b].append(toks[b])
+                lps[b].append(lp[b])
+                if toks[b] in self.eos_ids or (stop and self._hit_stop(resp[b], stop, window)):
+                    reason[b] = "stop"
+            if all(r is not None for r in reason) or step == max_new_tokens - 1:
+                break
+            done_B = torch.tensor([r is not None for r in reason], device=self.device)
+            tok_B = tok_B.masked_fill(done_B, self.pad_id)  # finished rows idle; rows are independent
+            mask_BL = torch.cat([mask_BL, torch.ones_like(mask_BL[:, :1])], dim=1)
+            pos_B = pos_B + 1
+            out = self.model(input_ids=tok_B[:, None], attention_mask=mask_BL,
+                             position_ids=pos_B[:, None], past_key_values=out.past_key_values,
+                             use_cache=True, logits_to_keep=1)
+        return [Generation(response_ids=resp[b], logprobs=lps[b],
+                           text=self.tokenizer.decode(resp[b], skip_special_tokens=True),
+                           finish_reason=reason[b] or "length") for b in range(B)]

@@ -1,0 +1,205 @@
+"""Losses (DESIGN.md, "Self-teacher scoring and advantages"). All are token-means over the masked
+tokens of the whole batch, and all distribution math is done in float32 (or float64 if given).
+
+Distillation divergence ``KL_alpha(student, teacher)`` per position, with ``s`` the student's and
+``t`` the teacher's next-token distribution (the convention of TRL's ``generalized_jsd_loss``,
+where its ``beta`` is our ``alpha``):
+
+- ``alpha = 0``: forward KL, ``KL(t || s) = sum t (log t - log s)`` (mass-covering);
+- ``alpha = 1``: reverse KL, ``KL(s || t) = sum s (log s - log t)`` (mode-seeking);
+- ``0 < alpha < 1``: generalized JSD, ``alpha * KL(t || m) + (1 - alpha) * KL(s || m)`` with the
+  mixture ``m = alpha * t + (1 - alpha) * s`` (in probability space). At ``alpha = 0.5`` this is
+  the ordinary Jensen-Shannon divergence. Note that, as in TRL, the mixed form tends to 0 (not to
+  the KLs) as alpha approaches 0 or 1: the endpoints are special cases, not limits.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    mask_BT = mask_BT.to(values_BT.dtype)
+    values_BT = torch.where(mask_BT > 0, values_BT, torch.zeros_like(values_BT))
+    return (values_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1)
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    """float32 unless already float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+# ---------------------------------------------------------------- policy-gradient terms
+
+
+def policy_loss(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-level PPO clip: ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)``,
+    ``r = exp(logprobs - old_logprobs)``. Metrics: ``clip_frac`` (tokens whose clipped branch is
+    the active one), ``ratio_mean``."""
+    mask_BT = mask_BT.bool()
+    log_ratio_BT = torch.where(mask_BT, logprobs_BT - old_logprobs_BT.detach(), torch.zeros_like(logprobs_BT))
+    ratio_BT = log_ratio_BT.exp()
+    advantages_BT = advantages_BT.detach()
+    unclipped_BT = ratio_BT * advantages_BT
+    clipped_BT = ratio_BT.clamp(1 - clip_low, 1 + clip_high) * advantages_BT
+    loss = -_masked_mean(torch.minimum(unclipped_BT, clipped_BT), mask_BT)
+    with torch.no_grad():
+        is_clipped_BT = clipped_BT < unclipped_BT
+        metrics = {
+            "clip_frac": _masked_mean(is_clipped_BT.to(ratio_BT.dtype), mask_BT).item(),
+            "ratio_mean": _masked_mean(ratio_BT, mask_BT).item(),
+        }
+    return loss, metrics
+
+
+def ref_kl_k3(logprobs_BT: torch.Tensor, ref_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Token-mean of the k3 estimator of KL(πθ || π_ref): ``exp(d) - d - 1``, ``d = ref - lp``."""
+    d_BT = torch.where(mask_BT.bool(), ref_logprobs_BT.detach() - logprobs_BT, torch.zeros_like(logprobs_BT))
+    return _masked_mean(d_BT.exp() - d_BT - 1, mask_BT)
+
+
+def entropy_from_logits(logits_BTV: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Token-mean entropy of ``softmax(logits)``."""
+    logp_BTV = F.log_softmax(_float(logits_BTV), dim=-1)
+    entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+    return _masked_mean(entropy_BT, mask_BT)
+
+
+# ---------------------------------------------------------------- distillation divergences
+
+
+def _kl(logp_NV: torch.Tensor, logq_NV: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) along the last axis, from log-probabilities."""
+    return (logp_NV.exp() * (logp_NV - logq_NV)).sum(-1)
+
+
+def alpha_divergence(student_logp_NV: torch.Tensor, teacher_logp_NV: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-position ``KL_alpha`` from normalised log-probabilities (see the module docstring)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha == 0.0:
+        return _kl(teacher_logp_NV, student_logp_NV)
+    if alpha == 1.0:
+        return _kl(student_logp_NV, teacher_logp_NV)
+    mixture_logp_NV = torch.logaddexp(student_logp_NV + math.log(1 - alpha), teacher_logp_NV + math.log(alpha))
+    return alpha * _kl(teacher_logp_NV, mixture_logp_NV) + (1 - alpha) * _kl(student_logp_NV, mixture_logp_NV)
+
+
+def kl_alpha(
+    student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, mask_BT: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """Token-mean full-vocabulary ``KL_alpha(student, teacher)``; the teacher side is detached."""
+    student_logp_BTV = F.log_softmax(_float(student_logits_BTV), dim=-1)
+    teacher_logp_BTV = F.log_softmax(_float(teacher_logits_BTV.detach()), dim=-1)
+    return _masked_mean(alpha_divergence(student_logp_BTV, teacher_logp_BTV, alpha), mask_BT)
+
+
+def _chunk_divergence_sum(
+    student_hidden_NH: torch.Tensor,
+    teacher_hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    teacher_weight_VH: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    student_logp_NV = F.log_softmax(_float(student_hidden_NH) @ _float(weight_VH).T, dim=-1)
+    teacher_logp_NV = F.log_softmax(_float(teacher_hidden_NH) @ _float(teacher_weight_VH).T, dim=-1)
+    return alpha_divergence(student_logp_NV, teacher_logp_NV, alpha).sum()
+
+
+def kl_alpha_chunked(
+    student_hidden_BTH: torch.Tensor,
+    teacher_hidden_BTH: torch.Tensor,
+    lm_head_weight_VH: torch.Tensor,
+    mask_BT: torch.Tensor,
+    alpha: float,
+    chunk: int = 1024,
+    teacher_lm_head_weight_VH: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`kl_alpha` of ``hidden @ weight.T`` logits, formed ``chunk`` masked positions at a time
+    (float32) and recomputed in backward (``torch.utils.checkpoint``), so no ``[B, T, V]`` tensor
+    is ever held. Gradients reach ``student_hidden_BTH`` and ``lm_head_weight_VH``; the teacher
+    side (hidden states, and ``teacher_lm_head_weight_VH``, default: the student's weight) is
+    detached. ``mask_BT`` is read as boolean."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    mask_BT = mask_BT.bool()
+    student_hidden_NH = student_hidden_BTH[mask_BT]
+    teacher_hidden_NH = teacher_hidden_BTH.detach()[mask_BT]
+    if teacher_lm_head_weight_VH is None:
+        teacher_lm_head_weight_VH = lm_head_weight_VH
+    teacher_weight_VH = teacher_lm_head_weight_VH.detach()
+    num_positions = student_hidden_NH.shape[0]
+    sums = [
+        checkpoint(
+            _chunk_divergence_sum,
+            student_hidden_NH[start : start + chunk],
+            teacher_hidden_NH[start : start + chunk],
+            lm_head_weight_VH,
+            teacher_weight_VH,
+            alpha,
+            use_reentrant=False,
+        )
+        for start in range(0, num_positions, chunk)
+    ]
+    if not sums:  # nothing masked in: a zero that still backpropagates
+        return _float(student_hidden_NH).sum() * 0.0
+    return torch.stack(sums).sum() / num_positions
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends; ``x`` is clamped just below 0 so
+    the result stays finite (an empty tail gets probability ~1e-12, not 0)."""
+    x = x.clamp(max=-1e-12)
+    near_zero = x > -math.log(2)
+    from_expm1 = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -1.0))))
+    from_log1p = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -1.0), x)))
+    return torch.where(near_zero, from_expm1, from_log1p)
+
+
+def kl_alpha_topk(
+    student_logits_BTV: torch.Tensor,
+    teacher_logits_BTV: torch.Tensor,
+    mask_BT: torch.Tensor,
+    alpha: float,
+    k: int,
+) -> torch.Tensor:
+    """``KL_alpha`` over K+1 categories: the student's top-``k`` tokens at each position, plus a
+    tail bucket holding the rest of the mass (``log(1 - sum p_topk)``, for both distributions).
+    With ``k = V`` (or ``V - 1``) it equals :func:`kl_alpha`."""
+    student_logp_BTV = F.log_softmax(_float(student_logits_BTV), dim=-1)
+    teacher_logp_BTV = F.log_softmax(_float(teacher_logits_BTV.detach()), dim=-1)
+    index_BTK = student_logp_BTV.detach().topk(k, dim=-1).indices
+    student_logp_BTK = student_logp_BTV.gather(-1, index_BTK)
+    teacher_logp_BTK = teacher_logp_BTV.gather(-1, index_BTK)
+    student_cat_BTK1 = torch.cat([student_logp_BTK, _log1mexp(student_logp_BTK.logsumexp(-1, keepdim=True))], -1)
+    teacher_cat_BTK1 = torch.cat([teacher_logp_BTK, _log1mexp(teacher_logp_BTK.logsumexp(-1, keepdim=True))], -1)
+    return _masked_mean(alpha_divergence(student_cat_BTK1, teacher_cat_BTK1, alpha), mask_BT)
+
+
+# ---------------------------------------------------------------- registry
+
+LOSSES: dict[str, Callable[..., torch.Tensor | tuple[torch.Tensor, dict[str, float]]]] = {
+    "ppo": policy_loss,
+    "kl_full": kl_alpha,
+    "kl_full_chunked": kl_alpha_chunked,
+    "kl_topk": kl_alpha_topk,
+    "ref_kl": ref_kl_k3,
+    "entropy": entropy_from_logits,
+}
+
+
+def get_loss(name: str) -> Callable[..., torch.Tensor | tuple[torch.Tensor, dict[str, float]]]:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choices: {sorted(LOSSES)}")
+    return LOSSES[name]

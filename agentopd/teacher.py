@@ -1,0 +1,168 @@
+"""The self-teacher: its context (prompt + critique [+ a successful sibling]), the scorer that reads
+the student's SAME response ids under that context, and the teacher's weights (ema, frozen, live,
+trust_region)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from .engine import apply_chat, sequence_logprobs
+
+TEACHER_MODES = ("ema", "frozen", "live", "trust_region")
+
+
+@dataclass
+class TeacherTemplate:
+    """How the teacher's user message is built (the shape of lasgroup/SDPO's reprompt):
+    ``prompt + demonstration block + feedback block + instruction``. A block is left out when its
+    text is None."""
+
+    demonstration: str = "\n\nCorrect solution:\n\n{demonstration}"
+    feedback: str = "\n\nThe following is feedback from your unsuccessful earlier attempt:\n\n{critique}"
+    instruction: str = "\n\nCorrectly solve the original question.\n"
+    system: str | None = None
+
+    def render(self, prompt: str, critique: str | None, demonstration: str | None) -> str:
+        text = prompt
+        if demonstration is not None:
+            text += self.demonstration.format(demonstration=demonstration)
+        if critique is not None:
+            text += self.feedback.format(critique=critique)
+        return text + self.instruction
+
+    def messages(self, prompt: str, critique: str | None, demonstration: str | None) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return msgs + [{"role": "user", "content": self.render(prompt, critique, demonstration)}]
+
+
+def _truncate(tokenizer, text: str | None, n_tokens: int) -> str | None:
+    if text is None:
+        return None
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return text if len(ids) <= n_tokens else tokenizer.decode(ids[:max(n_tokens, 0)])
+
+
+def build_teacher_context(tokenizer, prompt: str, critique: str | None, demonstration: str | None,
+                          template: TeacherTemplate | None = None,
+                          max_tokens: int = 4096) -> list[int] | None:
+    """The teacher PROMPT ids (chat template applied, assistant header at the end), or None when there
+    is neither critique nor demonstration (no signal: the sample is masked) or when even empty
+    critique/demonstration blocks do not fit ``max_tokens``. Only the critique and demonstration texts
+    are cut to fit, never the prompt, the template or the assistant header."""
+    template = template or TeacherTemplate()
+    critique = critique or None
+    if critique is None and demonstration is None:
+        return None
+    ids = apply_chat(tokenizer, template.messages(prompt, critique, demonstration))
+    if len(ids) <= max_tokens:
+        return ids
+    base = len(apply_chat(tokenizer, template.messages(prompt, None if critique is None else "",
+                                                         None if demonstration is None else "")))
+    budget = max_tokens - base
+    if budget < 0:
+        return None
+    n_demo = 0 if demonstration is None else len(tokenizer.encode(demonstration, add_special_tokens=False))
+    n_crit = 0 if critique is None else len(tokenizer.encode(critique, add_special_tokens=False))
+    while budget >= 0:
+        # split the budget evenly; what one text does not need goes to the other
+        half = budget // 2 if (critique and demonstration) else budget
+        keep_crit = min(n_crit, max(half, budget - n_demo))
+        keep_demo = min(n_demo, budget - keep_crit)
+        ids = apply_chat(tokenizer, template.messages(prompt, _truncate(tokenizer, critique, keep_crit),
+                                                      _truncate(tokenizer, demonstration, keep_demo)))
+        if len(ids) <= max_tokens:
+            return ids
+        budget -= len(ids) - max_tokens  # BPE merges across the cut: shrink by the excess and retry
+    return None
+
+
+def pick_demonstration(group: list[tuple[str, bool]], i: int) -> str | None:
+    """The response text of the first successful sibling of sample ``i`` (never sample ``i`` itself)."""
+    for j, (text, success) in enumerate(group):
+        if j != i and success:
+            return text
+    return None
+
+
+def score(model, teacher_prompt_ids: list[list[int]], response_ids: list[list[int]],
+          micro_batch: int = 8, topk: int = 0):
+    """The teacher's per-token log-probs of the student's response ids appended unchanged to the
+    teacher prompts (no grad). Same return as :func:`agentopd.engine.sequence_logprobs`."""
+    with torch.no_grad():
+        return sequence_logprobs(model, teacher_prompt_ids, response_ids, micro_batch, topk)
+
+
+class _LogitMix(torch.nn.Module):
+    """Logits ``(1 - c) * frozen + c * live``: the trust-region teacher, as a model for scoring."""
+
+    def __init__(self, frozen, live, c: float):
+        super().__init__()
+        self.frozen, self.live, self.c = frozen, live, c
+
+    def forward(self, **kw):
+        if self.c == 0.0:
+            return self.frozen(**kw)
+        if self.c == 1.0:
+            return self.live(**kw)
+        logits = torch.lerp(self.frozen(**kw).logits.float(), self.live(**kw).logits.float(), self.c)
+        return SimpleNamespace(logits=logits)
+
+
+class Teacher:
+    """The teacher's weights. ``ema``: a copy updated θT ← (1−τ)θT + τθ by :meth:`update`;
+    ``frozen``: a copy of the initial weights; ``live``: the current student (no grad);
+    ``trust_region``: log_softmax((1−mix)·frozen_logits + mix·live_logits).
+
+    With a peft (LoRA) student, the ema update touches only the trainable parameters: the frozen
+    base weights are equal in both copies and stay so."""
+
+    def __init__(self, student_model, mode: str = "ema", tau: float = 0.05, mix: float = 0.5):
+        if mode not in TEACHER_MODES:
+            raise ValueError(f"unknown teacher mode {mode!r}; expected one of {TEACHER_MODES}")
+        self.mode, self.tau, self.mix = mode, tau, mix
+        self.student = student_model
+        self.copy = None
+        if mode != "live":
+            self.copy = copy.deepcopy(student_model).eval()
+            for p in self.copy.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+
+    def model_for_scoring(self):
+        if self.mode == "live":
+            return self.student
+        if self.mode == "trust_region":
+            return _LogitMix(self.copy, self.student, self.mix)
+        return self.copy
+
+    def score(self, teacher_prompt_ids, response_ids, micro_batch: int = 8, topk: int = 0):
+        return score(self.model_for_scoring(), teacher_prompt_ids, response_ids, micro_batch, topk)
+
+    @torch.no_grad()
+    def update(self, student_model=None):
+        """Call after each optimizer step."""
+        if student_model is not None:
+            self.student = student_model
+        if self.mode != "ema":
+            return
+        mine = dict(self.copy.named_parameters())
+        for name, p in self.student.named_parameters():
+            if p.requires_grad:
+                mine[name].lerp_(p.detach().to(mine[name].dtype), self.tau)
+        mine_buffers = dict(self.copy.named_buffers())
+        for name, b in self.student.named_buffers():
+            mine_buffers[name].copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "tau": self.tau, "mix": self.mix,
+                "model": None if self.copy is None else self.copy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["mode"] != self.mode:
+            raise ValueError(f"checkpoint teacher mode {state['mode']!r} != {self.mode!r}")
+        self.tau, self.mix = state["tau"], state["mix"]
+        if self.copy is not None:
+            self.copy.load_state_dict(state["model"])

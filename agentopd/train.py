@@ -1,0 +1,372 @@
+"""The training loop: rollouts → judges → self-teacher → advantages → policy-gradient update.
+
+One readable file in the spirit of CleanRL: ``TrainConfig`` (sections of dataclasses, a docstring
+per field) and ``train(cfg)``. Every stage is a plain call on plain data; token ids are the source
+of truth from sampling to the update.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"
+    """'tiny' (a small Llama built from a config, for tests and smoke runs) or a checkpoint dir."""
+    lora_rank: int = 0
+    """LoRA rank through peft; 0 trains all parameters."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more time)."""
+
+
+@dataclass
+class DataConfig:
+    env: str = "math"
+    """'math' or 'code'."""
+    problems: str = "arithmetic"
+    """'arithmetic' (the built-in generator), 'humaneval', or a JSONL file of problems."""
+    n: int = 256
+    """How many generated problems (arithmetic only)."""
+    levels: list[int] = field(default_factory=lambda: [1, 2])
+    """Difficulty levels of generated problems (arithmetic only)."""
+    judge: dict = field(default_factory=dict)
+    """Judge spec ({name: ..., kwargs}); empty: the env's default (math or tests)."""
+
+
+@dataclass
+class SamplingConfig:
+    group_size: int = 4
+    """Samples per prompt (G)."""
+    prompts_per_step: int = 4
+    """Prompts per training step."""
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class TeacherConfig:
+    mode: str = "ema"
+    """ema, frozen, live or trust_region."""
+    tau: float = 0.05
+    """EMA rate."""
+    mix: float = 0.5
+    """trust_region: weight of the live model's logits."""
+    use_critique: bool = True
+    """Put the judge's critique in the teacher context."""
+    use_demonstration: bool = True
+    """Put a successful sibling's answer in the teacher context."""
+    max_tokens: int = 1024
+    """Cap on the teacher prompt; critique and demonstration are truncated to fit."""
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = "sd_token"
+    """grpo, rloo, sd_token, sd_to_go or hybrid."""
+    advantage_kwargs: dict = field(default_factory=dict)
+    """Extra arguments of the estimator (std_normalize, clamp, baseline, lam, mode)."""
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    ref_kl: float = 0.0
+    """Weight of the k3 KL to the initial model (0: off)."""
+    entropy: float = 0.0
+    """Weight of an entropy bonus (0: off)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch: int = 8
+    """Sequences per forward/backward; gradients accumulate over the batch."""
+    epochs_per_batch: int = 1
+    """Optimizer steps per batch of rollouts (the importance ratio corrects the later ones)."""
+
+
+@dataclass
+class RunConfig:
+    steps: int = 10
+    seed: int = 0
+    out: str = "runs/default"
+    """Where metrics.jsonl and checkpoints go."""
+    checkpoint_every: int = 5
+    resume: bool = False
+    """Continue from the latest checkpoint in ``out``."""
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def pad_BT(rows: list, value: float = 0.0, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D sequences to [B, T]; returns (values_BT, mask_BT)."""
+    T = max((len(r) for r in rows), default=0)
+    out_BT = torch.full((len(rows), max(T, 1)), value, dtype=dtype)
+    mask_BT = torch.zeros((len(rows), max(T, 1)), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        if len(r):
+            out_BT[i, : len(r)] = torch.as_tensor(r, dtype=dtype)
+            mask_BT[i, : len(r)] = 1.0
+    return out_BT, mask_BT
+
+
+def _load_model(cfg: TrainConfig, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.model.path == "tiny":
+        from agentopd.tiny import build_tiny
+
+        model, tok = build_tiny(seed=cfg.run.seed)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.path)
+        tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.model.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=2 * cfg.model.lora_rank,
+                                                 target_modules="all-linear"))
+    return model.to(device), tok
+
+
+def _problems_and_judge(cfg: TrainConfig):
+    from agentopd.judges import make_judge
+
+    if cfg.data.env == "math":
+        from agentopd.envs.data import load_math_problems
+        from agentopd.envs.procedural import arithmetic_problems
+
+        problems = (arithmetic_problems(cfg.data.n, tuple(cfg.data.levels), cfg.run.seed)
+                    if cfg.data.problems == "arithmetic" else load_math_problems(cfg.data.problems))
+        judge = make_judge(cfg.data.judge or "math")
+    elif cfg.data.env == "code":
+        from agentopd.envs.data import load_code_problems
+
+        problems = load_code_problems(cfg.data.problems)
+        judge = make_judge(cfg.data.judge or "tests")
+    else:
+        raise ValueError(f"data.env must be 'math' or 'code', got {cfg.data.env!r}")
+    return problems, judge
+
+
+def _check_algo(cfg: TrainConfig) -> None:
+    """Fail before any work on an unknown estimator or an argument it does not take."""
+    import inspect
+
+    from agentopd import advantages
+    from agentopd.config import ConfigError
+
+    if cfg.algo.advantage not in advantages.ADVANTAGES:
+        raise ConfigError(f"algo.advantage: unknown estimator {cfg.algo.advantage!r}; "
+                          f"choices: {', '.join(sorted(advantages.ADVANTAGES))}")
+    params = inspect.signature(advantages.ADVANTAGES[cfg.algo.advantage]).parameters
+    bad = [k for k in cfg.algo.advantage_kwargs if k not in params or k == "inputs"]
+    if bad:
+        takes = [p for p in params if p != "inputs"]
+        raise ConfigError(f"algo.advantage_kwargs: {cfg.algo.advantage} does not take {bad}; it takes {takes}")
+    if cfg.teacher.mode not in ("ema", "frozen", "live", "trust_region"):
+        raise ConfigError(f"teacher.mode: {cfg.teacher.mode!r}; choices: ema, frozen, live, trust_region")
+
+
+def _save(path: str, step: int, model, opt, teacher, data_pos: int):
+    os.makedirs(path, exist_ok=True)
+    tmp = os.path.join(path, f"step-{step}.pt.tmp")
+    torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "teacher": teacher.state_dict(), "data_pos": data_pos,
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state()}}, tmp)
+    os.replace(tmp, os.path.join(path, f"step-{step}.pt"))  # a crash never leaves half a checkpoint
+
+
+def _latest(path: str) -> str | None:
+    if not os.path.isdir(path):
+        return None
+    steps = [int(f[5:-3]) for f in os.listdir(path) if f.startswith("step-") and f.endswith(".pt")]
+    return os.path.join(path, f"step-{max(steps)}.pt") if steps else None
+
+
+# --------------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
+    """Run ``cfg.run.steps`` steps; returns the metrics rows (also appended to metrics.jsonl).
+    ``engine`` / ``judge``: use these instead of the ones the config names (an engine is built
+    around the model by ``engine(model, tokenizer, device)`` when it is a callable class)."""
+    from tqdm import tqdm
+
+    from agentopd import advantages, losses
+    from agentopd.engine import HFEngine, apply_chat, sequence_logprobs
+    from agentopd.judges import reward_stats
+    from agentopd.teacher import Teacher, TeacherTemplate, build_teacher_context, pick_demonstration
+
+    _check_algo(cfg)
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.run.device == "auto" else cfg.run.device))
+    model, tok = _load_model(cfg, device)
+    problems, default_judge = _problems_and_judge(cfg)
+    if judge is None:
+        judge = default_judge
+    elif hasattr(default_judge, "close"):
+        default_judge.close()
+    order = np.random.default_rng(cfg.run.seed).permutation(len(problems)).tolist()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                            weight_decay=cfg.optim.weight_decay)
+    teacher = Teacher(model, cfg.teacher.mode, tau=cfg.teacher.tau, mix=cfg.teacher.mix)
+    ref = Teacher(model, "frozen") if cfg.algo.ref_kl else None
+    engine = (engine or HFEngine)(model, tok, device=device)
+    template = TeacherTemplate()
+    needs_teacher = cfg.algo.advantage in ("sd_token", "sd_to_go", "hybrid")
+    start, data_pos = 0, 0
+    ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
+    if cfg.run.resume and (latest := _latest(ckpt_dir)):
+        state = torch.load(latest, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        teacher.load_state_dict(state["teacher"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start, data_pos = state["step"], state["data_pos"]
+    os.makedirs(cfg.run.out, exist_ok=True)
+    rows = []
+    bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train",
+               disable=not cfg.run.progress)
+    for step in bar:
+        t = {"generate": 0.0, "execute": 0.0, "score": 0.0, "update": 0.0}
+        P, G = cfg.sampling.prompts_per_step, cfg.sampling.group_size
+        batch = [problems[order[(data_pos + i) % len(order)]] for i in range(P)]
+        data_pos += P
+
+        # 1. rollouts: G samples per prompt, token ids and sampling log-probs
+        t0 = time.perf_counter()
+        prompt_ids = [apply_chat(tok, [{"role": "user", "content": p.prompt}]) for p in batch]
+        model.eval()
+        gens = engine.generate(prompt_ids, n=G, max_new_tokens=cfg.sampling.max_new_tokens,
+                               temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                               seed=cfg.run.seed * 1_000_003 + step)
+        samples = [(i, g) for i, gs in enumerate(gens) for g in gs]
+        t["generate"] = time.perf_counter() - t0
+
+        # 2. judges (one failed or crashed sample never aborts the step)
+        t0 = time.perf_counter()
+        judgements = judge.judge_many([(batch[i], g.text) for i, g in samples])
+        t["execute"] = time.perf_counter() - t0
+        rewards_B = torch.tensor([math.nan if j.verdict.status == "judge_error" else j.verdict.score
+                                  for j in judgements])
+        success_B = torch.tensor([j.verdict.status == "ok" for j in judgements])
+
+        # 3. self-teacher: critique (+ a successful sibling), the same response ids re-scored
+        t0 = time.perf_counter()
+        resp_ids = [g.response_ids for _, g in samples]
+        teacher_prompts = []
+        for b, (i, g) in enumerate(samples):
+            group = [(samples[k][1].text, bool(success_B[k])) for k in range(i * G, (i + 1) * G)]
+            demo = pick_demonstration(group, b - i * G) if cfg.teacher.use_demonstration else None
+            crit = judgements[b].critique if cfg.teacher.use_critique and not success_B[b] else None
+            ids = build_teacher_context(tok, batch[i].prompt, crit, demo, template, cfg.teacher.max_tokens)
+            ok = ids is not None and len(g.response_ids) > 0 and not math.isnan(rewards_B[b])
+            teacher_prompts.append(ids if ok else None)
+        if not needs_teacher:  # grpo / rloo: no self-teacher forward at all
+            teacher_prompts = [None] * len(samples)
+        teacher_mask_B = torch.tensor([tp is not None for tp in teacher_prompts], dtype=torch.float32)
+        with torch.no_grad():
+            student_lp = sequence_logprobs(model, [prompt_ids[i] for i, _ in samples], resp_ids)[0]
+            scored = [b for b, tp in enumerate(teacher_prompts) if tp is not None]
+            teacher_lp = [torch.zeros(len(r)) for r in resp_ids]
+            if scored:
+                got = teacher.score([teacher_prompts[b] for b in scored], [resp_ids[b] for b in scored])[0]
+                for b, lp in zip(scored, got):
+                    teacher_lp[b] = lp.float().cpu()
+            ref_lp = ref.score([prompt_ids[i] for i, _ in samples], resp_ids)[0] if ref else None
+        ls_BT, mask_BT = pad_BT([lp.float().cpu() for lp in student_lp])
+        lt_BT, _ = pad_BT(teacher_lp)
+        group_B = torch.tensor([i for i, _ in samples])
+        t["score"] = time.perf_counter() - t0
+
+        # 4. advantages; judge errors and empty responses carry no gradient
+        inputs = advantages.AdvantageInputs(rewards_B, group_B, mask_BT, ls_BT, lt_BT, teacher_mask_B, success_B)
+        adv_BT = advantages.compute(cfg.algo.advantage, inputs, **cfg.algo.advantage_kwargs)
+        keep_B = ~torch.isnan(rewards_B)
+        mask_BT = mask_BT * keep_B[:, None]
+        adv_BT = torch.nan_to_num(adv_BT) * mask_BT
+
+        # 5. update: micro-batches, gradient accumulation, importance ratio over epochs
+        t0 = time.perf_counter()
+        model.train()
+        n_tok = mask_BT.sum().clamp(min=1)
+        loss_sum, clipfrac = 0.0, 0.0
+        for _ in range(cfg.optim.epochs_per_batch):
+            opt.zero_grad(set_to_none=True)
+            for s in range(0, len(samples), cfg.optim.micro_batch):
+                idx = list(range(s, min(s + cfg.optim.micro_batch, len(samples))))
+                if mask_BT[idx].sum() == 0:
+                    continue
+                lp = sequence_logprobs(model, [prompt_ids[samples[b][0]] for b in idx], [resp_ids[b] for b in idx])[0]
+                lp_BT = _stack(lp, ls_BT.shape[1])
+                m_BT = mask_BT[idx].to(lp_BT.device)
+                loss, met = losses.policy_loss(lp_BT, ls_BT[idx].to(lp_BT.device), adv_BT[idx].to(lp_BT.device),
+                                               m_BT, cfg.algo.clip_low, cfg.algo.clip_high)
+                weight = m_BT.sum() / n_tok  # token-mean over the whole batch, not per micro-batch
+                loss = loss * weight
+                if ref is not None:
+                    ref_BT, _ = pad_BT([r.float().cpu() for r in ref_lp])
+                    loss = loss + cfg.algo.ref_kl * weight * losses.ref_kl_k3(lp_BT, ref_BT[idx].to(lp_BT.device), m_BT)
+                loss.backward()
+                loss_sum += float(loss.detach())
+                clipfrac += float(met.get("clip_frac", 0.0)) * float(weight)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+        teacher.update(model)
+        t["update"] = time.perf_counter() - t0
+
+        stats = reward_stats(judgements)
+        n_resp = sum(len(r) for r in resp_ids)
+        m = mask_BT.bool()
+        row = {"step": step + 1, **stats, "loss": loss_sum, "grad_norm": float(gnorm), "clipfrac": clipfrac,
+               "adv_mean": float(adv_BT[m].mean()) if m.any() else 0.0,
+               "adv_std": float(adv_BT[m].std()) if m.sum() > 1 else 0.0,
+               "kl_teacher": float(((ls_BT - lt_BT) * mask_BT * teacher_mask_B[:, None]).sum()
+                                   / (mask_BT * teacher_mask_B[:, None]).sum().clamp(min=1)),
+               "teacher_signal_frac": float(teacher_mask_B.mean()),
+               "response_len": n_resp / max(len(resp_ids), 1), "empty_responses": sum(len(r) == 0 for r in resp_ids),
+               "tokens_per_s": n_resp / max(t["generate"], 1e-9), **{f"time_{k}": v for k, v in t.items()}}
+        rows.append(row)
+        with open(os.path.join(cfg.run.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")
+        if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.run.steps:
+            _save(ckpt_dir, step + 1, model, opt, teacher, data_pos)
+    if hasattr(judge, "close"):
+        judge.close()
+    return rows
+
+
+def _stack(lp_list, T: int) -> torch.Tensor:
+    """Right-pad per-sequence log-prob tensors (keeping their grad) to [B, T]."""
+    return torch.stack([torch.nn.functional.pad(x.float(), (0, T - x.shape[0])) for x in lp_list])

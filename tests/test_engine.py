@@ -1,0 +1,176 @@
+"""The tiny model, the HF engine's sampling loop and sequence_logprobs."""
+import re
+
+import pytest
+import torch
+
+from agentopd.engine import Generation, HFEngine, apply_chat, sequence_logprobs
+from agentopd.tiny import build_tiny
+
+HEADER = "<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny()
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    _, tok = tiny
+    short = apply_chat(tok, [{"role": "user", "content": "What is 2 + 3?"}])
+    long = apply_chat(tok, [{"role": "system", "content": "You solve arithmetic step by step."},
+                            {"role": "user", "content": "What is 123 * 45, and then add 7 to the result?"}])
+    assert len(long) > len(short) + 5
+    return short, long
+
+
+def plain_logprobs_TV(model, ids):
+    """log_softmax of a plain, unpadded, uncached forward: [T, V]."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def test_tiny_saves_and_loads(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = build_tiny(tmp_path)
+    model2, tok2 = AutoModelForCausalLM.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    text = "def add(x, y):\n    return x + y  # the answer is 42"
+    assert tok2.encode(text) == tok.encode(text)
+    assert tok2.decode(tok2.encode(text)) == text
+    ids = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        torch.testing.assert_close(model2(input_ids=ids).logits, model(input_ids=ids).logits)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1 + 1?"}]
+    ids2 = apply_chat(tok2, msgs)
+    header = tok2.encode(HEADER, add_special_tokens=False)
+    assert ids2 == apply_chat(tok, msgs) and ids2[-len(header):] == header
+    assert ids2[0] == tok2.bos_token_id and tok2.pad_token_id is not None
+    assert tok2.convert_ids_to_tokens(header[0]) == "<|im_start|>"
+
+
+def test_tiny_deterministic_per_seed():
+    (m1, _), (m2, _), (m3, _) = build_tiny(), build_tiny(), build_tiny(seed=1)
+    for (n, a), b, c in zip(m1.named_parameters(), m2.parameters(), m3.parameters()):
+        assert torch.equal(a, b), n
+    assert not all(torch.equal(a, c) for a, c in zip(m1.parameters(), m3.parameters()))
+
+
+def test_generate_shapes_and_limits(tiny, prompts):
+    model, tok = tiny
+    out = HFEngine(model, tok, batch_size=4).generate(list(prompts), n=3, max_new_tokens=7, seed=0)
+    assert len(out) == 2 and all(len(gs) == 3 for gs in out)
+    for g in (g for gs in out for g in gs):
+        assert isinstance(g, Generation) and 1 <= len(g.response_ids) <= 7
+        assert len(g.logprobs) == len(g.response_ids) and all(lp <= 0 for lp in g.logprobs)
+        assert g.text == tok.decode(g.response_ids, skip_special_tokens=True)
+        assert g.finish_reason == ("stop" if g.response_ids[-1] == tok.eos_token_id else "length")
+        assert g.finish_reason == "stop" or len(g.response_ids) == 7
+
+
+def test_generate_deterministic_with_seed(tiny, prompts):
+    eng = HFEngine(*tiny)
+    a = eng.generate(list(prompts), n=2, max_new_tokens=12, seed=3)
+    b = eng.generate(list(prompts), n=2, max_new_tokens=12, seed=3)
+    c = eng.generate(list(prompts), n=2, max_new_tokens=12, seed=4)
+    ids = lambda out: [g.response_ids for gs in out for g in gs]
+    assert ids(a) == ids(b) and [g.logprobs for g in a[0]] == [g.logprobs for g in b[0]]
+    assert ids(a) != ids(c)
+
+
+def test_left_padding_does_not_change_logprobs(tiny, prompts):
+    model, tok = tiny
+    short, long = prompts
+    eng = HFEngine(model, tok)
+    alone = eng.generate([short], n=2, max_new_tokens=16, seed=0)[0]
+    batched = eng.generate([long, short], n=2, max_new_tokens=16, seed=0)[1]
+    for g in alone + batched:  # sampling log-probs (T=1, top_p=1) == a fresh rescoring of the same ids
+        lp, _ = sequence_logprobs(model, [short], [g.response_ids])
+        torch.testing.assert_close(lp[0], torch.tensor(g.logprobs), atol=1e-4, rtol=0)
+    g_alone = eng.generate([short], max_new_tokens=16, temperature=0)[0][0]
+    g_batched = eng.generate([long, short], max_new_tokens=16, temperature=0)[1][0]
+    assert g_alone.response_ids == g_batched.response_ids
+    torch.testing.assert_close(torch.tensor(g_alone.logprobs), torch.tensor(g_batched.logprobs),
+                               atol=1e-4, rtol=0)
+
+
+def test_greedy_is_argmax_continuation(tiny, prompts):
+    model, tok = tiny
+    short, long = prompts
+    out = HFEngine(model, tok).generate([long, short], max_new_tokens=10, temperature=0)
+    for p, (g,) in zip([long, short], out):
+        ids, expect_ids, expect_lp = list(p), [], []
+        for _ in range(10):
+            logp_V = plain_logprobs_TV(model, ids)[-1]
+            expect_ids.append(int(logp_V.argmax()))
+            expect_lp.append(float(logp_V.max()))
+            ids.append(expect_ids[-1])
+        assert g.response_ids == expect_ids
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(expect_lp), atol=1e-4, rtol=0)
+
+
+def test_temperature_and_top_p_logprobs(tiny, prompts):
+    model, tok = tiny
+    short, _ = prompts
+    eng = HFEngine(model, tok)
+    g = eng.generate([short], max_new_tokens=6, temperature=0.5, seed=1)[0][0]
+    ids = short + g.response_ids
+    with torch.no_grad():
+        logits_TV = model(input_ids=torch.tensor([ids])).logits[0].float()
+    expect = (logits_TV / 0.5).log_softmax(-1)[len(short) - 1:-1].gather(
+        -1, torch.tensor(g.response_ids)[:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(g.logprobs), expect, atol=1e-4, rtol=0)
+    # a tiny nucleus keeps only the top token: greedy ids, and a point mass (log-prob 0)
+    nucleus = eng.generate([short], max_new_tokens=6, top_p=1e-6, seed=1)[0][0]
+    greedy = eng.generate([short], max_new_tokens=6, temperature=0)[0][0]
+    assert nucleus.response_ids == greedy.response_ids and nucleus.logprobs == [0.0] * 6
+
+
+def test_stop_strings_truncate(tiny, prompts):
+    model, tok = tiny
+    short, _ = prompts
+    eng = HFEngine(model, tok)
+    full = eng.generate([short], max_new_tokens=40, seed=0)[0][0]
+    # a stop string that ends exactly where a token ends (so a late check would overshoot)
+    prefixes = [tok.decode(full.response_ids[:j], skip_special_tokens=True) for j in range(4, 41)]
+    stop = next(t[-3:] for t in prefixes if re.fullmatch(r"[A-Za-z ]{2}[A-Za-z]", t[-3:]))
+    k = next(k for k in range(1, 41) if stop in tok.decode(full.response_ids[:k], skip_special_tokens=True))
+    g = eng.generate([short], max_new_tokens=40, seed=0, stop=["@@never@@", stop])[0][0]
+    assert g.finish_reason == "stop" and g.response_ids == full.response_ids[:k]
+    assert g.logprobs == full.logprobs[:k] and stop in g.text
+    # eos: make the 4th greedy token an eos id; generation stops right after it, eos included
+    greedy = eng.generate([short], max_new_tokens=10, temperature=0)[0][0]
+    eng.eos_ids = {greedy.response_ids[3]}
+    g = eng.generate([short], max_new_tokens=10, temperature=0)[0][0]
+    first = greedy.response_ids.index(greedy.response_ids[3])
+    assert g.response_ids == greedy.response_ids[:first + 1] and g.finish_reason == "stop"
+
+
+def test_sequence_logprobs_match_plain_forward_and_topk(tiny, prompts):
+    model, _ = tiny
+    short, long = prompts
+    P = [short, long, short[:3]]
+    R = [[5, 6, 7, 8, 9], [42], list(range(100, 120))]
+    lps, (vals, idx) = sequence_logprobs(model, P, R, micro_batch=2, topk=5)
+    for p, r, lp, v, i in zip(P, R, lps, vals, idx):
+        logp_TV = plain_logprobs_TV(model, p + r)[len(p) - 1:-1]
+        assert lp.shape == (len(r),) and v.shape == i.shape == (len(r), 5)
+        torch.testing.assert_close(lp, logp_TV.gather(-1, torch.tensor(r)[:, None]).squeeze(-1),
+                                   atol=1e-5, rtol=0)
+        tv, ti = torch.topk(logp_TV, 5, dim=-1)
+        assert torch.equal(i, ti)
+        torch.testing.assert_close(v, tv, atol=1e-5, rtol=0)
+    assert sequence_logprobs(model, P, R, topk=0)[1] is None
+
+
+def test_sequence_logprobs_with_grad(tiny, prompts):
+    model, _ = tiny
+    short, long = prompts
+    lps, _ = sequence_logprobs(model, [short, long], [[5, 6, 7], [8, 9]])
+    assert lps[0].requires_grad
+    model.zero_grad()
+    torch.cat(lps).sum().backward()
+    grad = model.model.embed_tokens.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    model.zero_grad()

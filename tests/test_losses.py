@@ -1,0 +1,300 @@
+"""Losses against numbers worked out by hand; top-K and chunked KL against the full KL; and a
+memory check (tensor sizes, not timings) for the chunked KL."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from agentopd import losses
+from agentopd.losses import (
+    LOSSES,
+    entropy_from_logits,
+    get_loss,
+    kl_alpha,
+    kl_alpha_chunked,
+    kl_alpha_topk,
+    policy_loss,
+    ref_kl_k3,
+)
+
+
+def t(rows, dtype=torch.float32):
+    return torch.tensor(rows, dtype=dtype)
+
+
+# ---------------------------------------------------------------- policy terms
+
+
+def test_policy_loss_by_hand():
+    # old = 0, so r = exp(lp). Clip range [0.8, 1.28].
+    ratio_BT = t([[1.5, 0.5, 1.0], [1.1, 0.7, 2.0]])
+    advantages_BT = t([[2.0, -1.0, 2.0], [-2.0, 1.0, 5.0]])
+    mask_BT = t([[1, 1, 1], [1, 1, 0]])
+    logprobs_BT = ratio_BT.log().requires_grad_()
+    old_BT = t([[0.0, 0.0, 0.0], [0.0, 0.0, -math.inf]])  # garbage under the mask must not leak
+    loss, metrics = policy_loss(logprobs_BT, old_BT, advantages_BT, mask_BT)
+    # per-token min(rA, clip(r)A):
+    #   (0,0) r=1.5 A=2  -> min(3, 2.56)   = 2.56    clipped
+    #   (0,1) r=.5  A=-1 -> min(-.5, -.8)  = -.8     clipped
+    #   (0,2) r=1   A=2  -> 2
+    #   (1,0) r=1.1 A=-2 -> -2.2
+    #   (1,1) r=.7  A=1  -> min(.7, .8)    = .7
+    assert loss.item() == pytest.approx(-(2.56 - 0.8 + 2.0 - 2.2 + 0.7) / 5, abs=1e-6)
+    assert metrics["clip_frac"] == pytest.approx(2 / 5)
+    assert metrics["ratio_mean"] == pytest.approx((1.5 + 0.5 + 1.0 + 1.1 + 0.7) / 5, abs=1e-6)
+    loss.backward()
+    # d/dlp of -rA/5 on unclipped tokens, 0 on clipped and masked ones
+    expected = t([[0.0, 0.0, -2.0 / 5], [2.2 / 5, -0.7 / 5, 0.0]])
+    torch.testing.assert_close(logprobs_BT.grad, expected)
+
+
+def test_ref_kl_k3_by_hand():
+    logprobs_BT = t([[-1.0, -2.0, 0.0]]).requires_grad_()
+    ref_BT = t([[-1.0, -1.0, -0.5]])
+    mask_BT = t([[1, 1, 0]])
+    # d = ref - lp = [0, 1, (masked)];  k3 = e^d - d - 1 = [0, e - 2]
+    loss = ref_kl_k3(logprobs_BT, ref_BT, mask_BT)
+    assert loss.item() == pytest.approx((math.e - 2) / 2, abs=1e-6)
+    loss.backward()  # d k3 / d lp = 1 - e^d
+    torch.testing.assert_close(logprobs_BT.grad, t([[0.0, (1 - math.e) / 2, 0.0]]))
+
+
+def test_entropy_by_hand():
+    logits_BTV = t([[[0.0, 0.0], [math.log(3), 0.0], [5.0, -5.0]]])
+    mask_BT = t([[1, 1, 0]])
+    h_uniform = math.log(2)
+    h_3to1 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert entropy_from_logits(logits_BTV, mask_BT).item() == pytest.approx((h_uniform + h_3to1) / 2, abs=1e-6)
+
+
+# ---------------------------------------------------------------- distillation divergences
+# One position, V = 2: student s = [.5, .5], teacher q = [.75, .25].
+S_LOGITS = t([[[0.0, 0.0]]])
+T_LOGITS = t([[[math.log(3), 0.0]]])
+ONE = t([[1]])
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+@pytest.mark.parametrize(
+    "alpha, expected",
+    [
+        (0.0, 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)),  # KL(t || s) = .130812
+        (1.0, 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)),  # KL(s || t) = .143841
+        # m = .5 t + .5 s = [.625, .375]
+        (0.5, 0.5 * kl([0.75, 0.25], [0.625, 0.375]) + 0.5 * kl([0.5, 0.5], [0.625, 0.375])),
+        # m = .25 t + .75 s = [.5625, .4375]: asymmetric, pins which side alpha weighs
+        (0.25, 0.25 * kl([0.75, 0.25], [0.5625, 0.4375]) + 0.75 * kl([0.5, 0.5], [0.5625, 0.4375])),
+    ],
+)
+def test_kl_alpha_by_hand(alpha, expected):
+    assert kl_alpha(S_LOGITS, T_LOGITS, ONE, alpha).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_kl_alpha_hand_values_spelled_out():
+    assert kl_alpha(S_LOGITS, T_LOGITS, ONE, 0.0).item() == pytest.approx(0.1308120, abs=1e-6)
+    assert kl_alpha(S_LOGITS, T_LOGITS, ONE, 1.0).item() == pytest.approx(0.1438410, abs=1e-6)
+    assert kl_alpha(S_LOGITS, T_LOGITS, ONE, 0.5).item() == pytest.approx(0.0338221, abs=1e-6)
+    assert kl_alpha(S_LOGITS, T_LOGITS, ONE, 0.25).item() == pytest.approx(0.0248700, abs=1e-6)
+
+
+def trl_style_generalized_jsd(student_logits, teacher_logits, beta):
+    """TRL's GKD formula written with F.kl_div (kl_div(input, target) = KL(target || input))."""
+    s, te = F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1)
+    if beta == 0:
+        return F.kl_div(s, te, reduction="none", log_target=True).sum(-1).mean()
+    if beta == 1:
+        return F.kl_div(te, s, reduction="none", log_target=True).sum(-1).mean()
+    m = torch.logsumexp(torch.stack([s + math.log(1 - beta), te + math.log(beta)]), 0)
+    jsd = beta * F.kl_div(m, te, reduction="none", log_target=True) + (1 - beta) * F.kl_div(
+        m, s, reduction="none", log_target=True
+    )
+    return jsd.sum(-1).mean()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_kl_alpha_matches_trl_convention(alpha):
+    gen = torch.Generator().manual_seed(1)
+    s, te = torch.randn(2, 3, 7, generator=gen), torch.randn(2, 3, 7, generator=gen)
+    torch.testing.assert_close(kl_alpha(s, te, torch.ones(2, 3), alpha), trl_style_generalized_jsd(s, te, alpha))
+
+
+def test_kl_alpha_masks_and_rejects_bad_alpha():
+    s = torch.cat([S_LOGITS, t([[[9.0, -9.0]]])], 1)
+    te = torch.cat([T_LOGITS, t([[[0.0, 0.0]]])], 1)
+    assert kl_alpha(s, te, t([[1, 0]]), 1.0).item() == pytest.approx(0.1438410, abs=1e-6)
+    with pytest.raises(ValueError):
+        kl_alpha(s, te, t([[1, 0]]), 1.5)
+
+
+# ---------------------------------------------------------------- top-K
+
+
+def test_kl_topk_by_hand():
+    # s = [.5, .3, .2], q = [.2, .2, .6]; K = 1 keeps the student's top token 0 plus a tail.
+    s = t([[[0.5, 0.3, 0.2]]]).log()
+    q = t([[[0.2, 0.2, 0.6]]]).log()
+    assert kl_alpha_topk(s, q, ONE, 1.0, k=1).item() == pytest.approx(
+        0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8), abs=1e-6
+    )  # .2231436
+    assert kl_alpha_topk(s, q, ONE, 0.0, k=1).item() == pytest.approx(
+        0.2 * math.log(0.2 / 0.5) + 0.8 * math.log(0.8 / 0.5), abs=1e-6
+    )  # .1927448
+    # K = 2: the tail is the single remaining token, so it is the full KL
+    for alpha in (0.0, 0.5, 1.0):
+        torch.testing.assert_close(kl_alpha_topk(s, q, ONE, alpha, k=2), kl_alpha(s, q, ONE, alpha))
+
+
+def test_kl_topk_uses_the_students_top_tokens():
+    # Teacher's top token (2) is the student's least likely: K=1 must keep token 0, not 2.
+    s = t([[[0.5, 0.3, 0.2]]]).log()
+    q = t([[[0.1, 0.1, 0.8]]]).log()
+    expected = 0.5 * math.log(0.5 / 0.1) + 0.5 * math.log(0.5 / 0.9)
+    assert kl_alpha_topk(s, q, ONE, 1.0, k=1).item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_kl_topk_with_k_equal_v_is_full_kl(alpha):
+    gen = torch.Generator().manual_seed(2)
+    s = (2 * torch.randn(2, 4, 11, generator=gen)).requires_grad_()
+    te = 2 * torch.randn(2, 4, 11, generator=gen)
+    mask = t([[1, 1, 1, 0], [1, 0, 1, 1]])
+    top = kl_alpha_topk(s, te, mask, alpha, k=11)
+    (grad_top,) = torch.autograd.grad(top, s)
+    full = kl_alpha(s, te, mask, alpha)
+    (grad_full,) = torch.autograd.grad(full, s)
+    torch.testing.assert_close(top, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_top, grad_full, atol=1e-5, rtol=1e-5)
+
+
+def test_kl_topk_is_finite_when_the_student_is_peaked():
+    s = t([[[60.0, -60.0, -60.0]]]).requires_grad_()
+    q = t([[[0.0, 0.0, 0.0]]])
+    loss = kl_alpha_topk(s, q, ONE, 0.5, k=1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+
+
+# ---------------------------------------------------------------- chunked
+
+
+def chunked_setup(seed=3, B=2, T=6, H=4, V=64):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=gen, requires_grad=True)
+    teacher_hidden = torch.randn(B, T, H, generator=gen)
+    weight = torch.randn(V, H, generator=gen, requires_grad=True)
+    mask = t([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+    return hidden, teacher_hidden, weight, mask
+
+
+def unchunked(hidden, teacher_hidden, weight, mask, alpha, teacher_weight=None):
+    teacher_weight = weight.detach() if teacher_weight is None else teacher_weight
+    return kl_alpha(hidden @ weight.T, (teacher_hidden @ teacher_weight.T).detach(), mask, alpha)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 10, 100])
+def test_chunked_equals_unchunked_value_and_gradient(alpha, chunk):
+    hidden, teacher_hidden, weight, mask = chunked_setup()
+    teacher_hidden.requires_grad_()  # must get no gradient
+    ref = unchunked(hidden, teacher_hidden, weight, mask, alpha)
+    ref_grads = torch.autograd.grad(ref, [hidden, weight])
+    got = kl_alpha_chunked(hidden, teacher_hidden, weight, mask, alpha, chunk=chunk)
+    got_grads = torch.autograd.grad(got, [hidden, weight])
+    torch.testing.assert_close(got, ref)
+    for g, r in zip(got_grads, ref_grads):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(g, r)
+    got2 = kl_alpha_chunked(hidden, teacher_hidden, weight, mask, alpha, chunk=chunk)
+    got2.backward()
+    assert teacher_hidden.grad is None
+
+
+def test_chunked_with_a_separate_teacher_head():
+    hidden, teacher_hidden, weight, mask = chunked_setup()
+    teacher_weight = torch.randn(64, 4, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    ref = unchunked(hidden, teacher_hidden, weight, mask, 0.5, teacher_weight=teacher_weight.detach())
+    got = kl_alpha_chunked(hidden, teacher_hidden, weight, mask, 0.5, chunk=5, teacher_lm_head_weight_VH=teacher_weight)
+    torch.testing.assert_close(got, ref)
+    got.backward()
+    assert teacher_weight.grad is None and weight.grad is not None
+
+
+def test_chunked_bf16_inputs_use_float32_math():
+    hidden, teacher_hidden, weight, mask = chunked_setup()
+    got = kl_alpha_chunked(hidden.bfloat16(), teacher_hidden.bfloat16(), weight.bfloat16(), mask, 1.0, chunk=4)
+    ref = unchunked(hidden.bfloat16().float(), teacher_hidden.bfloat16().float(), weight.bfloat16().float(), mask, 1.0)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces (forward, recomputation and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in tree_flatten(out)[0]:
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel())
+        return out
+
+
+def memory_footprint(fn, inputs):
+    """(elements in the distinct new storages autograd holds for backward at the end of fn()'s
+    forward, not counting the inputs' own storage; largest tensor any op produces during fn() and
+    its backward)."""
+    existing = {x.untyped_storage().data_ptr() for x in inputs}
+    saved = {}
+
+    def pack(x):
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in existing:
+            saved[storage.data_ptr()] = storage.nbytes() // x.element_size()
+        return x
+
+    with LargestTensor() as produced:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            loss = fn()
+        loss.backward()
+    return sum(saved.values()), produced.largest
+
+
+def test_chunked_never_holds_a_full_BTV_tensor(monkeypatch):
+    B, T, H, V = 2, 6, 4, 64
+    hidden, teacher_hidden, weight, mask = chunked_setup(B=B, T=T, H=H, V=V)
+    full = B * T * V
+
+    def chunked():
+        return kl_alpha_chunked(hidden, teacher_hidden, weight, mask, 0.5, chunk=3)
+
+    inputs = (hidden, teacher_hidden, weight, mask)
+    saved, produced = memory_footprint(lambda: unchunked(hidden, teacher_hidden, weight, mask, 0.5), inputs)
+    assert saved >= full and produced >= full  # the checks do see a [B, T, V] tensor when there is one
+
+    saved, produced = memory_footprint(chunked, inputs)
+    assert saved < full and produced < full
+    assert produced <= max(3 * V, V * H)  # a chunk of logits, or the lm_head weight's gradient
+
+    # Without the checkpointing, every chunk's logits would stay saved until backward.
+    monkeypatch.setattr(losses, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
+    saved, _ = memory_footprint(chunked, inputs)
+    assert saved >= full
+
+
+def test_registry():
+    assert get_loss("kl_topk") is kl_alpha_topk and get_loss("ppo") is policy_loss
+    assert set(LOSSES) == {"ppo", "kl_full", "kl_full_chunked", "kl_topk", "ref_kl", "entropy"}
+    with pytest.raises(ValueError) as err:
+        get_loss("grpo")
+    assert "kl_full_chunked" in str(err.value)
