@@ -53,45 +53,57 @@ def _positions(mask_BL: torch.Tensor) -> torch.Tensor:
     return (mask_BL.cumsum(-1) - 1).clamp(min=0)
 
 
+def response_logits(model, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
+    """One forward over rows laid out as ``[pad.. prompt | response ..pad]`` (every response starts
+    at the same column); returns the logits that predict each response token, ``[B, Rmax, V]``
+    (only those positions are computed, via ``logits_to_keep``). Works with or without grad."""
+    device = _device_of(model)
+    assert all(len(p) > 0 for p in prompt_ids), "every prompt needs at least one token"
+    Pmax, Rmax = max(len(p) for p in prompt_ids), max(len(r) for r in response_ids)
+    ids_BT = torch.zeros((len(prompt_ids), Pmax + Rmax), dtype=torch.long)
+    mask_BT = torch.zeros_like(ids_BT)
+    for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids_BT[b, Pmax - len(p):Pmax + len(r)] = torch.tensor(p + r)
+        mask_BT[b, Pmax - len(p):Pmax + len(r)] = 1
+    ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
+    # logits at columns Pmax-1 .. Pmax+Rmax-2 predict the response tokens
+    return model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=_positions(mask_BT),
+                 use_cache=False, logits_to_keep=Rmax + 1).logits[:, :-1]
+
+
+def gather_logprobs(logits_BRV: torch.Tensor, response_ids: list[list[int]]) -> list[torch.Tensor]:
+    """Float32 log-probs of each row's response ids under ``logits_BRV``; a 1-D tensor per row."""
+    logp_BRV = logits_BRV.float().log_softmax(-1)
+    target_BR = torch.zeros(logp_BRV.shape[:2], dtype=torch.long, device=logp_BRV.device)
+    for b, r in enumerate(response_ids):
+        target_BR[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+    lp_BR = logp_BRV.gather(-1, target_BR.unsqueeze(-1)).squeeze(-1)
+    return [lp_BR[b, :len(r)] for b, r in enumerate(response_ids)]
+
+
 def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
                       micro_batch: int = 8, topk: int = 0):
-    """Per-token log-probs of ``response_ids[i]`` given ``prompt_ids[i]``: one forward per micro-batch.
-
-    Each row is laid out as ``[pad.. prompt | response ..pad]`` so that all responses start at the
-    same column; only the response positions' logits are computed (``logits_to_keep``). Works with
-    grad enabled (the learner) or under ``torch.no_grad`` (teachers). Returns ``(logprobs, topk)``:
-    ``logprobs`` a list of 1-D float32 tensors (one per row, len == len(response_ids[i])) on the
-    model's device; ``topk`` ``None`` or ``(values, indices)``, two lists of ``[len_i, K]`` tensors,
-    the K largest log-probs of the full distribution at each response position.
+    """Per-token log-probs of ``response_ids[i]`` given ``prompt_ids[i]``: one forward per micro-batch
+    (see :func:`response_logits`). Works with grad enabled (the learner) or under
+    ``torch.no_grad`` (teachers). Returns ``(logprobs, topk)``: ``logprobs`` a list of 1-D float32
+    tensors (one per row, len == len(response_ids[i])) on the model's device; ``topk`` ``None`` or
+    ``(values, indices)``, two lists of ``[len_i, K]`` tensors, the K largest log-probs of the full
+    distribution at each response position.
     """
     device = _device_of(model)
     logprobs, top_vals, top_idx = [], [], []
     for s in range(0, len(prompt_ids), micro_batch):
         P, R = prompt_ids[s:s + micro_batch], response_ids[s:s + micro_batch]
-        assert all(len(p) > 0 for p in P), "every prompt needs at least one token"
-        Pmax, Rmax = max(len(p) for p in P), max(len(r) for r in R)
-        if Rmax == 0:
+        if max(len(r) for r in R) == 0:
             logprobs += [torch.zeros(0, device=device) for _ in P]
             top_vals += [torch.zeros(0, topk, device=device) for _ in P]
             top_idx += [torch.zeros(0, topk, dtype=torch.long, device=device) for _ in P]
             continue
-        ids_BT = torch.zeros((len(P), Pmax + Rmax), dtype=torch.long)
-        mask_BT = torch.zeros_like(ids_BT)
-        for b, (p, r) in enumerate(zip(P, R)):
-            ids_BT[b, Pmax - len(p):Pmax + len(r)] = torch.tensor(p + r)
-            mask_BT[b, Pmax - len(p):Pmax + len(r)] = 1
-        ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
-        # logits at columns Pmax-1 .. Pmax+Rmax-2 predict the response tokens
-        logits_BRV = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=_positions(mask_BT),
-                           use_cache=False, logits_to_keep=Rmax + 1).logits[:, :-1]
-        logp_BRV = logits_BRV.float().log_softmax(-1)
-        target_BR = ids_BT[:, Pmax:]
-        lp_BR = logp_BRV.gather(-1, target_BR.unsqueeze(-1)).squeeze(-1)
+        logits_BRV = response_logits(model, P, R)
+        logprobs += gather_logprobs(logits_BRV, R)
         if topk:
-            vals_BRK, idx_BRK = logp_BRV.topk(topk, dim=-1)
-        for b, r in enumerate(R):
-            logprobs.append(lp_BR[b, :len(r)])
-            if topk:
+            vals_BRK, idx_BRK = logits_BRV.float().log_softmax(-1).topk(topk, dim=-1)
+            for b, r in enumerate(R):
                 top_vals.append(vals_BRK[b, :len(r)])
                 top_idx.append(idx_BRK[b, :len(r)])
     return logprobs, ((top_vals, top_idx) if topk else None)

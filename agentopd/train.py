@@ -80,6 +80,13 @@ class AlgoConfig:
     """Weight of the k3 KL to the initial model (0: off)."""
     entropy: float = 0.0
     """Weight of an entropy bonus (0: off)."""
+    distill_weight: float = 0.0
+    """Weight of a KL_alpha distillation loss to the teacher on samples with a teacher signal
+    (0: off; it adds to the policy-gradient loss of ``advantage``)."""
+    distill_alpha: float = 0.5
+    """0: forward KL(teacher||student), 1: reverse KL(student||teacher), between: generalized JSD."""
+    distill_topk: int = 100
+    """Top-K of the student's distribution plus a tail bucket; 0: the full vocabulary."""
 
 
 @dataclass
@@ -218,7 +225,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     from tqdm import tqdm
 
     from agentopd import advantages, losses
-    from agentopd.engine import HFEngine, apply_chat, sequence_logprobs
+    from agentopd.engine import HFEngine, apply_chat, gather_logprobs, response_logits, sequence_logprobs
     from agentopd.judges import reward_stats
     from agentopd.teacher import Teacher, TeacherTemplate, build_teacher_context, pick_demonstration
 
@@ -241,7 +248,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     ref = Teacher(model, "frozen") if cfg.algo.ref_kl else None
     engine = (engine or HFEngine)(model, tok, device=device)
     template = TeacherTemplate()
-    needs_teacher = cfg.algo.advantage in ("sd_token", "sd_to_go", "hybrid")
+    needs_teacher = cfg.algo.advantage in ("sd_token", "sd_to_go", "hybrid") or cfg.algo.distill_weight > 0
     start, data_pos = 0, 0
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
     if cfg.run.resume and (latest := _latest(ckpt_dir)):
@@ -320,15 +327,17 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         t0 = time.perf_counter()
         model.train()
         n_tok = mask_BT.sum().clamp(min=1)
-        loss_sum, clipfrac = 0.0, 0.0
+        n_teacher_tok = (mask_BT * teacher_mask_B[:, None]).sum().clamp(min=1)
+        loss_sum, clipfrac, distill_sum = 0.0, 0.0, 0.0
         for _ in range(cfg.optim.epochs_per_batch):
             opt.zero_grad(set_to_none=True)
             for s in range(0, len(samples), cfg.optim.micro_batch):
                 idx = list(range(s, min(s + cfg.optim.micro_batch, len(samples))))
                 if mask_BT[idx].sum() == 0:
                     continue
-                lp = sequence_logprobs(model, [prompt_ids[samples[b][0]] for b in idx], [resp_ids[b] for b in idx])[0]
-                lp_BT = _stack(lp, ls_BT.shape[1])
+                R_ = [resp_ids[b] for b in idx]
+                logits_BRV = response_logits(model, [prompt_ids[samples[b][0]] for b in idx], R_)
+                lp_BT = _stack(gather_logprobs(logits_BRV, R_), ls_BT.shape[1])
                 m_BT = mask_BT[idx].to(lp_BT.device)
                 loss, met = losses.policy_loss(lp_BT, ls_BT[idx].to(lp_BT.device), adv_BT[idx].to(lp_BT.device),
                                                m_BT, cfg.algo.clip_low, cfg.algo.clip_high)
@@ -337,6 +346,20 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
                 if ref is not None:
                     ref_BT, _ = pad_BT([r.float().cpu() for r in ref_lp])
                     loss = loss + cfg.algo.ref_kl * weight * losses.ref_kl_k3(lp_BT, ref_BT[idx].to(lp_BT.device), m_BT)
+                rows_t = [k for k, b in enumerate(idx) if teacher_prompts[b] is not None and len(R_[k])]
+                if cfg.algo.distill_weight and rows_t:
+                    with torch.no_grad():
+                        t_BRV = response_logits(teacher.model_for_scoring(), [teacher_prompts[idx[k]] for k in rows_t],
+                                                [R_[k] for k in rows_t])
+                    Rm = t_BRV.shape[1]
+                    s_BRV = logits_BRV[rows_t, :Rm]
+                    dm_BR = m_BT[rows_t, :Rm]
+                    kl = (losses.kl_alpha_topk(s_BRV, t_BRV.to(s_BRV.device), dm_BR, cfg.algo.distill_alpha,
+                                               cfg.algo.distill_topk) if cfg.algo.distill_topk else
+                          losses.kl_alpha(s_BRV, t_BRV.to(s_BRV.device), dm_BR, cfg.algo.distill_alpha))
+                    dloss = cfg.algo.distill_weight * kl * (dm_BR.sum() / n_teacher_tok)
+                    loss = loss + dloss
+                    distill_sum += float(dloss.detach())
                 loss.backward()
                 loss_sum += float(loss.detach())
                 clipfrac += float(met.get("clip_frac", 0.0)) * float(weight)
@@ -348,7 +371,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         stats = reward_stats(judgements)
         n_resp = sum(len(r) for r in resp_ids)
         m = mask_BT.bool()
-        row = {"step": step + 1, **stats, "loss": loss_sum, "grad_norm": float(gnorm), "clipfrac": clipfrac,
+        row = {"step": step + 1, **stats, "loss": loss_sum, "distill_loss": distill_sum, "grad_norm": float(gnorm), "clipfrac": clipfrac,
                "adv_mean": float(adv_BT[m].mean()) if m.any() else 0.0,
                "adv_std": float(adv_BT[m].std()) if m.sum() > 1 else 0.0,
                "kl_teacher": float(((ls_BT - lt_BT) * mask_BT * teacher_mask_B[:, None]).sum()
