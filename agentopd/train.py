@@ -111,6 +111,8 @@ class RunConfig:
     """Continue from the latest checkpoint in ``out``."""
     device: str = "auto"
     progress: bool = True
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard scalars under ``out/tb`` (needs ``tensorboard``)."""
 
 
 @dataclass
@@ -261,6 +263,15 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         torch.set_rng_state(state["rng"]["torch"])
         start, data_pos = state["step"], state["data_pos"]
     os.makedirs(cfg.run.out, exist_ok=True)
+    tb = None
+    if cfg.run.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            from agentopd.config import ConfigError
+
+            raise ConfigError("run.tensorboard needs the tensorboard package: pip install tensorboard") from None
+        tb = SummaryWriter(os.path.join(cfg.run.out, "tb"))
     rows = []
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train",
                disable=not cfg.run.progress)
@@ -382,9 +393,15 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         rows.append(row)
         with open(os.path.join(cfg.run.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        if tb:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    tb.add_scalar(k, v, step + 1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.run.steps:
             _save(ckpt_dir, step + 1, model, opt, teacher, data_pos)
+    if tb:
+        tb.close()
     if hasattr(judge, "close"):
         judge.close()
     return rows
