@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from sandbox_probe import bwrap_or_skip
 
 from agentopd.envs.data import load_humaneval
-from agentopd.sandbox import Limits, SandboxUnavailable, make_sandbox
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "sandboxfusion-samples"
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample data not found at {SAMPLES}")
@@ -18,14 +18,7 @@ needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample data no
 
 @pytest.fixture(scope="module", autouse=True)
 def bwrap_ok():
-    try:
-        sb = make_sandbox("bwrap", workers=1, warm=False)
-    except SandboxUnavailable as e:
-        pytest.skip(f"bwrap sandbox unavailable: {e}")
-    r = sb.run("print(6 * 7)", "", Limits(timeout_s=20))
-    sb.close()
-    if r.status != "ok" or r.stdout.strip() != "42":
-        pytest.skip(f"bwrap sandbox does not work here: {r.status} {r.stderr[-300:]}")
+    bwrap_or_skip(workers=1, warm=False).close()
 
 
 def cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:

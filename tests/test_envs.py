@@ -8,6 +8,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import pytest
+from sandbox_probe import bwrap_or_skip
 from gymnasium.utils.env_checker import check_env
 
 import agentopd.envs  # noqa: F401  (registers the environments)
@@ -15,7 +16,6 @@ from agentopd.envs import data as envdata
 from agentopd.envs.code import CodeEnv, HumanEvalEnv
 from agentopd.envs.data import DataError, code_problem, load_code_problems, load_humaneval
 from agentopd.judges.tests import TestJudge as Judge  # (a Test* name would be collected by pytest)
-from agentopd.sandbox import Limits, SandboxUnavailable, make_sandbox
 from agentopd.types import Judgement, Verdict
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "sandboxfusion-samples"
@@ -30,14 +30,7 @@ def _rows(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def bwrap_ok():
-    try:
-        sb = make_sandbox("bwrap", workers=1, warm=False)
-    except SandboxUnavailable as e:
-        pytest.skip(f"bwrap sandbox unavailable: {e}")
-    r = sb.run("print(6 * 7)", "", Limits(timeout_s=20))
-    sb.close()
-    if r.status != "ok" or r.stdout.strip() != "42":
-        pytest.skip(f"bwrap sandbox does not work here: {r.status} {r.stderr[-300:]}")
+    bwrap_or_skip(workers=1, warm=False).close()
 
 
 class _Shared:

@@ -7,11 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+from sandbox_probe import bwrap_or_skip
 
 from agentopd.envs.data import load_code_problems, load_humaneval
 from agentopd.judges.tests import CRITIQUE_CAP, FIELD_CAP, extract_code, outputs_match
 from agentopd.judges.tests import TestJudge as Judge  # (a Test* name would be collected by pytest)
-from agentopd.sandbox import Limits, SandboxUnavailable, make_sandbox
 from agentopd.types import Problem
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "sandboxfusion-samples"
@@ -25,14 +25,7 @@ needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample data no
 def judges():
     """``judges(**kw)``: TestJudges that share one bwrap sandbox; all live until the module ends
     (so no judge's thread pool exits while another judge still uses the sandbox's workers)."""
-    try:
-        sb = make_sandbox("bwrap")
-    except SandboxUnavailable as e:
-        pytest.skip(f"bwrap sandbox unavailable: {e}")
-    probe = sb.run("print(6 * 7)", "", Limits(timeout_s=20))
-    if probe.status != "ok" or probe.stdout.strip() != "42":
-        sb.close()
-        pytest.skip(f"bwrap sandbox does not work here: {probe.status} {probe.stderr[-300:]}")
+    sb = bwrap_or_skip()
     made: dict[tuple, Judge] = {}
 
     def get(**kw) -> Judge:

