@@ -123,7 +123,7 @@ def kl_alpha_chunked(
     lm_head_weight_VH: torch.Tensor,
     mask_BT: torch.Tensor,
     alpha: float,
-    chunk: int = 1024,
+    chunk: int = 128,
     teacher_lm_head_weight_VH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`kl_alpha` of ``hidden @ weight.T`` logits, formed ``chunk`` masked positions at a time
