@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import gymnasium as gym
 import pytest
+from envcheck import check_env_cleanly
 from sandbox_probe import bwrap_or_skip
-from gymnasium.utils.env_checker import check_env
 
 import agentopd.envs  # noqa: F401  (registers the environments)
 from agentopd.envs import data as envdata
@@ -66,13 +65,7 @@ def fenced(code: str) -> str:
 def test_check_env(bwrap_ok, env_id, kw):
     env = gym.make(env_id, backend="bwrap", timeout_s=2.0, **kw)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            check_env(env.unwrapped)
-        assert not [str(w.message) for w in caught]
-        obs, info = env.reset(seed=0)
-        assert isinstance(obs, str) and obs and env.observation_space.contains(obs)
-        assert info["turn"] == 0 and isinstance(info["problem_id"], str)
+        check_env_cleanly(env)
     finally:
         env.close()
 

@@ -11,14 +11,13 @@ import re
 import subprocess
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
 import gymnasium as gym
 import pytest
-from gymnasium.utils.env_checker import check_env
+from envcheck import check_env_cleanly
 
 import agentopd.envs  # noqa: F401  (registers the environments)
 from agentopd.envs.data import DataError, load_math_problems
@@ -233,15 +232,7 @@ def test_judge_many_keeps_order(judge):
 # ------------------------------------------------------------------------ the environment
 
 
-def _check(env):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_env(env.unwrapped)
-    assert not [str(w.message) for w in caught]
-    obs, info = env.reset(seed=0)
-    assert isinstance(obs, str) and obs and env.observation_space.contains(obs)
-    assert info["turn"] == 0 and isinstance(info["problem_id"], str)
-    return obs, info
+_check = check_env_cleanly
 
 
 def test_check_env_generated(judge):
