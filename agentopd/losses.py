@@ -105,6 +105,19 @@ def kl_alpha(
     return _masked_mean(alpha_divergence(student_logp_BTV, teacher_logp_BTV, alpha), mask_BT)
 
 
+def _head_logp(hidden_NH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(hidden @ weight.T)`` in float32, also under autocast."""
+    with torch.autocast(hidden_NH.device.type, enabled=False):
+        return F.log_softmax(_float(hidden_NH) @ _float(weight_VH).T, dim=-1)
+
+
+def _over_chunks(fn: Callable, chunk: int, rows: tuple[torch.Tensor, ...], *shared) -> list:
+    """``fn(*(x[s:s + chunk] for x in rows), *shared)`` for each chunk of rows. Under grad each call
+    is checkpointed: its intermediates (a chunk of logits) are recomputed in backward, not kept."""
+    run = (lambda *a: checkpoint(fn, *a, use_reentrant=False)) if torch.is_grad_enabled() else fn
+    return [run(*(x[s : s + chunk] for x in rows), *shared) for s in range(0, rows[0].shape[0], chunk)]
+
+
 def _chunk_divergence_sum(
     student_hidden_NH: torch.Tensor,
     teacher_hidden_NH: torch.Tensor,
@@ -112,8 +125,8 @@ def _chunk_divergence_sum(
     teacher_weight_VH: torch.Tensor,
     alpha: float,
 ) -> torch.Tensor:
-    student_logp_NV = F.log_softmax(_float(student_hidden_NH) @ _float(weight_VH).T, dim=-1)
-    teacher_logp_NV = F.log_softmax(_float(teacher_hidden_NH) @ _float(teacher_weight_VH).T, dim=-1)
+    student_logp_NV = _head_logp(student_hidden_NH, weight_VH)
+    teacher_logp_NV = _head_logp(teacher_hidden_NH, teacher_weight_VH)
     return alpha_divergence(student_logp_NV, teacher_logp_NV, alpha).sum()
 
 
@@ -130,7 +143,8 @@ def kl_alpha_chunked(
     (float32) and recomputed in backward (``torch.utils.checkpoint``), so no ``[B, T, V]`` tensor
     is ever held. Gradients reach ``student_hidden_BTH`` and ``lm_head_weight_VH``; the teacher
     side (hidden states, and ``teacher_lm_head_weight_VH``, default: the student's weight) is
-    detached. ``mask_BT`` is read as boolean."""
+    detached. The teacher's hidden size may differ from the student's (it only meets its own
+    weight). ``mask_BT`` is read as boolean."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     mask_BT = mask_BT.bool()
@@ -138,23 +152,32 @@ def kl_alpha_chunked(
     teacher_hidden_NH = teacher_hidden_BTH.detach()[mask_BT]
     if teacher_lm_head_weight_VH is None:
         teacher_lm_head_weight_VH = lm_head_weight_VH
-    teacher_weight_VH = teacher_lm_head_weight_VH.detach()
-    num_positions = student_hidden_NH.shape[0]
-    sums = [
-        checkpoint(
-            _chunk_divergence_sum,
-            student_hidden_NH[start : start + chunk],
-            teacher_hidden_NH[start : start + chunk],
-            lm_head_weight_VH,
-            teacher_weight_VH,
-            alpha,
-            use_reentrant=False,
-        )
-        for start in range(0, num_positions, chunk)
-    ]
+    sums = _over_chunks(_chunk_divergence_sum, chunk, (student_hidden_NH, teacher_hidden_NH),
+                        lm_head_weight_VH, teacher_lm_head_weight_VH.detach(), alpha)
     if not sums:  # nothing masked in: a zero that still backpropagates
         return _float(student_hidden_NH).sum() * 0.0
-    return torch.stack(sums).sum() / num_positions
+    return torch.stack(sums).sum() / student_hidden_NH.shape[0]
+
+
+def _chunk_logprobs(hidden_NH: torch.Tensor, target_N: torch.Tensor, weight_VH: torch.Tensor, topk: int):
+    logp_NV = _head_logp(hidden_NH, weight_VH)
+    lp_N = logp_NV.gather(-1, target_N[:, None]).squeeze(-1)
+    return (lp_N, *logp_NV.topk(topk, dim=-1)) if topk else (lp_N,)
+
+
+def token_logprobs_chunked(
+    hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_N: torch.Tensor, chunk: int = 128, topk: int = 0
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Float32 log-probs of ``target_N`` under ``log_softmax(hidden_NH @ weight_VH.T)``, the logits
+    formed ``chunk`` positions at a time and, under grad, recomputed in backward: no ``[N, V]``
+    tensor is held. Returns ``(lp_N, top)``; ``top`` is None, or with ``topk`` the ``(values_NK,
+    indices_NK)`` of the K largest log-probs at each position (for use without grad)."""
+    parts = _over_chunks(_chunk_logprobs, chunk, (hidden_NH, target_N), weight_VH, topk)
+    if not parts:
+        empty = hidden_NH.new_zeros(0, dtype=torch.float32)
+        return empty, ((empty.new_zeros(0, topk), target_N.new_zeros(0, topk)) if topk else None)
+    lp_N, *top = (torch.cat(x) for x in zip(*parts))
+    return lp_N, (tuple(top) if topk else None)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Losses against numbers worked out by hand; top-K and chunked KL against the full KL; and a
-memory check (tensor sizes, not timings) for the chunked KL."""
+"""Losses against numbers worked out by hand; top-K and chunked KL against the full KL; chunked
+token log-probs against gathered full ones; and memory checks (tensor sizes, not timings) for the
+chunked KL and log-probs."""
 from __future__ import annotations
 
 import math
@@ -20,6 +21,7 @@ from agentopd.losses import (
     kl_alpha_topk,
     policy_loss,
     ref_kl_k3,
+    token_logprobs_chunked,
 )
 
 
@@ -290,6 +292,37 @@ def test_chunked_never_holds_a_full_BTV_tensor(monkeypatch):
     monkeypatch.setattr(losses, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
     saved, _ = memory_footprint(chunked, inputs)
     assert saved >= full
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_chunked_token_logprobs_equal_gathered_full_logprobs(chunk):
+    hidden, _, weight, _ = chunked_setup()
+    hidden_NH = hidden.reshape(-1, 4)
+    target_N = torch.arange(hidden_NH.shape[0]) * 5 % 64
+    logp_NV = F.log_softmax(hidden_NH @ weight.T, -1)
+    ref_N = logp_NV.gather(-1, target_N[:, None]).squeeze(-1)
+    ref_grads = torch.autograd.grad(ref_N.sum(), [hidden, weight])
+    got_N, top = token_logprobs_chunked(hidden_NH, weight, target_N, chunk=chunk)
+    assert top is None
+    torch.testing.assert_close(got_N, ref_N)
+    for g, r in zip(torch.autograd.grad(got_N.sum(), [hidden, weight]), ref_grads):
+        torch.testing.assert_close(g, r)
+    with torch.no_grad():
+        _, (values_NK, indices_NK) = token_logprobs_chunked(hidden_NH, weight, target_N, chunk=chunk, topk=3)
+    ref_values, ref_indices = logp_NV.topk(3, -1)
+    torch.testing.assert_close(values_NK, ref_values)
+    assert torch.equal(indices_NK, ref_indices)
+    empty_N, _ = token_logprobs_chunked(hidden_NH[:0], weight, target_N[:0], chunk=chunk)
+    assert empty_N.shape == (0,)
+
+
+def test_chunked_token_logprobs_never_hold_an_NV_tensor():
+    B, T, H, V = 2, 6, 4, 64
+    hidden, _, weight, _ = chunked_setup(B=B, T=T, H=H, V=V)
+    target_N = torch.arange(B * T) % V
+    saved, produced = memory_footprint(
+        lambda: token_logprobs_chunked(hidden.reshape(-1, H), weight, target_N, chunk=3)[0].sum(), (hidden, weight))
+    assert saved < B * T * V and produced <= max(3 * V, V * H)
 
 
 def test_registry():
