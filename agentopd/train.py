@@ -6,15 +6,30 @@ of truth from sampling to the update.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import math
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from agentopd import losses
+from agentopd.engine import (
+    HFEngine,
+    apply_chat,
+    gather_logprobs,
+    hidden_logprobs,
+    lm_head_weight,
+    response_hidden,
+    response_logits,
+    sequence_logprobs,
+)
 
 
 @dataclass
@@ -50,6 +65,9 @@ class SamplingConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
+    generate_chunk: int = 0
+    """Prompts per engine call; each chunk's samples are judged on a worker thread while the next
+    chunk generates. 0: all prompts in one call."""
 
 
 @dataclass
@@ -98,6 +116,11 @@ class OptimConfig:
     """Sequences per forward/backward; gradients accumulate over the batch."""
     epochs_per_batch: int = 1
     """Optimizer steps per batch of rollouts (the importance ratio corrects the later ones)."""
+    logits_chunk: int = 128
+    """Response positions per chunk of logits: the update and the scoring form the logits from the
+    final hidden states this many positions at a time (recomputed in backward), never as a whole
+    [B, R, V] tensor, for the policy log-probs and full-vocabulary distillation. 0: full [B, R, V]
+    logits per micro-batch (more memory). Top-K distillation always uses full logits."""
 
 
 @dataclass
@@ -113,6 +136,12 @@ class RunConfig:
     progress: bool = True
     tensorboard: bool = False
     """Also write the metrics as TensorBoard scalars under ``out/tb`` (needs ``tensorboard``)."""
+    wandb: str = ""
+    """Also log the metrics to this Weights & Biases project (needs ``wandb``); empty: off."""
+    precision: str | bool = "auto"
+    """Forward passes of the scoring and the update under bf16 autocast: 'bf16', 'off' (YAML reads
+    a bare off as false: also accepted), or 'auto' (bf16 on CUDA, off elsewhere). Log-softmax and
+    loss math stay float32."""
 
 
 @dataclass
@@ -198,6 +227,87 @@ def _check_algo(cfg: TrainConfig) -> None:
         raise ConfigError(f"algo.advantage_kwargs: {cfg.algo.advantage} does not take {bad}; it takes {takes}")
     if cfg.teacher.mode not in ("ema", "frozen", "live", "trust_region"):
         raise ConfigError(f"teacher.mode: {cfg.teacher.mode!r}; choices: ema, frozen, live, trust_region")
+    _precision(cfg)
+
+
+def _precision(cfg: TrainConfig) -> str:
+    precision = "off" if cfg.run.precision is False else cfg.run.precision
+    if precision not in ("auto", "bf16", "off"):
+        from agentopd.config import ConfigError
+
+        raise ConfigError(f"run.precision: {cfg.run.precision!r}; choices: auto, bf16, off")
+    return precision
+
+
+def _autocast(precision: str, device: torch.device):
+    """A factory of the forward passes' context: bf16 autocast under 'bf16', and under 'auto' on CUDA."""
+    on = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def _needs(module: str, option: str, package: str):
+    """``module`` imported, or a ConfigError that names the option and how to install the package."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        from agentopd.config import ConfigError
+
+        raise ConfigError(f"{option} needs the {package} package: pip install {package}") from None
+
+
+def _metric_sinks(cfg: TrainConfig) -> list:
+    """``(log(row), close())`` for each place besides metrics.jsonl that the metrics rows go to."""
+    sinks = []
+    if cfg.run.tensorboard:
+        tb = _needs("torch.utils.tensorboard", "run.tensorboard", "tensorboard").SummaryWriter(
+            os.path.join(cfg.run.out, "tb"))
+
+        def log_tb(row):
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    tb.add_scalar(k, v, row["step"])
+        sinks.append((log_tb, tb.close))
+    if cfg.run.wandb:
+        wandb = _needs("wandb", "run.wandb", "wandb")
+        run = wandb.init(project=cfg.run.wandb, config=dataclasses.asdict(cfg), dir=cfg.run.out)
+        sinks.append((lambda row: run.log(row, step=row["step"]), run.finish))
+    return sinks
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
+
+
+def _teacher_hidden(teacher, prompt_ids: list[list[int]], response_ids: list[list[int]]):
+    """The teacher's final hidden states ``[B, R, H']`` and head weight ``[V, H']`` whose product is
+    its logits. trust_region: both models side by side, ``(1 - mix) * frozen + mix * live`` logits
+    as one product ``[(1 - mix) h_frozen, mix h_live] @ [W_frozen, W_live].T``."""
+    if teacher.mode != "trust_region":
+        model = teacher.model_for_scoring()
+        return response_hidden(model, prompt_ids, response_ids), lm_head_weight(model)
+    parts = [(c * response_hidden(m, prompt_ids, response_ids), lm_head_weight(m))
+             for m, c in ((teacher.copy, 1 - teacher.mix), (teacher.student, teacher.mix))]
+    return torch.cat([h for h, _ in parts], -1), torch.cat([w for _, w in parts], -1)
+
+
+def _distill_kl(algo: AlgoConfig, teacher, student_BRX, head_VH, chunk: int, prompt_ids, response_ids,
+                mask_BR, amp) -> torch.Tensor:
+    """Token-mean KL_alpha(student, teacher) on these rows. ``chunk`` > 0: ``student_BRX`` is the
+    student's final hidden states ``[B, R, H]`` and both sides' logits are formed chunk by chunk
+    (``kl_alpha_chunked``); 0: it is the student's logits ``[B, R, V]`` (top-K or full KL)."""
+    with torch.no_grad(), amp():
+        if chunk:
+            teacher_BRH, teacher_head_VH = _teacher_hidden(teacher, prompt_ids, response_ids)
+        else:
+            teacher_BRV = response_logits(teacher.model_for_scoring(), prompt_ids, response_ids)
+    if chunk:
+        return losses.kl_alpha_chunked(student_BRX, teacher_BRH.to(student_BRX.device), head_VH, mask_BR,
+                                       algo.distill_alpha, chunk, teacher_head_VH.to(student_BRX.device))
+    teacher_BRV = teacher_BRV.to(student_BRX.device)
+    if algo.distill_topk:
+        return losses.kl_alpha_topk(student_BRX, teacher_BRV, mask_BR, algo.distill_alpha, algo.distill_topk)
+    return losses.kl_alpha(student_BRX, teacher_BRV, mask_BR, algo.distill_alpha)
 
 
 def _save(path: str, step: int, model, opt, teacher, data_pos: int):
@@ -226,18 +336,29 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     around the model by ``engine(model, tokenizer, device)`` when it is a callable class)."""
     from tqdm import tqdm
 
-    from agentopd import advantages, losses
-    from agentopd.engine import HFEngine, apply_chat, gather_logprobs, response_logits, sequence_logprobs
+    from agentopd import advantages
     from agentopd.judges import reward_stats
-    from agentopd.teacher import Teacher, TeacherTemplate, build_teacher_context, pick_demonstration
+    from agentopd.teacher import (
+        Teacher,
+        TeacherTemplate,
+        build_teacher_context,
+        pick_demonstration,
+    )
 
     _check_algo(cfg)
+    os.makedirs(cfg.run.out, exist_ok=True)
+    sinks = _metric_sinks(cfg)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.run.device == "auto" else cfg.run.device))
     model, tok = _load_model(cfg, device)
+    amp = _autocast(_precision(cfg), device)
+    head_VH = lm_head_weight(model)
+    # hidden states and logits formed chunk by chunk in the update, unless top-K distillation needs logits
+    chunk = (cfg.optim.logits_chunk if head_VH is not None and not (cfg.algo.distill_weight and cfg.algo.distill_topk)
+             else 0)
     problems, default_judge = _problems_and_judge(cfg)
     if judge is None:
         judge = default_judge
@@ -262,38 +383,39 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         start, data_pos = state["step"], state["data_pos"]
-    os.makedirs(cfg.run.out, exist_ok=True)
-    tb = None
-    if cfg.run.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            from agentopd.config import ConfigError
-
-            raise ConfigError("run.tensorboard needs the tensorboard package: pip install tensorboard") from None
-        tb = SummaryWriter(os.path.join(cfg.run.out, "tb"))
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")  # judging overlaps generation
     rows = []
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train",
                disable=not cfg.run.progress)
     for step in bar:
-        t = {"generate": 0.0, "execute": 0.0, "score": 0.0, "update": 0.0}
+        t = {"generate": 0.0, "execute": 0.0, "execute_total": 0.0, "score": 0.0, "update": 0.0}
         P, G = cfg.sampling.prompts_per_step, cfg.sampling.group_size
         batch = [problems[order[(data_pos + i) % len(order)]] for i in range(P)]
         data_pos += P
 
-        # 1. rollouts: G samples per prompt, token ids and sampling log-probs
-        t0 = time.perf_counter()
+        # 1. rollouts: G samples per prompt, token ids and sampling log-probs, chunk by chunk of prompts;
+        # 2. judges: each chunk is judged on the worker thread while the next one generates (one failed
+        # or crashed sample never aborts the step). execute: the judging not hidden behind generation.
         prompt_ids = [apply_chat(tok, [{"role": "user", "content": p.prompt}]) for p in batch]
         model.eval()
-        gens = engine.generate(prompt_ids, n=G, max_new_tokens=cfg.sampling.max_new_tokens,
-                               temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                               seed=cfg.run.seed * 1_000_003 + step)
+        gens, pending = [], []
+        per_call = cfg.sampling.generate_chunk or P
+        for c, s in enumerate(range(0, P, per_call)):
+            t0 = time.perf_counter()
+            got = engine.generate(prompt_ids[s:s + per_call], n=G, max_new_tokens=cfg.sampling.max_new_tokens,
+                                  temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                                  seed=cfg.run.seed * 1_000_003 + step + c * 1_000_000_007)
+            t["generate"] += time.perf_counter() - t0
+            gens += got
+            pending.append(pool.submit(_timed, judge.judge_many,
+                                       [(batch[s + i], g.text) for i, gs in enumerate(got) for g in gs]))
         samples = [(i, g) for i, gs in enumerate(gens) for g in gs]
-        t["generate"] = time.perf_counter() - t0
-
-        # 2. judges (one failed or crashed sample never aborts the step)
         t0 = time.perf_counter()
-        judgements = judge.judge_many([(batch[i], g.text) for i, g in samples])
+        judgements = []
+        for future in pending:
+            got, seconds = future.result()
+            judgements += got
+            t["execute_total"] += seconds
         t["execute"] = time.perf_counter() - t0
         rewards_B = torch.tensor([math.nan if j.verdict.status == "judge_error" else j.verdict.score
                                   for j in judgements])
@@ -313,15 +435,19 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         if not needs_teacher:  # grpo / rloo: no self-teacher forward at all
             teacher_prompts = [None] * len(samples)
         teacher_mask_B = torch.tensor([tp is not None for tp in teacher_prompts], dtype=torch.float32)
-        with torch.no_grad():
-            student_lp = sequence_logprobs(model, [prompt_ids[i] for i, _ in samples], resp_ids)[0]
+        def score(scorer, prompts, responses):
+            return sequence_logprobs(scorer, prompts, responses, chunk=cfg.optim.logits_chunk)[0]
+
+        with torch.no_grad(), amp():
+            student_lp = score(model, [prompt_ids[i] for i, _ in samples], resp_ids)
             scored = [b for b, tp in enumerate(teacher_prompts) if tp is not None]
             teacher_lp = [torch.zeros(len(r)) for r in resp_ids]
             if scored:
-                got = teacher.score([teacher_prompts[b] for b in scored], [resp_ids[b] for b in scored])[0]
+                got = score(teacher.model_for_scoring(), [teacher_prompts[b] for b in scored],
+                            [resp_ids[b] for b in scored])
                 for b, lp in zip(scored, got):
                     teacher_lp[b] = lp.float().cpu()
-            ref_lp = ref.score([prompt_ids[i] for i, _ in samples], resp_ids)[0] if ref else None
+            ref_lp = score(ref.model_for_scoring(), [prompt_ids[i] for i, _ in samples], resp_ids) if ref else None
         ls_BT, mask_BT = pad_BT([lp.float().cpu() for lp in student_lp])
         lt_BT, _ = pad_BT(teacher_lp)
         group_B = torch.tensor([i for i, _ in samples])
@@ -347,8 +473,11 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
                 if mask_BT[idx].sum() == 0:
                     continue
                 R_ = [resp_ids[b] for b in idx]
-                logits_BRV = response_logits(model, [prompt_ids[samples[b][0]] for b in idx], R_)
-                lp_BT = _stack(gather_logprobs(logits_BRV, R_), ls_BT.shape[1])
+                with amp():  # the student's final hidden states [B, R, H] (chunk > 0) or its logits [B, R, V]
+                    out_BRX = (response_hidden if chunk else response_logits)(
+                        model, [prompt_ids[samples[b][0]] for b in idx], R_)
+                lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk)[0] if chunk else
+                               gather_logprobs(out_BRX, R_), ls_BT.shape[1])
                 m_BT = mask_BT[idx].to(lp_BT.device)
                 loss, met = losses.policy_loss(lp_BT, ls_BT[idx].to(lp_BT.device), adv_BT[idx].to(lp_BT.device),
                                                m_BT, cfg.algo.clip_low, cfg.algo.clip_high)
@@ -359,15 +488,10 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
                     loss = loss + cfg.algo.ref_kl * weight * losses.ref_kl_k3(lp_BT, ref_BT[idx].to(lp_BT.device), m_BT)
                 rows_t = [k for k, b in enumerate(idx) if teacher_prompts[b] is not None and len(R_[k])]
                 if cfg.algo.distill_weight and rows_t:
-                    with torch.no_grad():
-                        t_BRV = response_logits(teacher.model_for_scoring(), [teacher_prompts[idx[k]] for k in rows_t],
-                                                [R_[k] for k in rows_t])
-                    Rm = t_BRV.shape[1]
-                    s_BRV = logits_BRV[rows_t, :Rm]
+                    Rm = max(len(R_[k]) for k in rows_t)
                     dm_BR = m_BT[rows_t, :Rm]
-                    kl = (losses.kl_alpha_topk(s_BRV, t_BRV.to(s_BRV.device), dm_BR, cfg.algo.distill_alpha,
-                                               cfg.algo.distill_topk) if cfg.algo.distill_topk else
-                          losses.kl_alpha(s_BRV, t_BRV.to(s_BRV.device), dm_BR, cfg.algo.distill_alpha))
+                    kl = _distill_kl(cfg.algo, teacher, out_BRX[rows_t, :Rm], head_VH, chunk,
+                                     [teacher_prompts[idx[k]] for k in rows_t], [R_[k] for k in rows_t], dm_BR, amp)
                     dloss = cfg.algo.distill_weight * kl * (dm_BR.sum() / n_teacher_tok)
                     loss = loss + dloss
                     distill_sum += float(dloss.detach())
@@ -393,15 +517,14 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         rows.append(row)
         with open(os.path.join(cfg.run.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        if tb:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    tb.add_scalar(k, v, step + 1)
+        for log, _ in sinks:
+            log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.run.steps:
             _save(ckpt_dir, step + 1, model, opt, teacher, data_pos)
-    if tb:
-        tb.close()
+    pool.shutdown()
+    for _, close in sinks:
+        close()
     if hasattr(judge, "close"):
         judge.close()
     return rows
