@@ -3,7 +3,9 @@
 Rows are normalised to :class:`agentopd.types.Problem`. Recognised row shapes:
 
 - native:  ``{"id", "prompt", "tests": [assert strings] | [{"input", "output"}], "setup"?,
-  "prefix"?, "solution"?}``
+  "prefix"?, "solution"?, "public_tests"?}`` (``public_tests``, in the style of ``tests``: the
+  tests whose failures are shown as feedback; ``tests`` are then the held-out ones, see
+  :func:`split_tests`)
 - HumanEval: ``{"task_id", "prompt", "test", "entry_point", "canonical_solution"?}``
 - MBPP:    ``{"text"|"content", "test_list", "code"|"canonical_solution"?, "test_setup_code"?}``
 - CodeContests/SandboxFusion: ``{"content", "test": [{"input": {"stdin"}, "output": {"stdout"}}]}``
@@ -11,6 +13,8 @@ Rows are normalised to :class:`agentopd.types.Problem`. Recognised row shapes:
 """
 from __future__ import annotations
 
+import ast
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -90,10 +94,17 @@ def code_problem(row: dict, where: str = "row") -> Problem:
     if not tests:
         raise DataError(f"{where}: no tests ('tests', 'test', 'test_list' or 'input_output'); keys: {sorted(row)}")
     pid = str(row.get("id", row.get("task_id", where)))
+    public = row.get("public_tests")
     if isinstance(tests, list) and all(isinstance(t, str) for t in tests):
         payload = {"style": "call", "tests": tests, "setup": row.get("setup", "")}
+        if public:
+            if not (isinstance(public, list) and all(isinstance(t, str) for t in public)):
+                raise DataError(f"{where}: 'public_tests' must be assert strings like 'tests'")
+            payload["public_tests"] = list(public)
     else:
         payload = {"style": "io", "tests": _io_tests(tests, where)}
+        if public:
+            payload["public_tests"] = _io_tests(public, where)
     if row.get("prefix"):
         payload["prefix"] = row["prefix"]
     return Problem(pid, prompt, "code", payload, {"solution": row.get("solution", "")})
@@ -163,3 +174,72 @@ def load_problems(source) -> list[Problem]:
         row = dict(row)
         out.append(math_problem(row, where) if _is_math_row(row) else code_problem(row, where))
     return out
+
+
+# ------------------------------------------------------------------ public / held-out tests
+
+
+def _check_split(source: str, n_public: int) -> tuple[str, str] | None:
+    """Split a HumanEval-style test (a ``def check(candidate)`` whose body holds the asserts) into
+    a public and a held-out version of the same source; ``None`` when it has too few tests.
+
+    Every top-level statement of ``check`` that contains an ``assert`` (an assert, or a loop of
+    asserts) is one test; the others (imports, assignments) are setup and kept in both versions,
+    in their original order."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    check = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"), None)
+    if check is None:
+        return None
+    is_test = [any(isinstance(x, ast.Assert) for x in ast.walk(st)) for st in check.body]
+    tests = [i for i, t in enumerate(is_test) if t]
+    if len(tests) <= n_public:
+        return None
+    lines = source.splitlines(keepends=True)
+    head = "".join(lines[:check.body[0].lineno - 1])
+    tail = "".join(lines[check.body[-1].end_lineno:])
+    stmts = ["".join(lines[st.lineno - 1:st.end_lineno]) for st in check.body]
+    public = set(tests[:n_public])
+
+    def version(keep) -> str:
+        return head + "".join(s for i, s in enumerate(stmts) if not is_test[i] or keep(i)) + tail
+
+    return version(lambda i: i in public), version(lambda i: i not in public)
+
+
+def _with_tests(problem: Problem, tests: list) -> Problem:
+    return dataclasses.replace(problem, payload={**problem.payload, "tests": list(tests)})
+
+
+def split_tests(problem: Problem, n_public: int = 1) -> tuple[Problem, Problem]:
+    """``(public, held_out)``: two views of a code problem that differ only in their tests. RLEF
+    shows the public tests' critique between turns and decides success on the held-out ones.
+
+    - A problem that names its ``public_tests`` (the dataset separates them) keeps its split: the
+      public view runs ``public_tests``, the held-out view its ``tests``.
+    - A HumanEval-style test (one ``check(candidate)`` function): the first ``n_public`` top-level
+      statements of ``check`` that assert are public, the rest held out; setup statements
+      (imports, assignments) stay in both.
+    - A list of tests (asserts or stdin/stdout pairs): the first ``n_public`` are public, the
+      rest held out.
+    - Too few tests to split (at most ``n_public``), and math problems: both views are the problem
+      itself (success is then decided on all tests).
+    """
+    p = problem.payload
+    if problem.kind != "code" or "tests" not in p:
+        return problem, problem
+    if p.get("public_tests"):
+        rest = {k: v for k, v in p.items() if k != "public_tests"}
+        held = dataclasses.replace(problem, payload=rest)
+        return _with_tests(held, p["public_tests"]), held
+    tests = p["tests"]
+    if p.get("style") == "call" and len(tests) == 1:
+        halves = _check_split(tests[0], n_public)
+        if halves is None:
+            return problem, problem
+        return _with_tests(problem, [halves[0]]), _with_tests(problem, [halves[1]])
+    if len(tests) <= n_public:
+        return problem, problem
+    return _with_tests(problem, tests[:n_public]), _with_tests(problem, tests[n_public:])
