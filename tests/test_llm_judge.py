@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import math
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -22,109 +20,8 @@ from agentopd.types import Judgement, Problem, Verdict  # noqa: E402
 TIMEOUT = 0.5
 
 
-class FakeChatServer:
-    """A chat-completions endpoint on 127.0.0.1. ``script`` is a list of actions, one per request
-    (the last repeats):
-
-    - ``("reply", content)``          200 with ``content`` as the assistant message
-    - ``("slow", seconds, content)``  the same after sleeping ``seconds``
-    - ``("status", code)``            an HTTP error with a JSON error body
-    """
-
-    def __init__(self, script):
-        self.script = list(script)
-        self.requests: list[dict] = []  # {"path", "headers" (lower-case names), "body"}
-        self.lock = threading.Lock()
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.stop = threading.Event()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with server.lock:
-                    n = len(server.requests)
-                    server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                                            "body": json.loads(body or b"{}")})
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                    action = server.script[min(n, len(server.script) - 1)]
-                try:
-                    self._act(action)
-                except OSError:  # the client gave up (timeout) and closed the connection
-                    pass
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
-
-            def _send(self, code, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _act(self, action):
-                kind = action[0]
-                if kind == "slow":
-                    server.stop.wait(action[1])
-                    action = ("reply", action[2])
-                    kind = "reply"
-                if kind == "reply":
-                    self._send(200, {
-                        "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": "fake",
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": action[1]}}],
-                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-                elif kind == "status":
-                    self._send(action[1], {"error": {"message": "scripted failure", "type": "server_error"}})
-                else:
-                    raise AssertionError(f"unknown action {action}")
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch):
-    """Loopback requests must not go through a proxy from the environment."""
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
 @pytest.fixture
-def serve():
-    """``serve(script)``: a FakeChatServer, closed when the test ends."""
-    made = []
-
-    def make(script):
-        s = FakeChatServer(script)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
-
-
-@pytest.fixture
-def judges():
+def judges(no_proxy):
     """``judges(server, **kw)``: LLMJudges with small timeouts and backoff, closed at the end."""
     made = []
 
@@ -141,8 +38,8 @@ def judges():
         j.close()
 
 
-def reply(score, critique="fine") -> tuple:
-    return ("reply", json.dumps({"score": score, "critique": critique}))
+def reply(score, critique="fine") -> str:
+    return json.dumps({"score": score, "critique": critique})
 
 
 PROBLEM = Problem("q1", "Explain why the sky is blue.", "math", {"answer": "Rayleigh scattering SECRET-REF-91"})
@@ -157,7 +54,7 @@ def user_text(req) -> str:
 
 def test_success_ok_and_wrong_answer_by_threshold(serve, judges):
     s = serve([reply(0.8, "mostly right"), reply(0.5, "half of it"),
-               ("reply", 'Sure! ```json\n{"score": 1, "critique": ""}\n``` done')])
+               'Sure! ```json\n{"score": 1, "critique": ""}\n``` done'])
     j = judges(s, pass_threshold=0.7)
     a = j.judge(PROBLEM, "Because of scattering.")
     assert a.verdict.status == "ok" and a.verdict.score == pytest.approx(0.8) and a.verdict.passed == 1
@@ -231,7 +128,7 @@ def test_http_errors_every_time_are_a_judge_error(serve, judges):
 ], ids=["prose", "not-json", "above-1", "below-0", "string", "bool", "missing", "critique-list", "nan",
         "empty"])
 def test_malformed_replies_are_retried_then_a_judge_error(serve, judges, content):
-    s = serve([("reply", content)])
+    s = serve([content])
     out = judges(s, max_retries=2).judge(PROBLEM, "x")
     assert out.verdict.status == "judge_error" and math.isnan(out.verdict.score)
     assert "MalformedReply" in out.verdict.details[0].error
@@ -239,7 +136,7 @@ def test_malformed_replies_are_retried_then_a_judge_error(serve, judges, content
 
 
 def test_malformed_then_valid_succeeds(serve, judges):
-    s = serve([("reply", "no json here"), reply(2), reply(0.25, "weak")])
+    s = serve(["no json here", reply(2), reply(0.25, "weak")])
     out = judges(s, max_retries=3).judge(PROBLEM, "x")
     assert out.verdict.status == "wrong_answer" and out.verdict.score == 0.25 and out.critique == "weak"
     assert len(s.requests) == 3

@@ -1,0 +1,82 @@
+"""Choosing an engine by name, and sampling from any engine at the message or text level.
+
+Engines (all return ``list[list[Generation]]``, ``result[prompt][sample]``):
+
+- ``hf``: :class:`agentopd.engine.HFEngine`, a transformers model sampled in this process (token
+  ids and exact sampling log-probs). ``model``: ``"tiny"`` or a checkpoint dir / hub id.
+- ``openai``: :class:`agentopd.openai_engine.OpenAIEngine`, any OpenAI-compatible server (vLLM,
+  llama.cpp, a hosted API); extra ``agentopd[llm]``.
+- ``vllm``: :class:`agentopd.vllm_engine.VLLMEngine`, offline ``vllm.LLM`` generation with
+  per-token log-probs and weight sync from a learner; extra ``agentopd[vllm]``.
+
+Token engines (``hf``, ``vllm``) work on token ids and reach messages through their tokenizer's
+chat template; a server engine works on messages or text. :func:`sample_chat` and
+:func:`sample_text` hide the difference. Nothing here imports torch until an engine needs it.
+"""
+from __future__ import annotations
+
+ENGINES = ("hf", "openai", "vllm")
+
+
+class EngineError(RuntimeError):
+    """Sampling failed for good (e.g. a server still failing after its retries)."""
+
+
+def make_engine(spec, **kwargs):
+    """An engine from a name (``"hf"``, ``"openai"``, ``"vllm"``) with keyword arguments, or a
+    dict ``{"name": ..., **kwargs}``. A missing optional package is an ImportError naming the extra
+    to install."""
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        return make_engine(spec.pop("name", None), **{**spec, **kwargs})
+    if spec == "hf":
+        return hf_engine(**kwargs)
+    if spec == "openai":
+        from agentopd.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(**kwargs)
+    if spec == "vllm":
+        from agentopd.vllm_engine import VLLMEngine
+
+        return VLLMEngine(**kwargs)
+    raise ValueError(f"unknown engine {spec!r}; choose from {', '.join(ENGINES)}")
+
+
+def hf_engine(model: str = "tiny", device: str = "auto", batch_size: int = 32, seed: int = 0):
+    """An :class:`~agentopd.engine.HFEngine` around ``model``: ``"tiny"`` (built from a config,
+    no download) or a checkpoint dir / hub id loaded with transformers."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise ImportError("the hf engine needs torch and transformers: pip install 'agentopd[train]'") from None
+    from agentopd.engine import HFEngine
+
+    if model == "tiny":
+        from agentopd.tiny import build_tiny
+
+        lm, tok = build_tiny(seed=seed)
+    else:
+        lm = transformers.AutoModelForCausalLM.from_pretrained(model)
+        tok = transformers.AutoTokenizer.from_pretrained(model)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return HFEngine(lm.eval(), tok, device=device, batch_size=batch_size)
+
+
+def sample_chat(engine, conversations: list[list[dict]], **kw):
+    """``n`` answers to each conversation (a list of ``{"role", "content"}`` messages). ``kw``: the
+    sampling arguments of ``Engine.generate`` (n, max_new_tokens, temperature, top_p, stop, seed)."""
+    if hasattr(engine, "generate_chat"):
+        return engine.generate_chat(conversations, **kw)
+    from agentopd.engine import apply_chat
+
+    return engine.generate([apply_chat(engine.tokenizer, c) for c in conversations], **kw)
+
+
+def sample_text(engine, prompts: list[str], **kw):
+    """``n`` continuations of each raw text prompt (no chat template: base-model completion, as
+    HumanEval's completions continue the prompt)."""
+    if hasattr(engine, "generate_text"):
+        return engine.generate_text(prompts, **kw)
+    return engine.generate([engine.tokenizer.encode(p) for p in prompts], **kw)

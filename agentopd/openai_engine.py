@@ -1,0 +1,138 @@
+"""The ``openai`` engine: sampling from any OpenAI-compatible server (a vLLM server, a llama.cpp
+server, a hosted API) through the ``openai`` client (extra ``agentopd[llm]``).
+
+``endpoint="chat"`` sends conversations to ``/chat/completions`` (:meth:`generate_chat`);
+``endpoint="completions"`` sends raw text or token ids to ``/completions`` (:meth:`generate_text`,
+:meth:`generate`). Each prompt is one request for ``n`` samples; a server that returns fewer
+choices than asked (llama.cpp ignores ``n``) is asked again for the rest. ``concurrency`` bounds the
+requests in flight. A timeout, a connection error, HTTP 408/409/429 or 5xx, or a reply without
+choices is retried with exponential backoff (``backoff_s``, doubling); other HTTP errors (a bad
+request, a wrong key) fail at once. When the retries run out the call raises
+:class:`~agentopd.engines.EngineError`. The API key is read from the environment variable named by
+``api_key_env``.
+
+A server works on text: ``Generation.text`` is always set; ``logprobs`` (with ``logprobs=True``)
+and ``response_ids`` are filled only when the server returns them (token ids: vLLM's
+``return_tokens_as_token_ids``, passed through ``extra_body``), else they are empty.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from agentopd.engine import Generation
+from agentopd.engines import EngineError
+
+RETRY_STATUS = (408, 409, 429)
+
+
+class OpenAIEngine:
+    def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 endpoint: str = "chat", concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 3,
+                 backoff_s: float = 1.0, logprobs: bool = False, extra_body: dict | None = None):
+        if endpoint not in ("chat", "completions"):
+            raise ValueError(f"openai engine: endpoint must be 'chat' or 'completions', got {endpoint!r}")
+        try:
+            from openai import OpenAI
+        except ImportError:
+            raise ImportError("the openai engine needs the openai client: pip install 'agentopd[llm]'") from None
+        # the client's own retries are off: ours cover replies without choices too, with one backoff
+        self.client = OpenAI(base_url=base_url or None, api_key=os.environ.get(api_key_env) or "EMPTY",
+                             timeout=timeout_s, max_retries=0)
+        self.model, self.endpoint, self.api_key_env = model, endpoint, api_key_env
+        self.concurrency, self.max_retries, self.backoff_s = max(1, concurrency), max_retries, backoff_s
+        self.logprobs, self.extra_body = logprobs, dict(extra_body or {})
+
+    # ------------------------------------------------------------------------------ the API
+
+    def generate_chat(self, conversations: list[list[dict]], n=1, max_new_tokens=256, temperature=1.0,
+                      top_p=1.0, stop=None, seed=None) -> list[list[Generation]]:
+        """``n`` answers to each conversation (``[{"role", "content"}, ...]``)."""
+        self._need("chat", "generate_chat")
+        return self._sample([{"messages": c} for c in conversations], n, max_new_tokens, temperature, top_p,
+                            stop, seed)
+
+    def generate_text(self, prompts: list[str], n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop=None,
+                      seed=None) -> list[list[Generation]]:
+        """``n`` continuations of each raw text prompt."""
+        self._need("completions", "generate_text")
+        return self._sample([{"prompt": p} for p in prompts], n, max_new_tokens, temperature, top_p, stop, seed)
+
+    def generate(self, prompt_ids: list[list[int]], n=1, max_new_tokens=256, temperature=1.0, top_p=1.0,
+                 stop=None, seed=None) -> list[list[Generation]]:
+        """The engine protocol: token-id prompts, sent as token arrays to ``/completions``."""
+        self._need("completions", "generate")
+        return self._sample([{"prompt": list(p)} for p in prompt_ids], n, max_new_tokens, temperature, top_p,
+                            stop, seed)
+
+    def close(self):
+        self.client.close()
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _need(self, endpoint: str, method: str):
+        if self.endpoint != endpoint:
+            raise ValueError(f"openai engine: {method} needs endpoint '{endpoint}', this one uses '{self.endpoint}'")
+
+    def _sample(self, requests, n, max_new_tokens, temperature, top_p, stop, seed):
+        params = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+        if stop:
+            params["stop"] = list(stop)
+        if self.logprobs:
+            params["logprobs"] = True if self.endpoint == "chat" else 1
+        if self.extra_body:
+            params["extra_body"] = self.extra_body
+
+        def one(i):
+            gens, round_ = [], 0
+            while len(gens) < n:  # a server may return fewer choices than asked
+                kw = {**requests[i], **params, "n": n - len(gens)}
+                if seed is not None:
+                    kw["seed"] = seed + i + 1_000_003 * round_
+                choices = self._create(**kw)
+                gens += [self._generation(c) for c in choices[:n - len(gens)]]
+                round_ += 1
+            return gens
+
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(requests)))) as pool:
+            return list(pool.map(one, range(len(requests))))
+
+    def _create(self, **kw):
+        """One request with retries; the reply's choices (never empty)."""
+        import openai
+
+        create = self.client.chat.completions.create if self.endpoint == "chat" else self.client.completions.create
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                reply = create(model=self.model, **kw)
+            except openai.APIStatusError as e:
+                if e.status_code < 500 and e.status_code not in RETRY_STATUS:
+                    hint = f" (is ${self.api_key_env} set?)" if e.status_code in (401, 403) else ""
+                    raise EngineError(f"{self.client.base_url}: HTTP {e.status_code}{hint}: {e}"[:800]) from None
+                last = f"HTTP {e.status_code}: {e}"
+                continue
+            except openai.APIConnectionError as e:  # timeouts included
+                last = f"{type(e).__name__}: {e}"
+                continue
+            if reply.choices:
+                return sorted(reply.choices, key=lambda c: c.index or 0)
+            last = "the reply had no choices"
+        raise EngineError(f"{self.client.base_url}: no answer after {self.max_retries + 1} attempts; last: {last}"[:800])
+
+    def _generation(self, choice) -> Generation:
+        lp = getattr(choice, "logprobs", None)
+        if self.endpoint == "chat":
+            text = choice.message.content or ""
+            tokens = [t.token for t in lp.content] if lp and lp.content else []
+            logprobs = [t.logprob for t in lp.content] if lp and lp.content else []
+        else:
+            text = choice.text or ""
+            tokens = list(lp.tokens or []) if lp else []
+            logprobs = [x for x in (lp.token_logprobs or []) if x is not None] if lp else []
+        ids = [int(t[9:]) for t in tokens] if tokens and all(t.startswith("token_id:") for t in tokens) else []
+        return Generation(response_ids=ids, logprobs=logprobs, text=text,
+                          finish_reason="length" if choice.finish_reason == "length" else "stop")
