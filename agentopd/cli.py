@@ -106,6 +106,39 @@ def cmd_train(a) -> int:
     return 0
 
 
+def _run_config(cls, run, a) -> int:
+    """Load a config (YAML + overrides), run it, print the summary table (stderr) and the report
+    (JSON, stdout); a bad config, dataset, engine or missing extra is one line on stderr."""
+    import os
+
+    from agentopd.config import ConfigError, load
+    from agentopd.engines import EngineError
+    from agentopd.envs.data import DataError
+    from agentopd.sandbox import SandboxUnavailable
+
+    try:
+        cfg = load(cls, a.config, a.overrides)
+        report = run(cfg)
+    except (ConfigError, DataError, SandboxUnavailable, EngineError, ImportError, ValueError) as e:
+        return _fail(str(e))
+    with open(os.path.join(cfg.eval.out, "summary.md"), encoding="utf-8") as f:
+        print(f.read(), file=sys.stderr, end="", flush=True)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_eval_model(a) -> int:
+    from agentopd.evaluate import EvalConfig, eval_model
+
+    return _run_config(EvalConfig, eval_model, a)
+
+
+def cmd_rlef(a) -> int:
+    from agentopd.rlef import RLEFConfig, rlef
+
+    return _run_config(RLEFConfig, rlef, a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentopd", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -130,11 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
     pk.add_argument("--quiet", action="store_true", help="no progress bar")
     pk.set_defaults(func=cmd_eval_passk)
+    em = evsub.add_parser("model", help="sample from an engine, judge, report pass@k (resumable)")
+    em.add_argument("--config", required=True, help="configs/X.yaml")
+    em.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. sampling.n=10")
+    em.set_defaults(func=cmd_eval_model)
 
     t = sub.add_parser("train", help="train a policy (GRPO / self-distillation) from a YAML config")
     t.add_argument("--config", required=True, help="configs/X.yaml")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.steps=2")
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("rlef", help="the in-context RLEF baseline: public-test feedback between turns")
+    r.add_argument("--config", required=True, help="configs/X.yaml")
+    r.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. rlef.turns=3")
+    r.set_defaults(func=cmd_rlef)
 
     j = sub.add_parser("judges", help="list the judges a config can name")
     j.set_defaults(func=cmd_judges)
