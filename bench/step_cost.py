@@ -2,8 +2,9 @@
 
 One run measures, on this machine and against baselines measured in the same run:
 
-1. The train loop (``agentopd.train.train``) on the micro setting (``configs/micro-sdpo.yaml``,
-   the tiny model, generated arithmetic, the math judge): seconds per stage (generate / execute /
+1. The train loop (``agentopd.train.train``) on the micro setting (``SETTING``: the tiny model,
+   generated arithmetic, the math judge; what ``configs/micro-sdpo.yaml`` held when the first
+   figures were taken, pinned here so that edits of that config do not move them): seconds per stage (generate / execute /
    score / update, from the ``time_*`` metrics, mean over the steps after the warm-up ones) with
    ``algo.advantage=grpo`` (no self-teacher forward) and ``algo.advantage=sd_token`` (SDPO: the
    teacher re-scores every response under its critique context). The self-teacher's overhead is
@@ -24,6 +25,10 @@ One run measures, on this machine and against baselines measured in the same run
    subprocess per method, above its RSS just before the forward+backward, with glibc's mmap
    threshold fixed at 64 KiB so that freed tensors go back to the OS. (``tracemalloc`` does not
    see torch's allocations; ``ru_maxrss`` carries the parent's peak over fork+exec.)
+4. A distillation loss in the train loop (SDPO with ``algo.distill_weight=1``): the update stage's
+   seconds with top-K (k=100) KL, full-vocabulary KL with the logits formed chunk by chunk from the
+   final hidden states (``optim.logits_chunk=128``, the default) and with whole ``[B, R, V]``
+   logits (``optim.logits_chunk=0``); on the tiny model only in a quick run.
 
 Targets are printed (met: yes/no), never asserted:
 
@@ -51,8 +56,10 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-CONFIG = os.path.join(ROOT, "configs", "micro-sdpo.yaml")
+SETTING = ["model.path=tiny", "data.env=math", "data.problems=arithmetic", "data.n=256", "data.levels=[1, 2]",
+           "sampling.group_size=4", "sampling.prompts_per_step=4", "sampling.max_new_tokens=24",
+           "teacher.mode=ema", "teacher.tau=0.05", "algo.advantage=sd_token", "algo.advantage_kwargs={clamp: 5.0}",
+           "optim.lr=0.0001", "optim.micro_batch=8"]
 STAGES = ("generate", "execute", "score", "update")
 ALPHA = 0.5  # algo.distill_alpha's default: the generalized JSD, the costliest form
 
@@ -76,8 +83,8 @@ def yes_no(ok: bool) -> str:
 # ------------------------------------------------------------------ 1. the train loop
 
 
-def train_run(algo: str, model_path: str, steps: int, out_root: str) -> list[dict]:
-    """One ``train`` run of the micro setting; returns its metrics rows."""
+def train_run(algo: str, model_path: str, steps: int, out_root: str, extra: tuple[str, ...] = ()) -> list[dict]:
+    """One ``train`` run of the micro setting (``extra``: more config overrides); returns its metrics rows."""
     from agentopd.config import load
     from agentopd.train import TrainConfig, train
 
@@ -87,8 +94,8 @@ def train_run(algo: str, model_path: str, steps: int, out_root: str) -> list[dic
     if algo == "grpo":
         overrides += ["algo.advantage=grpo", "algo.advantage_kwargs={}"]
     else:
-        overrides += [f"algo.advantage={algo}"]  # keeps the config's advantage_kwargs (clamp: 5.0)
-    return train(load(TrainConfig, CONFIG, overrides))
+        overrides += [f"algo.advantage={algo}"]  # keeps SETTING's advantage_kwargs (clamp: 5.0)
+    return train(load(TrainConfig, None, SETTING + overrides + list(extra)))
 
 
 def bench_train(models: list[tuple[str, str]], steps: int, warmup: int, order: list[str], out_root: str) -> list[dict]:
@@ -123,6 +130,30 @@ def bench_train(models: list[tuple[str, str]], steps: int, warmup: int, order: l
         results.append({"model": label, "model_path": path, "runs": runs, "per_algo": per_algo,
                         "sdpo_over_grpo": per_algo["sd_token"]["ratio_step"],
                         "target_met": per_algo["sd_token"]["ratio_step"] <= TARGETS["sdpo_over_grpo_step"]})
+    return results
+
+
+# distillation as a loss (SDPO + algo.distill_weight=1) in the train loop: label -> overrides
+DISTILL = {"top-K k=100": ("algo.distill_topk=100",),
+           "full, chunked (default)": ("algo.distill_topk=0",),
+           "full, [B,R,V] logits": ("algo.distill_topk=0", "optim.logits_chunk=0")}
+
+
+def bench_distill(models: list[tuple[str, str]], steps: int, warmup: int, out_root: str) -> list[dict]:
+    """The update stage (and the whole step) of SDPO with a distillation loss, per DISTILL variant."""
+    results = []
+    for label, path in models:
+        per = {}
+        for name, extra in DISTILL.items():
+            rows = train_run("sd_token", path, steps, out_root, ("algo.distill_weight=1.0", *extra))[warmup:]
+            per[name] = {"update_s": statistics.fmean(r["time_update"] for r in rows),
+                         "step_s": statistics.fmean(sum(r[f"time_{s}"] for s in STAGES) for r in rows),
+                         "distill_loss": statistics.fmean(r["distill_loss"] for r in rows)}
+            print(f"  [{label}] {name}: update {per[name]['update_s']:.3f} s", flush=True)
+        base = per["top-K k=100"]
+        for m in per.values():
+            m["update_over_topk"] = m["update_s"] / base["update_s"]
+        results.append({"model": label, "per_variant": per})
     return results
 
 
@@ -295,7 +326,7 @@ def mib(n: float) -> str:
 
 
 def print_train(results: list[dict], warmup: int) -> None:
-    print("\n== 1. Self-teacher overhead: train loop on configs/micro-sdpo.yaml "
+    print("\n== 1. Self-teacher overhead: train loop on the micro setting "
           f"(s per stage, mean over steps after {warmup} warm-up) ==")
     print(f"{'model':<20} {'algo':<9} {'steps':>5} {'generate':>9} {'execute':>8} {'score':>8} {'update':>8} "
           f"{'step':>8} {'x grpo':>7} {'median':>7} {'score-only':>10} {'resp len':>8}")
@@ -311,6 +342,18 @@ def print_train(results: list[dict], warmup: int) -> None:
     for r in results:
         print(f"  target: SDPO step <= {TARGETS['sdpo_over_grpo_step']}x GRPO step [{r['model']}]: "
               f"{r['sdpo_over_grpo']:.2f}x -> target met: {yes_no(r['target_met'])}")
+
+
+def print_distill(results: list[dict], warmup: int) -> None:
+    print("\n== 4. Distillation loss in the train loop: SDPO + algo.distill_weight=1, alpha 0.5 "
+          f"(s, mean over steps after {warmup} warm-up) ==")
+    print(f"{'model':<20} {'distillation':<24} {'update':>8} {'x top-K':>8} {'step':>8}")
+    for r in results:
+        for name, m in r["per_variant"].items():
+            print(f"{r['model']:<20} {name:<24} {m['update_s']:>8.3f} {m['update_over_topk']:>8.2f} {m['step_s']:>8.3f}")
+    print("  full, chunked: optim.logits_chunk=128, the logits formed from the final hidden states 128 positions at a "
+          "time in the\n  update (policy log-probs and KL, recomputed in backward); [B,R,V] logits: "
+          "optim.logits_chunk=0. The tiny models' vocabulary: V = 512.")
 
 
 def print_kl_time(kl_time: dict, B: int, T: int, H: int) -> None:
@@ -385,7 +428,7 @@ def main(argv=None) -> int:
     # 1. train loop
     steps, warmup = (4, 1) if args.quick else (10, 2)
     order = ["grpo", "sd_token"] if args.quick else ["grpo", "sd_token", "sd_token", "grpo"] * 2
-    train_results = []
+    train_results, distill_results = [], []
     if not args.skip_train:
         print("\n[1] train loop: " + ", ".join(order) + f" runs of {steps} steps per model", flush=True)
         with tempfile.TemporaryDirectory(prefix="step_cost-") as tmp:
@@ -399,6 +442,8 @@ def main(argv=None) -> int:
             build_tiny(dirpath=big, hidden=256, layers=4, heads=4, seed=0)
             models = [("tiny h64 l2", "tiny"), ("tiny h256 l4", big)]
             train_results = bench_train(models, steps, warmup, order, tmp)
+            print(f"\n[4] distillation in the train loop: {', '.join(DISTILL)}", flush=True)
+            distill_results = bench_distill(models[:1] if args.quick else models, steps, warmup, tmp)
             for r in train_results:
                 r["model_path"] = "tiny" if r["model_path"] == "tiny" else "build_tiny(hidden=256, layers=4, heads=4)"
 
@@ -417,6 +462,7 @@ def main(argv=None) -> int:
 
     if train_results:
         print_train(train_results, warmup)
+        print_distill(distill_results, warmup)
     print_kl_time(kl_time, B, T, H)
     mem_verdicts = print_kl_memory(kl_mem, B, T, H, V_mem, rss)
 
@@ -424,9 +470,10 @@ def main(argv=None) -> int:
     info["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(f"\nload average at end {info['loadavg_end']}; total {info['wall_s']:.0f} s")
     report = {"info": info, "targets": TARGETS,
-              "train": {"config": "configs/micro-sdpo.yaml", "steps": steps, "warmup_steps": warmup, "order": order,
+              "train": {"setting": SETTING, "steps": steps, "warmup_steps": warmup, "order": order,
                         "step_definition": "time_generate + time_execute + time_score + time_update",
                         "results": train_results},
+              "distill": {"variants": {k: list(v) for k, v in DISTILL.items()}, "results": distill_results},
               "kl_time": {"B": B, "T": T, "H": H, "alpha": ALPHA, "reps": reps,
                           "results": {str(V): res for V, res in kl_time.items()}},
               "kl_memory": {"B": B, "T": T, "H": H, "V": V_mem, "alpha": ALPHA,

@@ -231,8 +231,9 @@ class Dtypes(TorchDispatchMode):
 
 def test_bf16_autocast_runs_a_step_with_float32_loss_math(tmp_path):
     common = ["run.steps=1", "algo.distill_weight=1.0", "algo.distill_topk=0"]
+    cfg = _cfg(tmp_path / "bf16", *common, "run.precision=bf16")
     with Dtypes() as bf16:
-        rows = train(_cfg(tmp_path / "bf16", *common, "run.precision=bf16"))
+        rows = train(cfg)
     train(_cfg(tmp_path / "off", *common, "run.precision=off"))
     assert math.isfinite(rows[0]["loss"]) and math.isfinite(rows[0]["grad_norm"]) and rows[0]["distill_loss"] > 0
     assert torch.bfloat16 in bf16.seen["mm"] | bf16.seen.get("addmm", set())  # the forward passes ran in bf16
@@ -240,8 +241,8 @@ def test_bf16_autocast_runs_a_step_with_float32_loss_math(tmp_path):
     a, b = _params(tmp_path / "bf16"), _params(tmp_path / "off")
     assert all(torch.isfinite(v).all() for v in a.values())
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    for k in a:  # one AdamW step moves a weight by about lr = 1e-4
-        torch.testing.assert_close(a[k], b[k], atol=2.5e-4, rtol=0, msg=k)
+    for k in a:  # one AdamW step moves a weight by about lr, one way or the other
+        torch.testing.assert_close(a[k], b[k], atol=2.5 * cfg.optim.lr, rtol=0, msg=k)
 
 
 def test_precision_auto_is_off_on_cpu_and_bad_values_are_refused(tmp_path):  # off: see the bf16 test
