@@ -129,10 +129,17 @@ def rloo(inputs: AdvantageInputs) -> torch.Tensor:
 
 
 @register("sd_token")
-def sd_token(inputs: AdvantageInputs, clamp: float | None = None) -> torch.Tensor:
+def sd_token(inputs: AdvantageInputs, clamp: float | None = None, center: bool = False) -> torch.Tensor:
     """SDPO: ``lt_t - ls_t`` per token (biased: ignores the effect of y_t on later tokens; low
-    variance). ``clamp`` bounds its absolute value."""
+    variance). ``clamp`` bounds its absolute value. ``center`` subtracts the batch mean over the
+    tokens with a teacher signal: a constant baseline, which leaves each token's expected gradient
+    unchanged (the score function has mean zero under the policy), but stops a teacher that is on
+    average less sure in its longer context from pushing down every sampled token at once."""
     advantages_BT = _log_ratio_BT(inputs)
+    if center:
+        keep_BT = inputs.mask_BT.to(advantages_BT.dtype) * _teacher_valid_B(inputs, advantages_BT.dtype)[:, None]
+        mean = (advantages_BT * keep_BT).sum() / keep_BT.sum().clamp(min=1)
+        advantages_BT = (advantages_BT - mean) * keep_BT
     if clamp is not None:
         advantages_BT = advantages_BT.clamp(-clamp, clamp)
     return advantages_BT
@@ -172,11 +179,12 @@ def hybrid(
     lam: float = 1.0,
     std_normalize: bool = True,
     clamp: float | None = None,
+    center: bool = False,
 ) -> torch.Tensor:
     """``mode="sum"``: ``grpo + lam * sd_token``. ``mode="route"``: samples with ``success_B``
     get grpo (group statistics over the whole group), the others get sd_token."""
     grpo_BT = grpo(inputs, std_normalize=std_normalize)
-    sd_BT = sd_token(inputs, clamp=clamp)
+    sd_BT = sd_token(inputs, clamp=clamp, center=center)
     if mode == "sum":
         return grpo_BT + lam * sd_BT
     if mode == "route":

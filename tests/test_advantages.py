@@ -101,6 +101,14 @@ def test_sd_token_clamp_and_teacher_mask():
     torch.testing.assert_close(got, expected)
 
 
+def test_sd_token_center_subtracts_the_mean_over_teacher_tokens():
+    got = compute("sd_token", sd_inputs(teacher_mask_B=t([1, 1, 0])), center=True)
+    # teacher tokens (rows 0-1 on the mask): 0.5, -0.25, 1.0, -1.0, 0.0 -> mean 0.05
+    m = 0.05
+    expected = t([[0.5 - m, -0.25 - m, 1.0 - m], [-1.0 - m, -m, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(got, expected)
+
+
 def test_nan_reward_zeroes_self_distillation_too():
     got = compute("sd_token", sd_inputs(rewards_B=t([1.0, NAN, 0.0])))
     expected = t([[0.5, -0.25, 1.0], [0.0, 0.0, 0.0], [0.0, 0.5, -1.0]])
