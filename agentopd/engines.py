@@ -3,7 +3,7 @@
 Engines (all return ``list[list[Generation]]``, ``result[prompt][sample]``):
 
 - ``hf``: :class:`agentopd.engine.HFEngine`, a transformers model sampled in this process (token
-  ids and exact sampling log-probs). ``model``: ``"tiny"`` or a checkpoint dir / hub id.
+  ids and exact sampling log-probs). ``model``: ``"micro"``, ``"tiny"`` or a checkpoint dir / hub id.
 - ``openai``: :class:`agentopd.openai_engine.OpenAIEngine`, any OpenAI-compatible server (vLLM,
   llama.cpp, a hosted API); extra ``agentopd[llm]``.
 - ``vllm``: :class:`agentopd.vllm_engine.VLLMEngine`, offline ``vllm.LLM`` generation with
@@ -42,23 +42,33 @@ def make_engine(spec, **kwargs):
     raise ValueError(f"unknown engine {spec!r}; choose from {', '.join(ENGINES)}")
 
 
+def load_pretrained(path: str, seed: int = 0, progress: bool = True):
+    """(model, tokenizer): ``"micro"`` (the warm-started micro model, built first when missing),
+    ``"tiny"`` (an untrained tiny Llama built from a config), or a checkpoint dir / hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path == "tiny":
+        from agentopd.tiny import build_tiny
+
+        return build_tiny(seed=seed)
+    if path == "micro":
+        from agentopd.micro import ensure
+
+        path = ensure(progress=progress)
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
 def hf_engine(model: str = "tiny", device: str = "auto", batch_size: int = 32, seed: int = 0):
     """An :class:`~agentopd.engine.HFEngine` around ``model``: ``"tiny"`` (built from a config,
     no download) or a checkpoint dir / hub id loaded with transformers."""
     try:
         import torch
-        import transformers
+        import transformers  # noqa: F401  (a clear error before any work)
     except ImportError:
         raise ImportError("the hf engine needs torch and transformers: pip install 'agentopd[train]'") from None
     from agentopd.engine import HFEngine
 
-    if model == "tiny":
-        from agentopd.tiny import build_tiny
-
-        lm, tok = build_tiny(seed=seed)
-    else:
-        lm = transformers.AutoModelForCausalLM.from_pretrained(model)
-        tok = transformers.AutoTokenizer.from_pretrained(model)
+    lm, tok = load_pretrained(model, seed)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return HFEngine(lm.eval(), tok, device=device, batch_size=batch_size)

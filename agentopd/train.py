@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ from agentopd.engine import (
 @dataclass
 class ModelConfig:
     path: str = "tiny"
-    """'tiny' (a small Llama built from a config, for tests and smoke runs) or a checkpoint dir."""
+    """'micro' (the warm-started micro model; ``agentopd micro pretrain`` builds it first when missing),
+    'tiny' (a small untrained Llama built from a config, for tests) or a checkpoint dir."""
     lora_rank: int = 0
     """LoRA rank through peft; 0 trains all parameters."""
     gradient_checkpointing: bool = False
@@ -47,11 +49,15 @@ class DataConfig:
     env: str = "math"
     """'math' or 'code'."""
     problems: str = "arithmetic"
-    """'arithmetic' (the built-in generator), 'humaneval', or a JSONL file of problems."""
+    """A generator ('arithmetic', 'micro': column arithmetic, 'functions': code from examples; see
+    envs.procedural), 'humaneval', or a JSONL file of problems."""
     n: int = 256
-    """How many generated problems (arithmetic only)."""
+    """How many generated problems."""
     levels: list[int] = field(default_factory=lambda: [1, 2])
-    """Difficulty levels of generated problems (arithmetic only)."""
+    """Difficulty levels of generated math problems."""
+    heldout: str = ""
+    """JSONL file of held-out problems for run.eval_problems; empty: the generator's held-out set
+    (generated problems only; training problems that appear in it are dropped)."""
     judge: dict = field(default_factory=dict)
     """Judge spec ({name: ..., kwargs}); empty: the env's default (math or tests)."""
 
@@ -138,6 +144,12 @@ class RunConfig:
     """Also write the metrics as TensorBoard scalars under ``out/tb`` (needs ``tensorboard``)."""
     wandb: str = ""
     """Also log the metrics to this Weights & Biases project (needs ``wandb``); empty: off."""
+    eval_problems: int = 0
+    """Held-out problems for pass@1 before training, every ``eval_every`` steps and at the end (0: off)."""
+    eval_every: int = 0
+    """Steps between held-out evaluations (0: only before and after)."""
+    eval_samples: int = 4
+    """Samples per held-out problem (pass@1 = mean success, at the sampling temperature)."""
     precision: str | bool = "auto"
     """Forward passes of the scoring and the update under bf16 autocast: 'bf16', 'off' (YAML reads
     a bare off as false: also accepted), or 'auto' (bf16 on CUDA, off elsewhere). Log-softmax and
@@ -171,15 +183,9 @@ def pad_BT(rows: list, value: float = 0.0, dtype=torch.float32) -> tuple[torch.T
 
 
 def _load_model(cfg: TrainConfig, device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from agentopd.engines import load_pretrained
 
-    if cfg.model.path == "tiny":
-        from agentopd.tiny import build_tiny
-
-        model, tok = build_tiny(seed=cfg.run.seed)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.path)
-        tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    model, tok = load_pretrained(cfg.model.path, seed=cfg.run.seed, progress=cfg.run.progress)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.model.lora_rank:
@@ -190,24 +196,53 @@ def _load_model(cfg: TrainConfig, device):
     return model.to(device), tok
 
 
+HELDOUT_SEED = 10_007  # generated held-out problems; no training run uses this seed
+
+
 def _problems_and_judge(cfg: TrainConfig):
+    """(training problems, held-out problems or None, judge)."""
+    from agentopd.envs.data import (
+        load_code_problems,
+        load_humaneval,
+        load_math_problems,
+    )
+    from agentopd.envs.procedural import GENERATORS, generated_problems
     from agentopd.judges import make_judge
 
-    if cfg.data.env == "math":
-        from agentopd.envs.data import load_math_problems
-        from agentopd.envs.procedural import arithmetic_problems
-
-        problems = (arithmetic_problems(cfg.data.n, tuple(cfg.data.levels), cfg.run.seed)
-                    if cfg.data.problems == "arithmetic" else load_math_problems(cfg.data.problems))
-        judge = make_judge(cfg.data.judge or "math")
-    elif cfg.data.env == "code":
-        from agentopd.envs.data import load_code_problems
-
-        problems = load_code_problems(cfg.data.problems)
-        judge = make_judge(cfg.data.judge or "tests")
-    else:
+    if cfg.data.env not in ("math", "code"):
         raise ValueError(f"data.env must be 'math' or 'code', got {cfg.data.env!r}")
-    return problems, judge
+    load = load_math_problems if cfg.data.env == "math" else load_code_problems
+    heldout = None
+    if cfg.data.problems in GENERATORS:
+        if GENERATORS[cfg.data.problems] != cfg.data.env:
+            raise ValueError(f"data.problems={cfg.data.problems!r} makes {GENERATORS[cfg.data.problems]} problems,"
+                             f" but data.env is {cfg.data.env!r}")
+        problems = generated_problems(cfg.data.problems, cfg.data.n, cfg.data.levels, cfg.run.seed + 1)
+        if cfg.run.eval_problems and not cfg.data.heldout:
+            heldout = generated_problems(cfg.data.problems, cfg.run.eval_problems, cfg.data.levels, HELDOUT_SEED)
+            seen = {p.prompt for p in heldout}
+            problems = [p for p in problems if p.prompt not in seen]
+    elif cfg.data.problems == "humaneval":
+        problems = load_humaneval()
+    else:
+        problems = load(cfg.data.problems)
+    if cfg.run.eval_problems and heldout is None:
+        if not cfg.data.heldout:
+            raise ValueError("run.eval_problems needs data.heldout (a JSONL file) for non-generated problems")
+        heldout = load(cfg.data.heldout)[:cfg.run.eval_problems]
+    judge = make_judge(cfg.data.judge or ("math" if cfg.data.env == "math" else "tests"))
+    return problems, heldout, judge
+
+
+def heldout_pass1(engine, tok, problems, judge, n: int, sampling: SamplingConfig, seed: int) -> float:
+    """Held-out pass@1: the mean success of ``n`` samples per problem at the sampling temperature."""
+    from agentopd.engine import apply_chat
+
+    gens = engine.generate([apply_chat(tok, [{"role": "user", "content": p.prompt}]) for p in problems], n=n,
+                           max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                           top_p=sampling.top_p, seed=seed)
+    verdicts = judge.judge_many([(p, g.text) for p, gs in zip(problems, gens) for g in gs])
+    return sum(j.verdict.status == "ok" for j in verdicts) / max(len(verdicts), 1)
 
 
 def _check_algo(cfg: TrainConfig) -> None:
@@ -359,7 +394,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     # hidden states and logits formed chunk by chunk in the update, unless top-K distillation needs logits
     chunk = (cfg.optim.logits_chunk if head_VH is not None and not (cfg.algo.distill_weight and cfg.algo.distill_topk)
              else 0)
-    problems, default_judge = _problems_and_judge(cfg)
+    problems, heldout, default_judge = _problems_and_judge(cfg)
     if judge is None:
         judge = default_judge
     elif hasattr(default_judge, "close"):
@@ -385,6 +420,23 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         start, data_pos = state["step"], state["data_pos"]
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")  # judging overlaps generation
     rows = []
+
+    def log(row: dict) -> None:
+        rows.append(row)
+        with open(os.path.join(cfg.run.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        for sink, _ in sinks:
+            sink(row)
+
+    def evaluate() -> float:  # the same seed every time: differences come from the model
+        model.eval()
+        with amp():
+            return heldout_pass1(engine, tok, heldout, judge, cfg.run.eval_samples, cfg.sampling, HELDOUT_SEED)
+
+    before = None
+    if heldout and start == 0:
+        before = evaluate()
+        log({"step": 0, "heldout_pass1": before})
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train",
                disable=not cfg.run.progress)
     for step in bar:
@@ -514,15 +566,18 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
                "teacher_signal_frac": float(teacher_mask_B.mean()),
                "response_len": n_resp / max(len(resp_ids), 1), "empty_responses": sum(len(r) == 0 for r in resp_ids),
                "tokens_per_s": n_resp / max(t["generate"], 1e-9), **{f"time_{k}": v for k, v in t.items()}}
-        rows.append(row)
-        with open(os.path.join(cfg.run.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        for log, _ in sinks:
-            log(row)
+        last = step + 1 == cfg.run.steps
+        if heldout and (last or cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0):
+            row["heldout_pass1"] = evaluate()
+        log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.run.steps:
             _save(ckpt_dir, step + 1, model, opt, teacher, data_pos)
     pool.shutdown()
+    if heldout and rows and "heldout_pass1" in rows[-1]:
+        was = "" if before is None else f"{before:.3f} -> "
+        tqdm.write(f"held-out pass@1 ({len(heldout)} problems x {cfg.run.eval_samples}): {was}{rows[-1]['heldout_pass1']:.3f}",
+                   file=sys.stderr)
     for _, close in sinks:
         close()
     if hasattr(judge, "close"):

@@ -7,6 +7,11 @@ at five difficulty levels (same seed, same problems):
 2. multiply 2-digit by 1-2 digit numbers  5. add or subtract two fractions (reduced answer p/q)
 3. three 2-digit numbers with brackets
 
+``micro_problems(n, levels, seed)``: multi-digit addition and one-digit multiplication whose reference
+answers (``micro_solution``) work column by column; ``function_problems(n, seed)``: "write f from
+these examples" code problems with unit tests. Both feed the micro testbed (``agentopd.micro``);
+``generated_problems(name, ...)`` picks a generator by name.
+
 ``reasoning_gym_problems(name, n, seed)`` draws from a ``reasoning-gym`` generator (optional extra
 ``agentopd[reasoning-gym]``); its answers are scored by that dataset's own scorer.
 """
@@ -70,6 +75,112 @@ def arithmetic_problems(n: int = 1000, levels=(1, 2, 3, 4, 5), seed: int = 0) ->
         out.append(Problem(f"arith-{seed}-{i}", f"{q} {INSTRUCTION}", "math",
                            {"answer": answer, "level": level}))
     return out
+
+
+def _digits(n: int) -> list[int]:
+    return [int(c) for c in str(n)][::-1]  # least significant first
+
+
+def _add_steps(a: int, b: int) -> str:
+    """Column addition, right to left: "7 + 8 = 15, 4 + 3 + 1 = 8"."""
+    da, db, carry, steps = _digits(a), _digits(b), 0, []
+    for i in range(max(len(da), len(db))):
+        terms = [d[i] for d in (da, db) if i < len(d)] + ([carry] if carry else [])
+        steps.append(" + ".join(map(str, terms)) + f" = {sum(terms)}")
+        carry = sum(terms) // 10
+    return ", ".join(steps)
+
+
+def _mul_steps(a: int, b: int) -> str:
+    """Column multiplication by one digit, right to left: "7 * 8 = 56, 4 * 8 + 5 = 37"."""
+    carry, steps = 0, []
+    for d in _digits(a):
+        v = d * b + carry
+        steps.append(f"{d} * {b}" + (f" + {carry}" if carry else "") + f" = {v}")
+        carry = v // 10
+    return ", ".join(steps)
+
+
+def micro_problems(n: int, levels=(1, 2, 3), seed: int = 0) -> list[Problem]:
+    """Multi-digit arithmetic for the micro model (deterministic in ``seed``):
+    1: two-digit + two-digit, 2: three-digit + two/three-digit, 3: two-digit * one-digit.
+    The reference answer works column by column (``micro_solution``), a scratchpad a few-million-
+    parameter model can learn in minutes."""
+    r, out = random.Random(seed), []
+    for i in range(n):
+        level = levels[i % len(levels)]
+        if level == 1:
+            a, b, op = r.randint(10, 99), r.randint(10, 99), "+"
+        elif level == 2:
+            a, b, op = r.randint(100, 999), r.randint(10, 999), "+"
+        elif level == 3:
+            a, b, op = r.randint(10, 99), r.randint(2, 9), "*"
+        else:
+            raise ValueError(f"unknown micro level {level}; choose from 1, 2, 3")
+        value = a + b if op == "+" else a * b
+        out.append(Problem(f"micro-{seed}-{i}", f"Compute {a} {op} {b}. {INSTRUCTION}", "math",
+                           {"answer": str(value), "level": level, "a": a, "b": b, "op": op}))
+    return out
+
+
+def micro_solution(problem: Problem, value: int | None = None) -> str:
+    """The reference response: the column scratchpad, then the boxed value (``value`` overrides the
+    true one, for wrong attempts)."""
+    p = problem.payload
+    value = int(p["answer"]) if value is None else value
+    steps = _add_steps(p["a"], p["b"]) if p["op"] == "+" else _mul_steps(p["a"], p["b"])
+    return f"{steps}. \\boxed{{{value}}}"
+
+
+LIST_OPS = [("sum(xs)", sum), ("max(xs)", max), ("min(xs)", min), ("len(xs)", len),
+             ("xs[0]", lambda xs: xs[0]), ("xs[-1]", lambda xs: xs[-1]),
+             ("sorted(xs)", sorted), ("xs[::-1]", lambda xs: xs[::-1])]
+
+
+def _affine(r: random.Random):
+    a, b = r.choice([-3, -2, -1, 1, 2, 3, 4, 5]), r.randint(-9, 9)
+    body = ("x" if a == 1 else "-x" if a == -1 else f"{a} * x") + (f" + {b}" if b > 0 else f" - {-b}" if b < 0 else "")
+    xs = r.sample(range(10), 5)
+    return "x", body, [(x, a * x + b) for x in xs]
+
+
+def _listop(r: random.Random):
+    body, fn = r.choice(LIST_OPS)
+    cases = [[r.randint(0, 9) for _ in range(r.randint(2, 4))] for _ in range(5)]
+    return "xs", body, [(c, fn(c)) for c in cases]
+
+
+def function_problems(n: int, seed: int = 0) -> list[Problem]:
+    """``n`` problems "write f from these examples" (affine integer maps and list operations). The
+    prompt shows three examples; the tests are those three and two more."""
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        arg, body, cases = (_affine if i % 2 == 0 else _listop)(r)
+        shown = "\n".join(f"f({x!r}) == {y!r}" for x, y in cases[:3])
+        prompt = f"Write a Python function f({arg}) such that:\n{shown}"
+        out.append(Problem(f"fn-{seed}-{i}", prompt, "code",
+                           {"style": "call", "tests": [f"assert f({x!r}) == {y!r}" for x, y in cases], "setup": ""},
+                           {"solution": f"def f({arg}):\n    return {body}"}))
+    return out
+
+
+def function_solution(problem: Problem) -> str:
+    return f"```python\n{problem.privileged['solution']}\n```"
+
+
+GENERATORS = {"arithmetic": "math", "micro": "math", "functions": "code"}
+
+
+def generated_problems(name: str, n: int, levels=(1, 2), seed: int = 0) -> list[Problem]:
+    """Problems from the generator ``name`` (see ``GENERATORS``; levels apply to the math ones)."""
+    if name == "arithmetic":
+        return arithmetic_problems(n, tuple(levels), seed)
+    if name == "micro":
+        return micro_problems(n, tuple(levels), seed)
+    if name == "functions":
+        return function_problems(n, seed)
+    raise ValueError(f"unknown generator {name!r}; choose from {', '.join(GENERATORS)}")
 
 
 def reasoning_gym_problems(name: str, n: int = 100, seed: int = 0, **config) -> list[Problem]:

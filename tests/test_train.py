@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cfg(tmp_path, *overrides):
     return load(TrainConfig, str(ROOT / "configs" / "micro-sdpo.yaml"),
-                [f"run.out={tmp_path}", "run.progress=false", "sampling.prompts_per_step=2",
+                [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "data.problems=arithmetic",
+                 "data.levels=[1,2]", "run.eval_problems=0", "sampling.prompts_per_step=2",
                  "sampling.group_size=3", "sampling.max_new_tokens=12", *overrides])
 
 
@@ -102,20 +103,6 @@ def test_crash_judge_error_and_empty_response_do_not_abort_a_step(tmp_path):
         assert r["judge_errors"] == 1 and r["judged"] == 5 and r["empty_responses"] == 1
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
         assert r["teacher_signal_frac"] < 1.0  # the judge error and the empty response carry no signal
-
-
-@pytest.mark.parametrize("name", ["micro-sdpo.yaml", "micro-grpo.yaml"])
-def test_shipped_configs_run_two_steps(tmp_path, name):
-    r = subprocess.run([sys.executable, "-m", "agentopd.cli", "train", "--config", str(ROOT / "configs" / name),
-                        "run.steps=2", f"run.out={tmp_path}", "run.progress=false"],
-                       capture_output=True, text=True, timeout=600, check=False)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in rows] == [1, 2]
-    assert all(k in rows[0] for k in ("reward_mean", "pass_rate", "judge_errors", "adv_mean", "kl_teacher",
-                                      "response_len", "tokens_per_s", "time_generate", "time_execute",
-                                      "time_score", "time_update"))
-    assert (tmp_path / "checkpoints" / "step-2.pt").exists()
 
 
 def test_estimator_arguments_are_checked_before_any_work(tmp_path):

@@ -1,0 +1,145 @@
+"""Sample efficiency on the micro math task: GRPO vs sd_token vs hybrid on the same rollout budget.
+
+Every run starts from the same warm-start checkpoint (``agentopd micro pretrain``; created first when
+missing) and trains with ``configs/micro-<method>.yaml``; only the method and the seed differ. The
+held-out pass@1 (unseen problems, ``n`` samples each at the sampling temperature) is measured before
+training and every ``--eval-every`` steps. The budgets and the target are fixed by the arguments
+below, before any result is seen:
+
+    target = warm-start pass@1 + --target-gain        (absolute, default +0.10)
+
+Reported per method: rollouts to reach the target (mean and spread over the seeds that reach it; a
+seed that never does counts as not reached), final pass@1, and the ratio of each method's rollouts to
+GRPO's. Writes ``<out>.json`` and ``<out>.png`` (a learning curve per method, mean ± std over seeds).
+
+    python3 bench/sample_efficiency.py --quick      # 3 seeds, finishes within ~10 minutes on 2 cores
+    python3 bench/sample_efficiency.py              # the full budget
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+METHODS = ("grpo", "sd_token", "hybrid")
+
+
+def run_one(method: str, seed: int, args) -> list[tuple[int, float]]:
+    """[(rollouts, held-out pass@1)] for one training run, the first point at 0 rollouts."""
+    from agentopd.config import load
+    from agentopd.train import TrainConfig, train
+
+    overrides = [f"run.steps={args.steps}", f"run.seed={seed}", "run.progress=false", "run.checkpoint_every=0",
+                 f"run.eval_every={args.eval_every}", f"run.eval_problems={args.eval_problems}",
+                 f"run.eval_samples={args.eval_samples}", f"model.path={args.model}"]
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load(TrainConfig, os.path.join(args.configs, f"micro-{method}.yaml"),
+                          overrides + [f"run.out={out}"])
+        rows = train(cfg)
+    per_step = cfg.sampling.prompts_per_step * cfg.sampling.group_size
+    return [(r["step"] * per_step, r["heldout_pass1"]) for r in rows if "heldout_pass1" in r]
+
+
+def rollouts_to(curve: list[tuple[int, float]], target: float) -> int | None:
+    return next((n for n, p in curve if p >= target), None)
+
+
+def summarise(curves: dict[str, list[list[tuple[int, float]]]], target: float) -> dict:
+    out = {}
+    for method, runs in curves.items():
+        reach = [rollouts_to(c, target) for c in runs]
+        got = [n for n in reach if n is not None]
+        finals = [c[-1][1] for c in runs]
+        out[method] = {"rollouts_to_target": reach,
+                       "reached": f"{len(got)}/{len(runs)}",
+                       "rollouts_mean": statistics.mean(got) if got else None,
+                       "rollouts_std": statistics.pstdev(got) if len(got) > 1 else 0.0 if got else None,
+                       "final_mean": statistics.mean(finals),
+                       "final_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0}
+    base = out.get("grpo", {}).get("rollouts_mean")
+    for m in out.values():
+        m["rollouts_vs_grpo"] = m["rollouts_mean"] / base if base and m["rollouts_mean"] is not None else None
+    return out
+
+
+def plot(curves, target: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, runs in curves.items():
+        x = [n for n, _ in runs[0]]
+        y = np.array([[p for _, p in c] for c in runs])
+        ax.plot(x, y.mean(0), label=method)
+        ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
+    ax.axhline(target, color="gray", ls="--", lw=1, label="target")
+    ax.set_xlabel("rollouts")
+    ax.set_ylabel("held-out pass@1")
+    ax.set_title("micro math: held-out pass@1 vs rollouts (mean ± std over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the small budget (within ~10 minutes on 2 cores)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, help="training steps per run (default: 40 quick, 120 full)")
+    ap.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: 5 quick, 10 full)")
+    ap.add_argument("--eval-problems", type=int, default=100)
+    ap.add_argument("--eval-samples", type=int, default=2)
+    ap.add_argument("--target-gain", type=float, default=0.10, help="target = warm-start pass@1 + this")
+    ap.add_argument("--model", default="micro", help="warm-start checkpoint ('micro': the default one)")
+    ap.add_argument("--configs", default=os.path.join(os.path.dirname(__file__), "..", "configs"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sample_efficiency"))
+    args = ap.parse_args()
+    args.steps = args.steps or (40 if args.quick else 120)
+    args.eval_every = args.eval_every or (5 if args.quick else 10)
+
+    from agentopd import micro
+
+    if args.model == "micro":
+        micro.ensure()
+    t0 = time.perf_counter()
+    curves: dict[str, list] = {}
+    for method in args.methods.split(","):
+        for seed in range(args.seeds):
+            t = time.perf_counter()
+            curve = run_one(method, seed, args)
+            curves.setdefault(method, []).append(curve)
+            print(f"{method:9s} seed {seed}: pass@1 {curve[0][1]:.3f} -> {curve[-1][1]:.3f} "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+    start = statistics.mean(c[0][1] for runs in curves.values() for c in runs)
+    target = start + args.target_gain
+    summary = summarise(curves, target)
+    print(f"\nwarm start pass@1 {start:.3f}; target {target:.3f}; budget {curves[next(iter(curves))][0][-1][0]} "
+          f"rollouts per run; {time.perf_counter() - t0:.0f} s in all\n")
+    print(f"{'method':10s} {'reached':>8s} {'rollouts to target':>22s} {'vs grpo':>8s} {'final pass@1':>16s}")
+    for method, s in summary.items():
+        r = "-" if s["rollouts_mean"] is None else f"{s['rollouts_mean']:.0f} ± {s['rollouts_std']:.0f}"
+        v = "-" if s["rollouts_vs_grpo"] is None else f"{s['rollouts_vs_grpo']:.2f}x"
+        print(f"{method:10s} {s['reached']:>8s} {r:>22s} {v:>8s} {s['final_mean']:>9.3f} ± {s['final_std']:.3f}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w", encoding="utf-8") as f:
+        json.dump({"args": vars(args), "warm_start": start, "target": target, "curves": curves,
+                   "summary": summary}, f, indent=2)
+    try:
+        plot(curves, target, args.out + ".png")
+        print(f"\nwrote {args.out}.json and {args.out}.png")
+    except ImportError:
+        print(f"\nwrote {args.out}.json (no plot: pip install matplotlib)")
+
+
+if __name__ == "__main__":
+    main()

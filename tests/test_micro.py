@@ -1,0 +1,149 @@
+"""The micro testbed: its problem generators, the warm-start data (held-out problems excluded, repairs
+with real critiques), the checkpoint loading through ``from_pretrained``, a learning test, and the
+shipped micro configs for two steps through the CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from agentopd.envs.procedural import (
+    function_problems,
+    function_solution,
+    micro_problems,
+    micro_solution,
+)
+from agentopd.judges import make_judge
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from agentopd.config import load
+from agentopd.engine import Generation, HFEngine, apply_chat, sequence_logprobs
+from agentopd.micro import MicroConfig, heldout_problems, warm_start_examples
+from agentopd.train import TrainConfig, train
+from tests.sandbox_probe import bwrap_or_skip
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generators_are_seeded_and_their_reference_answers_are_right():
+    assert [p.prompt for p in micro_problems(30, seed=3)] == [p.prompt for p in micro_problems(30, seed=3)]
+    assert [p.prompt for p in micro_problems(30, seed=3)] != [p.prompt for p in micro_problems(30, seed=4)]
+    problems = micro_problems(60, seed=1)
+    judge = make_judge("math")
+    try:
+        got = judge.judge_many([(p, micro_solution(p)) for p in problems])
+        wrong = judge.judge_many([(p, micro_solution(p, int(p.payload["answer"]) + 1)) for p in problems])
+    finally:
+        judge.close()
+    assert all(j.verdict.status == "ok" for j in got)
+    assert all(j.verdict.status == "wrong_answer" for j in wrong)
+    p = next(p for p in problems if p.payload["op"] == "+" and p.payload["a"] % 10 + p.payload["b"] % 10 >= 10)
+    first, second = micro_solution(p).split(", ")[:2]
+    assert first.endswith(str(p.payload["a"] % 10 + p.payload["b"] % 10)) and second.endswith(
+        str(p.payload["a"] // 10 % 10 + p.payload["b"] // 10 % 10 + 1)), micro_solution(p)  # the carry is written
+
+
+def test_function_problems_pass_their_tests_in_the_sandbox_and_wrong_code_fails():
+    bwrap_or_skip()
+    problems = function_problems(20, seed=2)
+    judge = make_judge("tests")
+    try:
+        ok = judge.judge_many([(p, function_solution(p)) for p in problems])
+        bad = judge.judge_many([(p, "```python\ndef f(x):\n    return None\n```") for p in problems])
+    finally:
+        judge.close()
+    assert all(j.verdict.status == "ok" for j in ok)
+    assert all(j.verdict.status == "wrong_answer" and "expected" in j.critique for j in bad)
+
+
+def test_warm_start_data_leaves_out_held_out_problems_and_repairs_carry_real_critiques():
+    bwrap_or_skip()
+    cfg = MicroConfig(n_math=300, n_code=60, heldout=300, repair_fraction=0.5)
+    examples = warm_start_examples(cfg)
+    held = {p.prompt for kind in ("math", "code") for p in heldout_problems(kind, cfg.heldout, cfg.levels)}
+    firsts = [msgs[0]["content"] for msgs, _ in examples]
+    assert not any(f in held for f in firsts)
+    repairs = [(msgs, target) for msgs, target in examples if len(msgs) > 1 or "\n\nCorrect" in msgs[0]["content"]
+               or "feedback" in msgs[0]["content"]]
+    assert len(repairs) > 50
+    text = json.dumps(repairs)
+    assert "is incorrect" in text  # the math judge's critique
+    assert "expected" in text and "got" in text  # the test judge's critique from the sandbox
+    turns = [msgs for msgs, _ in repairs if len(msgs) == 3]
+    assert turns and all(m[1]["role"] == "assistant" and m[2]["role"] == "user" for m in turns)
+
+
+def test_warm_start_loads_with_from_pretrained(micro_dir):
+    model = AutoModelForCausalLM.from_pretrained(micro_dir)
+    tok = AutoTokenizer.from_pretrained(micro_dir)
+    assert model.config.model_type == "llama" and tok.chat_template
+    ids = apply_chat(tok, [{"role": "user", "content": "Compute 12 + 34."}])
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+    assert tok.tokenize("1234") == ["1", "2", "3", "4"]  # digits are single tokens
+    summary = json.loads((micro_dir / "micro.json").read_text())
+    assert set(summary["heldout_pass1"]) == {"math", "code"} and summary["params"] > 0
+
+
+class Scripted(HFEngine):
+    """Every group holds the rewarded answer and a wrong one, alternately, with their true sampling
+    log-probs under the current model."""
+
+    texts = ("", "")
+
+    def generate(self, prompt_ids, n=1, **kw):
+        out = []
+        for p in prompt_ids:
+            resp = [self.tokenizer.encode(self.texts[i % 2], add_special_tokens=False) + [self.tokenizer.eos_token_id]
+                    for i in range(n)]
+            with torch.no_grad():
+                lps = sequence_logprobs(self.model, [p] * n, resp)[0]
+            out.append([Generation(r, lp.tolist(), self.texts[i % 2], "stop") for i, (r, lp) in enumerate(zip(resp, lps))])
+        return out
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_rl_steps_raise_the_log_probability_of_the_rewarded_answer(tmp_path, micro_dir, advantage):
+    problem = micro_problems(1, levels=(1,), seed=5)[0]
+    right, wrong = micro_solution(problem), micro_solution(problem, int(problem.payload["answer"]) + 10)
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"id": "p", "question": problem.prompt, "answer": problem.payload["answer"]}) + "\n")
+    Scripted.texts = (right, wrong)
+    cfg = load(TrainConfig, str(ROOT / "configs" / "micro-grpo.yaml"),
+               [f"model.path={micro_dir}", f"data.problems={data}", f"run.out={tmp_path / 'run'}",
+                "run.progress=false", "run.eval_problems=0", "run.steps=3", "sampling.prompts_per_step=1",
+                "sampling.group_size=4", "optim.lr=0.001", f"algo.advantage={advantage}", "algo.advantage_kwargs={}"])
+    train(cfg, engine=Scripted)
+
+    model = AutoModelForCausalLM.from_pretrained(micro_dir)
+    tok = AutoTokenizer.from_pretrained(micro_dir)
+    prompt = apply_chat(tok, [{"role": "user", "content": problem.prompt}])
+    resp = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in (right, wrong)]
+
+    def logp():
+        with torch.no_grad():
+            return [float(x.sum()) for x in sequence_logprobs(model, [prompt, prompt], resp)[0]]
+
+    before = logp()
+    model.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / "step-3.pt", weights_only=False)["model"])
+    after = logp()
+    # the answers share every token up to the boxed value: the rewarded one must have gained on the
+    # wrong one (a flipped sign or a zero advantage would shrink or keep the margin)
+    assert after[0] - after[1] > before[0] - before[1] + 1.0, (before, after)
+
+
+@pytest.mark.parametrize("name", ["micro-sdpo.yaml", "micro-grpo.yaml", "micro-hybrid.yaml"])
+def test_shipped_micro_configs_run_two_steps_with_held_out_pass1(tmp_path, micro_dir, name):
+    r = subprocess.run([sys.executable, "-m", "agentopd.cli", "train", "--config", str(ROOT / "configs" / name),
+                        "run.steps=2", f"run.out={tmp_path}", "run.progress=false", f"model.path={micro_dir}",
+                        "run.eval_problems=4", "sampling.prompts_per_step=2"],
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [0, 1, 2]
+    assert "heldout_pass1" in rows[0] and "heldout_pass1" in rows[-1] and "heldout_pass1" not in rows[1]
+    assert all(k in rows[1] for k in ("reward_mean", "pass_rate", "judge_errors", "adv_mean", "kl_teacher",
+                                      "response_len", "tokens_per_s", "time_generate", "time_execute",
+                                      "time_score", "time_update"))
+    assert (tmp_path / "checkpoints" / "step-2.pt").exists()
+    assert "held-out pass@1 (4 problems x 2):" in r.stderr
