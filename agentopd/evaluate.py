@@ -52,7 +52,8 @@ class EvalDataConfig:
     env: str = "code"
     """'code' or 'math'."""
     problems: str = "humaneval"
-    """'humaneval', 'arithmetic' (math, generated) or a JSONL file of problems."""
+    """'humaneval', a generator ('arithmetic', 'micro', 'functions'; see envs.procedural) or a JSONL
+    file of problems."""
     n: int = 64
     """How many generated problems (arithmetic only)."""
     levels: list[int] = field(default_factory=lambda: [1, 2])
@@ -142,11 +143,12 @@ def build_engine(cfg: EngineConfig, seed: int = 0):
 def load_eval_problems(data: EvalDataConfig, seed: int = 0):
     from agentopd.envs import data as loaders
 
-    if data.env == "math":
-        from agentopd.envs.procedural import arithmetic_problems
+    from agentopd.envs.procedural import GENERATORS, generated_problems
 
-        problems = (arithmetic_problems(data.n, tuple(data.levels), seed) if data.problems == "arithmetic"
-                    else loaders.load_math_problems(data.problems))
+    if data.problems in GENERATORS:
+        problems = generated_problems(data.problems, data.n, data.levels, seed)
+    elif data.env == "math":
+        problems = loaders.load_math_problems(data.problems)
     else:
         problems = loaders.load_code_problems(data.problems)
     return problems[:data.limit] if data.limit else problems

@@ -207,10 +207,11 @@ def test_canonical_humaneval_solutions_pass_both_halves(judge):
 # ------------------------------------------------------------------------------ the CLI
 
 
-def test_micro_rlef_config_runs_on_cpu(tmp_path):
+def test_micro_rlef_config_runs_on_cpu(tmp_path, micro_dir):
     out = tmp_path / "micro"
     r = subprocess.run([sys.executable, "-m", "agentopd.cli", "rlef", "--config", str(ROOT / "configs" / "micro-rlef.yaml"),
-                        f"eval.out={out}", "eval.progress=false", "data.n=2", "sampling.n=2"],
+                        f"eval.out={out}", "eval.progress=false", "data.n=2", "sampling.n=2",
+                        f"engine.model={micro_dir}"],
                        check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
