@@ -1,7 +1,7 @@
 """Sample efficiency on the micro math task: GRPO vs sd_token vs hybrid on the same rollout budget.
 
 Every run starts from the same warm-start checkpoint (``agentopd micro pretrain``; created first when
-missing) and trains with ``configs/micro-<method>.yaml``; only the method and the seed differ. The
+missing) and trains with ``configs/micro-{grpo,sdpo,hybrid}.yaml``; only the method and the seed differ. The
 held-out pass@1 (unseen problems, ``n`` samples each at the sampling temperature) is measured before
 training and every ``--eval-every`` steps. The budgets and the target are fixed by the arguments
 below, before any result is seen:
@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-METHODS = ("grpo", "sd_token", "hybrid")
+METHODS = {"grpo": "micro-grpo.yaml", "sd_token": "micro-sdpo.yaml", "hybrid": "micro-hybrid.yaml"}
 
 
 def run_one(method: str, seed: int, args) -> list[tuple[int, float]]:
@@ -39,7 +39,7 @@ def run_one(method: str, seed: int, args) -> list[tuple[int, float]]:
                  f"run.eval_every={args.eval_every}", f"run.eval_problems={args.eval_problems}",
                  f"run.eval_samples={args.eval_samples}", f"model.path={args.model}"]
     with tempfile.TemporaryDirectory() as out:
-        cfg = load(TrainConfig, os.path.join(args.configs, f"micro-{method}.yaml"),
+        cfg = load(TrainConfig, os.path.join(args.configs, METHODS[method]),
                           overrides + [f"run.out={out}"])
         rows = train(cfg)
     per_step = cfg.sampling.prompts_per_step * cfg.sampling.group_size

@@ -9,11 +9,11 @@ from agentopd.train import TrainConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["micro-sdpo.yaml", "micro-grpo.yaml"])
+@pytest.mark.parametrize("name", ["micro-sdpo.yaml", "micro-grpo.yaml", "micro-hybrid.yaml"])
 def test_shipped_configs_load(name):
     cfg = load(TrainConfig, str(CONFIGS / name))
-    assert cfg.model.path == "tiny" and cfg.data.env == "math"
-    assert cfg.algo.advantage == ("sd_token" if "sdpo" in name else "grpo")
+    assert cfg.model.path == "micro" and cfg.data.env == "math" and cfg.data.problems == "micro"
+    assert cfg.algo.advantage == {"sdpo": "sd_token", "grpo": "grpo", "hybrid": "hybrid"}[name[6:-5]]
 
 
 def test_overrides_are_typed_and_nested(tmp_path):

@@ -85,6 +85,16 @@ def test_warm_start_loads_with_from_pretrained(micro_dir):
     assert set(summary["heldout_pass1"]) == {"math", "code"} and summary["params"] > 0
 
 
+def test_warm_start_is_deterministic_in_its_seed(tmp_path, micro_dir):
+    from agentopd.micro import pretrain
+
+    pretrain(str(tmp_path), MicroConfig(n_math=240, n_code=48, steps=8, batch=16, heldout=6), progress=False)
+    a = AutoModelForCausalLM.from_pretrained(micro_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "tokenizer.json").read_text() == (micro_dir / "tokenizer.json").read_text()
+
+
 class Scripted(HFEngine):
     """Every group holds the rewarded answer and a wrong one, alternately, with their true sampling
     log-probs under the current model."""

@@ -108,7 +108,7 @@ def test_crash_judge_error_and_empty_response_do_not_abort_a_step(tmp_path):
 def test_estimator_arguments_are_checked_before_any_work(tmp_path):
     from agentopd.config import ConfigError
 
-    with pytest.raises(ConfigError, match="grpo does not take \\['clamp'\\]"):
+    with pytest.raises(ConfigError, match="grpo does not take \\['clamp', 'center'\\]"):
         train(_cfg(tmp_path, "algo.advantage=grpo"))
     with pytest.raises(ConfigError, match="unknown estimator 'gpro'"):
         train(_cfg(tmp_path, "algo.advantage=gpro"))
