@@ -153,6 +153,14 @@ def cmd_micro_pretrain(a) -> int:
     return 0
 
 
+def _config_command(subparsers, name: str, help: str, example: str, func) -> None:
+    """A subcommand run from a YAML config plus ``key.sub=value`` overrides."""
+    c = subparsers.add_parser(name, help=help)
+    c.add_argument("--config", required=True, help="configs/X.yaml")
+    c.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {example}")
+    c.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentopd", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -177,20 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
     pk.add_argument("--quiet", action="store_true", help="no progress bar")
     pk.set_defaults(func=cmd_eval_passk)
-    em = evsub.add_parser("model", help="sample from an engine, judge, report pass@k (resumable)")
-    em.add_argument("--config", required=True, help="configs/X.yaml")
-    em.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. sampling.n=10")
-    em.set_defaults(func=cmd_eval_model)
-
-    t = sub.add_parser("train", help="train a policy (GRPO / self-distillation) from a YAML config")
-    t.add_argument("--config", required=True, help="configs/X.yaml")
-    t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.steps=2")
-    t.set_defaults(func=cmd_train)
-
-    r = sub.add_parser("rlef", help="the in-context RLEF baseline: public-test feedback between turns")
-    r.add_argument("--config", required=True, help="configs/X.yaml")
-    r.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. rlef.turns=3")
-    r.set_defaults(func=cmd_rlef)
+    _config_command(evsub, "model", "sample from an engine, judge, report pass@k (resumable)", "sampling.n=10",
+                    cmd_eval_model)
+    _config_command(sub, "train", "train a policy (GRPO / self-distillation) from a YAML config", "run.steps=2",
+                    cmd_train)
+    _config_command(sub, "rlef", "the in-context RLEF baseline: public-test feedback between turns", "rlef.turns=3",
+                    cmd_rlef)
 
     mi = sub.add_parser("micro", help="the micro testbed's model")
     misub = mi.add_subparsers(dest="what", required=True)

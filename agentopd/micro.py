@@ -26,9 +26,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from agentopd.envs.procedural import (
+    HELDOUT_SEED,
     LIST_OPS,
     function_problems,
     function_solution,
+    generated_problems,
     micro_problems,
     micro_solution,
 )
@@ -86,15 +88,15 @@ def _wrong_code(problem: Problem, r: random.Random) -> str:
     return f"```python\n{head}return {body}\n```"
 
 
-def heldout_problems(kind: str, n: int, levels=(1, 2, 3), seed: int = 10_007) -> list[Problem]:
-    """Held-out problems of the micro task (another seed than any warm start or training run)."""
-    return micro_problems(n, tuple(levels), seed) if kind == "math" else function_problems(n, seed)
+def heldout_problems(kind: str, n: int, levels=(1, 2, 3)) -> list[Problem]:
+    """Held-out problems of the micro task: the same ones ``run.eval_problems`` measures in training."""
+    return generated_problems("micro" if kind == "math" else "functions", n, levels, HELDOUT_SEED)
 
 
 # ------------------------------------------------------------------------------------- the data
 
 
-def warm_start_examples(cfg: MicroConfig, progress: bool = False) -> list[tuple[list[dict], str]]:
+def warm_start_examples(cfg: MicroConfig) -> list[tuple[list[dict], str]]:
     """(messages, target) pairs; the target is the assistant's reply to ``messages``."""
     from agentopd.judges import make_judge
     from agentopd.teacher import TeacherTemplate

@@ -196,9 +196,6 @@ def _load_model(cfg: TrainConfig, device):
     return model.to(device), tok
 
 
-HELDOUT_SEED = 10_007  # generated held-out problems; no training run uses this seed
-
-
 def _problems_and_judge(cfg: TrainConfig):
     """(training problems, held-out problems or None, judge)."""
     from agentopd.envs.data import (
@@ -206,7 +203,7 @@ def _problems_and_judge(cfg: TrainConfig):
         load_humaneval,
         load_math_problems,
     )
-    from agentopd.envs.procedural import GENERATORS, generated_problems
+    from agentopd.envs.procedural import GENERATORS, HELDOUT_SEED, generated_problems
     from agentopd.judges import make_judge
 
     if cfg.data.env not in ("math", "code"):
@@ -427,6 +424,8 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
             f.write(json.dumps(row) + "\n")
         for sink, _ in sinks:
             sink(row)
+
+    from agentopd.envs.procedural import HELDOUT_SEED
 
     def evaluate() -> float:  # the same seed every time: differences come from the model
         model.eval()

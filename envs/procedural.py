@@ -170,6 +170,8 @@ def function_solution(problem: Problem) -> str:
 
 
 GENERATORS = {"arithmetic": "math", "micro": "math", "functions": "code"}
+HELDOUT_SEED = 10_007
+"""The seed of generated held-out problems: no warm start or training run draws from it."""
 
 
 def generated_problems(name: str, n: int, levels=(1, 2), seed: int = 0) -> list[Problem]:
