@@ -87,6 +87,27 @@ def pick_demonstration(group: list[tuple[str, bool]], i: int) -> str | None:
     return None
 
 
+def teacher_contexts(tokenizer, prompts: list[str], samples: list, judgements: list, group_size: int,
+                     cfg, template: TeacherTemplate | None = None) -> list[list[int] | None]:
+    """The teacher prompt ids of every sample of a step, exactly as training builds them: sample ``b``
+    answers ``prompts[b // group_size]``; ``samples[b]`` has ``.text`` and ``.response_ids``;
+    ``judgements[b]`` its Judgement. A failed sample gets its critique (``cfg.use_critique``), any sample
+    the first other successful sample of its group as demonstration (``cfg.use_demonstration``). None:
+    no signal (neither text, an empty response or a judge error): the sample is masked.
+    ``cfg`` is a ``TeacherConfig`` (``use_critique``, ``use_demonstration``, ``max_tokens``)."""
+    ok = [j.verdict.status == "ok" for j in judgements]
+    out = []
+    for b, (g, j) in enumerate(zip(samples, judgements)):
+        i = b // group_size
+        group = [(samples[k].text, ok[k]) for k in range(i * group_size, (i + 1) * group_size)]
+        demo = pick_demonstration(group, b - i * group_size) if cfg.use_demonstration else None
+        crit = j.critique if cfg.use_critique and not ok[b] else None
+        ids = build_teacher_context(tokenizer, prompts[i], crit, demo, template, cfg.max_tokens)
+        usable = ids is not None and len(g.response_ids) > 0 and j.verdict.status != "judge_error"
+        out.append(ids if usable else None)
+    return out
+
+
 def score(model, teacher_prompt_ids: list[list[int]], response_ids: list[list[int]],
           micro_batch: int = 8, topk: int = 0):
     """The teacher's per-token log-probs of the student's response ids appended unchanged to the

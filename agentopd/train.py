@@ -370,12 +370,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
 
     from agentopd import advantages
     from agentopd.judges import reward_stats
-    from agentopd.teacher import (
-        Teacher,
-        TeacherTemplate,
-        build_teacher_context,
-        pick_demonstration,
-    )
+    from agentopd.teacher import Teacher, TeacherTemplate, teacher_contexts
 
     _check_algo(cfg)
     os.makedirs(cfg.run.out, exist_ok=True)
@@ -475,14 +470,8 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         # 3. self-teacher: critique (+ a successful sibling), the same response ids re-scored
         t0 = time.perf_counter()
         resp_ids = [g.response_ids for _, g in samples]
-        teacher_prompts = []
-        for b, (i, g) in enumerate(samples):
-            group = [(samples[k][1].text, bool(success_B[k])) for k in range(i * G, (i + 1) * G)]
-            demo = pick_demonstration(group, b - i * G) if cfg.teacher.use_demonstration else None
-            crit = judgements[b].critique if cfg.teacher.use_critique and not success_B[b] else None
-            ids = build_teacher_context(tok, batch[i].prompt, crit, demo, template, cfg.teacher.max_tokens)
-            ok = ids is not None and len(g.response_ids) > 0 and not math.isnan(rewards_B[b])
-            teacher_prompts.append(ids if ok else None)
+        teacher_prompts = teacher_contexts(tok, [p.prompt for p in batch], [g for _, g in samples], judgements,
+                                           G, cfg.teacher, template)
         if not needs_teacher:  # grpo / rloo: no self-teacher forward at all
             teacher_prompts = [None] * len(samples)
         teacher_mask_B = torch.tensor([tp is not None for tp in teacher_prompts], dtype=torch.float32)
