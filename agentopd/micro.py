@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from agentopd.envs.procedural import (
+    AMBIGUOUS,
     HELDOUT_SEED,
     LIST_OPS,
     function_problems,
@@ -36,7 +37,12 @@ from agentopd.envs.procedural import (
 )
 from agentopd.types import Problem
 
+SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "micro_model")
+"""The warm-started micro model shipped with the package (``MicroConfig()``'s defaults, seed 0:
+``agentopd micro pretrain --out agentopd/micro_model`` rebuilds it); what ``model.path: micro`` loads."""
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "agentopd", "micro")
+"""Where ``agentopd micro pretrain`` writes by default, and what ``micro`` falls back to (built
+when missing) if a checkout has no shipped model."""
 
 
 @dataclass
@@ -74,14 +80,29 @@ def answer(problem: Problem) -> str:
 
 
 def _wrong_math(problem: Problem, r: random.Random) -> str:
+    """A wrong attempt: half the time a slip in one column that the boxed value carries, else a wrong
+    boxed value after a correct scratchpad."""
     value = int(problem.payload["answer"])
+    if r.random() < 0.5:
+        steps, tail = micro_solution(problem).rsplit(". ", 1)
+        parts = steps.split(", ")
+        k = r.randrange(len(parts))
+        lhs, got = parts[k].rsplit(" = ", 1)
+        delta = r.choice([-1, 1])
+        parts[k] = f"{lhs} = {max(int(got) + delta, 0)}"
+        return ", ".join(parts) + f". \\boxed{{{value + delta * 10 ** k}}}"
     return micro_solution(problem, value + r.choice([-10, -2, -1, 1, 2, 10, r.randint(-99, 99) or 3]))
 
 
 def _wrong_code(problem: Problem, r: random.Random) -> str:
+    """A wrong attempt: for an ambiguous list problem the other reading of its examples, else a
+    nearby affine map or another list operation."""
     sol = problem.privileged["solution"]
     head, body = sol.split("return ")
-    if "x" in body and "xs" not in head:
+    other = [b for pair in AMBIGUOUS if body in pair for b in pair if b != body]
+    if other and r.random() < 0.8:
+        body = other[0]
+    elif "x" in body and "xs" not in head:
         body = r.choice(["x", "2 * x", f"x + {r.randint(1, 9)}", "-x", f"3 * x - {r.randint(1, 9)}"])
     else:
         body = r.choice([b for b, _ in LIST_OPS if b != body])
@@ -96,46 +117,55 @@ def heldout_problems(kind: str, n: int, levels=(1, 2, 3)) -> list[Problem]:
 # ------------------------------------------------------------------------------------- the data
 
 
+def _judge_all(pairs: list[tuple[Problem, str]]) -> list:
+    """Judgements of (problem, response) pairs by the real judges: math-verify (critiques that name
+    the expected answer) and the test judge in the sandbox."""
+    from agentopd.judges import make_judge
+
+    out = [None] * len(pairs)
+    for kind, judge in (("math", make_judge("math", reveal_answer=True)), ("code", make_judge("tests"))):
+        try:
+            idx = [i for i, (p, _) in enumerate(pairs) if p.kind == kind]
+            for i, j in zip(idx, judge.judge_many([pairs[i] for i in idx])):
+                out[i] = j
+        finally:
+            judge.close()
+    return out
+
+
+def _repair_messages(p: Problem, wrong: str, critique: str, right_critique: str, shape: int, template) -> list[dict]:
+    """The context of a repair example, by shape: 0 critique, 1 demonstration, 2 both (the
+    self-teacher's template), 3 the multi-turn conversation (RLEF), 4 the critique of the correct
+    answer itself (a success critique: keep the answer)."""
+    if shape == 3:
+        return [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": wrong},
+                {"role": "user", "content": critique}]
+    if shape == 4:
+        return template.messages(p.prompt, right_critique, None)
+    return template.messages(p.prompt, critique if shape in (0, 2) else None, answer(p) if shape in (1, 2) else None)
+
+
 def warm_start_examples(cfg: MicroConfig) -> list[tuple[list[dict], str]]:
     """(messages, target) pairs; the target is the assistant's reply to ``messages``."""
-    from agentopd.judges import make_judge
     from agentopd.teacher import TeacherTemplate
 
     held = {p.prompt for kind in ("math", "code") for p in heldout_problems(kind, cfg.heldout, cfg.levels)}
     math_p = [p for p in micro_problems(cfg.n_math, tuple(cfg.levels), cfg.seed) if p.prompt not in held]
-    code_p = [p for p in function_problems(cfg.n_code, cfg.seed + 1) if p.prompt not in held]
+    code_p = [p for p in function_problems(cfg.n_code, cfg.seed + 1, convention=False) if p.prompt not in held]
     r = random.Random(cfg.seed)
     examples = [([{"role": "user", "content": p.prompt}], answer(p)) for p in math_p + code_p]
-
     repairs = [p for p in math_p + code_p if r.random() < cfg.repair_fraction]
     wrong = [_wrong_math(p, r) if p.kind == "math" else _wrong_code(p, r) for p in repairs]
-    math_judge, code_judge = make_judge("math"), make_judge("tests")
-    try:
-        mi = [i for i, p in enumerate(repairs) if p.kind == "math"]
-        ci = [i for i, p in enumerate(repairs) if p.kind == "code"]
-        judged = dict(zip(mi, math_judge.judge_many([(repairs[i], wrong[i]) for i in mi])))
-        judged |= dict(zip(ci, code_judge.judge_many([(repairs[i], wrong[i]) for i in ci])))
-        # every reference solution must pass its own tests in the sandbox
-        refs = code_judge.judge_many([(p, function_solution(p)) for p in code_p])
-    finally:
-        math_judge.close()
-        code_judge.close()
-    bad = [p.id for p, j in zip(code_p, refs) if j.verdict.status != "ok"]
-    if bad:
+    judged = _judge_all([(p, w) for p, w in zip(repairs, wrong)] + [(p, answer(p)) for p in repairs + code_p])
+    bad = [p.id for p, j in zip(repairs + code_p, judged[len(repairs):]) if j.verdict.status != "ok"]
+    if bad:  # every reference solution must pass its own tests in the sandbox
         raise RuntimeError(f"reference solutions fail their tests: {bad[:5]}")
     template = TeacherTemplate()
     for i, p in enumerate(repairs):
-        j = judged[i]
-        if j.verdict.status == "ok":  # a perturbation that happens to be right (e.g. an equivalent list op)
+        if judged[i].verdict.status == "ok":  # a perturbation that happens to be right
             continue
-        shape = r.randrange(4)
-        if shape == 3:
-            msgs = [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": wrong[i]},
-                    {"role": "user", "content": j.critique}]
-        else:
-            crit = j.critique if shape in (0, 2) else None
-            demo = answer(p) if shape in (1, 2) else None
-            msgs = template.messages(p.prompt, crit, demo)
+        msgs = _repair_messages(p, wrong[i], judged[i].critique, judged[len(repairs) + i].critique,
+                                r.randrange(5), template)
         examples.append((msgs, answer(p)))
     r.shuffle(examples)
     return examples
@@ -269,7 +299,10 @@ def pretrain(out: str, cfg: MicroConfig | None = None, progress: bool = True) ->
 
 
 def ensure(path: str | None = None, progress: bool = True) -> str:
-    """The warm-start checkpoint directory, created first when missing."""
+    """The warm-start checkpoint directory: ``path``, else the shipped model, else ``DEFAULT_DIR``;
+    created first when missing."""
+    if path is None and os.path.exists(os.path.join(SHIPPED_DIR, "micro.json")):
+        return SHIPPED_DIR
     path = path or DEFAULT_DIR
     if not os.path.exists(os.path.join(path, "micro.json")):
         pretrain(path, progress=progress)

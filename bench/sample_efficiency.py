@@ -1,7 +1,11 @@
-"""Sample efficiency on the micro math task: GRPO vs sd_token vs hybrid on the same rollout budget.
+"""Sample efficiency on the micro tasks: GRPO vs the reference SDPO objective vs sd_token vs hybrid on
+the same rollout budget, for code (functions from examples, judged by sandboxed tests) or math
+(column arithmetic, judged by math-verify with critiques that name the expected answer).
 
 Every run starts from the same warm-start checkpoint (``agentopd micro pretrain``; created first when
-missing) and trains with ``configs/micro-{grpo,sdpo,hybrid}.yaml``; only the method and the seed differ. The
+missing) and trains with the method's config (``METHODS``) and the setting's data (``SETTINGS``);
+only the method and the seed differ. The in-context RLEF baseline (no gradient: the critique goes
+back into the conversation) runs once on the same model and held-out problems, as a line. The
 held-out pass@1 (unseen problems, ``n`` samples each at the sampling temperature) is measured before
 training and every ``--eval-every`` steps. The budgets and the target are fixed by the arguments
 below, before any result is seen:
@@ -12,8 +16,8 @@ Reported per method: rollouts to reach the target (mean and spread over the seed
 seed that never does counts as not reached), final pass@1, and the ratio of each method's rollouts to
 GRPO's. Writes ``<out>.json`` and ``<out>.png`` (a learning curve per method, mean ± std over seeds).
 
-    python3 bench/sample_efficiency.py --quick      # 3 seeds, finishes within ~10 minutes on 2 cores
-    python3 bench/sample_efficiency.py              # the full budget
+    python3 bench/sample_efficiency.py --quick --setting code   # 3 seeds per method, the small budget
+    python3 bench/sample_efficiency.py --setting math            # the full budget
 """
 from __future__ import annotations
 
@@ -27,7 +31,14 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-METHODS = {"grpo": "micro-grpo.yaml", "sd_token": "micro-sdpo.yaml", "hybrid": "micro-hybrid.yaml"}
+METHODS = {"grpo": "micro-grpo.yaml", "sdpo": "micro-sdpo-ref.yaml", "sd_token": "micro-sdpo.yaml",
+           "hybrid": "micro-hybrid.yaml"}
+SETTINGS = {
+    "code": ["data.env=code", "data.problems=functions", "data.judge={}"],
+    "math": ["data.env=math", "data.problems=micro", "data.levels=[1, 2, 3]",
+             "data.judge={name: math, reveal_answer: true}"],
+}
+"""The data of each setting, as overrides of the method configs (the shipped configs are code)."""
 
 
 def run_one(method: str, seed: int, args) -> list[tuple[int, float]]:
@@ -37,13 +48,29 @@ def run_one(method: str, seed: int, args) -> list[tuple[int, float]]:
 
     overrides = [f"run.steps={args.steps}", f"run.seed={seed}", "run.progress=false", "run.checkpoint_every=0",
                  f"run.eval_every={args.eval_every}", f"run.eval_problems={args.eval_problems}",
-                 f"run.eval_samples={args.eval_samples}", f"model.path={args.model}"]
+                 f"run.eval_samples={args.eval_samples}", f"model.path={args.model}", *SETTINGS[args.setting]]
     with tempfile.TemporaryDirectory() as out:
         cfg = load(TrainConfig, os.path.join(args.configs, METHODS[method]),
                           overrides + [f"run.out={out}"])
         rows = train(cfg)
     per_step = cfg.sampling.prompts_per_step * cfg.sampling.group_size
     return [(r["step"] * per_step, r["heldout_pass1"]) for r in rows if "heldout_pass1" in r]
+
+
+def rlef_line(args) -> list[float]:
+    """The in-context RLEF baseline on the same model and held-out problems: the held-out pass rate
+    after each of 3 turns (the critique of the public tests, or the math judge's, between turns)."""
+    from agentopd.config import load
+    from agentopd.envs.procedural import HELDOUT_SEED
+    from agentopd.rlef import RLEFConfig, rlef
+
+    data = [o for o in SETTINGS[args.setting] if not o.startswith("data.judge")]  # the default judges
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load(RLEFConfig, os.path.join(args.configs, "micro-rlef.yaml"),
+                   [f"engine.model={args.model}", f"data.n={args.eval_problems}", f"sampling.n={args.eval_samples}",
+                    f"sampling.seed={HELDOUT_SEED}", "rlef.turns=3", "rlef.feedback='{critique}'",
+                    f"eval.out={out}", "eval.k=[1]", *data])
+        return rlef(cfg)["pass_after_turn"]
 
 
 def rollouts_to(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -68,7 +95,7 @@ def summarise(curves: dict[str, list[list[tuple[int, float]]]], target: float) -
     return out
 
 
-def plot(curves, target: float, path: str) -> None:
+def plot(curves, target: float, path: str, setting: str, rlef_pass: list[float] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,9 +109,12 @@ def plot(curves, target: float, path: str) -> None:
         ax.plot(x, y.mean(0), label=method)
         ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
     ax.axhline(target, color="gray", ls="--", lw=1, label="target")
+    for turn, ls in ((1, ":"), (3, "-.")):
+        if rlef_pass and len(rlef_pass) >= turn:
+            ax.axhline(rlef_pass[turn - 1], color="black", ls=ls, lw=1, label=f"RLEF in context, {turn} turn(s)")
     ax.set_xlabel("rollouts")
     ax.set_ylabel("held-out pass@1")
-    ax.set_title("micro math: held-out pass@1 vs rollouts (mean ± std over seeds)")
+    ax.set_title(f"micro {setting}: held-out pass@1 vs rollouts (mean ± std over seeds)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -93,8 +123,12 @@ def plot(curves, target: float, path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small budget (within ~10 minutes on 2 cores)")
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default="code")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 "
+                    "(pilot runs that choose settings use other seeds than the reported ones)")
+    ap.add_argument("--no-rlef", action="store_true", help="skip the in-context RLEF line")
     ap.add_argument("--steps", type=int, help="training steps per run (default: 40 quick, 120 full)")
     ap.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: 5 quick, 10 full)")
     ap.add_argument("--eval-problems", type=int, default=100)
@@ -102,8 +136,14 @@ def main() -> None:
     ap.add_argument("--target-gain", type=float, default=0.10, help="target = warm-start pass@1 + this")
     ap.add_argument("--model", default="micro", help="warm-start checkpoint ('micro': the default one)")
     ap.add_argument("--configs", default=os.path.join(os.path.dirname(__file__), "..", "configs"))
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sample_efficiency"))
+    ap.add_argument("--out", help="output path without extension (default: "
+                    "bench/results/sample_efficiency_<setting>[_quick]; the PNG also goes to docs/)")
     args = ap.parse_args()
+    bad = [m for m in args.methods.split(",") if m not in METHODS]
+    if bad:
+        ap.error(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+    name = f"sample_efficiency_{args.setting}" + ("_quick" if args.quick else "")
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "results", name)
     args.steps = args.steps or (40 if args.quick else 120)
     args.eval_every = args.eval_every or (5 if args.quick else 10)
 
@@ -114,12 +154,14 @@ def main() -> None:
     t0 = time.perf_counter()
     curves: dict[str, list] = {}
     for method in args.methods.split(","):
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             t = time.perf_counter()
             curve = run_one(method, seed, args)
             curves.setdefault(method, []).append(curve)
             print(f"{method:9s} seed {seed}: pass@1 {curve[0][1]:.3f} -> {curve[-1][1]:.3f} "
                   f"({time.perf_counter() - t:.0f} s)", flush=True)
+    rlef_pass = None if args.no_rlef else rlef_line(args)
+    print(f"RLEF in context: held-out pass rate after turns 1..3: {rlef_pass}", flush=True)
     start = statistics.mean(c[0][1] for runs in curves.values() for c in runs)
     target = start + args.target_gain
     summary = summarise(curves, target)
@@ -133,10 +175,11 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w", encoding="utf-8") as f:
         json.dump({"args": vars(args), "warm_start": start, "target": target, "curves": curves,
-                   "summary": summary}, f, indent=2)
+                   "summary": summary, "rlef_pass_after_turn": rlef_pass}, f, indent=2)
     try:
-        plot(curves, target, args.out + ".png")
-        print(f"\nwrote {args.out}.json and {args.out}.png")
+        png = os.path.join(os.path.dirname(__file__), "..", "docs", name + ".png")
+        plot(curves, target, png, args.setting, rlef_pass)
+        print(f"\nwrote {args.out}.json and {png}")
     except ImportError:
         print(f"\nwrote {args.out}.json (no plot: pip install matplotlib)")
 

@@ -136,31 +136,68 @@ LIST_OPS = [("sum(xs)", sum), ("max(xs)", max), ("min(xs)", min), ("len(xs)", le
              ("xs[0]", lambda xs: xs[0]), ("xs[-1]", lambda xs: xs[-1]),
              ("sorted(xs)", sorted), ("xs[::-1]", lambda xs: xs[::-1])]
 
+AMBIGUOUS = [("xs[-1]", "max(xs)"), ("xs[0]", "min(xs)"), ("xs[::-1]", "sorted(xs)")]
+"""Pairs of list operations that agree on the shown examples of a problem (its lists end with their
+maximum, start with their minimum, or are strictly decreasing). The first of each pair is the
+environment's convention: its hidden tests break the tie that way."""
+_OPS = dict(LIST_OPS)
+
 
 def _affine(r: random.Random):
+    """f(x) = a*x + b; the examples show three x in 2..9, the hidden tests are f(0) and f(1)."""
     a, b = r.choice([-3, -2, -1, 1, 2, 3, 4, 5]), r.randint(-9, 9)
     body = ("x" if a == 1 else "-x" if a == -1 else f"{a} * x") + (f" + {b}" if b > 0 else f" - {-b}" if b < 0 else "")
-    xs = r.sample(range(10), 5)
-    return "x", body, [(x, a * x + b) for x in xs]
+    return "x", body, [(x, a * x + b) for x in r.sample(range(2, 10), 3)], [(x, a * x + b) for x in (0, 1)]
 
 
-def _listop(r: random.Random):
-    body, fn = r.choice(LIST_OPS)
-    cases = [[r.randint(0, 9) for _ in range(r.randint(2, 4))] for _ in range(5)]
-    return "xs", body, [(c, fn(c)) for c in cases]
+def _tied_list(r: random.Random, pair: int, tied: bool) -> list[int]:
+    """A list on which the two operations of ``AMBIGUOUS[pair]`` agree (``tied``) or differ."""
+    while True:
+        xs = [r.randint(0, 9) for _ in range(r.randint(3, 4))]
+        if pair == 2:
+            xs = sorted(set(xs), reverse=True) if tied else xs
+        elif tied:
+            i = xs.index(max(xs) if pair == 0 else min(xs))
+            xs[i], xs[-1 if pair == 0 else 0] = xs[-1 if pair == 0 else 0], xs[i]
+        first, second = (_OPS[op] for op in AMBIGUOUS[pair])
+        if len(xs) >= 2 and (first(xs) == second(xs)) == tied:
+            return xs
 
 
-def function_problems(n: int, seed: int = 0) -> list[Problem]:
-    """``n`` problems "write f from these examples" (affine integer maps and list operations). The
-    prompt shows three examples; the tests are those three and two more."""
+def _listop(r: random.Random, convention: bool):
+    """Half the time an operation the examples determine; else a pair of ``AMBIGUOUS`` that the
+    three examples cannot tell apart, and two hidden tests that can (``convention``: the first of
+    the pair is the answer, else either, at random)."""
+    if r.random() < 0.5:
+        body, fn = r.choice([op for op in LIST_OPS if op[0] in ("sum(xs)", "len(xs)", "max(xs)", "min(xs)")])
+        while True:  # examples that no other operation fits
+            cases = [[r.randint(0, 9) for _ in range(r.randint(2, 4))] for _ in range(5)]
+            if not any(all(g(c) == fn(c) for c in cases[:3]) for b, g in LIST_OPS if b != body):
+                return "xs", body, [(c, fn(c)) for c in cases[:3]], [(c, fn(c)) for c in cases[3:]]
+    pair = r.randrange(len(AMBIGUOUS))
+    body = AMBIGUOUS[pair][0 if convention else r.randrange(2)]
+    fn = _OPS[body]
+    shown = [_tied_list(r, pair, True) for _ in range(3)]
+    hidden = [_tied_list(r, pair, False) for _ in range(2)]
+    return "xs", body, [(c, fn(c)) for c in shown], [(c, fn(c)) for c in hidden]
+
+
+def function_problems(n: int, seed: int = 0, convention: bool = True) -> list[Problem]:
+    """``n`` problems "write f from these examples": affine integer maps (even ids) and list
+    operations (odd ids). The prompt shows three examples; two hidden tests come first in the test
+    list, so the test judge's critique quotes them when they fail (input, expected, got). Some list
+    problems are ambiguous: their examples fit two operations (``AMBIGUOUS``) and the hidden tests
+    decide; ``convention=False`` (the warm start) lets either be the answer at random, so a model
+    must learn the environment's convention from its test feedback."""
     r = random.Random(seed)
     out = []
     for i in range(n):
-        arg, body, cases = (_affine if i % 2 == 0 else _listop)(r)
-        shown = "\n".join(f"f({x!r}) == {y!r}" for x, y in cases[:3])
-        prompt = f"Write a Python function f({arg}) such that:\n{shown}"
+        arg, body, shown, hidden = _affine(r) if i % 2 == 0 else _listop(r, convention)
+        prompt = f"Write a Python function f({arg}) such that:\n" + "\n".join(f"f({x!r}) == {y!r}" for x, y in shown)
+        tests = [f"assert f({x!r}) == {y!r}" for x, y in hidden + shown]
         out.append(Problem(f"fn-{seed}-{i}", prompt, "code",
-                           {"style": "call", "tests": [f"assert f({x!r}) == {y!r}" for x, y in cases], "setup": ""},
+                           {"style": "call", "tests": tests, "setup": "",
+                            "public_tests": tests[len(hidden):]},
                            {"solution": f"def f({arg}):\n    return {body}"}))
     return out
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from agentopd.envs.procedural import (
+    AMBIGUOUS,
     function_problems,
     function_solution,
     micro_problems,
@@ -55,6 +56,48 @@ def test_function_problems_pass_their_tests_in_the_sandbox_and_wrong_code_fails(
         judge.close()
     assert all(j.verdict.status == "ok" for j in ok)
     assert all(j.verdict.status == "wrong_answer" and "expected" in j.critique for j in bad)
+
+
+def _with_body(problem, body):
+    head = problem.privileged["solution"].split("return ")[0]
+    return f"```python\n{head}return {body}\n```"
+
+
+def _passes(body: str, tests: list[str]) -> bool:
+    """Whether ``def f(xs): return body`` passes these asserts (our own generated code, run here)."""
+    env: dict = {}
+    exec(f"def f(xs):\n    return {body}", env)
+    try:
+        for t in tests:
+            exec(t, env)
+    except AssertionError:
+        return False
+    return True
+
+
+def _ambiguous(problems):
+    """(problem, pair) for the problems whose shown examples fit both readings of a pair."""
+    return [(p, pair) for p in problems if "(xs)" in p.prompt for pair in AMBIGUOUS
+            if all(_passes(b, p.payload["public_tests"]) for b in pair)]
+
+
+def test_ambiguous_function_problems_follow_the_convention_only_the_hidden_tests_reveal():
+    bwrap_or_skip()
+    tied = _ambiguous(function_problems(80, seed=4))
+    assert len(tied) >= 8 and all(p.payload["public_tests"] == p.payload["tests"][2:] for p, _ in tied)
+    assert all(p.privileged["solution"].endswith(pair[0]) for p, pair in tied)  # the environment's convention
+    judge = make_judge("tests")
+    try:
+        other = judge.judge_many([(p, _with_body(p, pair[1])) for p, pair in tied])
+    finally:
+        judge.close()
+    # the other reading passes every shown example and fails the two hidden tests, which the critique quotes
+    assert all(j.verdict.passed == 3 and j.verdict.total == 5 for j in other)
+    assert all("Wrong answer on test 1:" in j.critique and "expected" in j.critique for j in other)
+    # the warm start's problems take either reading, about equally often
+    free = _ambiguous(function_problems(400, seed=4, convention=False))
+    firsts = sum(p.privileged["solution"].endswith(pair[0]) for p, pair in free)
+    assert 0.3 < firsts / len(free) < 0.7, (firsts, len(free))
 
 
 def test_warm_start_data_leaves_out_held_out_problems_and_repairs_carry_real_critiques():
