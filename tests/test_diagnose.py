@@ -1,6 +1,7 @@
 """The self-teacher diagnostic (agentopd/diagnose.py): the AUC, ratios and blame on hand-made
 tensors; ``agentopd diagnose teacher`` end to end on the tiny model (a scripted engine for exact
-counts, the real engine through the CLI)."""
+counts, the real engine through the CLI); the per-step teacher_auc / ratio_correct / ratio_wrong of
+training."""
 from __future__ import annotations
 
 import itertools
@@ -16,6 +17,7 @@ from typing import ClassVar
 import pytest
 import torch
 from agentopd.envs.procedural import HELDOUT_SEED, generated_problems, micro_solution
+from agentopd.judges import BaseJudge
 
 from agentopd.config import load
 from agentopd.diagnose import (
@@ -29,7 +31,8 @@ from agentopd.diagnose import (
     token_spans,
 )
 from agentopd.engine import Generation
-from agentopd.train import TrainConfig
+from agentopd.train import TrainConfig, train
+from agentopd.types import Judgement, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 KIND_KEYS = {"n", "n_correct", "n_wrong", "pass1", "pass1_wrong", "student_pass1_same", "gap", "auc", "auc_mean",
@@ -265,3 +268,33 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     r = cli("diagnose", "teacher", "--config", ROOT / "configs" / "micro-sdpo.yaml", f"run.out={tmp_path}", *args)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("agentopd: error: ") and message in r.stderr
+
+
+# ----------------------------------------------------------------------------- per-step metrics
+
+
+class EveryThirdWrong(BaseJudge):
+    """Sample ``k`` of each call is correct unless ``k % 3 == 1``."""
+
+    def judge_many(self, pairs, progress=None):
+        return [Judgement(Verdict(0.0, 0, 1, "wrong_answer"), "Wrong.") if k % 3 == 1 else
+                Judgement(Verdict(1.0, 1, 1, "ok"), "Correct.") for k in range(len(pairs))]
+
+
+def _train(tmp_path, judge=None):
+    cfg = load(TrainConfig, str(ROOT / "configs" / "micro-sdpo.yaml"),
+               [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "data.problems=arithmetic",
+                "data.levels=[1,2]", "run.eval_problems=0", "sampling.prompts_per_step=2",
+                "sampling.group_size=3", "sampling.max_new_tokens=8", "run.steps=2", "run.checkpoint_every=0"])
+    train(cfg, judge=judge)
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_logs_teacher_auc_and_ratios_each_step(tmp_path):
+    rows = _train(tmp_path / "wrong")  # the tiny model never answers right: one class only
+    assert len(rows) == 2
+    for r in rows:
+        assert r["teacher_auc"] is None and r["ratio_correct"] is None
+        assert r["ratio_wrong"] == pytest.approx(-r["kl_teacher"], abs=1e-6)  # every teacher token is a wrong sample's
+    for r in _train(tmp_path / "mixed", EveryThirdWrong()):  # correct samples have a correct sibling: both classes
+        assert 0.0 <= r["teacher_auc"] <= 1.0 and math.isfinite(r["ratio_correct"]) and math.isfinite(r["ratio_wrong"])
