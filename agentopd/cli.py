@@ -106,9 +106,10 @@ def cmd_train(a) -> int:
     return 0
 
 
-def _run_config(cls, run, a) -> int:
-    """Load a config (YAML + overrides), run it, print the summary table (stderr) and the report
-    (JSON, stdout); a bad config, dataset, engine or missing extra is one line on stderr."""
+def _run_config(cls, run, a, out_dir=lambda cfg: cfg.eval.out) -> int:
+    """Load a config (YAML + overrides), run it, print the summary table (``out_dir(cfg)/summary.md``,
+    stderr) and the report (JSON, stdout); a bad config, dataset, engine or missing extra is one line
+    on stderr."""
     import os
 
     from agentopd.config import ConfigError, load
@@ -121,7 +122,7 @@ def _run_config(cls, run, a) -> int:
         report = run(cfg)
     except (ConfigError, DataError, SandboxUnavailable, EngineError, ImportError, ValueError) as e:
         return _fail(str(e))
-    with open(os.path.join(cfg.eval.out, "summary.md"), encoding="utf-8") as f:
+    with open(os.path.join(out_dir(cfg), "summary.md"), encoding="utf-8") as f:
         print(f.read(), file=sys.stderr, end="", flush=True)
     print(json.dumps(report, indent=2))
     return 0
@@ -139,6 +140,18 @@ def cmd_rlef(a) -> int:
     return _run_config(RLEFConfig, rlef, a)
 
 
+def cmd_diagnose_teacher(a) -> int:
+    from agentopd.diagnose import diagnose_teacher
+    from agentopd.train import TrainConfig
+
+    def run(cfg):
+        if a.out:
+            cfg.run.out = a.out
+        return diagnose_teacher(cfg)
+
+    return _run_config(TrainConfig, run, a, out_dir=lambda cfg: cfg.run.out)
+
+
 def cmd_micro_pretrain(a) -> int:
     from agentopd.micro import DEFAULT_DIR, MicroConfig, pretrain
 
@@ -153,12 +166,13 @@ def cmd_micro_pretrain(a) -> int:
     return 0
 
 
-def _config_command(subparsers, name: str, help: str, example: str, func) -> None:
-    """A subcommand run from a YAML config plus ``key.sub=value`` overrides."""
+def _config_command(subparsers, name: str, help: str, example: str, func):
+    """A subcommand run from a YAML config plus ``key.sub=value`` overrides; returns its parser."""
     c = subparsers.add_parser(name, help=help)
     c.add_argument("--config", required=True, help="configs/X.yaml")
     c.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {example}")
     c.set_defaults(func=func)
+    return c
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
                     cmd_train)
     _config_command(sub, "rlef", "the in-context RLEF baseline: public-test feedback between turns", "rlef.turns=3",
                     cmd_rlef)
+
+    di = sub.add_parser("diagnose", help="diagnostics of a training config")
+    disub = di.add_subparsers(dest="what", required=True)
+    dt = _config_command(disub, "teacher", "can the self-teacher teach? teacher pass@1, log-ratio AUC and credit "
+                         "on held-out problems, per context kind", "sampling.group_size=8", cmd_diagnose_teacher)
+    dt.add_argument("--out", default=None, help="where diagnose.json and summary.md go (default: run.out)")
 
     mi = sub.add_parser("micro", help="the micro testbed's model")
     misub = mi.add_subparsers(dest="what", required=True)

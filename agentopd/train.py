@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from agentopd import losses
+from agentopd.diagnose import step_metrics
 from agentopd.engine import (
     HFEngine,
     apply_chat,
@@ -554,6 +555,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
                "teacher_signal_frac": float(teacher_mask_B.mean()),
                "response_len": n_resp / max(len(resp_ids), 1), "empty_responses": sum(len(r) == 0 for r in resp_ids),
                "tokens_per_s": n_resp / max(t["generate"], 1e-9), **{f"time_{k}": v for k, v in t.items()}}
+        row |= step_metrics(ls_BT, lt_BT, mask_BT, teacher_mask_B, success_B)  # teacher_auc, ratio_correct/wrong
         last = step + 1 == cfg.run.steps
         if heldout and (last or cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0):
             row["heldout_pass1"] = evaluate()
