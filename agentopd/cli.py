@@ -215,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     mi = sub.add_parser("micro", help="the micro testbed's model")
     misub = mi.add_subparsers(dest="what", required=True)
     mp = misub.add_parser("pretrain", help="build and warm-start the micro model (a few minutes on 2 CPU cores)")
-    mp.add_argument("--out", default=None, help="checkpoint dir (default: ~/.cache/agentopd/micro, "
-                                                 "what model.path=micro loads)")
+    mp.add_argument("--out", default=None, help="checkpoint dir (default: ~/.cache/agentopd/micro; "
+                                                 "model.path=micro loads the shipped one, agentopd/micro_model)")
     mp.add_argument("--seed", type=int, default=0)
     mp.add_argument("--steps", type=int, default=0, help="supervised steps (default: MicroConfig.steps)")
     mp.add_argument("--quiet", action="store_true", help="no progress bar")

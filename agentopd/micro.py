@@ -52,7 +52,7 @@ class MicroConfig:
     seed: int = 0
     """Seeds the data, the tokenizer corpus and the weights."""
     hidden: int = 128
-    layers: int = 2
+    layers: int = 4
     heads: int = 4
     vocab_size: int = 512
     """Tokenizer vocabulary (byte-level BPE; digits are always single tokens)."""
@@ -60,11 +60,11 @@ class MicroConfig:
     """Arithmetic levels in the warm start and the held-out set (see ``micro_problems``)."""
     n_math: int = 6000
     """Generated arithmetic problems for the warm start."""
-    n_code: int = 600
+    n_code: int = 4000
     """Generated example-specified functions for the warm start."""
-    repair_fraction: float = 0.6
+    repair_fraction: float = 0.7
     """Share of problems that also give a repair example (wrong attempt, critique, correct answer)."""
-    steps: int = 1200
+    steps: int = 2500
     """Optimizer steps of supervised learning."""
     batch: int = 32
     lr: float = 1.5e-3

@@ -165,10 +165,10 @@ def _tied_list(r: random.Random, pair: int, tied: bool) -> list[int]:
 
 
 def _listop(r: random.Random, convention: bool):
-    """Half the time an operation the examples determine; else a pair of ``AMBIGUOUS`` that the
+    """A third of the time an operation the examples determine; else a pair of ``AMBIGUOUS`` that the
     three examples cannot tell apart, and two hidden tests that can (``convention``: the first of
     the pair is the answer, else either, at random)."""
-    if r.random() < 0.5:
+    if r.random() < 1 / 3:
         body, fn = r.choice([op for op in LIST_OPS if op[0] in ("sum(xs)", "len(xs)", "max(xs)", "min(xs)")])
         while True:  # examples that no other operation fits
             cases = [[r.randint(0, 9) for _ in range(r.randint(2, 4))] for _ in range(5)]
@@ -183,8 +183,8 @@ def _listop(r: random.Random, convention: bool):
 
 
 def function_problems(n: int, seed: int = 0, convention: bool = True) -> list[Problem]:
-    """``n`` problems "write f from these examples": affine integer maps (even ids) and list
-    operations (odd ids). The prompt shows three examples; two hidden tests come first in the test
+    """``n`` problems "write f from these examples": affine integer maps (every third id) and list
+    operations (the others). The prompt shows three examples; two hidden tests come first in the test
     list, so the test judge's critique quotes them when they fail (input, expected, got). Some list
     problems are ambiguous: their examples fit two operations (``AMBIGUOUS``) and the hidden tests
     decide; ``convention=False`` (the warm start) lets either be the answer at random, so a model
@@ -192,7 +192,7 @@ def function_problems(n: int, seed: int = 0, convention: bool = True) -> list[Pr
     r = random.Random(seed)
     out = []
     for i in range(n):
-        arg, body, shown, hidden = _affine(r) if i % 2 == 0 else _listop(r, convention)
+        arg, body, shown, hidden = _affine(r) if i % 3 == 0 else _listop(r, convention)
         prompt = f"Write a Python function f({arg}) such that:\n" + "\n".join(f"f({x!r}) == {y!r}" for x, y in shown)
         tests = [f"assert f({x!r}) == {y!r}" for x, y in hidden + shown]
         out.append(Problem(f"fn-{seed}-{i}", prompt, "code",
