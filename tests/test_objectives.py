@@ -22,7 +22,7 @@ def t(rows, dtype=torch.float32):
 
 
 def algo(**kw):
-    base = dict(loss="pg", clip_low=0.2, clip_high=0.28, distill_weight=0.0, is_clip=2.0)
+    base = {"loss": "pg", "clip_low": 0.2, "clip_high": 0.28, "distill_weight": 0.0, "is_clip": 2.0}
     return SimpleNamespace(**{**base, **kw})
 
 
