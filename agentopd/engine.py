@@ -8,6 +8,8 @@ from typing import Protocol
 
 import torch
 
+from agentopd.losses import tempered_logp, token_logprobs_chunked
+
 
 @dataclass
 class Generation:
@@ -101,9 +103,11 @@ def response_hidden(model, prompt_ids: list[list[int]], response_ids: list[list[
     return hidden_BTH[:, hidden_BTH.shape[1] - Rmax - 1:-1]
 
 
-def gather_logprobs(logits_BRV: torch.Tensor, response_ids: list[list[int]]) -> list[torch.Tensor]:
-    """Float32 log-probs of each row's response ids under ``logits_BRV``; a 1-D tensor per row."""
-    logp_BRV = logits_BRV.float().log_softmax(-1)
+def gather_logprobs(logits_BRV: torch.Tensor, response_ids: list[list[int]],
+                    temperature: float = 1.0) -> list[torch.Tensor]:
+    """Float32 log-probs of each row's response ids under ``log_softmax(logits_BRV / temperature)``
+    (the distribution the engine samples from at that temperature, before top-p); a 1-D tensor per row."""
+    logp_BRV = tempered_logp(logits_BRV, temperature)
     target_BR = torch.zeros(logp_BRV.shape[:2], dtype=torch.long, device=logp_BRV.device)
     for b, r in enumerate(response_ids):
         target_BR[b, :len(r)] = torch.tensor(r, dtype=torch.long)
@@ -112,21 +116,20 @@ def gather_logprobs(logits_BRV: torch.Tensor, response_ids: list[list[int]]) -> 
 
 
 def hidden_logprobs(hidden_BRH: torch.Tensor, head_VH: torch.Tensor, response_ids: list[list[int]],
-                    chunk: int = 128, topk: int = 0):
-    """:func:`gather_logprobs` of the logits ``hidden_BRH @ head_VH.T``, formed ``chunk`` response
-    positions at a time (with grad, each chunk is recomputed in backward), so that no ``[B, R, V]``
-    tensor is ever held. Returns ``(logprobs, topk)`` as :func:`sequence_logprobs` does."""
-    from agentopd.losses import token_logprobs_chunked
-
+                    chunk: int = 128, topk: int = 0, temperature: float = 1.0):
+    """:func:`gather_logprobs` of the logits ``hidden_BRH @ head_VH.T`` (divided by ``temperature``),
+    formed ``chunk`` response positions at a time (with grad, each chunk is recomputed in backward),
+    so that no ``[B, R, V]`` tensor is ever held. Returns ``(logprobs, topk)`` as
+    :func:`sequence_logprobs` does."""
     lens = [len(r) for r in response_ids]
     hidden_NH = torch.cat([hidden_BRH[b, :n] for b, n in enumerate(lens)])
     target_N = torch.tensor([t for r in response_ids for t in r], dtype=torch.long, device=hidden_NH.device)
-    lp_N, top_NK = token_logprobs_chunked(hidden_NH, head_VH, target_N, chunk, topk)
+    lp_N, top_NK = token_logprobs_chunked(hidden_NH, head_VH, target_N, chunk, topk, temperature)
     return list(lp_N.split(lens)), (tuple(list(x.split(lens)) for x in top_NK) if topk else None)
 
 
 def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                      micro_batch: int = 8, topk: int = 0, chunk: int = 128):
+                      micro_batch: int = 8, topk: int = 0, chunk: int = 128, temperature: float = 1.0):
     """Per-token log-probs of ``response_ids[i]`` given ``prompt_ids[i]``: one forward per micro-batch
     (see :func:`response_logits`). Works with grad enabled (the learner) or under
     ``torch.no_grad`` (teachers). Returns ``(logprobs, topk)``: ``logprobs`` a list of 1-D float32
@@ -134,7 +137,8 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
     ``(values, indices)``, two lists of ``[len_i, K]`` tensors, the K largest log-probs of the full
     distribution at each response position. ``chunk``: logits are formed from the final hidden
     states this many positions at a time (:func:`hidden_logprobs`) where :func:`lm_head_weight`
-    allows; 0: the ``[B, R, V]`` logits of each micro-batch at once.
+    allows; 0: the ``[B, R, V]`` logits of each micro-batch at once. ``temperature`` divides the
+    logits first (the sampling temperature: the log-probs of the distribution sampled from).
     """
     device = _device_of(model)
     head_VH = lm_head_weight(model) if chunk else None
@@ -147,12 +151,12 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
             top_idx += [torch.zeros(0, topk, dtype=torch.long, device=device) for _ in P]
             continue
         if head_VH is not None:
-            lps, top = hidden_logprobs(response_hidden(model, P, R), head_VH, R, chunk, topk)
+            lps, top = hidden_logprobs(response_hidden(model, P, R), head_VH, R, chunk, topk, temperature)
         else:
             logits_BRV = response_logits(model, P, R)
-            lps, top = gather_logprobs(logits_BRV, R), None
+            lps, top = gather_logprobs(logits_BRV, R, temperature), None
             if topk:
-                vals_BRK, idx_BRK = logits_BRV.float().log_softmax(-1).topk(topk, dim=-1)
+                vals_BRK, idx_BRK = tempered_logp(logits_BRV, temperature).topk(topk, dim=-1)
                 top = ([vals_BRK[b, :len(r)] for b, r in enumerate(R)], [idx_BRK[b, :len(r)] for b, r in enumerate(R)])
         logprobs += lps
         if topk:

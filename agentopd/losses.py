@@ -33,7 +33,34 @@ def _float(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def tempered_logp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log_softmax(logits / temperature)`` in float32 (float64 if given); temperature 1 divides nothing."""
+    logits = _float(logits)
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
+
 # ---------------------------------------------------------------- policy-gradient terms
+
+
+def ppo_per_token(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)``, ``r = exp(logprobs -
+    old_logprobs)``; 0 outside ``mask_BT`` (whatever the inputs hold there). Returns ``(loss_BT,
+    clipped_BT, ratio_BT)``: ``clipped_BT`` marks the tokens whose clipped branch is the active one."""
+    mask_BT = mask_BT.bool()
+    log_ratio_BT = torch.where(mask_BT, logprobs_BT - old_logprobs_BT.detach(), torch.zeros_like(logprobs_BT))
+    ratio_BT = log_ratio_BT.exp()
+    advantages_BT = torch.where(mask_BT, advantages_BT.detach(), torch.zeros_like(ratio_BT))
+    unclipped_BT = ratio_BT * advantages_BT
+    clipped_BT = ratio_BT.clamp(1 - clip_low, 1 + clip_high) * advantages_BT
+    loss_BT = -torch.minimum(unclipped_BT, clipped_BT)
+    return loss_BT, (clipped_BT < unclipped_BT).detach() & mask_BT, ratio_BT
 
 
 def policy_loss(
@@ -44,18 +71,12 @@ def policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.28,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-level PPO clip: ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)``,
-    ``r = exp(logprobs - old_logprobs)``. Metrics: ``clip_frac`` (tokens whose clipped branch is
+    """Token-mean of :func:`ppo_per_token`. Metrics: ``clip_frac`` (tokens whose clipped branch is
     the active one), ``ratio_mean``."""
-    mask_BT = mask_BT.bool()
-    log_ratio_BT = torch.where(mask_BT, logprobs_BT - old_logprobs_BT.detach(), torch.zeros_like(logprobs_BT))
-    ratio_BT = log_ratio_BT.exp()
-    advantages_BT = advantages_BT.detach()
-    unclipped_BT = ratio_BT * advantages_BT
-    clipped_BT = ratio_BT.clamp(1 - clip_low, 1 + clip_high) * advantages_BT
-    loss = -_masked_mean(torch.minimum(unclipped_BT, clipped_BT), mask_BT)
+    loss_BT, is_clipped_BT, ratio_BT = ppo_per_token(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT,
+                                                     clip_low, clip_high)
+    loss = _masked_mean(loss_BT, mask_BT)
     with torch.no_grad():
-        is_clipped_BT = clipped_BT < unclipped_BT
         metrics = {
             "clip_frac": _masked_mean(is_clipped_BT.to(ratio_BT.dtype), mask_BT).item(),
             "ratio_mean": _masked_mean(ratio_BT, mask_BT).item(),
@@ -96,19 +117,26 @@ def alpha_divergence(student_logp_NV: torch.Tensor, teacher_logp_NV: torch.Tenso
     return alpha * _kl(teacher_logp_NV, mixture_logp_NV) + (1 - alpha) * _kl(student_logp_NV, mixture_logp_NV)
 
 
+def kl_alpha_per_token(student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, alpha: float,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """Full-vocabulary ``KL_alpha(student, teacher)`` at each position, ``[B, T]``, both sides' logits
+    divided by ``temperature``; the teacher side is detached."""
+    student_logp_BTV = tempered_logp(student_logits_BTV, temperature)
+    return alpha_divergence(student_logp_BTV, tempered_logp(teacher_logits_BTV.detach(), temperature), alpha)
+
+
 def kl_alpha(
-    student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, mask_BT: torch.Tensor, alpha: float
+    student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, mask_BT: torch.Tensor, alpha: float,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Token-mean full-vocabulary ``KL_alpha(student, teacher)``; the teacher side is detached."""
-    student_logp_BTV = F.log_softmax(_float(student_logits_BTV), dim=-1)
-    teacher_logp_BTV = F.log_softmax(_float(teacher_logits_BTV.detach()), dim=-1)
-    return _masked_mean(alpha_divergence(student_logp_BTV, teacher_logp_BTV, alpha), mask_BT)
+    """Token-mean of :func:`kl_alpha_per_token`."""
+    return _masked_mean(kl_alpha_per_token(student_logits_BTV, teacher_logits_BTV, alpha, temperature), mask_BT)
 
 
-def _head_logp(hidden_NH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(hidden @ weight.T)`` in float32, also under autocast."""
+def _head_logp(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log_softmax(hidden @ weight.T / temperature)`` in float32, also under autocast."""
     with torch.autocast(hidden_NH.device.type, enabled=False):
-        return F.log_softmax(_float(hidden_NH) @ _float(weight_VH).T, dim=-1)
+        return tempered_logp(_float(hidden_NH) @ _float(weight_VH).T, temperature)
 
 
 def _over_chunks(fn: Callable, chunk: int, rows: tuple[torch.Tensor, ...], *shared) -> list:
@@ -118,16 +146,49 @@ def _over_chunks(fn: Callable, chunk: int, rows: tuple[torch.Tensor, ...], *shar
     return [run(*(x[s : s + chunk] for x in rows), *shared) for s in range(0, rows[0].shape[0], chunk)]
 
 
-def _chunk_divergence_sum(
+def _chunk_divergence(
     student_hidden_NH: torch.Tensor,
     teacher_hidden_NH: torch.Tensor,
     weight_VH: torch.Tensor,
     teacher_weight_VH: torch.Tensor,
     alpha: float,
+    temperature: float,
 ) -> torch.Tensor:
-    student_logp_NV = _head_logp(student_hidden_NH, weight_VH)
-    teacher_logp_NV = _head_logp(teacher_hidden_NH, teacher_weight_VH)
-    return alpha_divergence(student_logp_NV, teacher_logp_NV, alpha).sum()
+    student_logp_NV = _head_logp(student_hidden_NH, weight_VH, temperature)
+    teacher_logp_NV = _head_logp(teacher_hidden_NH, teacher_weight_VH, temperature)
+    return alpha_divergence(student_logp_NV, teacher_logp_NV, alpha)
+
+
+def kl_alpha_chunked_per_token(
+    student_hidden_BTH: torch.Tensor,
+    teacher_hidden_BTH: torch.Tensor,
+    lm_head_weight_VH: torch.Tensor,
+    mask_BT: torch.Tensor,
+    alpha: float,
+    chunk: int = 128,
+    teacher_lm_head_weight_VH: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """:func:`kl_alpha_per_token` of ``hidden @ weight.T / temperature`` logits at the masked
+    positions (0 elsewhere), ``[B, T]`` float32, the logits formed ``chunk`` masked positions at a
+    time and recomputed in backward (``torch.utils.checkpoint``), so no ``[B, T, V]`` tensor is ever
+    held. Gradients reach ``student_hidden_BTH`` and ``lm_head_weight_VH``; the teacher side (hidden
+    states, and ``teacher_lm_head_weight_VH``, default: the student's weight) is detached. The
+    teacher's hidden size may differ from the student's (it only meets its own weight). ``mask_BT``
+    is read as boolean."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    mask_BT = mask_BT.bool()
+    student_hidden_NH = student_hidden_BTH[mask_BT]
+    teacher_hidden_NH = teacher_hidden_BTH.detach()[mask_BT]
+    if teacher_lm_head_weight_VH is None:
+        teacher_lm_head_weight_VH = lm_head_weight_VH
+    parts = _over_chunks(_chunk_divergence, chunk, (student_hidden_NH, teacher_hidden_NH),
+                         lm_head_weight_VH, teacher_lm_head_weight_VH.detach(), alpha, temperature)
+    out_BT = torch.zeros(mask_BT.shape, dtype=torch.float32, device=student_hidden_BTH.device)
+    if not parts:  # nothing masked in: a zero that still backpropagates
+        return out_BT + _float(student_hidden_NH).sum() * 0.0
+    return out_BT.index_put((mask_BT,), torch.cat(parts).to(out_BT.dtype))
 
 
 def kl_alpha_chunked(
@@ -138,41 +199,31 @@ def kl_alpha_chunked(
     alpha: float,
     chunk: int = 128,
     teacher_lm_head_weight_VH: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """:func:`kl_alpha` of ``hidden @ weight.T`` logits, formed ``chunk`` masked positions at a time
-    (float32) and recomputed in backward (``torch.utils.checkpoint``), so no ``[B, T, V]`` tensor
-    is ever held. Gradients reach ``student_hidden_BTH`` and ``lm_head_weight_VH``; the teacher
-    side (hidden states, and ``teacher_lm_head_weight_VH``, default: the student's weight) is
-    detached. The teacher's hidden size may differ from the student's (it only meets its own
-    weight). ``mask_BT`` is read as boolean."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    mask_BT = mask_BT.bool()
-    student_hidden_NH = student_hidden_BTH[mask_BT]
-    teacher_hidden_NH = teacher_hidden_BTH.detach()[mask_BT]
-    if teacher_lm_head_weight_VH is None:
-        teacher_lm_head_weight_VH = lm_head_weight_VH
-    sums = _over_chunks(_chunk_divergence_sum, chunk, (student_hidden_NH, teacher_hidden_NH),
-                        lm_head_weight_VH, teacher_lm_head_weight_VH.detach(), alpha)
-    if not sums:  # nothing masked in: a zero that still backpropagates
-        return _float(student_hidden_NH).sum() * 0.0
-    return torch.stack(sums).sum() / student_hidden_NH.shape[0]
+    """Token-mean of :func:`kl_alpha_chunked_per_token` (:func:`kl_alpha` of ``hidden @ weight.T``
+    logits, never holding a ``[B, T, V]`` tensor)."""
+    per_token_BT = kl_alpha_chunked_per_token(student_hidden_BTH, teacher_hidden_BTH, lm_head_weight_VH, mask_BT,
+                                              alpha, chunk, teacher_lm_head_weight_VH, temperature)
+    return per_token_BT.sum() / mask_BT.bool().sum().clamp(min=1)
 
 
-def _chunk_logprobs(hidden_NH: torch.Tensor, target_N: torch.Tensor, weight_VH: torch.Tensor, topk: int):
-    logp_NV = _head_logp(hidden_NH, weight_VH)
+def _chunk_logprobs(hidden_NH: torch.Tensor, target_N: torch.Tensor, weight_VH: torch.Tensor, topk: int,
+                    temperature: float):
+    logp_NV = _head_logp(hidden_NH, weight_VH, temperature)
     lp_N = logp_NV.gather(-1, target_N[:, None]).squeeze(-1)
     return (lp_N, *logp_NV.topk(topk, dim=-1)) if topk else (lp_N,)
 
 
 def token_logprobs_chunked(
-    hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_N: torch.Tensor, chunk: int = 128, topk: int = 0
+    hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_N: torch.Tensor, chunk: int = 128, topk: int = 0,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Float32 log-probs of ``target_N`` under ``log_softmax(hidden_NH @ weight_VH.T)``, the logits
+    """Float32 log-probs of ``target_N`` under ``log_softmax(hidden_NH @ weight_VH.T / temperature)``, the logits
     formed ``chunk`` positions at a time and, under grad, recomputed in backward: no ``[N, V]``
     tensor is held. Returns ``(lp_N, top)``; ``top`` is None, or with ``topk`` the ``(values_NK,
     indices_NK)`` of the K largest log-probs at each position (for use without grad)."""
-    parts = _over_chunks(_chunk_logprobs, chunk, (hidden_NH, target_N), weight_VH, topk)
+    parts = _over_chunks(_chunk_logprobs, chunk, (hidden_NH, target_N), weight_VH, topk, temperature)
     if not parts:
         empty = hidden_NH.new_zeros(0, dtype=torch.float32)
         return empty, ((empty.new_zeros(0, topk), target_N.new_zeros(0, topk)) if topk else None)
@@ -190,24 +241,32 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(near_zero, from_expm1, from_log1p)
 
 
+def kl_alpha_topk_per_token(student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, alpha: float,
+                            k: int, temperature: float = 1.0) -> torch.Tensor:
+    """``KL_alpha`` at each position, ``[B, T]``, over K+1 categories: the student's top-``k`` tokens,
+    plus a tail bucket holding the rest of the mass (``log(1 - sum p_topk)``, for both distributions);
+    both sides' logits divided by ``temperature``. With ``k = V`` (or ``V - 1``) it equals
+    :func:`kl_alpha_per_token`."""
+    student_logp_BTV = tempered_logp(student_logits_BTV, temperature)
+    teacher_logp_BTV = tempered_logp(teacher_logits_BTV.detach(), temperature)
+    index_BTK = student_logp_BTV.detach().topk(min(k, student_logp_BTV.shape[-1]), dim=-1).indices
+    student_logp_BTK = student_logp_BTV.gather(-1, index_BTK)
+    teacher_logp_BTK = teacher_logp_BTV.gather(-1, index_BTK)
+    student_cat_BTK1 = torch.cat([student_logp_BTK, _log1mexp(student_logp_BTK.logsumexp(-1, keepdim=True))], -1)
+    teacher_cat_BTK1 = torch.cat([teacher_logp_BTK, _log1mexp(teacher_logp_BTK.logsumexp(-1, keepdim=True))], -1)
+    return alpha_divergence(student_cat_BTK1, teacher_cat_BTK1, alpha)
+
+
 def kl_alpha_topk(
     student_logits_BTV: torch.Tensor,
     teacher_logits_BTV: torch.Tensor,
     mask_BT: torch.Tensor,
     alpha: float,
     k: int,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """``KL_alpha`` over K+1 categories: the student's top-``k`` tokens at each position, plus a
-    tail bucket holding the rest of the mass (``log(1 - sum p_topk)``, for both distributions).
-    With ``k = V`` (or ``V - 1``) it equals :func:`kl_alpha`."""
-    student_logp_BTV = F.log_softmax(_float(student_logits_BTV), dim=-1)
-    teacher_logp_BTV = F.log_softmax(_float(teacher_logits_BTV.detach()), dim=-1)
-    index_BTK = student_logp_BTV.detach().topk(k, dim=-1).indices
-    student_logp_BTK = student_logp_BTV.gather(-1, index_BTK)
-    teacher_logp_BTK = teacher_logp_BTV.gather(-1, index_BTK)
-    student_cat_BTK1 = torch.cat([student_logp_BTK, _log1mexp(student_logp_BTK.logsumexp(-1, keepdim=True))], -1)
-    teacher_cat_BTK1 = torch.cat([teacher_logp_BTK, _log1mexp(teacher_logp_BTK.logsumexp(-1, keepdim=True))], -1)
-    return _masked_mean(alpha_divergence(student_cat_BTK1, teacher_cat_BTK1, alpha), mask_BT)
+    """Token-mean of :func:`kl_alpha_topk_per_token`."""
+    return _masked_mean(kl_alpha_topk_per_token(student_logits_BTV, teacher_logits_BTV, alpha, k, temperature), mask_BT)
 
 
 # ---------------------------------------------------------------- registry

@@ -4,6 +4,7 @@ trust_region)."""
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ import torch
 from .engine import apply_chat, sequence_logprobs
 
 TEACHER_MODES = ("ema", "frozen", "live", "trust_region")
+_THINK = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
 
 
 @dataclass
@@ -79,12 +81,18 @@ def build_teacher_context(tokenizer, prompt: str, critique: str | None, demonstr
     return None
 
 
-def pick_demonstration(group: list[tuple[str, bool]], i: int) -> str | None:
-    """The response text of the first successful sibling of sample ``i`` (never sample ``i`` itself)."""
+def pick_demonstration(group: list[tuple[str, bool]], i: int, allow_self: bool = False) -> str | None:
+    """The response text of the first successful sample of the group other than sample ``i``, or with
+    ``allow_self`` the first successful one, sample ``i`` included."""
     for j, (text, success) in enumerate(group):
-        if j != i and success:
+        if (allow_self or j != i) and success:
             return text
     return None
+
+
+def strip_think(text: str) -> str:
+    """``text`` without its ``<think>...</think>`` blocks and the whitespace after each."""
+    return _THINK.sub("", text)
 
 
 def teacher_contexts(tokenizer, prompts: list[str], samples: list, judgements: list, group_size: int,
@@ -92,16 +100,22 @@ def teacher_contexts(tokenizer, prompts: list[str], samples: list, judgements: l
     """The teacher prompt ids of every sample of a step, exactly as training builds them: sample ``b``
     answers ``prompts[b // group_size]``; ``samples[b]`` has ``.text`` and ``.response_ids``;
     ``judgements[b]`` its Judgement. A failed sample gets its critique (``cfg.use_critique``), any sample
-    the first other successful sample of its group as demonstration (``cfg.use_demonstration``). None:
-    no signal (neither text, an empty response or a judge error): the sample is masked.
-    ``cfg`` is a ``TeacherConfig`` (``use_critique``, ``use_demonstration``, ``max_tokens``)."""
+    the first other successful sample of its group as demonstration (``cfg.use_demonstration``; with
+    ``cfg.self_demonstration`` the first successful one, itself included), without its ``<think>``
+    blocks with ``cfg.strip_think``; ``cfg.drop_critique_with_demo`` leaves the critique out where there
+    is a demonstration. None: no signal (neither text, an empty response or a judge error): the sample
+    is masked. ``cfg`` is a ``TeacherConfig``."""
     ok = [j.verdict.status == "ok" for j in judgements]
     out = []
     for b, (g, j) in enumerate(zip(samples, judgements)):
         i = b // group_size
         group = [(samples[k].text, ok[k]) for k in range(i * group_size, (i + 1) * group_size)]
-        demo = pick_demonstration(group, b - i * group_size) if cfg.use_demonstration else None
-        crit = j.critique if cfg.use_critique and not ok[b] else None
+        demo = (pick_demonstration(group, b - i * group_size, cfg.self_demonstration)
+                if cfg.use_demonstration else None)
+        if demo is not None and cfg.strip_think:
+            demo = strip_think(demo)
+        dropped = demo is not None and cfg.drop_critique_with_demo
+        crit = j.critique if cfg.use_critique and not ok[b] and not dropped else None
         ids = build_teacher_context(tokenizer, prompts[i], crit, demo, template, cfg.max_tokens)
         usable = ids is not None and len(g.response_ids) > 0 and j.verdict.status != "judge_error"
         out.append(ids if usable else None)
@@ -109,11 +123,12 @@ def teacher_contexts(tokenizer, prompts: list[str], samples: list, judgements: l
 
 
 def score(model, teacher_prompt_ids: list[list[int]], response_ids: list[list[int]],
-          micro_batch: int = 8, topk: int = 0):
+          micro_batch: int = 8, topk: int = 0, temperature: float = 1.0):
     """The teacher's per-token log-probs of the student's response ids appended unchanged to the
-    teacher prompts (no grad). Same return as :func:`agentopd.engine.sequence_logprobs`."""
+    teacher prompts (no grad), the logits divided by ``temperature`` (the sampling temperature, as
+    both references do for the teacher). Same return as :func:`agentopd.engine.sequence_logprobs`."""
     with torch.no_grad():
-        return sequence_logprobs(model, teacher_prompt_ids, response_ids, micro_batch, topk)
+        return sequence_logprobs(model, teacher_prompt_ids, response_ids, micro_batch, topk, temperature=temperature)
 
 
 class _LogitMix(torch.nn.Module):
@@ -159,8 +174,8 @@ class Teacher:
             return _LogitMix(self.copy, self.student, self.mix)
         return self.copy
 
-    def score(self, teacher_prompt_ids, response_ids, micro_batch: int = 8, topk: int = 0):
-        return score(self.model_for_scoring(), teacher_prompt_ids, response_ids, micro_batch, topk)
+    def score(self, teacher_prompt_ids, response_ids, micro_batch: int = 8, topk: int = 0, temperature: float = 1.0):
+        return score(self.model_for_scoring(), teacher_prompt_ids, response_ids, micro_batch, topk, temperature)
 
     @torch.no_grad()
     def update(self, student_model=None):

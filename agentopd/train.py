@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from agentopd import losses
+from agentopd import losses, objectives
 from agentopd.diagnose import step_metrics
 from agentopd.engine import (
     HFEngine,
@@ -91,12 +91,26 @@ class TeacherConfig:
     """Put a successful sibling's answer in the teacher context."""
     max_tokens: int = 1024
     """Cap on the teacher prompt; critique and demonstration are truncated to fit."""
+    drop_critique_with_demo: bool = False
+    """Leave the critique out of a context that shows a correct sibling (lasgroup/SDPO's
+    ``environment_feedback_only_without_solution``, true there)."""
+    strip_think: bool = False
+    """Remove ``<think>...</think>`` (and the whitespace after it) from a demonstration
+    (lasgroup/SDPO's ``remove_thinking_from_demonstration``, true there)."""
+    self_demonstration: bool = False
+    """A successful sample may be its own demonstration (the first success of its group, itself
+    included); false: only another sample's (lasgroup/SDPO's ``dont_reprompt_on_self_success: true``)."""
 
 
 @dataclass
 class AlgoConfig:
+    loss: str = "pg"
+    """The per-token objective (agentopd.objectives): 'pg' (PPO-clip on ``advantage``, plus
+    ``distill_weight`` x the distillation loss when that is > 0), 'sdpo' (the distillation loss alone,
+    importance-weighted: lasgroup/SDPO's ``loss_mode=sdpo``), 'sdpo_token' (TRL's sampled-token SDPO;
+    needs ``distill_alpha: 1``) or 'mix' (``(1 - distill_weight) * pg + distill_weight * sdpo``)."""
     advantage: str = "sd_token"
-    """grpo, rloo, sd_token, sd_to_go or hybrid."""
+    """grpo, rloo, sd_token, sd_to_go or hybrid (the advantages of the 'pg' and 'mix' losses)."""
     advantage_kwargs: dict = field(default_factory=dict)
     """Extra arguments of the estimator (std_normalize, clamp, baseline, lam, mode)."""
     clip_low: float = 0.2
@@ -106,12 +120,20 @@ class AlgoConfig:
     entropy: float = 0.0
     """Weight of an entropy bonus (0: off)."""
     distill_weight: float = 0.0
-    """Weight of a KL_alpha distillation loss to the teacher on samples with a teacher signal
-    (0: off; it adds to the policy-gradient loss of ``advantage``)."""
+    """loss 'pg': weight of a KL_alpha distillation loss to the teacher on samples with a teacher
+    signal, added to the policy-gradient loss (0: off); loss 'mix': the weight w in [0, 1]."""
     distill_alpha: float = 0.5
     """0: forward KL(teacher||student), 1: reverse KL(student||teacher), between: generalized JSD."""
     distill_topk: int = 100
     """Top-K of the student's distribution plus a tail bucket; 0: the full vocabulary."""
+    is_clip: float = 2.0
+    """'sdpo', 'sdpo_token', 'mix': each distillation token's loss times the detached
+    ``min(pi_theta / pi_old, is_clip)`` (both references: 2); 0 or less: off."""
+    rollout_is_clip: float = 2.0
+    """Rollout correction on every loss: each token's loss times ``min(exp(ls_old - l_engine),
+    rollout_is_clip)``, ``l_engine`` the engine's sampling log-prob (``Generation.logprobs``),
+    ``ls_old`` the learner's before the update (lasgroup/SDPO: ``rollout_is: token``, threshold 2);
+    0 or less: off. The mismatch is logged either way (``rollout_logprob_diff``, ...)."""
 
 
 @dataclass
@@ -260,7 +282,27 @@ def _check_algo(cfg: TrainConfig) -> None:
         raise ConfigError(f"algo.advantage_kwargs: {cfg.algo.advantage} does not take {bad}; it takes {takes}")
     if cfg.teacher.mode not in ("ema", "frozen", "live", "trust_region"):
         raise ConfigError(f"teacher.mode: {cfg.teacher.mode!r}; choices: ema, frozen, live, trust_region")
+    _check_loss(cfg.algo)
     _precision(cfg)
+
+
+def _check_loss(algo: AlgoConfig) -> None:
+    from agentopd.config import ConfigError
+
+    if algo.loss not in objectives.OBJECTIVES:
+        raise ConfigError(f"algo.loss: unknown objective {algo.loss!r}; choices: {', '.join(sorted(objectives.OBJECTIVES))}")
+    if not 0.0 <= algo.distill_alpha <= 1.0:
+        raise ConfigError(f"algo.distill_alpha must be in [0, 1], got {algo.distill_alpha}")
+    if algo.loss == "sdpo_token" and algo.distill_alpha != 1.0:  # as TRL: the sampled-token form is reverse KL only
+        raise ConfigError(f"algo.loss=sdpo_token is reverse KL only: it needs algo.distill_alpha=1, got {algo.distill_alpha}")
+    if algo.loss == "mix" and not 0.0 <= algo.distill_weight <= 1.0:
+        raise ConfigError(f"algo.loss=mix needs algo.distill_weight in [0, 1], got {algo.distill_weight}")
+
+
+def learner_temperature(sampling: SamplingConfig) -> float:
+    """What the learner divides its logits by: the sampling temperature (1 for greedy, whose engine
+    log-probs are the untempered ones)."""
+    return sampling.temperature if sampling.temperature > 0 else 1.0
 
 
 def _precision(cfg: TrainConfig) -> str:
@@ -324,23 +366,82 @@ def _teacher_hidden(teacher, prompt_ids: list[list[int]], response_ids: list[lis
     return torch.cat([h for h, _ in parts], -1), torch.cat([w for _, w in parts], -1)
 
 
-def _distill_kl(algo: AlgoConfig, teacher, student_BRX, head_VH, chunk: int, prompt_ids, response_ids,
-                mask_BR, amp) -> torch.Tensor:
-    """Token-mean KL_alpha(student, teacher) on these rows. ``chunk`` > 0: ``student_BRX`` is the
-    student's final hidden states ``[B, R, H]`` and both sides' logits are formed chunk by chunk
-    (``kl_alpha_chunked``); 0: it is the student's logits ``[B, R, V]`` (top-K or full KL)."""
+def _divergence_BR(algo: AlgoConfig, teacher, student_BRX, head_VH, chunk: int, prompt_ids, response_ids,
+                   mask_BR, amp, temperature: float) -> torch.Tensor:
+    """KL_alpha(student, teacher) at each position of these rows, ``[B, R]``, both sides' logits divided
+    by ``temperature``. ``chunk`` > 0: ``student_BRX`` is the student's final hidden states ``[B, R, H]``
+    and both sides' logits are formed chunk by chunk (0 outside ``mask_BR``); 0: it is the student's
+    logits ``[B, R, V]`` (top-K or full KL)."""
     with torch.no_grad(), amp():
         if chunk:
             teacher_BRH, teacher_head_VH = _teacher_hidden(teacher, prompt_ids, response_ids)
         else:
             teacher_BRV = response_logits(teacher.model_for_scoring(), prompt_ids, response_ids)
+    device = student_BRX.device
     if chunk:
-        return losses.kl_alpha_chunked(student_BRX, teacher_BRH.to(student_BRX.device), head_VH, mask_BR,
-                                       algo.distill_alpha, chunk, teacher_head_VH.to(student_BRX.device))
-    teacher_BRV = teacher_BRV.to(student_BRX.device)
+        return losses.kl_alpha_chunked_per_token(student_BRX, teacher_BRH.to(device), head_VH, mask_BR,
+                                                 algo.distill_alpha, chunk, teacher_head_VH.to(device), temperature)
     if algo.distill_topk:
-        return losses.kl_alpha_topk(student_BRX, teacher_BRV, mask_BR, algo.distill_alpha, algo.distill_topk)
-    return losses.kl_alpha(student_BRX, teacher_BRV, mask_BR, algo.distill_alpha)
+        return losses.kl_alpha_topk_per_token(student_BRX, teacher_BRV.to(device), algo.distill_alpha,
+                                              algo.distill_topk, temperature)
+    return losses.kl_alpha_per_token(student_BRX, teacher_BRV.to(device), algo.distill_alpha, temperature)
+
+
+def _engine_logprobs(gens: list, like_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's sampling log-probs ``[B, T]`` (shaped as ``like_BT``) and where it gave them: rows
+    whose ``Generation.logprobs`` has one value per response id (an engine without log-probs: none)."""
+    lp_BT, have_BT = torch.zeros_like(like_BT), torch.zeros_like(like_BT)
+    for b, g in enumerate(gens):
+        if g.response_ids and len(g.logprobs) == len(g.response_ids):
+            lp_BT[b, :len(g.logprobs)] = torch.tensor(g.logprobs, dtype=lp_BT.dtype)
+            have_BT[b, :len(g.logprobs)] = 1.0
+    return lp_BT, have_BT
+
+
+@dataclass
+class _Step:
+    """What the update of one step reads: per sample ``b``, its prompt ids, response ids and teacher
+    prompt (None: no teacher signal); ``[B, T]`` tensors; the whole batch's token counts."""
+
+    prompt_ids: list
+    response_ids: list
+    teacher_prompts: list
+    old_BT: torch.Tensor
+    teacher_BT: torch.Tensor
+    adv_BT: torch.Tensor
+    mask_BT: torch.Tensor
+    teacher_mask_B: torch.Tensor
+    rollout_BT: torch.Tensor
+    ref_BT: torch.Tensor | None
+    n_tok: torch.Tensor
+    n_teacher_tok: torch.Tensor
+
+
+def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp, st: _Step, idx: list[int]):
+    """Samples ``idx``'s share of the whole batch's loss (``algo.loss``, plus the reference KL) and metrics."""
+    T = learner_temperature(cfg.sampling)
+    R_ = [st.response_ids[b] for b in idx]
+    with amp():  # the student's final hidden states [B, R, H] (chunk > 0) or its logits [B, R, V]
+        out_BRX = (response_hidden if chunk else response_logits)(model, [st.prompt_ids[b] for b in idx], R_)
+    lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk, temperature=T)[0] if chunk else
+                   gather_logprobs(out_BRX, R_, T), st.old_BT.shape[1])
+    dev = lp_BT.device
+    m_BT = st.mask_BT[idx].to(dev)
+    tm_BT = m_BT * st.teacher_mask_B[idx, None].to(dev)
+    batch = objectives.TokenBatch(lp_BT, st.old_BT[idx].to(dev), st.adv_BT[idx].to(dev), m_BT / st.n_tok,
+                                  tm_BT / st.n_teacher_tok, st.rollout_BT[idx].to(dev), st.teacher_BT[idx].to(dev))
+    rows = [k for k, b in enumerate(idx) if st.teacher_prompts[b] is not None and len(R_[k])]
+    if "divergence" in objectives.needs(cfg.algo):
+        batch.divergence_BT = torch.zeros_like(lp_BT)
+        if rows:
+            Rm = max(len(R_[k]) for k in rows)
+            batch.divergence_BT[rows, :Rm] = _divergence_BR(
+                cfg.algo, teacher, out_BRX[rows, :Rm], head_VH, chunk, [st.teacher_prompts[idx[k]] for k in rows],
+                [R_[k] for k in rows], tm_BT[rows, :Rm], amp, T)
+    loss, metrics = objectives.loss(cfg.algo, batch)
+    if st.ref_BT is not None:
+        loss = loss + cfg.algo.ref_kl * (m_BT.sum() / st.n_tok) * losses.ref_kl_k3(lp_BT, st.ref_BT[idx].to(dev), m_BT)
+    return loss, metrics
 
 
 def _save(path: str, step: int, model, opt, teacher, data_pos: int):
@@ -384,9 +485,11 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     model, tok = _load_model(cfg, device)
     amp = _autocast(_precision(cfg), device)
     head_VH = lm_head_weight(model)
+    needs = objectives.needs(cfg.algo)
     # hidden states and logits formed chunk by chunk in the update, unless top-K distillation needs logits
-    chunk = (cfg.optim.logits_chunk if head_VH is not None and not (cfg.algo.distill_weight and cfg.algo.distill_topk)
+    chunk = (cfg.optim.logits_chunk if head_VH is not None and not ("divergence" in needs and cfg.algo.distill_topk)
              else 0)
+    temperature = learner_temperature(cfg.sampling)
     problems, heldout, default_judge = _problems_and_judge(cfg)
     if judge is None:
         judge = default_judge
@@ -399,7 +502,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     ref = Teacher(model, "frozen") if cfg.algo.ref_kl else None
     engine = (engine or HFEngine)(model, tok, device=device)
     template = TeacherTemplate()
-    needs_teacher = cfg.algo.advantage in ("sd_token", "sd_to_go", "hybrid") or cfg.algo.distill_weight > 0
+    needs_teacher = cfg.algo.advantage in ("sd_token", "sd_to_go", "hybrid") or bool(needs)
     start, data_pos = 0, 0
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
     if cfg.run.resume and (latest := _latest(ckpt_dir)):
@@ -477,7 +580,8 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
             teacher_prompts = [None] * len(samples)
         teacher_mask_B = torch.tensor([tp is not None for tp in teacher_prompts], dtype=torch.float32)
         def score(scorer, prompts, responses):
-            return sequence_logprobs(scorer, prompts, responses, chunk=cfg.optim.logits_chunk)[0]
+            return sequence_logprobs(scorer, prompts, responses, chunk=cfg.optim.logits_chunk,
+                                     temperature=temperature)[0]
 
         with torch.no_grad(), amp():
             student_lp = score(model, [prompt_ids[i] for i, _ in samples], resp_ids)
@@ -500,45 +604,30 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         keep_B = ~torch.isnan(rewards_B)
         mask_BT = mask_BT * keep_B[:, None]
         adv_BT = torch.nan_to_num(adv_BT) * mask_BT
+        engine_BT, engine_mask_BT = _engine_logprobs([g for _, g in samples], ls_BT)
+        rollout_BT, rollout_metrics = objectives.rollout_weights(ls_BT, engine_BT, engine_mask_BT * mask_BT,
+                                                                 cfg.algo.rollout_is_clip)
 
         # 5. update: micro-batches, gradient accumulation, importance ratio over epochs
         t0 = time.perf_counter()
         model.train()
-        n_tok = mask_BT.sum().clamp(min=1)
-        n_teacher_tok = (mask_BT * teacher_mask_B[:, None]).sum().clamp(min=1)
-        loss_sum, clipfrac, distill_sum = 0.0, 0.0, 0.0
+        ref_BT = pad_BT([r.float().cpu() for r in ref_lp])[0] if ref else None
+        st = _Step([prompt_ids[i] for i, _ in samples], resp_ids, teacher_prompts, ls_BT, lt_BT, adv_BT, mask_BT,
+                   teacher_mask_B, rollout_BT, ref_BT, mask_BT.sum().clamp(min=1),
+                   (mask_BT * teacher_mask_B[:, None]).sum().clamp(min=1))
+        loss_sum, sums = 0.0, {"distill_loss": 0.0, "clipfrac": 0.0}
         for _ in range(cfg.optim.epochs_per_batch):
             opt.zero_grad(set_to_none=True)
             for s in range(0, len(samples), cfg.optim.micro_batch):
                 idx = list(range(s, min(s + cfg.optim.micro_batch, len(samples))))
                 if mask_BT[idx].sum() == 0:
                     continue
-                R_ = [resp_ids[b] for b in idx]
-                with amp():  # the student's final hidden states [B, R, H] (chunk > 0) or its logits [B, R, V]
-                    out_BRX = (response_hidden if chunk else response_logits)(
-                        model, [prompt_ids[samples[b][0]] for b in idx], R_)
-                lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk)[0] if chunk else
-                               gather_logprobs(out_BRX, R_), ls_BT.shape[1])
-                m_BT = mask_BT[idx].to(lp_BT.device)
-                loss, met = losses.policy_loss(lp_BT, ls_BT[idx].to(lp_BT.device), adv_BT[idx].to(lp_BT.device),
-                                               m_BT, cfg.algo.clip_low, cfg.algo.clip_high)
-                weight = m_BT.sum() / n_tok  # token-mean over the whole batch, not per micro-batch
-                loss = loss * weight
-                if ref is not None:
-                    ref_BT, _ = pad_BT([r.float().cpu() for r in ref_lp])
-                    loss = loss + cfg.algo.ref_kl * weight * losses.ref_kl_k3(lp_BT, ref_BT[idx].to(lp_BT.device), m_BT)
-                rows_t = [k for k, b in enumerate(idx) if teacher_prompts[b] is not None and len(R_[k])]
-                if cfg.algo.distill_weight and rows_t:
-                    Rm = max(len(R_[k]) for k in rows_t)
-                    dm_BR = m_BT[rows_t, :Rm]
-                    kl = _distill_kl(cfg.algo, teacher, out_BRX[rows_t, :Rm], head_VH, chunk,
-                                     [teacher_prompts[idx[k]] for k in rows_t], [R_[k] for k in rows_t], dm_BR, amp)
-                    dloss = cfg.algo.distill_weight * kl * (dm_BR.sum() / n_teacher_tok)
-                    loss = loss + dloss
-                    distill_sum += float(dloss.detach())
-                loss.backward()
+                loss, met = _micro_batch_loss(cfg, model, teacher, head_VH, chunk, amp, st, idx)
+                if loss.requires_grad:  # e.g. sdpo on a micro-batch with no teacher signal: nothing to learn
+                    loss.backward()
                 loss_sum += float(loss.detach())
-                clipfrac += float(met.get("clip_frac", 0.0)) * float(weight)
+                for k, v in met.items():
+                    sums[k] = sums.get(k, 0.0) + v
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             opt.step()
         teacher.update(model)
@@ -547,7 +636,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         stats = reward_stats(judgements)
         n_resp = sum(len(r) for r in resp_ids)
         m = mask_BT.bool()
-        row = {"step": step + 1, **stats, "loss": loss_sum, "distill_loss": distill_sum, "grad_norm": float(gnorm), "clipfrac": clipfrac,
+        row = {"step": step + 1, **stats, "loss": loss_sum, **sums, **rollout_metrics, "grad_norm": float(gnorm),
                "adv_mean": float(adv_BT[m].mean()) if m.any() else 0.0,
                "adv_std": float(adv_BT[m].std()) if m.sum() > 1 else 0.0,
                "kl_teacher": float(((ls_BT - lt_BT) * mask_BT * teacher_mask_B[:, None]).sum()

@@ -174,3 +174,26 @@ def test_sequence_logprobs_with_grad(tiny, prompts):
     grad = model.model.embed_tokens.weight.grad
     assert grad is not None and grad.abs().sum() > 0
     model.zero_grad()
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_learner_logprobs_at_the_sampling_temperature_are_the_engines(chunk):
+    """sequence_logprobs(temperature=T) is log_softmax(logits / T) gathered, and equals the engine's
+    sampling log-probs at T (top-p 1), token for token; at T = 1 they would not match."""
+    from agentopd.engine import response_logits
+
+    model, tok = build_tiny(seed=0)
+    prompts = [[1, 5, 9, 30], [1, 7, 8]]
+    gens = HFEngine(model, tok).generate(prompts, n=2, max_new_tokens=8, temperature=0.6, seed=4)
+    flat = [(p, g) for p, gs in zip(prompts, gens) for g in gs]
+    P, R = [p for p, _ in flat], [g.response_ids for _, g in flat]
+    assert all(len(g.logprobs) == len(g.response_ids) > 0 for _, g in flat)
+    with torch.no_grad():
+        got = sequence_logprobs(model, P, R, chunk=chunk, temperature=0.6)[0]
+        untempered = sequence_logprobs(model, P, R, chunk=chunk)[0]
+        logits_BRV = response_logits(model, P, R)
+    for b, (lp, (_, g)) in enumerate(zip(got, flat)):
+        want = torch.log_softmax(logits_BRV[b, :len(R[b])].float() / 0.6, -1).gather(-1, torch.tensor(R[b])[:, None])
+        torch.testing.assert_close(lp, want.squeeze(-1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lp, torch.tensor(g.logprobs), atol=1e-5, rtol=1e-5)
+    assert max(float((u - torch.tensor(g.logprobs)).abs().max()) for u, (_, g) in zip(untempered, flat)) > 1e-2

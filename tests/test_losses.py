@@ -331,3 +331,41 @@ def test_registry():
     with pytest.raises(ValueError) as err:
         get_loss("grpo")
     assert "kl_full_chunked" in str(err.value)
+
+
+# ---------------------------------------------------------------- sampling temperature
+
+
+@pytest.mark.parametrize("temp", [0.7, 1.6])
+def test_chunked_logprobs_and_divergence_at_a_temperature(temp):
+    hidden, teacher_hidden, weight, mask = chunked_setup()
+    hidden_NH, target_N = hidden.reshape(-1, 4), torch.arange(12) * 5 % 64
+    want_N = F.log_softmax(hidden_NH @ weight.T / temp, -1).gather(-1, target_N[:, None]).squeeze(-1)
+    got_N, (top_vals, _) = token_logprobs_chunked(hidden_NH, weight, target_N, chunk=5, topk=3, temperature=temp)
+    torch.testing.assert_close(got_N, want_N)
+    torch.testing.assert_close(top_vals, F.log_softmax(hidden_NH @ weight.T / temp, -1).topk(3, -1).values)
+    assert not torch.allclose(got_N, token_logprobs_chunked(hidden_NH, weight, target_N, chunk=5)[0])
+    s_logp = F.log_softmax(hidden @ weight.T / temp, -1)
+    t_logp = F.log_softmax((teacher_hidden @ weight.T).detach() / temp, -1)
+    want_BT = losses.alpha_divergence(s_logp, t_logp, 0.5) * mask
+    got_BT = losses.kl_alpha_chunked_per_token(hidden, teacher_hidden, weight, mask, 0.5, chunk=4, temperature=temp)
+    torch.testing.assert_close(got_BT, want_BT)
+    torch.testing.assert_close(losses.kl_alpha_per_token(hidden @ weight.T, teacher_hidden @ weight.T, 0.5, temp) * mask,
+                               want_BT)
+    torch.testing.assert_close(kl_alpha_chunked(hidden, teacher_hidden, weight, mask, 0.5, 4, temperature=temp),
+                               want_BT.sum() / mask.sum())
+    (g_got,) = torch.autograd.grad(got_BT.sum(), hidden)
+    (g_want,) = torch.autograd.grad(want_BT.sum(), hidden)
+    torch.testing.assert_close(g_got, g_want)
+
+
+def test_topk_divergence_at_a_temperature_is_the_divergence_of_the_divided_logits():
+    gen = torch.Generator().manual_seed(5)
+    s, te = 3 * torch.randn(2, 3, 9, generator=gen), 3 * torch.randn(2, 3, 9, generator=gen)
+    got = losses.kl_alpha_topk_per_token(s, te, 0.5, 4, temperature=0.5)
+    torch.testing.assert_close(got, losses.kl_alpha_topk_per_token(s / 0.5, te / 0.5, 0.5, 4))
+    assert not torch.allclose(got, losses.kl_alpha_topk_per_token(s, te, 0.5, 4))
+    assert torch.equal(losses.kl_alpha_topk_per_token(s, te, 0.5, 4, temperature=1.0),
+                       losses.kl_alpha_topk_per_token(s, te, 0.5, 4))
+    # K above the vocabulary is the whole vocabulary (the tail is then empty)
+    torch.testing.assert_close(losses.kl_alpha_topk_per_token(s, te, 0.5, 100), losses.kl_alpha_per_token(s, te, 0.5))

@@ -185,7 +185,15 @@ def test_rl_steps_raise_the_log_probability_of_the_rewarded_answer(tmp_path, mic
     assert after[0] - after[1] > before[0] - before[1] + 1.0, (before, after)
 
 
-@pytest.mark.parametrize("name", ["micro-sdpo.yaml", "micro-grpo.yaml", "micro-hybrid.yaml"])
+TRAIN_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("micro-*.yaml") if p.name != "micro-rlef.yaml")
+
+
+def test_every_shipped_micro_training_config_is_run_below():
+    assert {"micro-sdpo.yaml", "micro-grpo.yaml", "micro-hybrid.yaml", "micro-sdpo-ref.yaml",
+            "micro-sdpo-token.yaml", "micro-mix.yaml"} <= set(TRAIN_CONFIGS)
+
+
+@pytest.mark.parametrize("name", TRAIN_CONFIGS)
 def test_shipped_micro_configs_run_two_steps_with_held_out_pass1(tmp_path, micro_dir, name):
     r = subprocess.run([sys.executable, "-m", "agentopd.cli", "train", "--config", str(ROOT / "configs" / name),
                         "run.steps=2", f"run.out={tmp_path}", "run.progress=false", f"model.path={micro_dir}",
@@ -197,6 +205,7 @@ def test_shipped_micro_configs_run_two_steps_with_held_out_pass1(tmp_path, micro
     assert "heldout_pass1" in rows[0] and "heldout_pass1" in rows[-1] and "heldout_pass1" not in rows[1]
     assert all(k in rows[1] for k in ("reward_mean", "pass_rate", "judge_errors", "adv_mean", "kl_teacher",
                                       "response_len", "tokens_per_s", "time_generate", "time_execute",
-                                      "time_score", "time_update"))
+                                      "time_score", "time_update", "rollout_logprob_diff", "rollout_is_mean",
+                                      "rollout_is_clipfrac"))
     assert (tmp_path / "checkpoints" / "step-2.pt").exists()
     assert "held-out pass@1 (4 problems x 2):" in r.stderr

@@ -11,6 +11,8 @@ from agentopd.teacher import (
     build_teacher_context,
     pick_demonstration,
     score,
+    strip_think,
+    teacher_contexts,
 )
 from agentopd.tiny import build_tiny
 
@@ -86,6 +88,51 @@ def test_pick_demonstration_never_self():
     assert [pick_demonstration(group, i) for i in range(4)] == ["c", "a", "a", "a"]
     assert pick_demonstration([("a", True), ("b", False)], 0) is None
     assert pick_demonstration([("a", False), ("b", False)], 1) is None
+
+
+def test_pick_demonstration_self_allowed():
+    group = [("a", True), ("b", False), ("c", True)]
+    assert [pick_demonstration(group, i, allow_self=True) for i in range(3)] == ["a", "a", "a"]
+    assert pick_demonstration([("a", True), ("b", False)], 0, allow_self=True) == "a"
+    assert pick_demonstration([("a", False), ("b", False)], 1, allow_self=True) is None
+
+
+def test_strip_think():
+    assert strip_think("<think>so 2+2\n=4</think>\n\nThe answer is 4.") == "The answer is 4."
+    assert strip_think("a <think>x</think> b <think>y\n</think>c") == "a b c"  # non-greedy, each block
+    assert strip_think("no tags here") == "no tags here"
+
+
+def _contexts(tok, **options):
+    """A group of two: sample 0 right (with a <think> block), sample 1 wrong with a critique."""
+    from agentopd.engine import Generation
+    from agentopd.train import TeacherConfig
+    from agentopd.types import Judgement, Verdict
+
+    texts = ["<think>17 + 25: 7 + 5 = 12, carry 1</think>\nThe answer is 42.", "The answer is 41."]
+    samples = [Generation(tok.encode(x, add_special_tokens=False), [], x, "stop") for x in texts]
+    judgements = [Judgement(Verdict(1.0, 1, 1, "ok"), "Correct."),
+                  Judgement(Verdict(0.0, 0, 1, "wrong_answer"), "Your final answer 41 is incorrect.")]
+    cfg = TeacherConfig(max_tokens=4096, **options)
+    return [None if ids is None else tok.decode(ids) for ids in teacher_contexts(tok, [PROMPT], samples, judgements,
+                                                                                    2, cfg)]
+
+
+def test_teacher_options_change_the_context(tiny):
+    _, tok = tiny
+    right, wrong = _contexts(tok)  # today's default: no self-demonstration, critique kept, think kept
+    assert right is None  # its only successful sibling is itself
+    assert "41 is incorrect" in wrong and "Correct solution" in wrong and "<think>" in wrong and "42" in wrong
+    right, wrong = _contexts(tok, drop_critique_with_demo=True)
+    assert right is None and "41 is incorrect" not in wrong and "feedback" not in wrong and "42" in wrong
+    _, wrong = _contexts(tok, strip_think=True)
+    assert "<think>" not in wrong and "carry 1" not in wrong and "The answer is 42." in wrong
+    right, wrong = _contexts(tok, self_demonstration=True)
+    assert right is not None and "Correct solution" in right and "42" in right and "incorrect" not in right
+    assert wrong == _contexts(tok)[1]  # the failed sample's context is unchanged
+    # without a demonstration to show, the critique stays even with drop_critique_with_demo
+    _, wrong = _contexts(tok, drop_critique_with_demo=True, use_demonstration=False)
+    assert "41 is incorrect" in wrong and "Correct solution" not in wrong
 
 
 def test_score_token_alignment(tiny):

@@ -315,3 +315,83 @@ def test_wandb_missing_is_a_clear_config_error(tmp_path):
         pytest.skip("wandb is installed")
     with pytest.raises(ConfigError, match="run.wandb needs the wandb package: pip install wandb"):
         train(_cfg(tmp_path, "run.wandb=agentopd-test"))
+
+
+# ---------------------------------------------------------------- objectives (algo.loss)
+
+
+def test_sdpo_has_no_policy_gradient_term(tmp_path):
+    # the same rollouts under two advantage estimators: the sdpo objective ignores advantages entirely
+    common = ["run.steps=2", "algo.loss=sdpo", "algo.distill_topk=5", "teacher.mode=frozen"]
+    a = train(_cfg(tmp_path / "a", *common, "algo.advantage=grpo", "algo.advantage_kwargs={}"))
+    b = train(_cfg(tmp_path / "b", *common))
+    assert all(r["distill_loss"] > 0 and "pg_loss" not in r and r["grad_norm"] > 0 for r in a)
+    assert all(r["is_mean"] == pytest.approx(1.0, abs=1e-4) for r in a)  # one epoch: on-policy, ratio 1
+    pa, pb, fresh = _params(tmp_path / "a"), _params(tmp_path / "b"), _fresh()
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert any(not torch.equal(pa[k], fresh[k]) for k in pa)
+
+
+def test_objective_options_are_checked_before_any_work(tmp_path):
+    from agentopd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown objective 'spdo'"):
+        train(_cfg(tmp_path, "algo.loss=spdo"))
+    with pytest.raises(ConfigError, match="sdpo_token is reverse KL only"):  # as TRL: alpha 1 only
+        train(_cfg(tmp_path, "algo.loss=sdpo_token", "algo.distill_alpha=0.5"))
+    with pytest.raises(ConfigError, match="mix needs algo.distill_weight in \\[0, 1\\]"):
+        train(_cfg(tmp_path, "algo.loss=mix", "algo.distill_weight=1.5"))
+
+
+class Shifted(HFEngine):
+    """The real engine, reporting every sampling log-prob 2 nats lower than it was."""
+
+    def generate(self, *a, **kw):
+        out = super().generate(*a, **kw)
+        for gs in out:
+            for g in gs:
+                g.logprobs = [x - 2.0 for x in g.logprobs]
+        return out
+
+
+@pytest.mark.parametrize("loss", ["sdpo", "pg"])
+def test_rollout_correction_weighs_every_token_and_is_logged(tmp_path, loss):
+    common = ["run.steps=1", f"algo.loss={loss}", "algo.distill_topk=0", "teacher.mode=frozen",
+              "algo.advantage=sd_token", "algo.advantage_kwargs={}"]
+    exact = train(_cfg(tmp_path / "exact", *common))[0]
+    assert exact["rollout_logprob_diff"] < 1e-4 and exact["rollout_is_clipfrac"] == 0.0
+    on = train(_cfg(tmp_path / "on", *common), engine=Shifted)[0]
+    off = train(_cfg(tmp_path / "off", *common, "algo.rollout_is_clip=0"), engine=Shifted)[0]
+    assert on["rollout_logprob_diff"] == pytest.approx(2.0, abs=1e-4) == off["rollout_logprob_diff"]
+    assert on["rollout_is_clipfrac"] == 1.0 and on["rollout_is_mean"] == pytest.approx(2.0)  # exp(2) clipped at 2
+    assert off["rollout_is_clipfrac"] == 0.0 and off["rollout_is_mean"] == 1.0
+    assert abs(off["loss"]) > 1e-6 and on["loss"] == pytest.approx(2 * off["loss"], rel=1e-5)
+    assert off["loss"] == pytest.approx(exact["loss"], rel=1e-5)  # off: the engine's numbers do not matter
+
+
+def test_learner_log_probs_use_the_sampling_temperature(tmp_path):
+    # at T = 0.5 the learner's log-probs match the engine's only if it divides its logits by T
+    common = ["run.steps=1", "sampling.temperature=0.5", "algo.loss=sdpo", "algo.distill_topk=0", "teacher.mode=frozen"]
+    chunked = train(_cfg(tmp_path / "chunked", *common, "optim.logits_chunk=5"))[0]
+    full = train(_cfg(tmp_path / "full", *common, "optim.logits_chunk=0"))[0]
+    for r in (chunked, full):
+        assert r["rollout_logprob_diff"] < 1e-4 and r["distill_loss"] > 0
+    for k in ("loss", "kl_teacher"):
+        assert chunked[k] == pytest.approx(full[k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("name", ["micro-sdpo-ref.yaml", "micro-sdpo-token.yaml", "micro-mix.yaml"])
+def test_new_objective_configs_train_two_steps_on_the_tiny_model(tmp_path, name):
+    cfg = load(TrainConfig, str(ROOT / "configs" / name),
+               [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "data.problems=arithmetic",
+                "data.levels=[1,2]", "run.eval_problems=0", "sampling.prompts_per_step=2", "sampling.group_size=3",
+                "sampling.max_new_tokens=12", "run.steps=2"])
+    rows = train(cfg)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in ("loss", "grad_norm", "distill_loss", "is_mean",
+                                                 "rollout_logprob_diff", "rollout_is_mean", "rollout_is_clipfrac"))
+        assert r["grad_norm"] > 0 and r["rollout_logprob_diff"] < 1e-4
+        assert ("pg_loss" in r) == (cfg.algo.loss == "mix")
+    trained, fresh = _params(tmp_path), _fresh()
+    assert any(not torch.equal(fresh[k], trained[k]) for k in trained)
