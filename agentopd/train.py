@@ -135,10 +135,13 @@ class RunConfig:
     steps: int = 10
     seed: int = 0
     out: str = "runs/default"
-    """Where metrics.jsonl and checkpoints go."""
+    """Where metrics.jsonl, checkpoints/step-N/ and final/ go (save_pretrained directories that
+    transformers, peft and every agentopd command load; see agentopd.checkpoints)."""
     checkpoint_every: int = 5
     resume: bool = False
-    """Continue from the latest checkpoint in ``out``."""
+    """Continue from the latest readable checkpoint in ``out``."""
+    save_merged: bool = False
+    """LoRA: also save each checkpoint's adapter merged into its base model, in ``merged/``."""
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = False
@@ -192,8 +195,12 @@ def _load_model(cfg: TrainConfig, device):
     if cfg.model.lora_rank:
         from peft import LoraConfig, get_peft_model
 
+        from agentopd.checkpoints import lora_base
+
+        base = lora_base(cfg.model.path, model, tok, os.path.join(cfg.run.out, "base"))
         model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=2 * cfg.model.lora_rank,
                                                  target_modules="all-linear"))
+        model.peft_config["default"].base_model_name_or_path = base  # what the saved adapter names
     return model.to(device), tok
 
 
@@ -343,23 +350,6 @@ def _distill_kl(algo: AlgoConfig, teacher, student_BRX, head_VH, chunk: int, pro
     return losses.kl_alpha(student_BRX, teacher_BRV, mask_BR, algo.distill_alpha)
 
 
-def _save(path: str, step: int, model, opt, teacher, data_pos: int):
-    os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, f"step-{step}.pt.tmp")
-    torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "teacher": teacher.state_dict(), "data_pos": data_pos,
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                        "torch": torch.get_rng_state()}}, tmp)
-    os.replace(tmp, os.path.join(path, f"step-{step}.pt"))  # a crash never leaves half a checkpoint
-
-
-def _latest(path: str) -> str | None:
-    if not os.path.isdir(path):
-        return None
-    steps = [int(f[5:-3]) for f in os.listdir(path) if f.startswith("step-") and f.endswith(".pt")]
-    return os.path.join(path, f"step-{max(steps)}.pt") if steps else None
-
-
 # --------------------------------------------------------------------------------- the loop
 
 
@@ -369,7 +359,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     around the model by ``engine(model, tokenizer, device)`` when it is a callable class)."""
     from tqdm import tqdm
 
-    from agentopd import advantages
+    from agentopd import advantages, checkpoints
     from agentopd.judges import reward_stats
     from agentopd.teacher import Teacher, TeacherTemplate, teacher_contexts
 
@@ -402,15 +392,8 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     needs_teacher = cfg.algo.advantage in ("sd_token", "sd_to_go", "hybrid") or cfg.algo.distill_weight > 0
     start, data_pos = 0, 0
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
-    if cfg.run.resume and (latest := _latest(ckpt_dir)):
-        state = torch.load(latest, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        teacher.load_state_dict(state["teacher"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start, data_pos = state["step"], state["data_pos"]
+    if cfg.run.resume and (state := checkpoints.resume(ckpt_dir, model, opt, teacher, device)):
+        start, data_pos = state
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")  # judging overlaps generation
     rows = []
 
@@ -562,7 +545,9 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.run.steps:
-            _save(ckpt_dir, step + 1, model, opt, teacher, data_pos)
+            saved = checkpoints.save(ckpt_dir, step + 1, model, tok, opt, teacher, data_pos, cfg.run.save_merged)
+            if last:
+                checkpoints.export_final(saved, os.path.join(cfg.run.out, "final"))
     pool.shutdown()
     if heldout and rows and "heldout_pass1" in rows[-1]:
         was = "" if before is None else f"{before:.3f} -> "
