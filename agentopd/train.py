@@ -189,7 +189,9 @@ def pad_BT(rows: list, value: float = 0.0, dtype=torch.float32) -> tuple[torch.T
 def _load_model(cfg: TrainConfig, device):
     from agentopd.engines import load_pretrained
 
-    model, tok = load_pretrained(cfg.model.path, seed=cfg.run.seed, progress=cfg.run.progress)
+    # float32 master weights whatever the stored dtype (bf16 autocast does the compute): AdamW's and the
+    # EMA teacher's small updates would be lost below bf16's spacing; the teacher and reference copy these
+    model, tok = load_pretrained(cfg.model.path, seed=cfg.run.seed, progress=cfg.run.progress, dtype=torch.float32)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.model.lora_rank:
@@ -342,8 +344,9 @@ def _distill_kl(algo: AlgoConfig, teacher, student_BRX, head_VH, chunk: int, pro
         else:
             teacher_BRV = response_logits(teacher.model_for_scoring(), prompt_ids, response_ids)
     if chunk:
-        return losses.kl_alpha_chunked(student_BRX, teacher_BRH.to(student_BRX.device), head_VH, mask_BR,
-                                       algo.distill_alpha, chunk, teacher_head_VH.to(student_BRX.device))
+        with amp():  # the head products in the autocast dtype, as in the forward passes
+            return losses.kl_alpha_chunked(student_BRX, teacher_BRH.to(student_BRX.device), head_VH, mask_BR,
+                                           algo.distill_alpha, chunk, teacher_head_VH.to(student_BRX.device))
     teacher_BRV = teacher_BRV.to(student_BRX.device)
     if algo.distill_topk:
         return losses.kl_alpha_topk(student_BRX, teacher_BRV, mask_BR, algo.distill_alpha, algo.distill_topk)
@@ -432,9 +435,10 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         per_call = cfg.sampling.generate_chunk or P
         for c, s in enumerate(range(0, P, per_call)):
             t0 = time.perf_counter()
-            got = engine.generate(prompt_ids[s:s + per_call], n=G, max_new_tokens=cfg.sampling.max_new_tokens,
-                                  temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                                  seed=cfg.run.seed * 1_000_003 + step + c * 1_000_000_007)
+            with amp():  # as evaluate() samples
+                got = engine.generate(prompt_ids[s:s + per_call], n=G, max_new_tokens=cfg.sampling.max_new_tokens,
+                                      temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                                      seed=cfg.run.seed * 1_000_003 + step + c * 1_000_000_007)
             t["generate"] += time.perf_counter() - t0
             gens += got
             pending.append(pool.submit(_timed, judge.judge_many,
@@ -500,8 +504,8 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
                 with amp():  # the student's final hidden states [B, R, H] (chunk > 0) or its logits [B, R, V]
                     out_BRX = (response_hidden if chunk else response_logits)(
                         model, [prompt_ids[samples[b][0]] for b in idx], R_)
-                lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk)[0] if chunk else
-                               gather_logprobs(out_BRX, R_), ls_BT.shape[1])
+                    lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk)[0] if chunk else
+                                   gather_logprobs(out_BRX, R_), ls_BT.shape[1])
                 m_BT = mask_BT[idx].to(lp_BT.device)
                 loss, met = losses.policy_loss(lp_BT, ls_BT[idx].to(lp_BT.device), adv_BT[idx].to(lp_BT.device),
                                                m_BT, cfg.algo.clip_low, cfg.algo.clip_high)

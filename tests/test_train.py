@@ -310,6 +310,45 @@ def test_bf16_autocast_runs_a_step_with_float32_loss_math(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=2.5 * cfg.optim.lr, rtol=0, msg=k)
 
 
+class AutocastSeen(HFEngine):
+    seen: ClassVar[list] = []
+
+    def generate(self, *a, **kw):
+        AutocastSeen.seen.append(torch.is_autocast_enabled("cpu"))
+        return super().generate(*a, **kw)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "off"])
+def test_rollouts_sample_under_the_same_autocast_as_evaluation(tmp_path, precision):
+    AutocastSeen.seen = []
+    train(_cfg(tmp_path, "run.steps=1", f"run.precision={precision}", "run.eval_problems=2", "run.eval_samples=1"),
+          engine=AutocastSeen)
+    assert AutocastSeen.seen == [precision == "bf16"] * 3  # held-out before, the rollout, held-out after
+
+
+def test_a_bf16_checkpoint_trains_as_float32_master_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from agentopd.tiny import build_tiny
+    from agentopd.train import _load_model
+
+    model, tok = build_tiny()
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tok.save_pretrained(tmp_path / "bf16")
+    start = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in start.values())
+    cfg = _cfg(tmp_path / "run", "run.steps=2", f"model.path={tmp_path / 'bf16'}", "optim.lr=1e-6", "algo.ref_kl=0.1")
+    assert all(p.dtype == torch.float32 for p in _load_model(cfg, torch.device("cpu"))[0].parameters())
+    train(cfg)
+    after = _params(tmp_path / "run")
+    teacher = load_file(tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state" / "teacher.safetensors")
+    for k, v in after.items():  # moved by ~lr per step: far below bf16's spacing, kept in float32
+        assert v.dtype == teacher[k].dtype == torch.float32, k
+        moved = (v - start[k].float()).abs().max()
+        assert 0 < moved < 5e-6, (k, moved)
+    assert any(not torch.equal(teacher[k], start[k].float()) for k in teacher)  # the EMA's tau * 1e-6 steps too
+
+
 def test_precision_auto_is_off_on_cpu_and_bad_values_are_refused(tmp_path):  # off: see the bf16 test
     from agentopd.config import ConfigError
     from agentopd.train import _autocast
