@@ -75,7 +75,7 @@ class Stage:
             print(f"[{self.name}] failed: {self.out['error']}", file=sys.stderr)
         self.results[self.name] = self.out
         print(f"[{self.name}] {json.dumps(self.out)}", file=sys.stderr)
-        return True  # the next stages still run
+        return kind is None or issubclass(kind, Exception)  # after a failed stage the next ones still run
 
 
 def now(device: torch.device) -> float:
