@@ -175,6 +175,21 @@ def _top_p_filter(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits_BV, float("-inf")).scatter(-1, order_BV, sorted_BV)
 
 
+def _kv_cache(model) -> dict:
+    """A fresh ``DynamicCache`` under the name the model's forward takes: ``cache`` (transformers
+    >= 5.24, which deprecates ``past_key_values``), else ``past_key_values``."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    lm = _causal_lm(model)
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    try:  # with the config: sliding-window layers get their own kind of cache
+        return {name: DynamicCache(config=lm.config)}
+    except TypeError:  # transformers before 4.56
+        return {name: DynamicCache()}
+
+
 class HFEngine:
     """Batched sampling with a transformers causal LM: left padding, KV cache, a hand sampling loop
     (so the log-prob of each id is exactly that of the distribution it was drawn from).
@@ -234,8 +249,9 @@ class HFEngine:
         B = len(rows)
         ids_BL, mask_BL = _pad_left(rows, self.pad_id, self.device)
         pos_B = _positions(mask_BL)[:, -1]
+        cache = _kv_cache(self.model)  # filled in place by every forward
         out = self.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=_positions(mask_BL),
-                         use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **cache)
         window = 4 * max((len(s) for s in stop), default=0) + 8  # a token carries >= 1 byte
         resp = [[] for _ in range(B)]
         lps = [[] for _ in range(B)]
@@ -257,8 +273,7 @@ class HFEngine:
             mask_BL = torch.cat([mask_BL, torch.ones_like(mask_BL[:, :1])], dim=1)
             pos_B = pos_B + 1
             out = self.model(input_ids=tok_B[:, None], attention_mask=mask_BL,
-                             position_ids=pos_B[:, None], past_key_values=out.past_key_values,
-                             use_cache=True, logits_to_keep=1)
+                             position_ids=pos_B[:, None], use_cache=True, logits_to_keep=1, **cache)
         return [Generation(response_ids=resp[b], logprobs=lps[b],
                            text=self.tokenizer.decode(resp[b], skip_special_tokens=True),
                            finish_reason=reason[b] or "length") for b in range(B)]

@@ -42,20 +42,31 @@ def make_engine(spec, **kwargs):
     raise ValueError(f"unknown engine {spec!r}; choose from {', '.join(ENGINES)}")
 
 
-def load_pretrained(path: str, seed: int = 0, progress: bool = True):
+def load_pretrained(path: str, seed: int = 0, progress: bool = True, dtype=None):
     """(model, tokenizer): ``"micro"`` (the warm-started micro model, built first when missing),
-    ``"tiny"`` (an untrained tiny Llama built from a config), or a checkpoint dir / hub id."""
+    ``"tiny"`` (an untrained tiny Llama built from a config), a checkpoint dir / hub id, or a LoRA
+    adapter dir (agentopd's or peft's: its base loaded, the adapter merged in). ``dtype``: the
+    weights' dtype (None: as stored; the learner asks for float32 master weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from agentopd.checkpoints import is_adapter_dir
 
     if path == "tiny":
         from agentopd.tiny import build_tiny
 
-        return build_tiny(seed=seed)
+        model, tok = build_tiny(seed=seed)
+        return (model if dtype is None else model.to(dtype)), tok
     if path == "micro":
         from agentopd.micro import ensure
 
         path = ensure(progress=progress)
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    if is_adapter_dir(path):
+        from peft import PeftConfig, PeftModel
+
+        base, _ = load_pretrained(PeftConfig.from_pretrained(path).base_model_name_or_path, seed, progress, dtype)
+        return PeftModel.from_pretrained(base, path).merge_and_unload(), AutoTokenizer.from_pretrained(path)
+    kw = {} if dtype is None else {"dtype": dtype}
+    return AutoModelForCausalLM.from_pretrained(path, **kw), AutoTokenizer.from_pretrained(path)
 
 
 def hf_engine(model: str = "tiny", device: str = "auto", batch_size: int = 32, seed: int = 0):

@@ -133,10 +133,19 @@ def kl_alpha(
     return _masked_mean(kl_alpha_per_token(student_logits_BTV, teacher_logits_BTV, alpha, temperature), mask_BT)
 
 
+def _product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the LM-head product: autocast's where autocast is on, else float32 (float64 kept)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _head_logp(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``log_softmax(hidden @ weight.T / temperature)`` in float32, also under autocast."""
+    """``log_softmax(hidden @ weight.T / temperature)``: the product in ``weight_VH``'s dtype (the
+    caller casts the ``[V, H]`` head once, to :func:`_product_dtype`, not once per chunk), the
+    log-softmax in float32."""
     with torch.autocast(hidden_NH.device.type, enabled=False):
-        return tempered_logp(_float(hidden_NH) @ _float(weight_VH).T, temperature)
+        return tempered_logp(_float(hidden_NH.to(weight_VH.dtype) @ weight_VH.T), temperature)
 
 
 def _over_chunks(fn: Callable, chunk: int, rows: tuple[torch.Tensor, ...], *shared) -> list:
@@ -171,7 +180,7 @@ def kl_alpha_chunked_per_token(
 ) -> torch.Tensor:
     """:func:`kl_alpha_per_token` of ``hidden @ weight.T / temperature`` logits at the masked
     positions (0 elsewhere), ``[B, T]`` float32, the logits formed ``chunk`` masked positions at a
-    time and recomputed in backward (``torch.utils.checkpoint``), so no ``[B, T, V]`` tensor is ever
+    time (the product in the autocast dtype under autocast, else float32; log-softmax float32) and recomputed in backward (``torch.utils.checkpoint``), so no ``[B, T, V]`` tensor is ever
     held. Gradients reach ``student_hidden_BTH`` and ``lm_head_weight_VH``; the teacher side (hidden
     states, and ``teacher_lm_head_weight_VH``, default: the student's weight) is detached. The
     teacher's hidden size may differ from the student's (it only meets its own weight). ``mask_BT``
@@ -183,8 +192,9 @@ def kl_alpha_chunked_per_token(
     teacher_hidden_NH = teacher_hidden_BTH.detach()[mask_BT]
     if teacher_lm_head_weight_VH is None:
         teacher_lm_head_weight_VH = lm_head_weight_VH
+    dtype = _product_dtype(student_hidden_NH)  # the [V, H] heads cast once, not once per chunk
     parts = _over_chunks(_chunk_divergence, chunk, (student_hidden_NH, teacher_hidden_NH),
-                         lm_head_weight_VH, teacher_lm_head_weight_VH.detach(), alpha, temperature)
+                         lm_head_weight_VH.to(dtype), teacher_lm_head_weight_VH.detach().to(dtype), alpha, temperature)
     out_BT = torch.zeros(mask_BT.shape, dtype=torch.float32, device=student_hidden_BTH.device)
     if not parts:  # nothing masked in: a zero that still backpropagates
         return out_BT + _float(student_hidden_NH).sum() * 0.0
@@ -219,11 +229,13 @@ def token_logprobs_chunked(
     hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_N: torch.Tensor, chunk: int = 128, topk: int = 0,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Float32 log-probs of ``target_N`` under ``log_softmax(hidden_NH @ weight_VH.T / temperature)``, the logits
-    formed ``chunk`` positions at a time and, under grad, recomputed in backward: no ``[N, V]``
-    tensor is held. Returns ``(lp_N, top)``; ``top`` is None, or with ``topk`` the ``(values_NK,
-    indices_NK)`` of the K largest log-probs at each position (for use without grad)."""
-    parts = _over_chunks(_chunk_logprobs, chunk, (hidden_NH, target_N), weight_VH, topk, temperature)
+    """Float32 log-probs of ``target_N`` under ``log_softmax(hidden_NH @ weight_VH.T / temperature)``,
+    the logits formed ``chunk`` positions at a time (the product in the autocast dtype under
+    autocast) and, under grad, recomputed in backward: no ``[N, V]`` tensor is held. Returns
+    ``(lp_N, top)``; ``top`` is None, or with ``topk`` the ``(values_NK, indices_NK)`` of the K
+    largest log-probs at each position (for use without grad)."""
+    parts = _over_chunks(_chunk_logprobs, chunk, (hidden_NH, target_N), weight_VH.to(_product_dtype(hidden_NH)),
+                         topk, temperature)
     if not parts:
         empty = hidden_NH.new_zeros(0, dtype=torch.float32)
         return empty, ((empty.new_zeros(0, topk), target_N.new_zeros(0, topk)) if topk else None)

@@ -152,8 +152,9 @@ class Teacher:
     ``frozen``: a copy of the initial weights; ``live``: the current student (no grad);
     ``trust_region``: log_softmax((1−mix)·frozen_logits + mix·live_logits).
 
-    With a peft (LoRA) student, the ema update touches only the trainable parameters: the frozen
-    base weights are equal in both copies and stay so."""
+    The copy shares the student's frozen parameters (with a peft/LoRA student: the whole base model)
+    and holds its own copy of the trainable ones only, in their dtype (float32 master weights):
+    with LoRA the teacher is an EMA of the adapter."""
 
     def __init__(self, student_model, mode: str = "ema", tau: float = 0.05, mix: float = 0.5):
         if mode not in TEACHER_MODES:
@@ -162,7 +163,8 @@ class Teacher:
         self.student = student_model
         self.copy = None
         if mode != "live":
-            self.copy = copy.deepcopy(student_model).eval()
+            frozen = {id(p): p for p in student_model.parameters() if not p.requires_grad}
+            self.copy = copy.deepcopy(student_model, memo=frozen).eval()  # frozen tensors shared, not copied
             for p in self.copy.parameters():
                 p.requires_grad_(False)
                 p.grad = None
@@ -192,13 +194,25 @@ class Teacher:
         for name, b in self.student.named_buffers():
             mine_buffers[name].copy_(b)
 
-    def state_dict(self) -> dict:
-        return {"mode": self.mode, "tau": self.tau, "mix": self.mix,
-                "model": None if self.copy is None else self.copy.state_dict()}
+    def own_parameters(self) -> dict[str, torch.Tensor]:
+        """The copy's parameters that are not the student's (shared frozen ones left out)."""
+        if self.copy is None:
+            return {}
+        shared = {id(p) for p in self.student.parameters()}
+        return {n: p for n, p in self.copy.named_parameters() if id(p) not in shared}
 
+    def state_dict(self) -> dict:
+        """Settings and the teacher's own tensors (``model``: None in live mode)."""
+        return {"mode": self.mode, "tau": self.tau, "mix": self.mix,
+                "model": None if self.copy is None else {n: p.detach() for n, p in self.own_parameters().items()}}
+
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         if state["mode"] != self.mode:
             raise ValueError(f"checkpoint teacher mode {state['mode']!r} != {self.mode!r}")
         self.tau, self.mix = state["tau"], state["mix"]
-        if self.copy is not None:
-            self.copy.load_state_dict(state["model"])
+        mine = self.own_parameters()
+        if self.copy is not None and set(state["model"]) != set(mine):
+            raise ValueError(f"teacher tensors differ: {sorted(set(state['model']) ^ set(mine))[:5]}")
+        for name, p in mine.items():
+            p.copy_(state["model"][name])

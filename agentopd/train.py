@@ -157,10 +157,13 @@ class RunConfig:
     steps: int = 10
     seed: int = 0
     out: str = "runs/default"
-    """Where metrics.jsonl and checkpoints go."""
+    """Where metrics.jsonl, checkpoints/step-N/ and final/ go (save_pretrained directories that
+    transformers, peft and every agentopd command load; see agentopd.checkpoints)."""
     checkpoint_every: int = 5
     resume: bool = False
-    """Continue from the latest checkpoint in ``out``."""
+    """Continue from the latest readable checkpoint in ``out``."""
+    save_merged: bool = False
+    """LoRA: also save each checkpoint's adapter merged into its base model, in ``merged/``."""
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = False
@@ -208,14 +211,20 @@ def pad_BT(rows: list, value: float = 0.0, dtype=torch.float32) -> tuple[torch.T
 def _load_model(cfg: TrainConfig, device):
     from agentopd.engines import load_pretrained
 
-    model, tok = load_pretrained(cfg.model.path, seed=cfg.run.seed, progress=cfg.run.progress)
+    # float32 master weights whatever the stored dtype (bf16 autocast does the compute): AdamW's and the
+    # EMA teacher's small updates would be lost below bf16's spacing; the teacher and reference copy these
+    model, tok = load_pretrained(cfg.model.path, seed=cfg.run.seed, progress=cfg.run.progress, dtype=torch.float32)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.model.lora_rank:
         from peft import LoraConfig, get_peft_model
 
+        from agentopd.checkpoints import lora_base
+
+        base = lora_base(cfg.model.path, model, tok, os.path.join(cfg.run.out, "base"))
         model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=2 * cfg.model.lora_rank,
                                                  target_modules="all-linear"))
+        model.peft_config["default"].base_model_name_or_path = base  # what the saved adapter names
     return model.to(device), tok
 
 
@@ -379,8 +388,9 @@ def _divergence_BR(algo: AlgoConfig, teacher, student_BRX, head_VH, chunk: int, 
             teacher_BRV = response_logits(teacher.model_for_scoring(), prompt_ids, response_ids)
     device = student_BRX.device
     if chunk:
-        return losses.kl_alpha_chunked_per_token(student_BRX, teacher_BRH.to(device), head_VH, mask_BR,
-                                                 algo.distill_alpha, chunk, teacher_head_VH.to(device), temperature)
+        with amp():  # the head products in the autocast dtype, as in the forward passes
+            return losses.kl_alpha_chunked_per_token(student_BRX, teacher_BRH.to(device), head_VH, mask_BR,
+                                                     algo.distill_alpha, chunk, teacher_head_VH.to(device), temperature)
     if algo.distill_topk:
         return losses.kl_alpha_topk_per_token(student_BRX, teacher_BRV.to(device), algo.distill_alpha,
                                               algo.distill_topk, temperature)
@@ -421,10 +431,10 @@ def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp
     """Samples ``idx``'s share of the whole batch's loss (``algo.loss``, plus the reference KL) and metrics."""
     T = learner_temperature(cfg.sampling)
     R_ = [st.response_ids[b] for b in idx]
-    with amp():  # the student's final hidden states [B, R, H] (chunk > 0) or its logits [B, R, V]
+    with amp():  # the student's final hidden states [B, R, H] (chunk > 0) or its logits [B, R, V]; the head in autocast
         out_BRX = (response_hidden if chunk else response_logits)(model, [st.prompt_ids[b] for b in idx], R_)
-    lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk, temperature=T)[0] if chunk else
-                   gather_logprobs(out_BRX, R_, T), st.old_BT.shape[1])
+        lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk, temperature=T)[0] if chunk else
+                       gather_logprobs(out_BRX, R_, T), st.old_BT.shape[1])
     dev = lp_BT.device
     m_BT = st.mask_BT[idx].to(dev)
     tm_BT = m_BT * st.teacher_mask_B[idx, None].to(dev)
@@ -444,23 +454,6 @@ def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp
     return loss, metrics
 
 
-def _save(path: str, step: int, model, opt, teacher, data_pos: int):
-    os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, f"step-{step}.pt.tmp")
-    torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "teacher": teacher.state_dict(), "data_pos": data_pos,
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                        "torch": torch.get_rng_state()}}, tmp)
-    os.replace(tmp, os.path.join(path, f"step-{step}.pt"))  # a crash never leaves half a checkpoint
-
-
-def _latest(path: str) -> str | None:
-    if not os.path.isdir(path):
-        return None
-    steps = [int(f[5:-3]) for f in os.listdir(path) if f.startswith("step-") and f.endswith(".pt")]
-    return os.path.join(path, f"step-{max(steps)}.pt") if steps else None
-
-
 # --------------------------------------------------------------------------------- the loop
 
 
@@ -470,7 +463,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     around the model by ``engine(model, tokenizer, device)`` when it is a callable class)."""
     from tqdm import tqdm
 
-    from agentopd import advantages
+    from agentopd import advantages, checkpoints
     from agentopd.judges import reward_stats
     from agentopd.teacher import Teacher, TeacherTemplate, teacher_contexts
 
@@ -505,15 +498,8 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     needs_teacher = cfg.algo.advantage in ("sd_token", "sd_to_go", "hybrid") or bool(needs)
     start, data_pos = 0, 0
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
-    if cfg.run.resume and (latest := _latest(ckpt_dir)):
-        state = torch.load(latest, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        teacher.load_state_dict(state["teacher"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start, data_pos = state["step"], state["data_pos"]
+    if cfg.run.resume and (state := checkpoints.resume(ckpt_dir, model, opt, teacher, device)):
+        start, data_pos = state
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")  # judging overlaps generation
     rows = []
 
@@ -552,9 +538,10 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         per_call = cfg.sampling.generate_chunk or P
         for c, s in enumerate(range(0, P, per_call)):
             t0 = time.perf_counter()
-            got = engine.generate(prompt_ids[s:s + per_call], n=G, max_new_tokens=cfg.sampling.max_new_tokens,
-                                  temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                                  seed=cfg.run.seed * 1_000_003 + step + c * 1_000_000_007)
+            with amp():  # as evaluate() samples
+                got = engine.generate(prompt_ids[s:s + per_call], n=G, max_new_tokens=cfg.sampling.max_new_tokens,
+                                      temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                                      seed=cfg.run.seed * 1_000_003 + step + c * 1_000_000_007)
             t["generate"] += time.perf_counter() - t0
             gens += got
             pending.append(pool.submit(_timed, judge.judge_many,
@@ -651,7 +638,9 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.run.steps:
-            _save(ckpt_dir, step + 1, model, opt, teacher, data_pos)
+            saved = checkpoints.save(ckpt_dir, step + 1, model, tok, opt, teacher, data_pos, cfg.run.save_merged)
+            if last:
+                checkpoints.export_final(saved, os.path.join(cfg.run.out, "final"))
     pool.shutdown()
     if heldout and rows and "heldout_pass1" in rows[-1]:
         was = "" if before is None else f"{before:.3f} -> "

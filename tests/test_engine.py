@@ -197,3 +197,22 @@ def test_learner_logprobs_at_the_sampling_temperature_are_the_engines(chunk):
         torch.testing.assert_close(lp, want.squeeze(-1), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lp, torch.tensor(g.logprobs), atol=1e-5, rtol=1e-5)
     assert max(float((u - torch.tensor(g.logprobs)).abs().max()) for u, (_, g) in zip(untempered, flat)) > 1e-2
+
+
+def test_generation_uses_the_current_cache_argument(tiny, prompts):
+    import inspect
+    import warnings
+
+    model, tok = tiny
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(set(kw)), with_kwargs=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # transformers 5.24 deprecates past_key_values
+            out = HFEngine(model, tok).generate(list(prompts), n=2, max_new_tokens=6, seed=0)
+    finally:
+        hook.remove()
+    assert all(len(g.response_ids) >= 1 for gs in out for g in gs)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    assert len(seen) > 1 and all(name in kw for kw in seen)
+    assert name == "past_key_values" or not any("past_key_values" in kw for kw in seen)

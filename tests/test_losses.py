@@ -325,6 +325,51 @@ def test_chunked_token_logprobs_never_hold_an_NV_tensor():
     assert saved < B * T * V and produced <= max(3 * V, V * H)
 
 
+class HeadOps(TorchDispatchMode):
+    """Output dtypes of the matmuls whose result ends in the vocabulary dimension and of the
+    log-softmaxes; how many [V, H] copies are made."""
+
+    def __init__(self, V, H):
+        super().__init__()
+        self.V, self.H, self.products, self.log_softmax, self.head_copies = V, H, set(), set(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm") and out.shape[-1] == self.V:
+            self.products.add(out.dtype)
+        elif name == "_log_softmax":
+            self.log_softmax.add(out.dtype)
+        elif name == "_to_copy" and tuple(out.shape) == (self.V, self.H):
+            self.head_copies += 1
+        return out
+
+
+@pytest.mark.parametrize("kind", ["logprobs", "kl"])
+def test_chunked_head_product_runs_in_the_autocast_dtype_with_float32_log_softmax(kind):
+    B, T, H, V = 2, 6, 4, 64
+    hidden, teacher_hidden, weight, mask = chunked_setup(B=B, T=T, H=H, V=V)
+    target_N = torch.arange(B * T) % V
+
+    def run():
+        if kind == "kl":
+            return kl_alpha_chunked(hidden, teacher_hidden, weight, mask, 0.5, chunk=3)
+        return token_logprobs_chunked(hidden.reshape(-1, H), weight, target_N, chunk=3)[0].sum()
+
+    ref = run()
+    with HeadOps(V, H) as fp32:
+        run()
+    assert fp32.products == {torch.float32} and fp32.head_copies == 0  # no autocast: float32 as before
+    with HeadOps(V, H) as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run()
+    assert ops.products == {torch.bfloat16} and ops.log_softmax == {torch.float32}
+    assert ops.head_copies == (2 if kind == "kl" else 1)  # the head cast once (per side), not once per chunk
+    assert got.dtype == torch.float32 and got != ref
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
+    got.backward()
+    assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
+
+
 def test_registry():
     assert get_loss("kl_topk") is kl_alpha_topk and get_loss("ppo") is policy_loss
     assert set(LOSSES) == {"ppo", "kl_full", "kl_full_chunked", "kl_topk", "ref_kl", "entropy"}

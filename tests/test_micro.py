@@ -163,7 +163,7 @@ def test_rl_steps_raise_the_log_probability_of_the_rewarded_answer(tmp_path, mic
     data.write_text(json.dumps({"id": "p", "question": problem.prompt, "answer": problem.payload["answer"]}) + "\n")
     Scripted.texts = (right, wrong)
     cfg = load(TrainConfig, str(ROOT / "configs" / "micro-grpo.yaml"),
-               [f"model.path={micro_dir}", f"data.problems={data}", f"run.out={tmp_path / 'run'}",
+               [f"model.path={micro_dir}", "data.env=math", f"data.problems={data}", f"run.out={tmp_path / 'run'}",
                 "run.progress=false", "run.eval_problems=0", "run.steps=3", "sampling.prompts_per_step=1",
                 "sampling.group_size=4", "optim.lr=0.001", f"algo.advantage={advantage}", "algo.advantage_kwargs={}"])
     train(cfg, engine=Scripted)
@@ -178,7 +178,7 @@ def test_rl_steps_raise_the_log_probability_of_the_rewarded_answer(tmp_path, mic
             return [float(x.sum()) for x in sequence_logprobs(model, [prompt, prompt], resp)[0]]
 
     before = logp()
-    model.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / "step-3.pt", weights_only=False)["model"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     after = logp()
     # the answers share every token up to the boxed value: the rewarded one must have gained on the
     # wrong one (a flipped sign or a zero advantage would shrink or keep the margin)
@@ -207,5 +207,6 @@ def test_shipped_micro_configs_run_two_steps_with_held_out_pass1(tmp_path, micro
                                       "response_len", "tokens_per_s", "time_generate", "time_execute",
                                       "time_score", "time_update", "rollout_logprob_diff", "rollout_is_mean",
                                       "rollout_is_clipfrac"))
-    assert (tmp_path / "checkpoints" / "step-2.pt").exists()
+    assert (tmp_path / "checkpoints" / "step-2" / "model.safetensors").exists()
+    assert (tmp_path / "final" / "model.safetensors").exists()
     assert "held-out pass@1 (4 problems x 2):" in r.stderr

@@ -242,3 +242,21 @@ def test_ema_with_lora_student(tiny):
     for k, new in student.named_parameters():
         torch.testing.assert_close(mine[k], 0.5 * old[k] + 0.5 * new.detach(), atol=1e-6, rtol=1e-6)
     assert any("lora" in k and not torch.equal(old[k], v) for k, v in student.named_parameters())
+
+
+def test_lora_teacher_is_an_ema_of_the_adapter_on_the_shared_base(tiny, batch):
+    peft = pytest.importorskip("peft")
+    student = peft.get_peft_model(copy.deepcopy(tiny[0]), peft.LoraConfig(r=4, target_modules="all-linear",
+                                                                           init_lora_weights=False))
+    teacher = Teacher(student, "ema", tau=0.5)
+    mine, theirs = dict(teacher.copy.named_parameters()), dict(student.named_parameters())
+    for k, p in theirs.items():  # the base is shared (no second copy), the adapter is the teacher's own
+        assert (mine[k] is p) == (not p.requires_grad), k
+    assert set(teacher.state_dict()["model"]) == {k for k, p in theirs.items() if p.requires_grad}
+    before = teacher.score(*batch)[0][0]
+    train_step(student)
+    teacher.update(student)
+    assert not torch.equal(teacher.score(*batch)[0][0], before)  # its adapter moved
+    fresh = Teacher(student, "ema", tau=0.5)
+    fresh.load_state_dict(teacher.state_dict())
+    torch.testing.assert_close(fresh.score(*batch)[0][0], teacher.score(*batch)[0][0], atol=0, rtol=0)

@@ -28,15 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cfg(tmp_path, *overrides):
     return load(TrainConfig, str(ROOT / "configs" / "micro-sdpo.yaml"),
-                [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "data.problems=arithmetic",
+                [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "data.env=math", "data.problems=arithmetic",
                  "data.levels=[1,2]", "run.eval_problems=0", "sampling.prompts_per_step=2",
                  "sampling.group_size=3", "sampling.max_new_tokens=12", *overrides])
 
 
 def _params(out):
-    state = torch.load(max(Path(out, "checkpoints").glob("step-*.pt"), key=lambda p: int(p.stem[5:])),
-                       weights_only=False)
-    return state["model"]
+    """The newest checkpoint's weights (a LoRA run's: its adapter), as saved."""
+    from safetensors.torch import load_file
+
+    from agentopd.checkpoints import checkpoints
+
+    step = Path(checkpoints(str(Path(out, "checkpoints")))[0])
+    return load_file(next(f for f in (step / "model.safetensors", step / "adapter_model.safetensors") if f.exists()))
 
 
 @pytest.mark.parametrize("advantage", ["sd_token", "grpo"])
@@ -60,6 +64,80 @@ def test_resume_gives_the_same_parameters(tmp_path, advantage):
         assert any(not torch.equal(fresh[k], a[k]) for k in a)
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    common = ["run.steps=4", "run.checkpoint_every=2", "optim.lr=0.01", "algo.ref_kl=0.1"]
+    train(_cfg(tmp_path / "a", *common))
+    train(_cfg(tmp_path / "b", *common))
+    latest = tmp_path / "b" / "checkpoints" / "step-4" / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a crash while copying it away
+    (tmp_path / "b" / "checkpoints" / "step-6.tmp").mkdir()  # a half-written one is never the latest
+    (tmp_path / "b" / "final").rename(tmp_path / "b" / "final-old")
+    with pytest.warns(UserWarning, match=r"step-4 is unreadable .*resuming from .*step-2"):
+        rows = train(_cfg(tmp_path / "b", *common, "run.resume=true"))
+    assert [r["step"] for r in rows] == [3, 4]
+    a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in _fresh().items())
+
+
+def test_old_pt_checkpoints_fail_with_what_to_do(tmp_path):
+    from agentopd.config import ConfigError
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step-2.pt").write_bytes(b"old pickle")
+    with pytest.raises(ConfigError, match=r"old-format checkpoints .* set run.resume=false"):
+        train(_cfg(tmp_path, "run.steps=3", "run.resume=true"))
+
+
+def test_final_model_serves_eval_model_through_the_cli_and_trains_further(tmp_path):
+    import yaml
+
+    train(_cfg(tmp_path / "run", "run.steps=2"))
+    final = tmp_path / "run" / "final"
+    assert not (final / "trainer_state").exists() and (final / "chat_template.jinja").exists()
+    cfg = {"engine": {"name": "hf", "model": str(final), "device": "cpu"},
+           "data": {"env": "math", "problems": "arithmetic", "n": 2},
+           "sampling": {"n": 2, "max_new_tokens": 8}, "eval": {"out": str(tmp_path / "eval"), "progress": False}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "agentopd.cli", "eval", "model", "--config", str(tmp_path / "eval.yaml")],
+                       capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["samples"] == 4
+    # fine-tune further: the run starts from the final weights, not from the tiny model
+    from agentopd.train import _load_model
+
+    more = _cfg(tmp_path / "more", "run.steps=1", f"model.path={final}")
+    loaded = _load_model(more, torch.device("cpu"))[0].state_dict()
+    saved = _params(tmp_path / "run")
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert len(train(more)) == 1
+
+
+def test_lora_checkpoint_saves_the_adapter_and_its_merge_with_the_same_logits(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from agentopd.engines import load_pretrained
+
+    train(_cfg(tmp_path, "run.steps=2", "model.lora_rank=4", "run.save_merged=true", "optim.lr=0.01"))
+    final = tmp_path / "final"
+    assert (final / "adapter_model.safetensors").exists() and not (final / "model.safetensors").exists()
+    ids = torch.tensor([[1, 5, 70, 9, 200, 300, 41]])
+    models = {"peft": AutoPeftModelForCausalLM.from_pretrained(final),  # base named in adapter_config.json
+              "merged": AutoModelForCausalLM.from_pretrained(final / "merged"),
+              "agentopd": load_pretrained(str(final))[0], "base": AutoModelForCausalLM.from_pretrained(tmp_path / "base")}
+    with torch.no_grad():
+        logits = {k: m(input_ids=ids).logits for k, m in models.items()}
+    torch.testing.assert_close(logits["merged"], logits["peft"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits["agentopd"], logits["peft"], atol=1e-5, rtol=0)
+    assert (logits["base"] - logits["peft"]).abs().max() > 1e-3  # the adapter did move
+    base = models["base"].state_dict()
+    assert all(torch.equal(v, base[k]) for k, v in _fresh().items())  # the base is the untouched tiny model
+    teacher = load_file(tmp_path / "checkpoints" / "step-2" / "trainer_state" / "teacher.safetensors")
+    assert teacher and all("lora_" in k for k in teacher)  # the teacher holds the adapter, not the base
 
 
 class EmptyFirst(HFEngine):
@@ -230,6 +308,45 @@ def test_bf16_autocast_runs_a_step_with_float32_loss_math(tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
     for k in a:  # one AdamW step moves a weight by about lr, one way or the other
         torch.testing.assert_close(a[k], b[k], atol=2.5 * cfg.optim.lr, rtol=0, msg=k)
+
+
+class AutocastSeen(HFEngine):
+    seen: ClassVar[list] = []
+
+    def generate(self, *a, **kw):
+        AutocastSeen.seen.append(torch.is_autocast_enabled("cpu"))
+        return super().generate(*a, **kw)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "off"])
+def test_rollouts_sample_under_the_same_autocast_as_evaluation(tmp_path, precision):
+    AutocastSeen.seen = []
+    train(_cfg(tmp_path, "run.steps=1", f"run.precision={precision}", "run.eval_problems=2", "run.eval_samples=1"),
+          engine=AutocastSeen)
+    assert AutocastSeen.seen == [precision == "bf16"] * 3  # held-out before, the rollout, held-out after
+
+
+def test_a_bf16_checkpoint_trains_as_float32_master_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from agentopd.tiny import build_tiny
+    from agentopd.train import _load_model
+
+    model, tok = build_tiny()
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tok.save_pretrained(tmp_path / "bf16")
+    start = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in start.values())
+    cfg = _cfg(tmp_path / "run", "run.steps=2", f"model.path={tmp_path / 'bf16'}", "optim.lr=1e-6", "algo.ref_kl=0.1")
+    assert all(p.dtype == torch.float32 for p in _load_model(cfg, torch.device("cpu"))[0].parameters())
+    train(cfg)
+    after = _params(tmp_path / "run")
+    teacher = load_file(tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state" / "teacher.safetensors")
+    for k, v in after.items():  # moved by ~lr per step: far below bf16's spacing, kept in float32
+        assert v.dtype == teacher[k].dtype == torch.float32, k
+        moved = (v - start[k].float()).abs().max()
+        assert 0 < moved < 5e-6, (k, moved)
+    assert any(not torch.equal(teacher[k], start[k].float()) for k in teacher)  # the EMA's tau * 1e-6 steps too
 
 
 def test_precision_auto_is_off_on_cpu_and_bad_values_are_refused(tmp_path):  # off: see the bf16 test

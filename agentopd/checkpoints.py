@@ -1,0 +1,252 @@
+"""Checkpoints as ``save_pretrained`` directories, beside the state an exact resume needs.
+
+::
+
+    <run.out>/checkpoints/step-N/   the model as transformers writes it (config, safetensors weights,
+                                    generation config, tokenizer, chat template); with LoRA the
+                                    adapter alone (peft's format), and ``merged/`` with run.save_merged
+        trainer_state/              state.json (step, data position, Python and NumPy RNG, teacher
+                                    settings), rng.safetensors (torch RNG), teacher.safetensors (the
+                                    tensors the teacher does not share with the student),
+                                    optimizer.pt (loaded with weights_only=True)
+    <run.out>/final/                the last step's model without trainer_state/ (hard links)
+    <run.out>/base/                 a LoRA run's base model, where it has no directory of its own
+                                    (tiny, or a merged adapter)
+
+A directory is written as ``step-N.tmp`` and renamed when complete, so a half-written checkpoint is
+never the latest. Resume takes the newest one that reads; one that does not is skipped with a
+warning that names it and the one used instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+STATE = "trainer_state"
+FORMAT = 1
+
+
+def is_adapter_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+@contextmanager
+def _quiet():
+    """transformers' loading/saving progress bars off (they would break the training bar)."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
+def _replace_dir(path: str, write) -> None:
+    """``write(tmp)`` a directory, then rename it to ``path`` (replacing an older one)."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _quiet():
+        write(tmp)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The plain model's state dict with every LoRA delta added to its base weight; the peft model
+    is left as it is (unlike ``merge_and_unload``)."""
+    from peft.tuners.lora import LoraLayer
+
+    lm = peft_model.get_base_model()
+    state = {k.replace(".base_layer", ""): v.detach() for k, v in lm.state_dict().items() if "lora_" not in k}
+    with torch.no_grad():
+        for name, module in lm.named_modules():
+            if isinstance(module, LoraLayer) and hasattr(module, "get_delta_weight"):
+                for adapter in module.active_adapters:
+                    state[f"{name}.weight"] = state[f"{name}.weight"] + module.get_delta_weight(adapter)
+    return state
+
+
+def save_model(model, tokenizer, path: str, merged: bool = False) -> None:
+    """Model (a peft model: its adapter alone) + tokenizer + chat template + generation config in
+    ``path``; ``merged``: also the adapter merged into its base, in ``path/merged``."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if not _is_peft(model):
+        return
+    lm = model.get_base_model()
+    if lm.generation_config is not None:
+        lm.generation_config.save_pretrained(path)
+    if merged:
+        lm.save_pretrained(os.path.join(path, "merged"), state_dict=merged_state_dict(model))
+        tokenizer.save_pretrained(os.path.join(path, "merged"))
+
+
+def lora_base(path: str, model, tokenizer, out: str) -> str:
+    """What a LoRA run's adapter names as its base: ``path`` itself when it is a model directory or
+    hub id, the micro model's directory, else (tiny, an adapter merged on load) ``model`` saved
+    once under ``out``."""
+    if path == "micro":
+        from agentopd.micro import ensure
+
+        return os.path.abspath(ensure(progress=False))
+    if path != "tiny" and not (os.path.isdir(path) and is_adapter_dir(path)):
+        return os.path.abspath(path) if os.path.isdir(path) else path
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        _replace_dir(out, lambda tmp: save_model(model, tokenizer, tmp))
+    return os.path.abspath(out)
+
+
+# ------------------------------------------------------------------------------ saving
+
+
+def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return {"python": [version, list(keys), gauss],
+            "numpy": [name, np_keys.tolist(), int(pos), int(has_gauss), float(cached)]}, tensors
+
+
+def _set_rng_state(state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, np_keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(np_keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _save_trainer_state(path: str, step: int, opt, teacher, data_pos: int) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(path)
+    rng, rng_tensors = _rng_state()
+    teacher_state = teacher.state_dict()
+    save_file({k: v.detach().cpu().contiguous() for k, v in (teacher_state.pop("model") or {}).items()},
+              os.path.join(path, "teacher.safetensors"))
+    save_file(rng_tensors, os.path.join(path, "rng.safetensors"))
+    torch.save(opt.state_dict(), os.path.join(path, "optimizer.pt"))
+    with open(os.path.join(path, "state.json"), "w", encoding="utf-8") as f:  # written last
+        json.dump({"format": FORMAT, "step": step, "data_pos": data_pos, "teacher": teacher_state, "rng": rng}, f)
+
+
+def save(ckpt_dir: str, step: int, model, tokenizer, opt, teacher, data_pos: int, merged: bool = False) -> str:
+    """Write ``ckpt_dir/step-<step>/``; returns its path."""
+    def write(tmp):
+        save_model(model, tokenizer, tmp, merged)
+        _save_trainer_state(os.path.join(tmp, STATE), step, opt, teacher, data_pos)
+
+    os.makedirs(ckpt_dir, exist_ok=True)
+    path = os.path.join(ckpt_dir, f"step-{step}")
+    _replace_dir(path, write)
+    return path
+
+
+def export_final(step_dir: str, final_dir: str) -> None:
+    """``final_dir``: the model files of ``step_dir`` (hard links where the filesystem allows)."""
+    def write(tmp):
+        try:
+            shutil.copytree(step_dir, tmp, ignore=shutil.ignore_patterns(STATE), copy_function=os.link)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(step_dir, tmp, ignore=shutil.ignore_patterns(STATE))
+
+    _replace_dir(final_dir, write)
+
+
+# ------------------------------------------------------------------------------ resuming
+
+
+def checkpoints(ckpt_dir: str) -> list[str]:
+    """The complete checkpoint directories in ``ckpt_dir``, newest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    steps = [int(m[1]) for f in os.listdir(ckpt_dir) if (m := re.fullmatch(r"step-(\d+)", f))]
+    return [os.path.join(ckpt_dir, f"step-{s}") for s in sorted(steps, reverse=True)]
+
+
+def _old_format_error(ckpt_dir: str):
+    from agentopd.config import ConfigError
+
+    return ConfigError(
+        f"{ckpt_dir} holds only old-format checkpoints (step-N.pt pickles); this version resumes from "
+        "save_pretrained directories (step-N/). Finish that run with the agentopd version that started "
+        "it, or start a new one: choose another run.out or set run.resume=false. (The weights are "
+        "torch.load(path, weights_only=False)['model'], loadable with model.load_state_dict.)")
+
+
+def _read(path: str, model, device) -> dict:
+    """Everything ``path`` holds for a resume, read into memory (raises if any part is unreadable)."""
+    from safetensors.torch import load_file
+
+    state_dir = os.path.join(path, STATE)
+    with open(os.path.join(state_dir, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    if _is_peft(model):
+        weights = load_file(os.path.join(path, "adapter_model.safetensors"))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        weights = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    state |= {"weights": weights,
+              "optimizer": torch.load(os.path.join(state_dir, "optimizer.pt"), map_location=device, weights_only=True),
+              "teacher_tensors": load_file(os.path.join(state_dir, "teacher.safetensors")),
+              "rng_tensors": load_file(os.path.join(state_dir, "rng.safetensors"))}
+    return state
+
+
+def _load_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    if _is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, weights)
+        if result.unexpected_keys:
+            raise ValueError(f"adapter tensors the model does not have: {result.unexpected_keys[:5]}")
+    else:
+        model.load_state_dict(weights)
+
+
+def resume(ckpt_dir: str, model, opt, teacher, device=None) -> tuple[int, int] | None:
+    """Load the newest readable checkpoint of ``ckpt_dir`` into the model, optimizer, teacher and the
+    RNGs; returns (step, data position), or None when there is none."""
+    found = checkpoints(ckpt_dir)
+    if not found and os.path.isdir(ckpt_dir) and any(re.fullmatch(r"step-\d+\.pt", f) for f in os.listdir(ckpt_dir)):
+        raise _old_format_error(ckpt_dir)
+    for i, path in enumerate(found):
+        try:
+            with _quiet():
+                state = _read(path, model, device)
+        except Exception as e:  # noqa: BLE001  (a truncated or half-deleted checkpoint: try the one before)
+            fallback = found[i + 1] if i + 1 < len(found) else "a fresh start"
+            warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                          f"resuming from {fallback}", stacklevel=2)
+            continue
+        _load_weights(model, state["weights"])
+        opt.load_state_dict(state["optimizer"])
+        teacher.load_state_dict({**state["teacher"], "model": state["teacher_tensors"]})
+        _set_rng_state(state["rng"], state["rng_tensors"])
+        return state["step"], state["data_pos"]
+    return None

@@ -1,0 +1,344 @@
+"""GPU check: the figures and the correctness checks that only a GPU run can give, in one script.
+
+No network, no downloads: the models are built from configs. A Llama shaped like a 1.5B model
+(hidden 1536, 28 layers, 12 heads / 2 KV heads, MLP 8960, vocabulary 151936, random weights, float32
+master weights as the learner keeps them) gives the speed figures; the tiny model runs the training
+loop. Every stage synchronizes the device before each timestamp and records its peak memory
+(``torch.cuda.max_memory_allocated``, reset before the stage); a stage that fails records its error
+and the others still run.
+
+1. ``generate``: tokens/s of the ``hf`` engine under bf16 autocast (the rollouts' setting), and of
+   ``vllm`` (bf16 weights saved to a temp dir, offline ``LLM``; run after the learner stages) when
+   vLLM is importable.
+2. ``ppo_ratio``: on those samples, the epoch-0 PPO ratio ``exp(learner - old)``, with ``old`` the
+   no-grad rescoring the update uses (should be 1 with clip fraction 0), and the ratio against the
+   engine's own sampling log-probs (what a rollout importance weight would correct).
+3. ``agreement``: per-token log-probs and a policy-gradient loss on one batch, bf16 autocast vs float32.
+4. ``learner``: forward+backward seconds of the update's path (final hidden states, chunked log-probs)
+   plain, with gradient checkpointing, with LoRA (r=16, all linear layers) and with both.
+5. ``sdpo_over_grpo``: seconds of a GRPO step (student scoring + forward/backward) and of an SDPO
+   step (plus the teacher scoring under a longer context) on the 1.5B shape; and the train loop on
+   the tiny model (``algo.advantage`` sd_token vs grpo; mean step over the steps after the first,
+   from the ``time_*`` metrics; clip fraction of every step, epoch 0).
+
+    python bench/gpu_check.py            # on one GPU, under 8 minutes; writes bench/results/gpu_check.json
+    python bench/gpu_check.py --smoke    # tiny sizes, on CPU in seconds: checks that the script works
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = {
+    "full": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936),
+    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1000),
+}
+SIZES = {  # gen_*: the engine's batch; learn_*: the learner's micro-batch; loop_steps: train-loop steps per arm
+    "full": dict(gen_batch=32, gen_prompt=128, gen_new=128, learn_batch=8, learn_prompt=256, learn_resp=256,
+                 teacher_extra=256, reps=3, loop_steps=4),
+    "smoke": dict(gen_batch=2, gen_prompt=8, gen_new=8, learn_batch=2, learn_prompt=8, learn_resp=8,
+                  teacher_extra=8, reps=1, loop_steps=1),
+}
+CHUNK = 128  # optim.logits_chunk's default
+
+
+class Stage:
+    """``with Stage(results, name, device) as out:`` fill ``out``; adds seconds, peak memory, or the error."""
+
+    def __init__(self, results: dict, name: str, device: torch.device):
+        self.results, self.name, self.device, self.out = results, name, device, {}
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        self.t0 = now(self.device)
+        return self.out
+
+    def __exit__(self, kind, err, tb):
+        self.out["seconds"] = round(now(self.device) - self.t0, 3)
+        if self.device.type == "cuda":
+            self.out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        if err is not None:
+            self.out["error"] = "".join(traceback.format_exception_only(kind, err)).strip()[-500:]
+            print(f"[{self.name}] failed: {self.out['error']}", file=sys.stderr)
+        self.results[self.name] = self.out
+        print(f"[{self.name}] {json.dumps(self.out)}", file=sys.stderr)
+        return kind is None or issubclass(kind, Exception)  # after a failed stage the next ones still run
+
+
+def now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def amp(device: torch.device, on: bool = True):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+class _NoText:
+    """A tokenizer stand-in for random token ids: no eos, pad 0, empty text."""
+
+    eos_token_id, pad_token_id = None, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def build_llama(shape: dict, device: torch.device, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0,
+                         bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(seed)
+    with device:
+        model = LlamaForCausalLM(config).float()
+    model.generation_config.eos_token_id = None  # every sample runs to its length
+    return model
+
+
+def random_ids(rows: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (rows, length), generator=g).tolist()
+
+
+# ------------------------------------------------------------------ 1. generation
+
+
+def bench_hf_generate(model, sizes: dict, device, out: dict):
+    from agentopd.engine import HFEngine
+
+    prompts = random_ids(sizes["gen_batch"], sizes["gen_prompt"], model.config.vocab_size, 1)
+    engine = HFEngine(model, _NoText(), batch_size=sizes["gen_batch"])
+    with amp(device):
+        engine.generate(prompts[:1], max_new_tokens=4, seed=0)  # warm-up
+        t0 = now(device)
+        gens = engine.generate(prompts, max_new_tokens=sizes["gen_new"], seed=0)
+        seconds = now(device) - t0
+    n = sum(len(g.response_ids) for gs in gens for g in gs)
+    out.update(tokens=n, batch=len(prompts), tokens_per_s=round(n / seconds, 1))
+    return prompts, [gs[0] for gs in gens]
+
+
+def bench_vllm_generate(model, sizes: dict, out: dict) -> None:
+    try:
+        import vllm
+    except ImportError:
+        out["skipped"] = "vllm is not importable"
+        return
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    with tempfile.TemporaryDirectory() as d:  # bf16 copies of the weights; the model keeps its float32 ones
+        model.save_pretrained(d, state_dict={k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+        llm = vllm.LLM(model=d, skip_tokenizer_init=True, dtype="bfloat16", gpu_memory_utilization=0.3,
+                       max_model_len=sizes["gen_prompt"] + sizes["gen_new"] + 8, seed=0)
+    prompts = random_ids(sizes["gen_batch"], sizes["gen_prompt"], model.config.vocab_size, 1)
+    params = vllm.SamplingParams(max_tokens=sizes["gen_new"], ignore_eos=True, detokenize=False, logprobs=0)
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    llm.generate(inputs[:1], params, use_tqdm=False)  # warm-up
+    t0 = now(torch.device("cuda"))
+    outs = llm.generate(inputs, params, use_tqdm=False)
+    seconds = now(torch.device("cuda")) - t0
+    n = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    out.update(version=vllm.__version__, tokens=n, tokens_per_s=round(n / seconds, 1))
+    del llm
+
+
+# ------------------------------------------------------------------ 2.-4. the learner's path
+
+
+def learner_logprobs(model, prompts, responses, device, on: bool = True):
+    """The update's log-probs: final hidden states under autocast, then the chunked head product."""
+    from agentopd.engine import hidden_logprobs, lm_head_weight, response_hidden
+
+    with amp(device, on):
+        hidden_BRH = response_hidden(model, prompts, responses)
+        return torch.cat(hidden_logprobs(hidden_BRH, lm_head_weight(model), responses, CHUNK)[0])
+
+
+def ratio_stats(log_ratio_N: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28) -> dict:
+    ratio_N = log_ratio_N.double().exp()
+    return {"ratio_mean": float(ratio_N.mean()), "ratio_max_abs_dev": float((ratio_N - 1).abs().max()),
+            "clip_frac": float(((ratio_N < 1 - clip_low) | (ratio_N > 1 + clip_high)).double().mean())}
+
+
+def bench_ppo_ratio(model, prompts, gens, device, out: dict) -> None:
+    from agentopd.engine import sequence_logprobs
+
+    responses = [g.response_ids for g in gens]
+    with torch.no_grad(), amp(device):  # what train scores as the old log-probs
+        old = torch.cat(sequence_logprobs(model, prompts, responses, chunk=CHUNK)[0])
+    model.train()
+    learner = learner_logprobs(model, prompts, responses, device)
+    engine = torch.tensor([lp for g in gens for lp in g.logprobs], device=learner.device)
+    out["epoch0_vs_rescoring"] = ratio_stats(learner.detach() - old)
+    out["learner_vs_engine"] = ratio_stats(learner.detach() - engine)
+
+
+def bench_agreement(model, sizes: dict, device, out: dict) -> None:
+    prompts, responses = learner_batch(model, sizes, 2)
+    g = torch.Generator().manual_seed(3)
+    adv_N = torch.randn(sum(len(r) for r in responses), generator=g).to(device)
+    with torch.no_grad():
+        lp = {on: learner_logprobs(model, prompts, responses, device, on) for on in (True, False)}
+    diff_N = (lp[True] - lp[False]).abs()
+    loss = {on: float(-(lp[on] * adv_N).mean()) for on in lp}  # the policy-gradient surrogate
+    out.update(logprob_max_abs_diff=float(diff_N.max()), logprob_mean_abs_diff=float(diff_N.mean()),
+               loss_bf16=loss[True], loss_fp32=loss[False],
+               loss_rel_diff=abs(loss[True] - loss[False]) / max(abs(loss[False]), 1e-12))
+
+
+def learner_batch(model, sizes: dict, seed: int):
+    B, V = sizes["learn_batch"], model.config.vocab_size
+    return random_ids(B, sizes["learn_prompt"], V, seed), random_ids(B, sizes["learn_resp"], V, seed + 1)
+
+
+def fwd_bwd_seconds(model, sizes: dict, device) -> float:
+    prompts, responses = learner_batch(model, sizes, 4)
+    times = []
+    for _ in range(sizes["reps"] + 1):  # the first is a warm-up
+        model.zero_grad(set_to_none=True)
+        t0 = now(device)
+        (-learner_logprobs(model, prompts, responses, device).mean()).backward()
+        times.append(now(device) - t0)
+    model.zero_grad(set_to_none=True)
+    return round(sorted(times[1:])[len(times[1:]) // 2], 4)
+
+
+def bench_learner(model, sizes: dict, device, results: dict) -> None:
+    """Plain and checkpointed on the full model, then LoRA (peft wraps the same model)."""
+    from peft import LoraConfig, get_peft_model
+
+    model.train()
+    for gc in (False, True):
+        with Stage(results, f"learner_full{'_gc' if gc else ''}", device) as out:
+            (model.gradient_checkpointing_enable if gc else model.gradient_checkpointing_disable)()
+            out["fwd_bwd_s"] = fwd_bwd_seconds(model, sizes, device)
+    model.gradient_checkpointing_disable()
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    for gc in (False, True):
+        with Stage(results, f"learner_lora{'_gc' if gc else ''}", device) as out:
+            (model.gradient_checkpointing_enable if gc else model.gradient_checkpointing_disable)()
+            out["fwd_bwd_s"] = fwd_bwd_seconds(lora, sizes, device)
+    model.gradient_checkpointing_disable()
+    lora.unload()  # the plain model again, for the stages after
+
+
+# ------------------------------------------------------------------ 5. SDPO over GRPO
+
+
+def bench_step_ratio(model, sizes: dict, device, out: dict) -> None:
+    """A GRPO step: student scoring + forward/backward; SDPO adds the teacher's scoring of the same
+    responses under a context ``teacher_extra`` tokens longer (the critique)."""
+    from agentopd.engine import sequence_logprobs
+
+    prompts, responses = learner_batch(model, sizes, 6)
+    extra = random_ids(len(prompts), sizes["teacher_extra"], model.config.vocab_size, 8)
+    teacher = [p + e for p, e in zip(prompts, extra)]
+    model.train()
+
+    def step(sdpo: bool) -> float:
+        t0 = now(device)
+        with torch.no_grad(), amp(device):
+            sequence_logprobs(model, prompts, responses, chunk=CHUNK)
+            if sdpo:
+                sequence_logprobs(model, teacher, responses, chunk=CHUNK)
+        (-learner_logprobs(model, prompts, responses, device).mean()).backward()
+        model.zero_grad(set_to_none=True)
+        return now(device) - t0
+
+    times = {"grpo": [], "sdpo": []}
+    for r in range(sizes["reps"] + 1):  # interleaved; the first round is a warm-up
+        for arm in ("grpo", "sdpo") if r % 2 else ("sdpo", "grpo"):
+            times[arm].append(step(arm == "sdpo"))
+    med = {arm: sorted(t[1:])[len(t[1:]) // 2] for arm, t in times.items()}
+    out.update(grpo_step_s=round(med["grpo"], 4), sdpo_step_s=round(med["sdpo"], 4),
+               sdpo_over_grpo=round(med["sdpo"] / med["grpo"], 3))
+
+
+def bench_loop(sizes: dict, device, tmp: str, out: dict) -> None:
+    sys.path.insert(0, HERE)
+    from step_cost import STAGES, train_run
+
+    extra = (f"run.device={device.type}", "run.precision=auto")
+    steps = {}
+    for algo in ("grpo", "sd_token"):
+        rows = train_run(algo, "tiny", sizes["loop_steps"] + 1, tmp, extra)
+        per_step = [sum(r[f"time_{s}"] for s in STAGES) for r in rows[1:]]
+        steps[algo] = sum(per_step) / len(per_step)
+        out[f"{algo}_clipfrac"] = [r["clipfrac"] for r in rows]
+        out[f"{algo}_step_s"] = round(steps[algo], 4)
+    out["sdpo_over_grpo"] = round(steps["sd_token"] / steps["grpo"], 3)
+
+
+# ------------------------------------------------------------------ main
+
+
+def environment(device: torch.device, smoke: bool) -> dict:
+    import transformers
+
+    env = {"smoke": smoke, "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "device": device.type}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def run(smoke: bool, device: torch.device) -> dict:
+    shape, sizes = SHAPES["smoke" if smoke else "full"], SIZES["smoke" if smoke else "full"]
+    results = {"environment": environment(device, smoke), "shape": shape, "sizes": sizes}
+    with Stage(results, "build", device) as out:
+        model = build_llama(shape, device)
+        out["params"] = sum(p.numel() for p in model.parameters())
+    with Stage(results, "generate_hf", device) as out:
+        prompts, gens = bench_hf_generate(model, sizes, device, out)
+    with Stage(results, "ppo_ratio", device) as out:
+        bench_ppo_ratio(model, prompts, gens, device, out)
+    with Stage(results, "agreement", device) as out:
+        bench_agreement(model, sizes, device, out)
+    with Stage(results, "step_ratio_llama", device) as out:
+        bench_step_ratio(model, sizes, device, out)
+    bench_learner(model, sizes, device, results)
+    if device.type == "cuda":  # last: vLLM keeps its KV cache allocated, which later peaks would count
+        with Stage(results, "generate_vllm", device) as out:
+            bench_vllm_generate(model, sizes, out)
+    del model
+    with tempfile.TemporaryDirectory() as tmp, Stage(results, "train_loop_tiny", device) as out:
+        bench_loop(sizes, device, tmp, out)
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, seconds): check the script works")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "gpu_check.json"))
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type != "cuda" and not a.smoke:
+        print("gpu_check: no GPU; run with --smoke for a check of the script on CPU", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    results = run(a.smoke, device)
+    results["total_seconds"] = round(time.perf_counter() - t0, 1)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    print(f"wrote {a.out} in {results['total_seconds']} s; failed stages: {failed or 'none'}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
