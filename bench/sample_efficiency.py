@@ -143,6 +143,7 @@ def main() -> None:
     if bad:
         ap.error(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
     name = f"sample_efficiency_{args.setting}" + ("_quick" if args.quick else "")
+    ap_out = args.out
     args.out = args.out or os.path.join(os.path.dirname(__file__), "results", name)
     args.steps = args.steps or (40 if args.quick else 120)
     args.eval_every = args.eval_every or (5 if args.quick else 10)
@@ -177,7 +178,8 @@ def main() -> None:
         json.dump({"args": vars(args), "warm_start": start, "target": target, "curves": curves,
                    "summary": summary, "rlef_pass_after_turn": rlef_pass}, f, indent=2)
     try:
-        png = os.path.join(os.path.dirname(__file__), "..", "docs", name + ".png")
+        png = (os.path.join(os.path.dirname(__file__), "..", "docs", name + ".png") if not ap_out
+               else args.out + ".png")
         plot(curves, target, png, args.setting, rlef_pass)
         print(f"\nwrote {args.out}.json and {png}")
     except ImportError:

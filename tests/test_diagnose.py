@@ -262,7 +262,7 @@ def test_cli_writes_diagnose_json_with_every_key(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["run.bogus=1"], "unknown config key 'run.bogus'"),
     # checked before the model loads: the missing checkpoint is never reached
-    (["data.problems=functions", "model.path=/nonexistent"], "data.problems='functions' makes code problems"),
+    (["data.problems=micro", "model.path=/nonexistent"], "data.problems='micro' makes math problems"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     r = cli("diagnose", "teacher", "--config", ROOT / "configs" / "micro-sdpo.yaml", f"run.out={tmp_path}", *args)
@@ -283,7 +283,7 @@ class EveryThirdWrong(BaseJudge):
 
 def _train(tmp_path, judge=None):
     cfg = load(TrainConfig, str(ROOT / "configs" / "micro-sdpo.yaml"),
-               [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "data.problems=arithmetic",
+               [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "data.env=math", "data.problems=arithmetic",
                 "data.levels=[1,2]", "run.eval_problems=0", "sampling.prompts_per_step=2",
                 "sampling.group_size=3", "sampling.max_new_tokens=8", "run.steps=2", "run.checkpoint_every=0"])
     train(cfg, judge=judge)
