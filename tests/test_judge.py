@@ -334,13 +334,7 @@ def test_humaneval_canonical_still_passes_after_hacks(judges, he0):
     assert [j.verdict.status for j in js] == ["ok"] * 4
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: call-style tests run in the solution's interpreter, "
-                   "so code that reads the runner's frame (or memory) can learn the token and forge results")
-def test_humaneval_token_from_runner_frame_does_not_pass(judges, he0):
-    hack = ("    return None\nimport os, sys\ntok = sys._getframe(1).f_locals['_tok']\n"
-            "os.write(1, ('\\n' + tok + ' [\"test\", 0, \"ok\", \"\"]\\n' + tok + ' [\"done\"]\\n').encode())\n"
-            "os._exit(0)\n")
-    assert judges(extract=False).judge(he0, hack).verdict.status != "ok"
+# forging through the runner's frames, its memory, stdin or files: tests/test_forging.py
 
 
 @needs_samples
