@@ -361,3 +361,56 @@ def test_back_to_back_calls_have_no_judge_errors(judge):
     progs = [SUM_OK, "import os\nos._exit(0)", "import sys\nprint(3)\nsys.exit(0)", "print(input())"]
     statuses = [judge.judge(SUM_PROBLEM, fenced(p)).verdict.status for _ in range(8) for p in progs]
     assert statuses == ["ok", "wrong_answer", "wrong_answer", "wrong_answer"] * 8
+
+
+# ------------------------------------------------------------------- one sample's failure
+
+
+class _Breaks:
+    """A sandbox around a real one that fails in a different way for each marked program."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def run(self, program, stdin="", limits=None):
+        from agentopd.types import ExecResult
+
+        if "RAISE" in stdin:
+            raise RuntimeError("sandbox exploded")
+        res = self.real.run(program, stdin, limits)
+        if "GARBAGE" in stdin:  # result lines the judge cannot read: bad JSON, an index out of range
+            return ExecResult("ok", 0, '["test", 7, "ok", ""]\n{not json\n["done"]\n', "", False, False, False, 0.0)
+        return res
+
+
+def test_a_crashing_sample_is_a_judge_error_and_the_batch_survives(judge, he0):
+    breaking = Judge(sandbox=_Breaks(judge.sandbox), extract=False, timeout_s=2.0)
+    good = (he0, he0.privileged["solution"])
+    broken_payload = Problem("bad", "bad", "code", {"style": "call"})  # no tests at all
+    pairs = [good, (he0, he0.privileged["solution"] + "\n# RAISE\n"), good,
+             (he0, he0.privileged["solution"] + "\n# GARBAGE\n"), (broken_payload, "x = 1"), good]
+    try:
+        js = breaking.judge_many(pairs)
+    finally:
+        breaking._pool.shutdown()
+    assert [j.verdict.status for j in js] == ["ok", "judge_error", "ok", "judge_error", "judge_error", "ok"]
+    assert "sandbox exploded" in js[1].verdict.details[0].error
+    assert "judge failed on this sample" in js[3].verdict.details[0].error
+    assert "KeyError" in js[4].verdict.details[0].error
+
+
+def test_judges_without_a_sandbox_isolate_samples_too():
+    from agentopd.judges.base import BaseJudge, ByKindJudge
+    from agentopd.types import Judgement, Verdict
+
+    class Picky(BaseJudge):
+        def judge(self, problem, response):
+            if response == "boom":
+                raise ZeroDivisionError("scorer divided by zero")
+            return Judgement(Verdict(1.0, 1, 1, "ok"), "")
+
+    code = Problem("c", "c", "code", {})
+    odd = Problem("o", "o", "poetry", {})
+    js = ByKindJudge({"code": Picky()}).judge_many([(code, "fine"), (code, "boom"), (odd, "fine"), (code, "fine")])
+    assert [j.verdict.status for j in js] == ["ok", "judge_error", "judge_error", "ok"]
+    assert "ZeroDivisionError" in js[1].verdict.details[0].error and "poetry" in js[2].verdict.details[0].error
