@@ -145,7 +145,11 @@ def math_problem(row: dict, where: str = "row", question_key: str = "question", 
     if answer_key not in row or row[answer_key] in (None, ""):
         raise DataError(f"{where}: no answer (column '{answer_key}'); keys: {sorted(row)}")
     pid = str(row.get("id", row.get("task_id", where)))
-    return Problem(pid, q, "math", {"answer": str(row[answer_key])})
+    payload = {"answer": str(row[answer_key])}
+    for key in ("answer_format", "expression"):  # "answer_format": "number": an expression is wrong
+        if row.get(key):
+            payload[key] = str(row[key])
+    return Problem(pid, q, "math", payload)
 
 
 def load_math_problems(source, question_key: str = "question", answer_key: str = "answer") -> list[Problem]:
