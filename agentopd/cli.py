@@ -40,7 +40,13 @@ def cmd_eval_passk(a) -> int:
     try:
         ks = [int(k) for k in a.k.split(",")]
     except ValueError:
-        return _fail(f"--k takes comma-separated integers, got {a.k!r}")
+        ks = []
+    if not ks or min(ks) < 1:
+        return _fail(f"--k takes comma-separated positive integers, got {a.k!r}")
+    if not a.timeout > 0:
+        return _fail(f"--timeout: {a.timeout} is out of range; allowed: >0")
+    if a.workers is not None and a.workers < 1:
+        return _fail(f"--workers: {a.workers} is out of range; allowed: >=1")
     try:
         problems = load_problems(a.dataset)
         judge = _judge_for(problems, a)
@@ -91,14 +97,14 @@ def cmd_judges(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from agentopd.config import ConfigError, load
+    from agentopd.config import load
 
     from agentopd.train import TrainConfig, train
 
     try:
         cfg = load(TrainConfig, a.config, a.overrides)
         rows = train(cfg)
-    except ConfigError as e:
+    except _user_errors() as e:
         return _fail(str(e))
     if rows:
         last = rows[-1]
@@ -106,20 +112,27 @@ def cmd_train(a) -> int:
     return 0
 
 
+def _user_errors() -> tuple:
+    """What a bad config, dataset, engine or missing extra raises: one line on stderr, exit 2."""
+    from agentopd.config import ConfigError
+    from agentopd.engines import EngineError
+    from agentopd.envs.data import DataError
+    from agentopd.sandbox import SandboxUnavailable
+
+    return ConfigError, DataError, SandboxUnavailable, EngineError, ImportError, ValueError
+
+
 def _run_config(cls, run, a) -> int:
     """Load a config (YAML + overrides), run it, print the summary table (stderr) and the report
     (JSON, stdout); a bad config, dataset, engine or missing extra is one line on stderr."""
     import os
 
-    from agentopd.config import ConfigError, load
-    from agentopd.engines import EngineError
-    from agentopd.envs.data import DataError
-    from agentopd.sandbox import SandboxUnavailable
+    from agentopd.config import load
 
     try:
         cfg = load(cls, a.config, a.overrides)
         report = run(cfg)
-    except (ConfigError, DataError, SandboxUnavailable, EngineError, ImportError, ValueError) as e:
+    except _user_errors() as e:
         return _fail(str(e))
     with open(os.path.join(cfg.eval.out, "summary.md"), encoding="utf-8") as f:
         print(f.read(), file=sys.stderr, end="", flush=True)

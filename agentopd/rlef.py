@@ -43,6 +43,8 @@ class RLEFConfig(EvalConfig):
     rlef: RLEFSection = field(default_factory=RLEFSection)
     eval: OutputConfig = field(default_factory=lambda: OutputConfig(out="runs/rlef"))
 
+    RANGES = {**EvalConfig.RANGES, "rlef.turns": ">=1"}
+
 
 @dataclass
 class Attempt:

@@ -227,3 +227,16 @@ def test_judge_failures_are_redone_on_resume(tmp_path, serve):
     again = eval_model(cfg, judge=judge)
     assert again["judge_errors"] == 0 and again["samples"] == 6
     assert len(s.requests) == 3 and "mul" in messages_text(s.requests[-1]["body"])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("eval.chunk=0", ["eval.chunk", ">=1"]), ("data.limit=-3", ["data.limit", ">=0"]),
+    ("sampling.n=0", ["sampling.n", ">=1"]), ("eval.k=[-1]", ["eval.k"]), ("data.timeout_s=0", ["data.timeout_s", ">0"]),
+    ("engine.concurrency=0", ["engine.concurrency", ">=1"]),
+])
+def test_options_out_of_range_are_one_line_before_any_request(tmp_path, serve, override, words):
+    s = serve(["x"])
+    r = cli("eval", "model", "--config", write_config(tmp_path, s), override)
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert all(w in r.stderr for w in words) and "Traceback" not in r.stderr, r.stderr
+    assert s.requests == []
