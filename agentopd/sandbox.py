@@ -215,7 +215,7 @@ def _bwrap_argv(limits: Limits, work="/work", warm: bool = False, pid1: bool = F
 _ZYGOTE_SRC = open(_zygote.__file__, encoding="utf-8").read()
 # programs every warm worker compiles once, at start (the call-tests driver): a request names one
 # by its index instead of sending its text
-KNOWN_PROGRAMS = (open(_calltests.__file__, encoding="utf-8").read(),)
+KNOWN_PROGRAMS = (_calltests.program(),)
 _WORKER_CMD = [PYTHON, "-E", "-s", "-S", "-B", "-c", _ZYGOTE_SRC, "/work", *KNOWN_PROGRAMS]
 _CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
