@@ -240,3 +240,20 @@ def test_options_out_of_range_are_one_line_before_any_request(tmp_path, serve, o
     assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert all(w in r.stderr for w in words) and "Traceback" not in r.stderr, r.stderr
     assert s.requests == []
+
+
+def test_a_torn_last_line_is_dropped_and_redone(tmp_path, serve):
+    s = serve(answer)
+    cfg = write_config(tmp_path, s)
+    r = cli("eval", "model", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    results = tmp_path / "out" / "results.jsonl"
+    text = results.read_text()
+    results.write_text(text[:text.rstrip("\n").rfind("\n") + 1] + text.rstrip("\n").splitlines()[-1][:25])  # killed mid-write
+    r = cli("eval", "model", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    assert "last line is incomplete" in r.stderr and "Traceback" not in r.stderr
+    assert len(s.requests) == 3 and s.requests[-1]["body"]["n"] == 1  # only the torn sample again
+    assert json.loads(r.stdout) == report
+    assert len(results.read_text().splitlines()) == 6
