@@ -183,7 +183,8 @@ class Remote:
         return self._link.call(self._target, args, kwargs)
 
     def __repr__(self):
-        return f"<the program's {self._kind} {self._target if isinstance(self._target, str) else ''}>".replace(" >", ">")
+        name = f" {self._target}" if isinstance(self._target, str) else ""
+        return f"<the program's {self._kind}{name}>"
 
 
 class Link:
@@ -219,15 +220,11 @@ class Link:
         return Remote(self, r, r[1], r[2])
 
     def call(self, target, args, kwargs):
-        back = any(isinstance(a, (list, dict, set, bytearray)) for a in args)
+        back = any(isinstance(a, (list, dict, set)) for a in args)
         reply = self.ask({"call": target, "args": [encode(a, self._ref) for a in args],
                           "kwargs": {k: encode(v, self._ref) for k, v in kwargs.items()}, "back": back})
         if "e" in reply:
-            name, msg = reply["e"]
-            cls = getattr(builtins, name, None)
-            if isinstance(cls, type) and issubclass(cls, Exception) and cls.__module__ == "builtins":
-                raise cls(msg)
-            raise RuntimeError(f"{name}: {msg}")
+            raise _exception(*reply["e"])
         for a, new in zip(args, reply.get("args", ())):
             _update(a, decode(new, self._deref))
         return decode(reply["v"], self._deref)
@@ -249,10 +246,24 @@ class Link:
         return None if load == "ok" else tuple(load)
 
 
+def _exception(name, msg):
+    """The program's exception as the driver raises it: a builtin type keeps its type (a test may
+    expect a ValueError), except those that end a loop quietly (StopIteration), which could skip
+    the rest of a test; anything else is a RuntimeError naming it."""
+    cls = getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, (StopIteration,
+                                                                                       StopAsyncIteration)):
+        try:
+            return cls(msg)
+        except TypeError:  # (one that takes other arguments, e.g. UnicodeDecodeError)
+            pass
+    return RuntimeError(f"{name}: {msg}")
+
+
 def _update(old, new):
     """Write an argument the program changed back into the test's object (lists, dicts, sets)."""
     if type(old) is type(new) and old != new:
-        if isinstance(old, (list, bytearray)):
+        if isinstance(old, list):
             old[:] = new
         elif isinstance(old, (dict, set)):
             old.clear()

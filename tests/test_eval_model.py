@@ -74,11 +74,17 @@ def expected(k: int) -> float:
     return (pass_at_k(3, 2, k) + pass_at_k(3, 1, k)) / 2
 
 
-def test_eval_model_end_to_end_then_resume(tmp_path, serve):
+def first_run(tmp_path, serve):
+    """The scripted server, the config and the result of a first ``eval model`` run."""
     s = serve(answer)
     cfg = write_config(tmp_path, s)
     r = cli("eval", "model", "--config", cfg)
     assert r.returncode == 0, r.stderr
+    return s, cfg, r
+
+
+def test_eval_model_end_to_end_then_resume(tmp_path, serve):
+    s, cfg, r = first_run(tmp_path, serve)
     report = json.loads(r.stdout)
     for k in (1, 2, 3):
         assert report[f"pass@{k}"] == pytest.approx(expected(k))
@@ -243,10 +249,7 @@ def test_options_out_of_range_are_one_line_before_any_request(tmp_path, serve, o
 
 
 def test_a_torn_last_line_is_dropped_and_redone(tmp_path, serve):
-    s = serve(answer)
-    cfg = write_config(tmp_path, s)
-    r = cli("eval", "model", "--config", cfg)
-    assert r.returncode == 0, r.stderr
+    s, cfg, r = first_run(tmp_path, serve)
     report = json.loads(r.stdout)
     results = tmp_path / "out" / "results.jsonl"
     text = results.read_text()

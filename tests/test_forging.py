@@ -228,3 +228,13 @@ def test_honest_programs_still_pass(judge, he0):
             "HELPER = lambda x: x * 2\nLIMIT = 10\n")
     j = judge.judge(p, prog)
     assert j.verdict.status == "ok", j.critique
+
+
+def test_an_exception_cannot_end_a_test_early(judge):
+    """StopIteration from the program would end a test's loop over ``map(candidate, ...)``
+    quietly, as if every case had been checked; it reaches the tests as a RuntimeError."""
+    p = Problem("loop", "loop", "code", {"style": "call", "tests": [
+        "for got, want in zip(map(double, [1, 2, 3]), [2, 4, 6]):\n    assert got == want\n"]})
+    j = judge.judge(p, "def double(x):\n    raise StopIteration\n")
+    assert j.verdict.status == "runtime_error" and "StopIteration" in j.critique, j.critique
+    assert judge.judge(p, "def double(x):\n    return 2 * x\n").verdict.status == "ok"
