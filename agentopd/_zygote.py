@@ -248,15 +248,22 @@ def _clean(dirs):
 
 
 def _header(req_fd):
-    """The next request's header line, read a byte at a time: not one byte of the program or its
-    stdin that follow it enters this process. None when there are no more requests."""
+    """The next request's header: a short line ``{"header": <size>}`` read a byte at a time, then
+    exactly that many bytes; not one byte of the program or its stdin that follow enters this
+    process. None when there are no more requests."""
     buf = bytearray()
     while not buf.endswith(b"\n"):
         byte = os.read(req_fd, 1)
         if not byte:
             return None
         buf += byte
-    return json.loads(buf)
+    size, head = json.loads(buf)["header"], b""
+    while len(head) < size:
+        chunk = os.read(req_fd, size - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    return json.loads(head)
 
 
 def _splice_to(req_fd, path, n):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import queue
 import shutil
@@ -255,7 +256,8 @@ class _WarmSandbox:
         known = KNOWN_PROGRAMS.index(program) if program in KNOWN_PROGRAMS else None
         blobs = (b"" if known is not None else program.encode("utf-8", "surrogateescape"),
                  stdin.encode("utf-8", "surrogateescape"))
-        req = {"limits": lim, "known": known, "sizes": [len(b) for b in blobs]}
+        header = json.dumps({"limits": lim, "known": known, "sizes": [len(b) for b in blobs]}).encode()
+        req, blobs = {"header": len(header)}, (header, *blobs)  # (the worker reads the line a byte at a time)
         key = (limits.disk_mb, limits.memory_mb, limits.nproc)
         t0 = time.monotonic()
         for attempt in range(2):
