@@ -242,8 +242,11 @@ class Link:
         line = self.replies.read()
         if line is None:
             return "runtime_error", str(self._ended())
-        load = json.loads(line)["load"]
-        return None if load == "ok" else tuple(load)
+        try:  # (the program may have written this line itself: its code ran before ours sent it)
+            load = json.loads(line)["load"]
+            return None if load == "ok" else (load[0], str(load[1]))
+        except Exception:
+            return "runtime_error", "the program wrote on the driver's pipe instead of loading"
 
 
 def _exception(name, msg):
@@ -307,7 +310,7 @@ def _failed_assert(e, test):
             got = eval(ast.get_source_segment(src, t.left), frame.f_globals, frame.f_locals)
             exp = eval(ast.get_source_segment(src, t.comparators[0]), frame.f_globals, frame.f_locals)
             return src, repr(got)[:300], repr(exp)[:300]
-    except Exception:
+    except BaseException:  # (the program's values: whatever they raise, the test's line is enough)
         pass
     return src, "", ""
 

@@ -315,7 +315,7 @@ def _run_one(req_fd, sinks, work, known):
             os.mkdir(os.path.join(work, "run"))
             _splice_to(req_fd, os.path.join(work, "run", "main.py"), head["sizes"][0])
             _splice_to(req_fd, os.path.join(work, ".stdin"), head["sizes"][1])
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, KeyError, TypeError):  # a broken request: this worker ends
         head = None
     if head is not None:
         os.write(go_w, json.dumps({**head["limits"], "known": head.get("known")}).encode())

@@ -86,8 +86,9 @@ def _syntax_error(program: str) -> str | None:
     return None
 
 
-class _Unsupported(Exception):
-    """A test the driver cannot run as data calls (the judge's limit, not the program's)."""
+class _DriverFailed(Exception):
+    """The driver could not judge the sample: a test it cannot run as data calls, or its own
+    crash (the judge's limit or failure, not the program's)."""
 
 
 def _last_error_line(stderr: str) -> str:
@@ -152,7 +153,9 @@ class TestJudge(BaseJudge):
             elif rec[0] == "load_error":
                 return Verdict(0.0, 0, total, rec[1], [TestResult(rec[1], error=rec[2])])
             elif rec[0] == "unsupported":
-                raise _Unsupported(rec[1])
+                raise _DriverFailed(rec[1])
+        if not recs and res.exit_code == 1 and "Traceback" in res.stderr:  # only the driver writes there
+            raise _DriverFailed(f"the call-test driver failed: {_last_error_line(res.stderr)}")
         if res.status != "ok" or recs[-1:] != [["done"]]:
             status = {"timeout": "timeout", "memory": "memory", "output_limit": "output_limit"}.get(
                 res.status, "runtime_error")

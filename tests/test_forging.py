@@ -195,6 +195,7 @@ def test_forging_technique_does_not_pass(judge, he0, name):
 
 
 def test_no_channel_reaches_the_results(judge, he0):
+    # (the program's own reply pipe gets the forged lines too: that is its failure, not a judge error)
     j = judge.judge(he0, "    return None\n" + EVERY_CHANNEL)
     assert j.verdict.status not in ("ok", "judge_error") and j.verdict.passed == 0, j.critique
 

@@ -377,6 +377,8 @@ class _Breaks:
 
         if "RAISE" in stdin:
             raise RuntimeError("sandbox exploded")
+        if "TORN" in stdin:  # the driver gets a request it cannot read: its crash is the judge's
+            stdin = stdin[:stdin.index("\n") + 5]
         res = self.real.run(program, stdin, limits)
         if "GARBAGE" in stdin:  # result lines the judge cannot read: bad JSON, an index out of range
             return ExecResult("ok", 0, '["test", 7, "ok", ""]\n{not json\n["done"]\n', "", False, False, False, 0.0)
@@ -388,12 +390,15 @@ def test_a_crashing_sample_is_a_judge_error_and_the_batch_survives(judge, he0):
     good = (he0, he0.privileged["solution"])
     broken_payload = Problem("bad", "bad", "code", {"style": "call"})  # no tests at all
     pairs = [good, (he0, he0.privileged["solution"] + "\n# RAISE\n"), good,
-             (he0, he0.privileged["solution"] + "\n# GARBAGE\n"), (broken_payload, "x = 1"), good]
+             (he0, he0.privileged["solution"] + "\n# GARBAGE\n"), (broken_payload, "x = 1"), good,
+             (he0, he0.privileged["solution"] + "\n# TORN\n")]
     try:
         js = breaking.judge_many(pairs)
     finally:
         breaking._pool.shutdown()
-    assert [j.verdict.status for j in js] == ["ok", "judge_error", "ok", "judge_error", "judge_error", "ok"]
+    assert [j.verdict.status for j in js] == ["ok", "judge_error", "ok", "judge_error", "judge_error", "ok",
+                                              "judge_error"]
+    assert "the call-test driver failed" in js[6].verdict.details[0].error
     assert "sandbox exploded" in js[1].verdict.details[0].error
     assert "judge failed on this sample" in js[3].verdict.details[0].error
     assert "KeyError" in js[4].verdict.details[0].error
