@@ -11,6 +11,7 @@ builtin values), so a rigged ``__eq__`` cannot cross, and the comparisons are th
 driver alone writes results, one JSON line each, to the run's stdout, which the candidate does
 not hold: nothing it prints, patches or finds in its memory or files reaches them.
 """
+# ruff: noqa: S102, S110, BLE001 -- it runs programs and tests: every failure of theirs is a result
 import builtins
 import json
 import os
@@ -139,7 +140,9 @@ def candidate(cmd_fd, rep_fd, src, setup):
 
 def _answer(req, ns, objs, ref):
     """One request: look a name up (``{"get": name}``) or call (``{"call": target, "args"...}``)."""
-    deref = lambda r: objs[r[0]] if isinstance(r, list) else ns[r]  # noqa: E731
+    def deref(r):
+        return objs[r[0]] if isinstance(r, list) else ns[r]
+
     try:
         if "get" in req:
             if req["get"] not in ns:
@@ -208,7 +211,8 @@ class Link:
     def _ended(self):
         _, status = os.waitpid(self.pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        self.gone = f"the program exited (exit code {code})" if code >= 0 else f"the program was killed by signal {-code}"
+        self.gone = (f"the program exited (exit code {code})" if code >= 0
+                     else f"the program was killed by signal {-code}")
         return ProgramGone(self.gone)
 
     def _ref(self, x):

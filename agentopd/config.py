@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Any
 
@@ -75,7 +76,7 @@ def _coerce(value, tp, where: str):
 
 def _in_range(value: float, spec: str) -> bool:
     if spec == "any":
-        return value == value  # not NaN
+        return not math.isnan(value)
     if spec.startswith(">="):
         return value >= float(spec[2:])
     if spec.startswith(">"):

@@ -13,6 +13,7 @@ import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from agentopd.config import ConfigError
 
@@ -107,9 +108,10 @@ class EvalConfig:
     eval: OutputConfig = field(default_factory=OutputConfig)
 
     # allowed ranges of the numeric options (agentopd.config.check_ranges; others: >=0)
-    RANGES = {"engine.concurrency": ">=1", "engine.timeout_s": ">0", "engine.batch_size": ">=1", "data.n": ">=1",
-              "data.timeout_s": ">0", "sampling.n": ">=1", "sampling.top_p": "(0,1]", "sampling.max_new_tokens": ">=1",
-              "sampling.seed": "any", "eval.chunk": ">=1"}
+    RANGES: ClassVar[dict[str, str]] = {
+        "engine.concurrency": ">=1", "engine.timeout_s": ">0", "engine.batch_size": ">=1", "data.n": ">=1",
+        "data.timeout_s": ">0", "sampling.n": ">=1", "sampling.top_p": "(0,1]", "sampling.max_new_tokens": ">=1",
+        "sampling.seed": "any", "eval.chunk": ">=1"}
 
 
 # ------------------------------------------------------------------- shared with rlef

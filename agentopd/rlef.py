@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from agentopd.config import ConfigError
 from agentopd.evaluate import EvalConfig, OutputConfig
@@ -43,7 +44,7 @@ class RLEFConfig(EvalConfig):
     rlef: RLEFSection = field(default_factory=RLEFSection)
     eval: OutputConfig = field(default_factory=lambda: OutputConfig(out="runs/rlef"))
 
-    RANGES = {**EvalConfig.RANGES, "rlef.turns": ">=1"}
+    RANGES: ClassVar[dict[str, str]] = {**EvalConfig.RANGES, "rlef.turns": ">=1"}
 
 
 @dataclass

@@ -16,6 +16,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -167,11 +168,12 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     # allowed ranges of the numeric options (agentopd.config.check_ranges; others: >=0)
-    RANGES = {"data.n": ">=1", "sampling.group_size": ">=1", "sampling.prompts_per_step": ">=1",
-              "sampling.max_new_tokens": ">=1", "sampling.temperature": ">0", "sampling.top_p": "(0,1]",
-              "teacher.tau": "[0,1]", "teacher.mix": "[0,1]", "teacher.max_tokens": ">=1", "algo.clip_low": "[0,1)",
-              "algo.entropy": "any", "algo.distill_alpha": "[0,1]", "optim.lr": ">0", "optim.micro_batch": ">=1",
-              "optim.epochs_per_batch": ">=1", "run.steps": ">=1", "run.seed": "any", "run.eval_samples": ">=1"}
+    RANGES: ClassVar[dict[str, str]] = {
+        "data.n": ">=1", "sampling.group_size": ">=1", "sampling.prompts_per_step": ">=1",
+        "sampling.max_new_tokens": ">=1", "sampling.temperature": ">0", "sampling.top_p": "(0,1]",
+        "teacher.tau": "[0,1]", "teacher.mix": "[0,1]", "teacher.max_tokens": ">=1", "algo.clip_low": "[0,1)",
+        "algo.entropy": "any", "algo.distill_alpha": "[0,1]", "optim.lr": ">0", "optim.micro_batch": ">=1",
+        "optim.epochs_per_batch": ">=1", "run.steps": ">=1", "run.seed": "any", "run.eval_samples": ">=1"}
 
 
 # ------------------------------------------------------------------------------------ helpers

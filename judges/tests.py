@@ -22,6 +22,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from agentopd.judges.base import BaseJudge, guarded, judge_error
+
 from agentopd.sandbox import KNOWN_PROGRAMS, Limits, Sandbox, make_sandbox
 from agentopd.types import ExecResult, Judgement, Problem, TestResult, Verdict
 
@@ -285,7 +286,7 @@ class TestJudge(BaseJudge):
         def run(k):
             try:
                 res = self.sandbox.run(*jobs[k])
-            except Exception as e:  # a sandbox that raises fails this run only
+            except Exception as e:  # noqa: BLE001 -- a sandbox that raises fails this run only
                 res = ExecResult("sandbox_error", None, "", f"{type(e).__name__}: {e}", False, False, False, 0.0)
             if progress:
                 with lock:

@@ -7,9 +7,11 @@ import random
 import warnings
 
 import pytest
-
 from agentopd.envs.data import load_humaneval
-from agentopd.judges.tests import TestJudge as Judge  # (a Test* name would be collected by pytest)
+from agentopd.judges.tests import (
+    TestJudge as Judge,  # (a Test* name would be collected by pytest)
+)
+
 from agentopd.sandbox import SandboxUnavailable, make_sandbox
 from agentopd.types import Problem
 
@@ -52,7 +54,8 @@ HACKS = {
         "for p in paths:\n    try:\n        _scan(open(p, errors='replace').read())\n    except OSError:\n        pass\n"
         "def has_close_elements(numbers, threshold):\n    return _table.get(repr((numbers, threshold)))\n"),
     # forged results, then a hang: the run's status (timeout) is the verdict
-    "forged_then_hang": f"import os, sys\nprint('{FORGED}')\nos.write(1, b'{FORGED}')\nsys.stdout.flush()\nwhile True:\n    pass\n",
+    "forged_then_hang": (f"import os, sys\nprint('{FORGED}')\nos.write(1, b'{FORGED}')\nsys.stdout.flush()\n"
+                         "while True:\n    pass\n"),
     # the runner's frames: whatever the caller's locals hold, used to write results
     "caller_frames": (
         "import os, sys\nf = sys._getframe(0)\nwhile f is not None:\n"
@@ -73,10 +76,12 @@ EVERY_CHANNEL = (
     "import os\nmsg = b'" + FORGED + "'\n"
     "for fd in range(0, 1024):\n    try:\n        os.write(fd, msg)\n    except OSError:\n        pass\n"
     "for pid in os.listdir('/proc'):\n    if not pid.isdigit() or int(pid) == os.getpid():\n        continue\n"
-    "    try:\n        fds = os.listdir(f'/proc/{pid}/fd')\n    except OSError:\n        fds = ['0', '1', '2', '3', '4', '5']\n"
+    "    try:\n        fds = os.listdir(f'/proc/{pid}/fd')\n    except OSError:\n"
+    "        fds = ['0', '1', '2', '3', '4', '5']\n"
     "    for fd in fds:\n        try:\n            w = os.open(f'/proc/{pid}/fd/{fd}', os.O_WRONLY | os.O_NONBLOCK)\n"
     "            os.write(w, msg)\n            os.close(w)\n        except OSError:\n            pass\n"
-    "    try:\n        m = os.open(f'/proc/{pid}/mem', os.O_RDWR)\n        os.close(m)\n        print('opened mem', pid)\n"
+    "    try:\n        m = os.open(f'/proc/{pid}/mem', os.O_RDWR)\n        os.close(m)\n"
+    "        print('opened mem', pid)\n"
     "    except OSError:\n        pass\n"
     "try:\n    os.kill(os.getppid(), 19)\nexcept OSError:\n    pass\n"  # SIGSTOP the parent: a timeout, not a pass
 )

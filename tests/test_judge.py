@@ -7,11 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
-from sandbox_probe import bwrap_or_skip
-
 from agentopd.envs.data import load_code_problems, load_humaneval
 from agentopd.judges.tests import CRITIQUE_CAP, FIELD_CAP, extract_code, outputs_match
-from agentopd.judges.tests import TestJudge as Judge  # (a Test* name would be collected by pytest)
+from agentopd.judges.tests import (
+    TestJudge as Judge,  # (a Test* name would be collected by pytest)
+)
+from sandbox_probe import bwrap_or_skip
+
 from agentopd.types import Problem
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "sandboxfusion-samples"
@@ -406,6 +408,7 @@ def test_a_crashing_sample_is_a_judge_error_and_the_batch_survives(judge, he0):
 
 def test_judges_without_a_sandbox_isolate_samples_too():
     from agentopd.judges.base import BaseJudge, ByKindJudge
+
     from agentopd.types import Judgement, Verdict
 
     class Picky(BaseJudge):
