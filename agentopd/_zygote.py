@@ -1,9 +1,10 @@
 """Run one program under limits and collect its output; stdlib only.
 
 This file is used twice: imported on the host (``collect``/``rlimits``) by the cold backends, and
-run as a script inside a sandbox (bwrap, docker) as a *warm worker*: it reads one JSON request per
-line on stdin, forks a child per request that runs the program in this already-started
-interpreter, and answers one JSON line. Between requests it kills every process it can signal in
+run as a script inside a sandbox (bwrap, docker) as a *warm worker*: it reads one request at a time
+on stdin (a JSON header line, then the program's and its stdin's bytes, which it splices into
+files), runs the program in a child forked from this already-started interpreter, and answers
+one JSON line. Programs named in its command line are compiled once, at start. Between requests it kills every process it can signal in
 its namespace, empties every writable place and drops SysV IPC objects, so one program cannot see
 or touch the next one's files, processes or memory. It makes itself non-dumpable, so a program
 cannot ptrace it or read its memory or fds.
@@ -117,8 +118,9 @@ def _exit_code(exc):
     return 1
 
 
-def _child(path, stdin_path, out_w, err_w, lim):
-    """In the forked child: become a fresh ``python main.py`` as far as the program can tell."""
+def _child(path, stdin_path, out_w, err_w, lim, code_obj=None):
+    """In the forked child: become a fresh ``python main.py`` as far as the program can tell
+    (``code_obj``: the program, compiled already)."""
     os.setsid()
     fd = os.open(stdin_path, os.O_RDONLY)
     os.unlink(stdin_path)
@@ -138,9 +140,10 @@ def _child(path, stdin_path, out_w, err_w, lim):
         sys.modules["random"].seed()
     code = 0
     try:
-        with open(path, encoding="utf-8") as f:
-            src = f.read()
-        exec(compile(src, path, "exec"), {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
+        if code_obj is None:
+            with open(path, encoding="utf-8") as f:
+                code_obj = compile(f.read(), path, "exec")
+        exec(code_obj, {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
     except SystemExit as e:
         code = _exit_code(e)
     except BaseException as e:
@@ -244,55 +247,86 @@ def _clean(dirs):
     return 0
 
 
-def _program(req_fd, lim_w, out_w, err_w, work):
-    """In a child of the worker: read one request, hand its limits to the worker, and become the
-    program (the worker, pid 1, collects its output: the program cannot stop that)."""
+def _header(req_fd):
+    """The next request's header: a short line ``{"header": <size>}`` read a byte at a time, then
+    exactly that many bytes; not one byte of the program or its stdin that follow enters this
+    process. None when there are no more requests."""
     buf = bytearray()
-    while not buf.endswith(b"\n"):  # one request at a time: nothing follows its newline
-        chunk = os.read(req_fd, 1 << 20)
+    while not buf.endswith(b"\n"):
+        byte = os.read(req_fd, 1)
+        if not byte:
+            return None
+        buf += byte
+    size, head = json.loads(buf)["header"], b""
+    while len(head) < size:
+        chunk = os.read(req_fd, size - len(head))
         if not chunk:
-            os._exit(0)  # no more requests: the worker sees no limits and ends
-        buf += chunk
-    req = json.loads(buf)
-    rundir = os.path.join(work, "run")
-    os.mkdir(rundir)
-    path = os.path.join(rundir, req.get("filename", "main.py"))
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(req["program"])
-    stdin_path = os.path.join(work, ".stdin")
-    with open(stdin_path, "wb") as f:
-        f.write(req.get("stdin", "").encode("utf-8", "surrogateescape"))
-    os.write(lim_w, json.dumps(req["limits"]).encode())
-    os.close(lim_w)
-    _child(path, stdin_path, out_w, err_w, req["limits"])
+            return None
+        head += chunk
+    return json.loads(head)
 
 
-def _run_one(req_fd, sinks, work):
-    """Fork the next program; collect it. None when there are no more requests."""
+def _splice_to(req_fd, path, n):
+    """Move ``n`` bytes of the request stream into the file ``path``, kernel to kernel."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while n > 0:
+            moved = os.splice(req_fd, fd, n)
+            if not moved:
+                raise EOFError("the request ended early")
+            n -= moved
+    finally:
+        os.close(fd)
+
+
+def _become_program(go_r, out_w, err_w, work, known):
+    """In a child of the worker, forked before the request came: wait for its limits, then
+    become the program the worker wrote to ``run/main.py`` (or a known one, compiled already)."""
+    raw = b""
+    while chunk := os.read(go_r, 4096):
+        raw += chunk
+    if not raw:
+        os._exit(0)
+    lim = json.loads(raw)
+    code = known[lim["known"]] if lim.get("known") is not None else None
+    _child(os.path.join(work, "run", "main.py"), os.path.join(work, ".stdin"), out_w, err_w, lim, code)
+
+
+def _run_one(req_fd, sinks, work, known):
+    """Read the next request and collect its program, forked before the request came (so the
+    fork costs no time) from this process, whose memory never holds a program or its stdin: the
+    header is read byte by byte and the rest spliced into files. None when there are no more."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
-    lim_r, lim_w = os.pipe()
+    go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            for fd in (out_r, err_r, lim_r, *sinks.values()):
+            for fd in (out_r, err_r, go_w, *sinks.values()):
                 os.close(fd)
-            _program(req_fd, lim_w, out_w, err_w, work)
+            _become_program(go_r, out_w, err_w, work, known)
         finally:
             os._exit(121)
-    for fd in (out_w, err_w, lim_w):
+    for fd in (out_w, err_w, go_r):
         os.close(fd)
-    raw = b""
-    while chunk := os.read(lim_r, 4096):  # waits until the next request has come in
-        raw += chunk
-    os.close(lim_r)
+    try:
+        head = _header(req_fd)
+        if head is not None:
+            os.mkdir(os.path.join(work, "run"))
+            _splice_to(req_fd, os.path.join(work, "run", "main.py"), head["sizes"][0])
+            _splice_to(req_fd, os.path.join(work, ".stdin"), head["sizes"][1])
+    except (OSError, ValueError, EOFError, KeyError, TypeError):  # a broken request: this worker ends
+        head = None
+    if head is not None:
+        os.write(go_w, json.dumps({**head["limits"], "known": head.get("known")}).encode())
+    os.close(go_w)
     t0 = time.monotonic()
-    if not raw:
+    if head is None:
         os.waitpid(pid, 0)
         for fd in (out_r, err_r):
             os.close(fd)
         return None
-    lim = json.loads(raw)
+    lim = head["limits"]
     fds = list(sinks.values())
     res = collect(pid, out_r, err_r, t0 + lim["timeout_s"], lim["output_bytes"], sinks=dict(zip((out_r, err_r), fds)))
     res["duration_s"] = time.monotonic() - t0
@@ -305,10 +339,11 @@ _PRELOAD = ("typing", "collections", "re", "math", "itertools", "functools", "he
             "traceback", "ast", "copy", "random", "fractions", "operator", "dataclasses")
 
 
-def serve(work):
-    """The warm worker, meant to be pid 1 of its sandbox (programs cannot signal it). It never
-    reads a request itself: a forked child per request does and becomes the program, and the
-    program's output is spliced into memfds and sent on with sendfile, so no program inherits
+def serve(work, known_srcs=()):
+    """The warm worker, meant to be pid 1 of its sandbox (programs cannot signal it). No program
+    or stdin ever passes through its memory: it reads a request's header a byte at a time and
+    splices the rest into files, a child forked before the request came becomes the program, and
+    the program's output is spliced into memfds and sent on with sendfile, so no program inherits
     memory holding an earlier program's stdin or output. After each program it replies (a JSON
     line, then the raw stdout and stderr bytes it announces), kills every process left and empties
     the writable places before the next request; when it cannot, it exits (the pool starts a
@@ -321,11 +356,15 @@ def serve(work):
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0: no ptrace, no /proc/<pid>/{mem,fd} for others
     libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back to us (if not pid 1)
+    known = [compile(src, os.path.join(work, "run", "main.py"), "exec") for src in known_srcs]
     for name in _PRELOAD:
         try:
             importlib.import_module(name)
         except ImportError:
             pass
+    import gc
+
+    gc.freeze()  # the collector leaves what is loaded now alone: fewer copy-on-write pages per program
     os.chdir(work)
     req_fd = os.dup(0)
     reply = os.dup(1)
@@ -345,7 +384,7 @@ def serve(work):
         for fd in sinks:
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
-        res = _run_one(req_fd, dict(enumerate(sinks)), work)
+        res = _run_one(req_fd, dict(enumerate(sinks)), work, known)
         _reap_all()
         if res is None:
             return
@@ -359,4 +398,4 @@ def serve(work):
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1] if len(sys.argv) > 1 else "/work")
+    serve(sys.argv[1] if len(sys.argv) > 1 else "/work", sys.argv[2:])

@@ -40,7 +40,13 @@ def cmd_eval_passk(a) -> int:
     try:
         ks = [int(k) for k in a.k.split(",")]
     except ValueError:
-        return _fail(f"--k takes comma-separated integers, got {a.k!r}")
+        ks = []
+    if not ks or min(ks) < 1:
+        return _fail(f"--k takes comma-separated positive integers, got {a.k!r}")
+    if not a.timeout > 0:
+        return _fail(f"--timeout: {a.timeout} is out of range; allowed: >0")
+    if a.workers is not None and a.workers < 1:
+        return _fail(f"--workers: {a.workers} is out of range; allowed: >=1")
     try:
         problems = load_problems(a.dataset)
         judge = _judge_for(problems, a)
@@ -91,19 +97,29 @@ def cmd_judges(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from agentopd.config import ConfigError, load
+    from agentopd.config import load
 
     from agentopd.train import TrainConfig, train
 
     try:
         cfg = load(TrainConfig, a.config, a.overrides)
         rows = train(cfg)
-    except ConfigError as e:
+    except _user_errors() as e:
         return _fail(str(e))
     if rows:
         last = rows[-1]
         print(json.dumps({k: last[k] for k in ("step", "reward_mean", "pass_rate", "judge_errors") if k in last}))
     return 0
+
+
+def _user_errors() -> tuple:
+    """What a bad config, dataset, engine or missing extra raises: one line on stderr, exit 2."""
+    from agentopd.config import ConfigError
+    from agentopd.engines import EngineError
+    from agentopd.envs.data import DataError
+    from agentopd.sandbox import SandboxUnavailable
+
+    return ConfigError, DataError, SandboxUnavailable, EngineError, ImportError, ValueError
 
 
 def _run_config(cls, run, a, out_dir=lambda cfg: cfg.eval.out) -> int:
@@ -112,15 +128,12 @@ def _run_config(cls, run, a, out_dir=lambda cfg: cfg.eval.out) -> int:
     on stderr."""
     import os
 
-    from agentopd.config import ConfigError, load
-    from agentopd.engines import EngineError
-    from agentopd.envs.data import DataError
-    from agentopd.sandbox import SandboxUnavailable
+    from agentopd.config import load
 
     try:
         cfg = load(cls, a.config, a.overrides)
         report = run(cfg)
-    except (ConfigError, DataError, SandboxUnavailable, EngineError, ImportError, ValueError) as e:
+    except _user_errors() as e:
         return _fail(str(e))
     with open(os.path.join(out_dir(cfg), "summary.md"), encoding="utf-8") as f:
         print(f.read(), file=sys.stderr, end="", flush=True)

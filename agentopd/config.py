@@ -1,12 +1,15 @@
 """Typed configs: nested dataclasses filled from YAML and ``key.sub=value`` overrides.
 
 An unknown or mistyped key is an error that names the key and the nearest valid one; a value of
-the wrong type names the key and the expected type.
+the wrong type names the key and the expected type; a number out of its range names the key and
+the range (a config class's ``RANGES``: dotted key -> ``">=1"``, ``">0"``, ``"[0,1]"``, ``"(0,1]"``
+or ``"any"``; any other number must be ``>=0``).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Any
 
@@ -71,6 +74,31 @@ def _coerce(value, tp, where: str):
     return value
 
 
+def _in_range(value: float, spec: str) -> bool:
+    if spec == "any":
+        return not math.isnan(value)
+    if spec.startswith(">="):
+        return value >= float(spec[2:])
+    if spec.startswith(">"):
+        return value > float(spec[1:])
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
+
+
+def check_ranges(cfg, ranges: dict[str, str], where: str = "") -> None:
+    """Every int/float option of ``cfg`` (nested dataclasses) in its range; ConfigError naming the
+    key and the allowed range otherwise."""
+    for f in dataclasses.fields(cfg):
+        path = f"{where}.{f.name}" if where else f.name
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, ranges, path)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            spec = ranges.get(path, ">=0")
+            if not _in_range(value, spec):
+                raise ConfigError(f"{path}: {value!r} is out of range; allowed: {spec}")
+
+
 def build(cls, data: dict, where: str = ""):
     """An instance of dataclass ``cls`` from a (nested) dict, checked key by key."""
     fields = _fields(cls)
@@ -111,7 +139,9 @@ def load(cls, path: str | None = None, overrides: list[str] = ()):
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, _, raw = item.partition("=")
         _set(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return build(cls, data)
+    cfg = build(cls, data)
+    check_ranges(cfg, getattr(cls, "RANGES", {}))
+    return cfg
 
 
 def to_dict(cfg) -> dict:

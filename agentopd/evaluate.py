@@ -13,6 +13,7 @@ import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from agentopd.config import ConfigError
 
@@ -105,6 +106,12 @@ class EvalConfig:
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
     eval: OutputConfig = field(default_factory=OutputConfig)
+
+    # allowed ranges of the numeric options (agentopd.config.check_ranges; others: >=0)
+    RANGES: ClassVar[dict[str, str]] = {
+        "engine.concurrency": ">=1", "engine.timeout_s": ">0", "engine.batch_size": ">=1", "data.n": ">=1",
+        "data.timeout_s": ">0", "sampling.n": ">=1", "sampling.top_p": "(0,1]", "sampling.max_new_tokens": ">=1",
+        "sampling.seed": "any", "eval.chunk": ">=1"}
 
 
 # ------------------------------------------------------------------- shared with rlef
@@ -208,6 +215,27 @@ def _first_difference(old, new, where=""):
     return None if old == new else f"{where}: {old!r} -> {new!r}"
 
 
+def _complete_rows(path: str) -> list[dict]:
+    """The rows of a results file; a torn last line (the run was killed while writing it) is
+    dropped with a warning, to be redone. A bad line before the last is an error."""
+    import warnings
+
+    from agentopd.envs.data import read_jsonl
+
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rstrip(b"\n").rfind(b"\n") + 1
+    last = data[end:].strip()
+    try:
+        json.loads(last or b"{}")
+    except ValueError:
+        warnings.warn(f"{path}: the last line is incomplete (a run stopped while writing it); it is redone",
+                      stacklevel=3)
+        with open(path, "wb") as f:
+            f.write(data[:end])
+    return [r for _, r in read_jsonl(path)]
+
+
 class Results:
     """``<out>/results.jsonl``: one JSON row per judged sample, keyed by (task_id, sample_index),
     and ``<out>/run.json``, what the samples depend on (:func:`run_identity`). Opening it with
@@ -228,9 +256,7 @@ class Results:
         with open(id_path, "w", encoding="utf-8") as f:
             json.dump(identity, f, indent=2)
         if resume and os.path.exists(self.path):
-            from agentopd.envs.data import read_jsonl
-
-            kept = [r for _, r in read_jsonl(self.path) if not r.get("judge_error")]
+            kept = [r for r in _complete_rows(self.path) if not r.get("judge_error")]
             self.rows = {(str(r["task_id"]), int(r["sample_index"])): r for r in kept}
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:

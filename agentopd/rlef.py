@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from agentopd.config import ConfigError
 from agentopd.evaluate import EvalConfig, OutputConfig
@@ -42,6 +43,8 @@ class RLEFConfig(EvalConfig):
 
     rlef: RLEFSection = field(default_factory=RLEFSection)
     eval: OutputConfig = field(default_factory=lambda: OutputConfig(out="runs/rlef"))
+
+    RANGES: ClassVar[dict[str, str]] = {**EvalConfig.RANGES, "rlef.turns": ">=1"}
 
 
 @dataclass

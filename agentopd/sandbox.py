@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import queue
 import shutil
@@ -26,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
-from agentopd import _zygote
+from agentopd import _calltests, _zygote
 from agentopd.types import ExecResult
 from agentopd.workers import JsonWorker, WorkerPool
 
@@ -190,10 +191,13 @@ def _spawn_and_collect(argv, *, stdin_data: str, limits: Limits, uid: int | None
 # --------------------------------------------------------------------------------- bubblewrap
 
 
-def _bwrap_argv(limits: Limits, work="/work", warm: bool = False) -> list[str]:
+def _bwrap_argv(limits: Limits, work="/work", warm: bool = False, pid1: bool = False) -> list[str]:
     # cold: bwrap's own init reaps and dies with its parent (the calling thread, which waits for
     # it). warm: the worker is pid 1 itself, so its programs cannot signal it; it ends on EOF.
-    argv = ["bwrap", "--unshare-all", "--as-pid-1" if warm else "--die-with-parent", "--new-session",
+    # pid1 (cold runs of a known program: the call-tests driver): the program is pid 1 itself, as
+    # no bwrap init may hold the run's stdin and stdout where the driver's children could open them
+    argv = ["bwrap", "--unshare-all", *(["--as-pid-1"] if warm or pid1 else []),
+            *([] if warm else ["--die-with-parent"]), "--new-session",
             "--cap-drop", "ALL",
             "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib"]
     if os.path.isdir("/usr/lib64"):
@@ -210,7 +214,10 @@ def _bwrap_argv(limits: Limits, work="/work", warm: bool = False) -> list[str]:
 
 
 _ZYGOTE_SRC = open(_zygote.__file__, encoding="utf-8").read()
-_WORKER_CMD = [PYTHON, "-E", "-s", "-S", "-B", "-c", _ZYGOTE_SRC, "/work"]
+# programs every warm worker compiles once, at start (the call-tests driver): a request names one
+# by its index instead of sending its text
+KNOWN_PROGRAMS = (_calltests.program(),)
+_WORKER_CMD = [PYTHON, "-E", "-s", "-S", "-B", "-c", _ZYGOTE_SRC, "/work", *KNOWN_PROGRAMS]
 _CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -246,12 +253,16 @@ class _WarmSandbox:
         lim = limits.as_dict()
         if not self.rlimit_nproc:
             lim["nproc"] = 0
-        req = {"program": program, "stdin": stdin, "limits": lim}
+        known = KNOWN_PROGRAMS.index(program) if program in KNOWN_PROGRAMS else None
+        blobs = (b"" if known is not None else program.encode("utf-8", "surrogateescape"),
+                 stdin.encode("utf-8", "surrogateescape"))
+        header = json.dumps({"limits": lim, "known": known, "sizes": [len(b) for b in blobs]}).encode()
+        req, blobs = {"header": len(header)}, (header, *blobs)  # (the worker reads the line a byte at a time)
         key = (limits.disk_mb, limits.memory_mb, limits.nproc)
         t0 = time.monotonic()
         for attempt in range(2):
             try:
-                reply = self.pool.call(req, limits.timeout_s + self.GRACE_S, key)
+                reply = self.pool.call(req, limits.timeout_s + self.GRACE_S, key, blobs)
             except RuntimeError as e:
                 return _sandbox_error(f"warm sandbox worker did not start: {e}", t0)
             if reply is not None:
@@ -299,7 +310,7 @@ class BwrapSandbox(_WarmSandbox):
         uid = self.slots.take() if self.slots else None
         fd = _memfd("main.py", program.encode("utf-8", "surrogateescape"))
         try:
-            argv = _bwrap_argv(limits) + ["--file", str(fd), "/work/main.py",
+            argv = _bwrap_argv(limits, pid1=program in KNOWN_PROGRAMS) + ["--file", str(fd), "/work/main.py",
                                           PYTHON, "-E", "-s", "-S", "-B", "/work/main.py"]
             return _spawn_and_collect(argv, stdin_data=stdin, limits=limits, uid=uid, pass_fds=(fd,), wrapped=True)
         finally:

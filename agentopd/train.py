@@ -16,6 +16,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -192,6 +193,14 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    # allowed ranges of the numeric options (agentopd.config.check_ranges; others: >=0)
+    RANGES: ClassVar[dict[str, str]] = {
+        "data.n": ">=1", "sampling.group_size": ">=1", "sampling.prompts_per_step": ">=1",
+        "sampling.max_new_tokens": ">=1", "sampling.temperature": ">0", "sampling.top_p": "(0,1]",
+        "teacher.tau": "[0,1]", "teacher.mix": "[0,1]", "teacher.max_tokens": ">=1", "algo.clip_low": "[0,1)",
+        "algo.entropy": "any", "algo.distill_alpha": "[0,1]", "optim.lr": ">0", "optim.micro_batch": ">=1",
+        "optim.epochs_per_batch": ">=1", "run.steps": ">=1", "run.seed": "any", "run.eval_samples": ">=1"}
+
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -264,14 +273,20 @@ def _problems_and_judge(cfg: TrainConfig):
 
 
 def heldout_pass1(engine, tok, problems, judge, n: int, sampling: SamplingConfig, seed: int) -> float:
-    """Held-out pass@1: the mean success of ``n`` samples per problem at the sampling temperature."""
+    """Held-out pass@1: the mean success of ``n`` samples per problem at the sampling temperature,
+    over the judged samples. Judge errors (an outage, not a wrong answer) are left out and their
+    count said on stderr; NaN when no sample could be judged."""
     from agentopd.engine import apply_chat
 
     gens = engine.generate([apply_chat(tok, [{"role": "user", "content": p.prompt}]) for p in problems], n=n,
                            max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                            top_p=sampling.top_p, seed=seed)
     verdicts = judge.judge_many([(p, g.text) for p, gs in zip(problems, gens) for g in gs])
-    return sum(j.verdict.status == "ok" for j in verdicts) / max(len(verdicts), 1)
+    judged = [j.verdict.status for j in verdicts if j.verdict.status != "judge_error"]
+    if len(judged) < len(verdicts):
+        print(f"held-out pass@1: {len(verdicts) - len(judged)} of {len(verdicts)} samples could not be judged "
+              "(judge_error); left out", file=sys.stderr)
+    return sum(s == "ok" for s in judged) / len(judged) if judged else math.nan
 
 
 def _check_algo(cfg: TrainConfig) -> None:
@@ -292,6 +307,9 @@ def _check_algo(cfg: TrainConfig) -> None:
     if cfg.teacher.mode not in ("ema", "frozen", "live", "trust_region"):
         raise ConfigError(f"teacher.mode: {cfg.teacher.mode!r}; choices: ema, frozen, live, trust_region")
     _check_loss(cfg.algo)
+    if cfg.data.env not in ("math", "code"):
+        raise ConfigError(f"data.env: {cfg.data.env!r}; choices: math, code")
+    _check_judge_spec(cfg.data.judge)
     _precision(cfg)
 
 
@@ -312,6 +330,21 @@ def learner_temperature(sampling: SamplingConfig) -> float:
     """What the learner divides its logits by: the sampling temperature (1 for greedy, whose engine
     log-probs are the untempered ones)."""
     return sampling.temperature if sampling.temperature > 0 else 1.0
+
+
+def _check_judge_spec(spec: dict) -> None:
+    """The judge a config names exists (before any model loads)."""
+    from agentopd.config import ConfigError
+    from agentopd.judges import resolve
+
+    name = spec.get("name") or spec.get("type") if spec else None
+    try:
+        if spec and not name:
+            raise ValueError(f"judge config {spec} needs a 'name'")
+        if name:
+            resolve(name)
+    except ValueError as e:
+        raise ConfigError(f"data.judge: {e}") from None
 
 
 def _precision(cfg: TrainConfig) -> str:

@@ -56,13 +56,14 @@ class JsonWorker:
         data, self.buf = self.buf[:n], self.buf[n:]
         return data
 
-    def call(self, request: dict, timeout: float) -> dict | None:
-        """Send a request; the reply, or None if none came in time (the worker is then dead).
+    def call(self, request: dict, timeout: float, blobs: tuple[bytes, ...] = ()) -> dict | None:
+        """Send a request (and raw ``blobs`` after its line); the reply, or None if none came in
+        time (the worker is then dead).
         A reply may announce raw byte blobs that follow its line (``"attach": [sizes]``); they
         come back as ``reply["attachments"]``."""
         deadline = time.monotonic() + timeout
         try:
-            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n" + b"".join(blobs))
             self.proc.stdin.flush()
             line = self._readline(deadline)
             reply = json.loads(line) if line is not None else None
@@ -104,7 +105,7 @@ class WorkerPool:
         for slot in range(size):
             self.idle.put((slot, None))
 
-    def call(self, request: dict, timeout: float, key: Hashable = None) -> dict | None:
+    def call(self, request: dict, timeout: float, key: Hashable = None, blobs: tuple[bytes, ...] = ()) -> dict | None:
         """Run one request on a free worker. Raises RuntimeError if a worker cannot start."""
         slot, w = self.idle.get()
         try:
@@ -115,7 +116,7 @@ class WorkerPool:
                 w = self.start(slot, key)
                 with self.lock:
                     self.live[slot] = w
-            reply = w.call(request, timeout)
+            reply = w.call(request, timeout, blobs)
             if reply is None:
                 w = None
             return reply

@@ -36,17 +36,35 @@ def read_jsonl(path: str) -> Iterable[tuple[int, dict]]:
     opener = gzip.open if path.endswith(".gz") else open
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            yield n, row
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a JSONL file")
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = list(f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read it ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        yield n, row
+
+
+def unique_ids(problems: list[Problem], source) -> list[Problem]:
+    """The problems, or a DataError naming the first id that two of them share."""
+    seen: dict[str, int] = {}
+    for i, p in enumerate(problems):
+        if p.id in seen:
+            raise DataError(f"{source}: duplicate problem id {p.id!r} (problems {seen[p.id] + 1} and {i + 1})")
+        seen[p.id] = i
+    return problems
 
 
 def _io_tests(tests: Any, where: str) -> list[dict]:
@@ -57,6 +75,8 @@ def _io_tests(tests: Any, where: str) -> list[dict]:
             raise DataError(f"{where}: 'test' is a string but not JSON") from None
     if isinstance(tests, dict) and "inputs" in tests:  # {"inputs": [...], "outputs": [...]} (APPS style)
         tests = [{"input": i, "output": o} for i, o in zip(tests["inputs"], tests["outputs"])]
+    if not isinstance(tests, list):
+        raise DataError(f"{where}: tests must be a list, got {type(tests).__name__}")
     out = []
     for t in tests:
         if not isinstance(t, dict) or "input" not in t or "output" not in t:
@@ -65,7 +85,17 @@ def _io_tests(tests: Any, where: str) -> list[dict]:
         i = i.get("stdin", "") if isinstance(i, dict) else i
         o = o.get("stdout", "") if isinstance(o, dict) else o
         out.append({"input": str(i), "output": str(o)})
+    if not out:
+        raise DataError(f"{where}: no tests (an empty test set would pass or fail any program)")
     return out
+
+
+def _call_tests(tests: Any, where: str, key: str) -> list[str]:
+    if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
+        raise DataError(f"{where}: '{key}' must be a list of assert strings")
+    if not tests or not any(t.strip() for t in tests):
+        raise DataError(f"{where}: '{key}' is empty (an empty test set would pass any program)")
+    return list(tests)
 
 
 def code_problem(row: dict, where: str = "row") -> Problem:
@@ -82,7 +112,7 @@ def code_problem(row: dict, where: str = "row") -> Problem:
             raise DataError(f"{where}: MBPP row without 'text'/'content'")
         labels = row.get("labels") if isinstance(row.get("labels"), dict) else {}
         setup = row.get("test_setup_code") or labels.get("test_setup_code") or ""
-        tests = list(row["test_list"])
+        tests = _call_tests(row["test_list"], where, "test_list")
         prompt = f"{text}\nYour code should pass these tests:\n\n" + "\n".join(tests)
         return Problem(str(row.get("task_id", row.get("id", where))), prompt, "code",
                        {"style": "call", "tests": tests, "setup": setup},
@@ -96,7 +126,7 @@ def code_problem(row: dict, where: str = "row") -> Problem:
     pid = str(row.get("id", row.get("task_id", where)))
     public = row.get("public_tests")
     if isinstance(tests, list) and all(isinstance(t, str) for t in tests):
-        payload = {"style": "call", "tests": tests, "setup": row.get("setup", "")}
+        payload = {"style": "call", "tests": _call_tests(tests, where, "tests"), "setup": row.get("setup", "")}
         if public:
             if not (isinstance(public, list) and all(isinstance(t, str) for t in public)):
                 raise DataError(f"{where}: 'public_tests' must be assert strings like 'tests'")
@@ -116,11 +146,11 @@ def load_code_problems(source) -> list[Problem]:
     if isinstance(source, str):
         if source.lower() == "humaneval":
             return load_humaneval()
-        return [code_problem(row, f"{source}:{n}") for n, row in read_jsonl(source)]
+        return unique_ids([code_problem(row, f"{source}:{n}") for n, row in read_jsonl(source)], source)
     out = []
     for i, row in enumerate(source):
         out.append(row if isinstance(row, Problem) else code_problem(dict(row), f"row {i}"))
-    return out
+    return unique_ids(out, "the problems")
 
 
 def load_humaneval(check_sha: bool = True) -> list[Problem]:
@@ -145,15 +175,20 @@ def math_problem(row: dict, where: str = "row", question_key: str = "question", 
     if answer_key not in row or row[answer_key] in (None, ""):
         raise DataError(f"{where}: no answer (column '{answer_key}'); keys: {sorted(row)}")
     pid = str(row.get("id", row.get("task_id", where)))
-    return Problem(pid, q, "math", {"answer": str(row[answer_key])})
+    payload = {"answer": str(row[answer_key])}
+    for key in ("answer_format", "expression"):  # "answer_format": "number": an expression is wrong
+        if row.get(key):
+            payload[key] = str(row[key])
+    return Problem(pid, q, "math", payload)
 
 
 def load_math_problems(source, question_key: str = "question", answer_key: str = "answer") -> list[Problem]:
     """Math problems from a JSONL path, a ``datasets`` dataset, or an iterable of dicts/Problems."""
     if isinstance(source, str):
-        return [math_problem(r, f"{source}:{n}", question_key, answer_key) for n, r in read_jsonl(source)]
-    return [r if isinstance(r, Problem) else math_problem(dict(r), f"row {i}", question_key, answer_key)
-            for i, r in enumerate(source)]
+        return unique_ids([math_problem(r, f"{source}:{n}", question_key, answer_key) for n, r in read_jsonl(source)],
+                          source)
+    return unique_ids([r if isinstance(r, Problem) else math_problem(dict(r), f"row {i}", question_key, answer_key)
+                       for i, r in enumerate(source)], "the problems")
 
 
 def _is_math_row(row: dict) -> bool:
@@ -173,7 +208,7 @@ def load_problems(source) -> list[Problem]:
         where = f"{source}:{n}" if isinstance(source, str) else f"row {n}"
         row = dict(row)
         out.append(math_problem(row, where) if _is_math_row(row) else code_problem(row, where))
-    return out
+    return unique_ids(out, source if isinstance(source, str) else "the problems")
 
 
 # ------------------------------------------------------------------ public / held-out tests

@@ -73,7 +73,8 @@ def arithmetic_problems(n: int = 1000, levels=(1, 2, 3, 4, 5), seed: int = 0) ->
         q = task if task.startswith("Solve") else f"Compute {task}."
         answer = str(ans) if not isinstance(ans, Fraction) or ans.denominator != 1 else str(ans.numerator)
         out.append(Problem(f"arith-{seed}-{i}", f"{q} {INSTRUCTION}", "math",
-                           {"answer": answer, "level": level}))
+                           {"answer": answer, "level": level, "answer_format": "number",
+                            **({} if task.startswith("Solve") else {"expression": task})}))
     return out
 
 
@@ -119,7 +120,8 @@ def micro_problems(n: int, levels=(1, 2, 3), seed: int = 0) -> list[Problem]:
             raise ValueError(f"unknown micro level {level}; choose from 1, 2, 3")
         value = a + b if op == "+" else a * b
         out.append(Problem(f"micro-{seed}-{i}", f"Compute {a} {op} {b}. {INSTRUCTION}", "math",
-                           {"answer": str(value), "level": level, "a": a, "b": b, "op": op}))
+                           {"answer": str(value), "level": level, "a": a, "b": b, "op": op,
+                            "answer_format": "number", "expression": f"{a} {op} {b}"}))
     return out
 
 

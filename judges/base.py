@@ -45,7 +45,7 @@ class BaseJudge:
 
     def judge_many(self, pairs: list[tuple[Problem, str]], progress=None) -> list[Judgement]:
         def one(pair):
-            j = self.judge(*pair)
+            j = guarded(self.judge, *pair)
             if progress:
                 progress(1)
             return j
@@ -68,6 +68,15 @@ class BaseJudge:
 def judge_error(message: str, total: int = 1) -> Judgement:
     """The judge failed (not the answer): score NaN, excluded from statistics and updates."""
     return Judgement(Verdict(math.nan, 0, total, "judge_error", [TestResult("judge_error", error=message)]), "")
+
+
+def guarded(fn, *args):
+    """``fn(*args)``, or the judge error that names what it raised: one sample's failure (a bad
+    row, a crashed scorer, a reply of any shape) never takes the batch with it."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 -- by design: anything, as this sample's judge_error
+        return judge_error(f"judge failed on this sample: {type(e).__name__}: {e}"[:1000])
 
 
 def register(name: str):
@@ -179,12 +188,11 @@ class ByKindJudge(BaseJudge):
         for kind, judge in self.judges.items():
             idx = [i for i, (p, _) in enumerate(pairs) if p.kind == kind]
             if idx:
-                for i, j in zip(idx, judge.judge_many([pairs[i] for i in idx], progress=progress)):
+                got = guarded(judge.judge_many, [pairs[i] for i in idx], progress)
+                for i, j in zip(idx, got if isinstance(got, list) else [got] * len(idx)):
                     out[i] = j
-        missing = [pairs[i][0].kind for i, j in enumerate(out) if j is None]
-        if missing:
-            raise ValueError(f"no judge for problems of kind {missing[0]!r} (have {sorted(self.judges)})")
-        return out
+        return [j if j is not None else judge_error(f"no judge for problems of kind {pairs[i][0].kind!r} "
+                                                    f"(have {sorted(self.judges)})") for i, j in enumerate(out)]
 
     def close(self):
         for j in self.judges.values():

@@ -80,24 +80,31 @@ class LLMJudge(BaseJudge):
         user = self.rubric.format(prompt=problem.prompt, response=response, reference_block=block)
         return ([{"role": "system", "content": self.system}] if self.system else []) + [{"role": "user", "content": user}]
 
-    def judge(self, problem: Problem, response: str) -> Judgement:
-        import openai
+    def _ask(self, messages) -> tuple[float, str]:
+        """One request: (score, critique), or an exception for a reply of any other shape."""
+        r = self.client.chat.completions.create(model=self.model, messages=messages,
+                                                temperature=self.temperature, max_tokens=self.max_tokens)
+        choices = getattr(r, "choices", None)
+        if not isinstance(choices, list) or not choices:
+            raise MalformedReply(f"not a chat completion (no choices): {str(r)[:200]!r}")
+        message = getattr(choices[0], "message", None)
+        return parse_reply(getattr(message, "content", None) if message is not None else None)
 
+    def judge(self, problem: Problem, response: str) -> Judgement:
         messages = self._messages(problem, response)
         last = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                r = self.client.chat.completions.create(model=self.model, messages=messages,
-                                                        temperature=self.temperature, max_tokens=self.max_tokens)
-                score, critique = parse_reply(r.choices[0].message.content if r.choices else None)
-            except (openai.APIError, MalformedReply) as e:
+                score, critique = self._ask(messages)
+            except Exception as e:  # noqa: BLE001 -- HTTP errors, timeouts, HTML pages, bad JSON, null fields
                 last = f"{type(e).__name__}: {e}"[:500]
                 continue
             ok = score >= self.pass_threshold
             return Judgement(Verdict(score, int(ok), 1, "ok" if ok else "wrong_answer"), critique)
-        return judge_error(f"llm judge failed after {self.max_retries + 1} attempts: {last}")
+        return judge_error(f"llm judge ({self.model} at {self.client.base_url}) failed after "
+                           f"{self.max_retries + 1} attempts: {last}")
 
     def close(self):
         self.client.close()

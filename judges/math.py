@@ -6,6 +6,12 @@ a final-answer pattern; none is a ``format_error``. Equivalence (``1/2`` = ``0.5
 deadline: a pathological expression costs at most ``timeout_s`` and gives ``judge_error`` (the
 verifier failed, not the answer), never a hung step. The critique names the expected answer only
 when ``reveal_answer`` is set: the reference is privileged information.
+
+Where a number is asked for (``payload["answer_format"] == "number"``: every generated arithmetic
+family, and dataset rows that say so) the answer must be one (``12``, ``-3.5``, ``7/4``,
+``\\frac{7}{4}``, ``x = 5``): an expression, even an equivalent one, is a wrong answer whose
+critique says a number was asked for. An answer that restates the question's own expression
+(``payload["expression"]``) never passes, in any format.
 """
 from __future__ import annotations
 
@@ -43,6 +49,39 @@ def extract_answer(text: str, pattern: str | None = DEFAULT_PATTERN) -> str | No
         hits = [m for line in text.splitlines() if (m := re.search(pattern, line.strip()))]
         if hits:
             return hits[-1].group(1).strip() or None
+    return None
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?(?:/\d+)?|[-+]?\.\d+")
+_FRAC = re.compile(r"[-+]?\\[dt]?frac\{\d+\}\{\d+\}")
+_LATEX = {"\\times": "*", "\\cdot": "*", "\\div": "/", "\\left": "", "\\right": "", "\u2212": "-",
+          "\u00d7": "*", "\u00f7": "/", "{,}": ",", "\\,": "", "\\!": "", "$": ""}
+
+
+def _plain(text: str) -> str:
+    """The answer without spacing, math delimiters or LaTeX spellings of + - * /."""
+    for a, b in _LATEX.items():
+        text = text.replace(a, b)
+    text = re.sub(r"\s+", "", text.replace("\\(", "").replace("\\)", ""))
+    return text.rstrip(".")
+
+
+def is_number(answer: str) -> bool:
+    """A number as written (an integer, a decimal, a fraction of integers), not an expression;
+    ``x = 5`` and ``(-5)`` count."""
+    a = re.sub(r"^[a-zA-Z]=", "", _plain(answer))
+    a = a[1:-1] if a.startswith("(") and a.endswith(")") else a
+    return bool(_NUMBER.fullmatch(a) or _FRAC.fullmatch(a))
+
+
+def form_error(problem: Problem, answer: str) -> str | None:
+    """Why an answer is not in the asked form (a restated question, an expression where a number
+    was asked for), or None."""
+    expr = problem.payload.get("expression")
+    if expr and _plain(answer) == _plain(expr):
+        return f"Your final answer {answer} restates the question; give its value."
+    if problem.payload.get("answer_format") == "number" and not is_number(answer):
+        return f"A number was asked for, and {answer} is not a number: evaluate it and give the result."
     return None
 
 
@@ -91,6 +130,9 @@ class MathJudge(BaseJudge):
         if answer is None:
             return Judgement(Verdict(0.0, 0, 1, "format_error"),
                              "No final answer found. End with the answer in \\boxed{...}.")
+        form = form_error(problem, answer)
+        if form:
+            return Judgement(Verdict(0.0, 0, 1, "wrong_answer"), form)
         scorer = problem.payload.get("scorer")
         if scorer is not None:
             try:

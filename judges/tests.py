@@ -2,98 +2,46 @@
 
 Two test styles (``problem.payload["style"]``):
 
-- ``call``: test snippets (``assert f(1) == 2``, or HumanEval's ``check(candidate)`` code) run in
-  the solution's namespace by a small runner, one result line per test.
+- ``call``: test snippets (``assert f(1) == 2``, or HumanEval's ``check(candidate)`` code) run by
+  a driver process that holds the tests and calls into the solution's process over a pipe;
+  arguments and return values cross as data (agentopd/_calltests.py), one result line per test.
 - ``io``:   competitive-programming style, one sandboxed run per (stdin, expected stdout) pair;
   outputs are compared on the host line by line after stripping (as LiveCodeBench does).
 
-Pass/fail never comes from the program's exit code or from what it prints: the call runner tags
-each result line with a random token sent on stdin, and io outputs are compared outside the
-sandbox, so ``sys.exit(0)``, printing "all tests passed", redefining ``check`` or deleting files
-do not pass a test. (A program that reads the token from the runner's frame, e.g.
-``sys._getframe(1).f_locals``, or from the interpreter's memory can still forge call-style
-results; io-style tests are immune.)
+Pass/fail never comes from the program's exit code or from what it prints: the call-style results
+are the driver's, written where the solution's process cannot reach (it never holds the tests, the
+driver's memory or its stdout), and io outputs are compared outside the sandbox. A run that timed
+out, crashed or hit a limit has that status whatever was reported before it.
 """
 from __future__ import annotations
 
 import ast
 import json
 import re
-import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from agentopd.judges.base import BaseJudge, judge_error
-from agentopd.sandbox import Limits, Sandbox, make_sandbox
+from agentopd.judges.base import BaseJudge, guarded, judge_error
+
+from agentopd.sandbox import KNOWN_PROGRAMS, Limits, Sandbox, make_sandbox
 from agentopd.types import ExecResult, Judgement, Problem, TestResult, Verdict
 
 FIELD_CAP = 250
 CRITIQUE_CAP = 2000
 
-_RUNNER = r'''import json as _json, os as _os, sys as _sys
-def _agentopd_run(_src, _setup, _tests):
-    _tok = _sys.stdin.readline().strip()
-    _out = _os.dup(1)
-    _write, _dumps, _BaseException, _repr = _os.write, _json.dumps, BaseException, repr
-    # bound before the solution runs: it may patch builtins (exec, compile, enumerate) to skip tests
-    _exec, _compile, _enumerate = exec, compile, enumerate
-
-    def _emit(*rec):
-        _write(_out, ("\n" + _tok + " " + _dumps(rec) + "\n").encode())
-
-    def _err(e):
-        return (type(e).__name__ + ": " + str(e))[:1000]
-
-    def _failed_assert(e, test):
-        # the failing line of the test, and for `assert A == B` the values of A and B
-        tb, frame = e.__traceback__, None
-        while tb is not None:
-            if tb.tb_frame.f_code.co_filename == "<test>":
-                frame, line = tb.tb_frame, tb.tb_lineno
-            tb = tb.tb_next
-        if frame is None:
-            return test, "", ""
-        src = test.splitlines()[line - 1].strip()
-        try:
-            import ast
-            t = ast.parse(src).body[0].test
-            if isinstance(t, ast.Compare) and len(t.ops) == 1 and isinstance(t.ops[0], ast.Eq):
-                got = eval(ast.get_source_segment(src, t.left), frame.f_globals, frame.f_locals)
-                exp = eval(ast.get_source_segment(src, t.comparators[0]), frame.f_globals, frame.f_locals)
-                return src, _repr(got)[:300], _repr(exp)[:300]
-        except _BaseException:
-            pass
-        return src, "", ""
-
-    try:
-        _code = compile(_src, "solution.py", "exec")
-    except SyntaxError as e:
-        _emit("syntax_error", _err(e) + " (line " + str(e.lineno) + ")")
-        return
-    _g = {"__name__": "__solution__"}
-    try:
-        if _setup:
-            exec(_setup, _g)
-        exec(_code, _g)
-    except _BaseException as e:
-        _emit("load_error", "MemoryError" if isinstance(e, MemoryError) else _err(e))
-        return
-    for _i, _test in _enumerate(_tests):
-        try:
-            _exec(_compile(_test, "<test>", "exec"), _g)
-            _emit("test", _i, "ok", "")
-        except AssertionError as e:
-            _emit("test", _i, "wrong_answer", str(e)[:300], *_failed_assert(e, _test))
-        except _BaseException as e:
-            _emit("test", _i, "memory" if isinstance(e, MemoryError) else "runtime_error", _err(e))
-    _emit("done")
-_agentopd_run(ARGS)
-'''
+_DRIVER = KNOWN_PROGRAMS[0]  # agentopd._calltests: warm workers have it compiled already
 
 
-def call_program(src: str, tests: list[str], setup: str = "") -> str:
-    """The runner program for call-style tests around solution source ``src``."""
-    return _RUNNER.replace("ARGS", ", ".join(map(repr, (src, setup, tests))))
+def _frame(obj) -> str:
+    data = json.dumps(obj)
+    return f"{len(data.encode())}\n{data}"
+
+
+def call_job(src: str, tests: list[str], setup: str = "") -> tuple[str, str]:
+    """(program, stdin) of one sandbox run for call-style tests: the driver (agentopd._calltests)
+    is the program; stdin holds the solution, then the tests, which the driver reads only after
+    the solution's process is forked off."""
+    return _DRIVER, _frame({"src": src, "setup": setup}) + _frame({"tests": tests, "setup": setup})
 
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
@@ -139,6 +87,11 @@ def _syntax_error(program: str) -> str | None:
     return None
 
 
+class _DriverFailed(Exception):
+    """The driver could not judge the sample: a test it cannot run as data calls, or its own
+    crash (the judge's limit or failure, not the program's)."""
+
+
 def _last_error_line(stderr: str) -> str:
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
@@ -179,45 +132,40 @@ class TestJudge(BaseJudge):
     def _jobs(self, problem: Problem, program: str) -> list[tuple[str, str, Limits]]:
         p = problem.payload
         if p["style"] == "call":
-            return [(call_program(program, p["tests"], p.get("setup", "")), secrets.token_hex(16) + "\n", self.limits)]
+            return [(*call_job(program, p["tests"], p.get("setup", "")), self.limits)]
         return [(program, t["input"], self.limits) for t in p["tests"]]
 
     # -------------------------------------------------------------------------- verdicts
 
-    def _verdict_call(self, problem: Problem, res: ExecResult, token: str) -> Verdict:
+    def _verdict_call(self, problem: Problem, res: ExecResult) -> Verdict:
+        """From the driver's result lines (the program cannot write them). A run that timed out,
+        crashed or hit a limit has that status, whatever the driver reported before it."""
         tests = problem.payload["tests"]
         total = len(tests)
         details: list[TestResult] = [TestResult("runtime_error", input=t) for t in tests]
         reported: set[int] = set()
-        done, load = False, None
-        for line in res.stdout.splitlines():
-            if not line.startswith(token + " "):
-                continue
-            rec = json.loads(line[len(token) + 1:])
+        recs = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+        for rec in recs:
             if rec[0] == "test":
                 _, i, status, msg, *where = rec
                 line, got, exp = where if where else (tests[i], "", "")
                 details[i] = TestResult(status, input=line or tests[i], expected=exp, got=got, error=msg)
                 reported.add(i)
-            elif rec[0] == "done":
-                done = True
-            else:
-                load = rec
-        passed = sum(d.status == "ok" for d in details)
-        if load is not None:
-            status = "syntax_error" if load[0] == "syntax_error" else (
-                "memory" if load[1] == "MemoryError" else "runtime_error")
-            return Verdict(0.0, 0, total, status, [TestResult(status, error=load[1])])
-        if not done:
-            # killed or exited part way: the first test without a result is the one that ran
+            elif rec[0] == "load_error":
+                return Verdict(0.0, 0, total, rec[1], [TestResult(rec[1], error=rec[2])])
+            elif rec[0] == "unsupported":
+                raise _DriverFailed(rec[1])
+        if not recs and res.exit_code == 1 and "Traceback" in res.stderr:  # only the driver writes there
+            raise _DriverFailed(f"the call-test driver failed: {_last_error_line(res.stderr)}")
+        if res.status != "ok" or recs[-1:] != [["done"]]:
             status = {"timeout": "timeout", "memory": "memory", "output_limit": "output_limit"}.get(
                 res.status, "runtime_error")
-            for i, d in enumerate(details):
-                if i not in reported:
-                    d.status = status
-                    d.error = (_last_error_line(res.stderr) or "the program exited before its tests finished"
-                               if status == "runtime_error" else status)
-                    break
+            first = next((i for i in range(total) if i not in reported), None)
+            if first is not None:
+                details[first].status = status
+                details[first].error = (_last_error_line(res.stderr) or "the tests did not finish"
+                                        if status == "runtime_error" else status)
+            passed = sum(d.status == "ok" for d in details)
             return Verdict(passed / total if total else 0.0, passed, total, status, details)
         return self._summarise(details)
 
@@ -286,41 +234,44 @@ class TestJudge(BaseJudge):
     def judge(self, problem: Problem, response: str) -> Judgement:
         return self.judge_many([(problem, response)])[0]
 
+    def _plan(self, problem: Problem, response: str) -> Judgement | list:
+        """A sample's verdict when no run is needed (no code, a syntax error), else its runs."""
+        total = len(problem.payload["tests"])
+        program = self._program(problem, response)
+        if program is None:
+            v = Verdict(0.0, 0, total, "format_error")
+            return Judgement(v, self.critique(v))
+        syntax = _syntax_error(program)
+        if syntax:
+            v = Verdict(0.0, 0, total, "syntax_error", [TestResult("syntax_error", error=syntax)])
+            return Judgement(v, self.critique(v))
+        return self._jobs(problem, program)
+
+    def _judgement(self, problem: Problem, results: list[ExecResult]) -> Judgement:
+        failed = next((r for r in results if r.status == "sandbox_error"), None)
+        if failed is not None:
+            return judge_error(f"sandbox failed: {failed.stderr}", len(problem.payload["tests"]))
+        if problem.payload["style"] == "call":
+            v = self._verdict_call(problem, results[0])
+        else:
+            v = self._verdict_io(problem, results)
+        return Judgement(v, self.critique(v))
+
     def judge_many(self, pairs: list[tuple[Problem, str]], progress=None) -> list[Judgement]:
-        """Judge many (problem, response) pairs; all their sandbox runs share one pool."""
-        plans = []  # (problem, program or None, [job indices])
-        jobs = []
+        """Judge many (problem, response) pairs; all their sandbox runs share one pool. Whatever
+        fails while judging one sample makes that sample a ``judge_error``, never the batch."""
+        plans = []  # a Judgement already, or the indices of the sample's jobs
+        jobs: list = []
         for problem, response in pairs:
-            program = self._program(problem, response)
-            if program is None:
-                plans.append((problem, None, []))
+            plan = guarded(self._plan, problem, response)
+            if isinstance(plan, Judgement):
+                plans.append(plan)
                 continue
-            syntax = _syntax_error(program)
-            if syntax:
-                plans.append((problem, syntax, []))
-                continue
-            js = self._jobs(problem, program)
-            plans.append((problem, program, list(range(len(jobs), len(jobs) + len(js)))))
-            jobs += js
-        results = self._run_jobs(jobs, [len(idx) for _, _, idx in plans], progress)
-        out = []
-        for problem, program, idx in plans:
-            total = len(problem.payload.get("tests", []))
-            if program is None:
-                out.append(Judgement(v := Verdict(0.0, 0, total, "format_error"), self.critique(v)))
-            elif not idx:
-                v = Verdict(0.0, 0, total, "syntax_error", [TestResult("syntax_error", error=program)])
-                out.append(Judgement(v, self.critique(v)))
-            elif any(results[i].status == "sandbox_error" for i in idx):
-                err = next(results[i].stderr for i in idx if results[i].status == "sandbox_error")
-                out.append(judge_error(f"sandbox failed: {err}", total))
-            else:
-                if problem.payload["style"] == "call":
-                    v = self._verdict_call(problem, results[idx[0]], jobs[idx[0]][1].strip())
-                else:
-                    v = self._verdict_io(problem, [results[i] for i in idx])
-                out.append(Judgement(v, self.critique(v)))
-        return out
+            plans.append(list(range(len(jobs), len(jobs) + len(plan))))
+            jobs += plan
+        results = self._run_jobs(jobs, [0 if isinstance(p, Judgement) else len(p) for p in plans], progress)
+        return [plan if isinstance(plan, Judgement) else guarded(self._judgement, problem, [results[i] for i in plan])
+                for (problem, _), plan in zip(pairs, plans)]
 
     def _run_jobs(self, jobs, counts: list[int], progress) -> list[ExecResult]:
         """Run all sandbox jobs on the pool; ``progress(1)`` as each sample's last run ends."""
@@ -333,7 +284,10 @@ class TestJudge(BaseJudge):
         lock = threading.Lock()
 
         def run(k):
-            res = self.sandbox.run(*jobs[k])
+            try:
+                res = self.sandbox.run(*jobs[k])
+            except Exception as e:  # noqa: BLE001 -- a sandbox that raises fails this run only
+                res = ExecResult("sandbox_error", None, "", f"{type(e).__name__}: {e}", False, False, False, 0.0)
             if progress:
                 with lock:
                     left[owner[k]] -= 1

@@ -9,6 +9,8 @@ of actions, one per request (the last repeats). Actions:
 - ``("slow", seconds, action)``: the action after sleeping
 - ``("status", code)``: an HTTP error with a JSON error body
 - ``("length", "text")``: one choice per ``n`` that stopped at the token limit
+- ``("raw", code, content_type, body)``: exactly that status, content type and body (str or a
+  JSON-able object): HTML error pages, invalid JSON, ``message: null`` and other malformed shapes
 
 With ``logprobs`` asked, every character of a reply is one token ``token_id:<ord(c)>`` with
 log-prob -0.5 (vLLM's ``return_tokens_as_token_ids`` form).
@@ -67,6 +69,14 @@ class FakeOpenAIServer:
                 if isinstance(action, tuple) and action[0] == "slow":
                     server.stop.wait(action[1])
                     return self._act(action[2], body)
+                if isinstance(action, tuple) and action[0] == "raw":
+                    _, code, ctype, payload = action
+                    data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+                    self.send_response(code)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    return self.wfile.write(data)
                 if isinstance(action, tuple) and action[0] == "status":
                     return self._send(action[1], {"error": {"message": "scripted failure", "type": "server_error"}})
                 finish = "stop"

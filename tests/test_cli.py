@@ -216,3 +216,59 @@ def test_commands_do_not_import_torch_or_transformers(he, tmp_path):
     s = _write_samples(tmp_path / "samples.jsonl", [{"task_id": he[0].id, "completion": he[0].privileged["solution"]}])
     args = ["eval", "passk", "--samples", str(s), "--k", "1", "--quiet"]
     assert _heavy_imports(f"agentopd.cli.main({args!r})", env) == ["0", "False", "False"]
+
+
+# -------------------------------------------------------------------- bad inputs: one line, exit 2
+
+
+def _one_line_exit_2(r, *words):
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in r.stderr, (w, r.stderr)
+
+
+@pytest.mark.parametrize("k", ["-1", "0", "1,0", ""])
+def test_eval_passk_k_out_of_range(tmp_path, k):
+    s = _write_samples(tmp_path / "samples.jsonl", [{"task_id": "HumanEval/0", "completion": ""}])
+    _one_line_exit_2(cli("eval", "passk", "--samples", s, f"--k={k}", "--quiet"), "--k", "positive")
+
+
+def test_eval_passk_timeout_and_workers_out_of_range(tmp_path):
+    s = _write_samples(tmp_path / "samples.jsonl", [{"task_id": "HumanEval/0", "completion": ""}])
+    _one_line_exit_2(cli("eval", "passk", "--samples", s, "--timeout", "0", "--quiet"), "--timeout", ">0")
+    _one_line_exit_2(cli("eval", "passk", "--samples", s, "--workers", "0", "--quiet"), "--workers", ">=1")
+
+
+@pytest.mark.parametrize("rows, words", [
+    ([{"task_id": "e", "text": "Write f.", "test_list": [], "code": "def f(): pass"}], ["test_list", "empty", ":1"]),
+    ([{"id": "a", "prompt": "p", "input_output": {"inputs": [], "outputs": []}}], ["no tests", ":1"]),
+    ([{"id": "t", "prompt": "p", "tests": 5}], ["tests must be a list", ":1"]),
+    ([{"id": "d", "prompt": "p", "tests": ["assert True"]}, {"id": "d", "prompt": "q", "tests": ["assert 1"]}],
+     ["duplicate problem id 'd'"]),
+])
+def test_eval_passk_bad_datasets(tmp_path, rows, words):
+    data = _write_samples(tmp_path / "problems.jsonl", rows)
+    s = _write_samples(tmp_path / "samples.jsonl", [{"task_id": rows[0].get("task_id", rows[0].get("id")),
+                                                     "completion": "x = 1"}])
+    _one_line_exit_2(cli("eval", "passk", "--dataset", data, "--samples", s, "--quiet"), str(data), *words)
+
+
+def test_eval_passk_unreadable_files(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"task_id": "HumanEval/0", "completion": "caf\xe9"}\n')
+    _one_line_exit_2(cli("eval", "passk", "--samples", bad, "--quiet"), str(bad), "UTF-8")
+    _one_line_exit_2(cli("eval", "passk", "--samples", tmp_path, "--quiet"), str(tmp_path), "directory")
+
+
+@pytest.mark.parametrize("override, words", [
+    ("sampling.group_size=0", ["sampling.group_size", ">=1"]), ("run.steps=-3", ["run.steps", ">=1"]),
+    ("sampling.max_new_tokens=0", ["sampling.max_new_tokens", ">=1"]),
+    ("sampling.prompts_per_step=0", ["sampling.prompts_per_step"]), ("optim.micro_batch=0", ["optim.micro_batch"]),
+    ("data.env=maths", ["data.env", "math, code"]), ("data.judge={name: nosuchjudge}", ["data.judge", "nosuchjudge"]),
+    ("sampling.top_p=1.5", ["sampling.top_p", "(0,1]"]), ("optim.lr=0", ["optim.lr", ">0"]),
+])
+def test_train_bad_options_fail_before_the_model_loads(tmp_path, override, words):
+    # no model could load from this path: an error about it would mean the options were checked too late
+    r = cli("train", "--config", "configs/micro-grpo.yaml", f"run.out={tmp_path}", "model.path=/nonexistent", override)
+    _one_line_exit_2(r, *words)

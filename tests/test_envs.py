@@ -248,7 +248,8 @@ def test_blank_lines_count_towards_line_numbers(tmp_path):
     f = _write(tmp_path / "probs.jsonl", [GOOD, "", "  ", "[1, 2]"])
     with pytest.raises(DataError, match=rf"{f}:4: expected a JSON object"):
         load_code_problems(f)
-    assert len(load_code_problems(_write(tmp_path / "ok.jsonl", [GOOD, "", GOOD]))) == 2
+    again = GOOD.replace('"id": "a"', '"id": "a2"')  # (a repeated id is an error of its own)
+    assert len(load_code_problems(_write(tmp_path / "ok.jsonl", [GOOD, "", again]))) == 2
 
 
 @pytest.mark.parametrize("row, what", [

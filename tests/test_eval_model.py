@@ -74,11 +74,17 @@ def expected(k: int) -> float:
     return (pass_at_k(3, 2, k) + pass_at_k(3, 1, k)) / 2
 
 
-def test_eval_model_end_to_end_then_resume(tmp_path, serve):
+def first_run(tmp_path, serve):
+    """The scripted server, the config and the result of a first ``eval model`` run."""
     s = serve(answer)
     cfg = write_config(tmp_path, s)
     r = cli("eval", "model", "--config", cfg)
     assert r.returncode == 0, r.stderr
+    return s, cfg, r
+
+
+def test_eval_model_end_to_end_then_resume(tmp_path, serve):
+    s, cfg, r = first_run(tmp_path, serve)
     report = json.loads(r.stdout)
     for k in (1, 2, 3):
         assert report[f"pass@{k}"] == pytest.approx(expected(k))
@@ -227,3 +233,31 @@ def test_judge_failures_are_redone_on_resume(tmp_path, serve):
     again = eval_model(cfg, judge=judge)
     assert again["judge_errors"] == 0 and again["samples"] == 6
     assert len(s.requests) == 3 and "mul" in messages_text(s.requests[-1]["body"])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("eval.chunk=0", ["eval.chunk", ">=1"]), ("data.limit=-3", ["data.limit", ">=0"]),
+    ("sampling.n=0", ["sampling.n", ">=1"]), ("eval.k=[-1]", ["eval.k"]), ("data.timeout_s=0", ["data.timeout_s", ">0"]),
+    ("engine.concurrency=0", ["engine.concurrency", ">=1"]),
+])
+def test_options_out_of_range_are_one_line_before_any_request(tmp_path, serve, override, words):
+    s = serve(["x"])
+    r = cli("eval", "model", "--config", write_config(tmp_path, s), override)
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert all(w in r.stderr for w in words) and "Traceback" not in r.stderr, r.stderr
+    assert s.requests == []
+
+
+def test_a_torn_last_line_is_dropped_and_redone(tmp_path, serve):
+    s, cfg, r = first_run(tmp_path, serve)
+    report = json.loads(r.stdout)
+    results = tmp_path / "out" / "results.jsonl"
+    text = results.read_text()
+    lines = text.rstrip("\n").splitlines()
+    results.write_text("".join(x + "\n" for x in lines[:-1]) + lines[-1][:25])  # killed while writing the last
+    r = cli("eval", "model", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    assert "last line is incomplete" in r.stderr and "Traceback" not in r.stderr
+    assert len(s.requests) == 3 and s.requests[-1]["body"]["n"] == 1  # only the torn sample again
+    assert json.loads(r.stdout) == report
+    assert len(results.read_text().splitlines()) == 6

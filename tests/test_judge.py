@@ -7,11 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
-from sandbox_probe import bwrap_or_skip
-
 from agentopd.envs.data import load_code_problems, load_humaneval
 from agentopd.judges.tests import CRITIQUE_CAP, FIELD_CAP, extract_code, outputs_match
-from agentopd.judges.tests import TestJudge as Judge  # (a Test* name would be collected by pytest)
+from agentopd.judges.tests import (
+    TestJudge as Judge,  # (a Test* name would be collected by pytest)
+)
+from sandbox_probe import bwrap_or_skip
+
 from agentopd.types import Problem
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "sandboxfusion-samples"
@@ -334,13 +336,7 @@ def test_humaneval_canonical_still_passes_after_hacks(judges, he0):
     assert [j.verdict.status for j in js] == ["ok"] * 4
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: call-style tests run in the solution's interpreter, "
-                   "so code that reads the runner's frame (or memory) can learn the token and forge results")
-def test_humaneval_token_from_runner_frame_does_not_pass(judges, he0):
-    hack = ("    return None\nimport os, sys\ntok = sys._getframe(1).f_locals['_tok']\n"
-            "os.write(1, ('\\n' + tok + ' [\"test\", 0, \"ok\", \"\"]\\n' + tok + ' [\"done\"]\\n').encode())\n"
-            "os._exit(0)\n")
-    assert judges(extract=False).judge(he0, hack).verdict.status != "ok"
+# forging through the runner's frames, its memory, stdin or files: tests/test_forging.py
 
 
 @needs_samples
@@ -367,3 +363,62 @@ def test_back_to_back_calls_have_no_judge_errors(judge):
     progs = [SUM_OK, "import os\nos._exit(0)", "import sys\nprint(3)\nsys.exit(0)", "print(input())"]
     statuses = [judge.judge(SUM_PROBLEM, fenced(p)).verdict.status for _ in range(8) for p in progs]
     assert statuses == ["ok", "wrong_answer", "wrong_answer", "wrong_answer"] * 8
+
+
+# ------------------------------------------------------------------- one sample's failure
+
+
+class _Breaks:
+    """A sandbox around a real one that fails in a different way for each marked program."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def run(self, program, stdin="", limits=None):
+        from agentopd.types import ExecResult
+
+        if "RAISE" in stdin:
+            raise RuntimeError("sandbox exploded")
+        if "TORN" in stdin:  # the driver gets a request it cannot read: its crash is the judge's
+            stdin = stdin[:stdin.index("\n") + 5]
+        res = self.real.run(program, stdin, limits)
+        if "GARBAGE" in stdin:  # result lines the judge cannot read: bad JSON, an index out of range
+            return ExecResult("ok", 0, '["test", 7, "ok", ""]\n{not json\n["done"]\n', "", False, False, False, 0.0)
+        return res
+
+
+def test_a_crashing_sample_is_a_judge_error_and_the_batch_survives(judge, he0):
+    breaking = Judge(sandbox=_Breaks(judge.sandbox), extract=False, timeout_s=2.0)
+    good = (he0, he0.privileged["solution"])
+    broken_payload = Problem("bad", "bad", "code", {"style": "call"})  # no tests at all
+    pairs = [good, (he0, he0.privileged["solution"] + "\n# RAISE\n"), good,
+             (he0, he0.privileged["solution"] + "\n# GARBAGE\n"), (broken_payload, "x = 1"), good,
+             (he0, he0.privileged["solution"] + "\n# TORN\n")]
+    try:
+        js = breaking.judge_many(pairs)
+    finally:
+        breaking._pool.shutdown()
+    assert [j.verdict.status for j in js] == ["ok", "judge_error", "ok", "judge_error", "judge_error", "ok",
+                                              "judge_error"]
+    assert "the call-test driver failed" in js[6].verdict.details[0].error
+    assert "sandbox exploded" in js[1].verdict.details[0].error
+    assert "judge failed on this sample" in js[3].verdict.details[0].error
+    assert "KeyError" in js[4].verdict.details[0].error
+
+
+def test_judges_without_a_sandbox_isolate_samples_too():
+    from agentopd.judges.base import BaseJudge, ByKindJudge
+
+    from agentopd.types import Judgement, Verdict
+
+    class Picky(BaseJudge):
+        def judge(self, problem, response):
+            if response == "boom":
+                raise ZeroDivisionError("scorer divided by zero")
+            return Judgement(Verdict(1.0, 1, 1, "ok"), "")
+
+    code = Problem("c", "c", "code", {})
+    odd = Problem("o", "o", "poetry", {})
+    js = ByKindJudge({"code": Picky()}).judge_many([(code, "fine"), (code, "boom"), (odd, "fine"), (code, "fine")])
+    assert [j.verdict.status for j in js] == ["ok", "judge_error", "judge_error", "ok"]
+    assert "ZeroDivisionError" in js[1].verdict.details[0].error and "poetry" in js[2].verdict.details[0].error

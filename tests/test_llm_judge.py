@@ -135,6 +135,37 @@ def test_malformed_replies_are_retried_then_a_judge_error(serve, judges, content
     assert len(s.requests) == 3  # max_retries + 1
 
 
+def _completion(**choice) -> dict:
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": "fake", "choices": [choice]}
+
+
+BAD_SHAPES = {  # HTTP 200 answers that are not a chat completion a judge can use
+    "html_page": ("raw", 200, "text/html", "<html><body><h1>502 Bad Gateway</h1></body></html>"),
+    "invalid_json": ("raw", 200, "application/json", '{"choices": [{"message": '),
+    "message_null": ("raw", 200, "application/json", _completion(index=0, finish_reason="stop", message=None)),
+    "content_null": ("raw", 200, "application/json",
+                     _completion(index=0, finish_reason="stop", message={"role": "assistant", "content": None})),
+    "choices_null": ("raw", 200, "application/json", {"id": "x", "object": "chat.completion", "choices": None}),
+    "choices_empty": ("raw", 200, "application/json", {"id": "x", "object": "chat.completion", "choices": []}),
+    "a_json_list": ("raw", 200, "application/json", [1, 2, 3]),
+    "plain_text": ("raw", 200, "text/plain", "upstream timed out"),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(BAD_SHAPES))
+def test_malformed_http_200_replies_are_judge_errors_per_sample(serve, judges, shape):
+    """Each shape, alone and inside a batch of good replies: that sample is a judge_error that
+    names the judge and its server, the others are judged, nothing raises."""
+    bad = BAD_SHAPES[shape]
+    s = serve(lambda body, n: bad if "BAD" in user_text({"body": body}) else reply(1.0, "good"))
+    j = judges(s, max_retries=1)
+    out = j.judge(PROBLEM, "BAD answer")
+    assert out.verdict.status == "judge_error" and math.isnan(out.verdict.score)
+    assert "fake-model" in out.verdict.details[0].error and s.url in out.verdict.details[0].error
+    batch = j.judge_many([(PROBLEM, "fine"), (PROBLEM, "BAD"), (PROBLEM, "fine too")])
+    assert [b.verdict.status for b in batch] == ["ok", "judge_error", "ok"]
+
+
 def test_malformed_then_valid_succeeds(serve, judges):
     s = serve(["no json here", reply(2), reply(0.25, "weak")])
     out = judges(s, max_retries=3).judge(PROBLEM, "x")

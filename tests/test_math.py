@@ -408,6 +408,54 @@ def test_math_judge_accepts_generated_answers(judge):
     assert [j.verdict.status for j in judge.judge_many(wrong)] == ["wrong_answer"] * 5
 
 
+def _families():
+    from agentopd.envs.procedural import micro_problems
+
+    return {**{f"arithmetic-{lv}": arithmetic_problems(6, levels=(lv,), seed=5) for lv in (1, 2, 3, 4, 5)},
+            **{f"micro-{lv}": micro_problems(6, levels=(lv,), seed=5) for lv in (1, 2, 3)}}
+
+
+def _unevaluated(p) -> str:
+    """An expression equal to the answer that is not a number: the question's own expression
+    where there is one, else (solve for x) the value written as a sum."""
+    expr = p.payload.get("expression")
+    return f"0 + ({expr})" if expr else f"{p.payload['answer']} + 0"
+
+
+@pytest.mark.parametrize("family", sorted(_families()))
+def test_echoed_and_unevaluated_answers_fail_on_every_generated_family(judge, family):
+    probs = _families()[family]
+    assert all(p.payload["answer_format"] == "number" for p in probs)
+    echoes = [(p, r) for p in probs if p.payload.get("expression")
+              for r in (boxed(p.payload["expression"]), f"The answer is {p.payload['expression']}")]
+    if not family.startswith("arithmetic-4"):
+        assert len(echoes) == 2 * len(probs)
+    unevaluated = [(p, boxed(_unevaluated(p))) for p in probs]
+    for j in judge.judge_many(echoes + unevaluated):
+        assert j.verdict.status == "wrong_answer" and j.verdict.score == 0.0, j.critique
+        assert "restates the question" in j.critique or "A number was asked for" in j.critique
+    assert any("A number was asked for" in j.critique for j in judge.judge_many(unevaluated))
+    right = judge.judge_many([(p, boxed(p.payload["answer"])) for p in probs])
+    assert [j.verdict.status for j in right] == ["ok"] * len(probs)
+
+
+def test_form_rules_only_where_asked(judge, tmp_path):
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"id": "n", "question": "Compute 3/4 + 1/4.", "answer": "1", "answer_format": "number",
+                             "expression": "3/4 + 1/4"}) + "\n"
+                 + json.dumps({"id": "s", "question": "Simplify 6/8.", "answer": "\\frac{3}{4}"}) + "\n"
+                 + json.dumps({"id": "e", "question": "Expand (x+1)^2.", "answer": "x^2+2x+1"}) + "\n")
+    n, sym, poly = load_math_problems(str(f))
+    assert n.payload["answer_format"] == "number" and "answer_format" not in sym.payload
+    assert judge.judge(n, boxed("1")).verdict.status == "ok"
+    assert judge.judge(n, boxed("x = 1")).verdict.status == "ok"
+    for bad in ("3/4 + 1/4", "\\frac{3}{4} + \\frac{1}{4}", "2/2 + 0"):
+        assert judge.judge(n, boxed(bad)).verdict.status == "wrong_answer", bad
+    # symbolic equivalence stays the rule elsewhere
+    assert judge.judge(sym, boxed("\\frac{6}{8}")).verdict.status == "ok"
+    assert judge.judge(poly, boxed("(x+1)^2")).verdict.status == "ok"
+
+
 # ----------------------------------------------------------------------------- reasoning-gym
 
 

@@ -512,3 +512,35 @@ def test_new_objective_configs_train_two_steps_on_the_tiny_model(tmp_path, name)
         assert ("pg_loss" in r) == (cfg.algo.loss == "mix")
     trained, fresh = _params(tmp_path), _fresh()
     assert any(not torch.equal(fresh[k], trained[k]) for k in trained)
+
+
+def test_heldout_pass1_leaves_judge_errors_out(capsys):
+    """An outage of the judge is not a collapse of the model: judge errors are not failures."""
+    import math as _math
+
+    from agentopd.judges.base import judge_error
+    from agentopd.train import SamplingConfig, heldout_pass1
+    from agentopd.types import Judgement, Problem, Verdict
+
+    class Tok:
+        def apply_chat_template(self, messages, **kw):
+            return {"input_ids": [1, 2, 3]}
+
+    class Engine:
+        def generate(self, prompts, n, **kw):
+            return [[type("G", (), {"text": t})() for t in ("ok", "down", "down", "wrong")[:n]] for _ in prompts]
+
+    class Judge:
+        def __init__(self, outage):
+            self.outage = outage
+
+        def judge_many(self, pairs):
+            return [judge_error("server down") if t == "down" or self.outage else
+                    Judgement(Verdict(float(t == "ok"), int(t == "ok"), 1, "ok" if t == "ok" else "wrong_answer"))
+                    for _, t in pairs]
+
+    probs = [Problem("a", "q", "math", {"answer": "1"}), Problem("b", "q", "math", {"answer": "1"})]
+    p1 = heldout_pass1(Engine(), Tok(), probs, Judge(False), 4, SamplingConfig(), 0)
+    assert p1 == 0.5  # 2 of the 4 judged samples, not 2 of 8
+    assert "4 of 8 samples could not be judged" in capsys.readouterr().err
+    assert _math.isnan(heldout_pass1(Engine(), Tok(), probs, Judge(True), 4, SamplingConfig(), 0))
