@@ -62,10 +62,9 @@ class MicroConfig:
     """Generated arithmetic problems for the warm start."""
     n_code: int = 4000
     """Generated example-specified functions for the warm start."""
-    repair_fraction: float = 0.5
-    """Share of problems that give a repair example (wrong attempt, critique, correct answer) instead
-    of a plain one."""
-    steps: int = 2000
+    repair_fraction: float = 0.7
+    """Share of problems that also give a repair example (wrong attempt, critique, correct answer)."""
+    steps: int = 2500
     """Optimizer steps of supervised learning."""
     batch: int = 32
     lr: float = 1.5e-3
@@ -154,12 +153,8 @@ def warm_start_examples(cfg: MicroConfig) -> list[tuple[list[dict], str]]:
     math_p = [p for p in micro_problems(cfg.n_math, tuple(cfg.levels), cfg.seed) if p.prompt not in held]
     code_p = [p for p in function_problems(cfg.n_code, cfg.seed + 1, convention=False) if p.prompt not in held]
     r = random.Random(cfg.seed)
-    # a problem is either plain or a repair, never both: a repair's answer cannot be recalled from
-    # its plain example, so the model has to read it from the critique or the demonstration
-    is_repair = [r.random() < cfg.repair_fraction for _ in math_p + code_p]
-    examples = [([{"role": "user", "content": p.prompt}], answer(p))
-                for p, rep in zip(math_p + code_p, is_repair) if not rep]
-    repairs = [p for p, rep in zip(math_p + code_p, is_repair) if rep]
+    examples = [([{"role": "user", "content": p.prompt}], answer(p)) for p in math_p + code_p]
+    repairs = [p for p in math_p + code_p if r.random() < cfg.repair_fraction]
     wrong = [_wrong_math(p, r) if p.kind == "math" else _wrong_code(p, r) for p in repairs]
     judged = _judge_all([(p, w) for p, w in zip(repairs, wrong)] + [(p, answer(p)) for p in repairs + code_p])
     bad = [p.id for p, j in zip(repairs + code_p, judged[len(repairs):]) if j.verdict.status != "ok"]
