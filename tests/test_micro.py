@@ -128,6 +128,21 @@ def test_warm_start_loads_with_from_pretrained(micro_dir):
     assert set(summary["heldout_pass1"]) == {"math", "code"} and summary["params"] > 0
 
 
+def test_the_shipped_micro_model_is_what_micro_loads_and_matches_the_defaults():
+    from dataclasses import asdict
+
+    from agentopd.engines import load_pretrained
+    from agentopd.micro import SHIPPED_DIR, ensure
+
+    assert ensure() == SHIPPED_DIR
+    summary = json.loads((Path(SHIPPED_DIR) / "micro.json").read_text())
+    assert summary["config"] == asdict(MicroConfig())  # `agentopd micro pretrain` with the defaults rebuilds it
+    model, tok = load_pretrained("micro")
+    assert model.config.num_hidden_layers == MicroConfig().layers
+    assert sum(p.numel() for p in model.parameters()) == summary["params"]
+    assert tok.tokenize("1234") == ["1", "2", "3", "4"] and tok.chat_template
+
+
 def test_warm_start_is_deterministic_in_its_seed(tmp_path, micro_dir):
     from agentopd.micro import pretrain
 

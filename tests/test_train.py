@@ -500,7 +500,7 @@ def test_learner_log_probs_use_the_sampling_temperature(tmp_path):
 @pytest.mark.parametrize("name", ["micro-sdpo-ref.yaml", "micro-sdpo-token.yaml", "micro-mix.yaml"])
 def test_new_objective_configs_train_two_steps_on_the_tiny_model(tmp_path, name):
     cfg = load(TrainConfig, str(ROOT / "configs" / name),
-               [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "data.problems=arithmetic",
+               [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "data.env=math", "data.problems=arithmetic",
                 "data.levels=[1,2]", "run.eval_problems=0", "sampling.prompts_per_step=2", "sampling.group_size=3",
                 "sampling.max_new_tokens=12", "run.steps=2"])
     rows = train(cfg)
