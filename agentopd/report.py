@@ -43,7 +43,7 @@ def load(run_dir: str) -> dict:
     """The run's metrics rows, sample rows and diagnose report (each empty/None when absent)."""
     if not os.path.isdir(run_dir):
         raise ReportError(f"{run_dir}: no such directory")
-    path = lambda name: os.path.join(run_dir, name)  # noqa: E731
+    path = lambda name: os.path.join(run_dir, name)
     metrics = _jsonl(path("metrics.jsonl")) if os.path.exists(path("metrics.jsonl")) else []
     diag = None
     if os.path.exists(path("diagnose.json")):
@@ -123,7 +123,7 @@ def color(adv: float | None, scale: float) -> str:
     """Diverging: red (pushed down) through white (0) to blue (pushed up)."""
     t = max(-1.0, min(1.0, (adv or 0.0) / scale))
     r, g, b = (214, 39, 40) if t < 0 else (31, 119, 180)
-    mix = lambda c: round(255 + (c - 255) * abs(t))  # noqa: E731
+    mix = lambda c: round(255 + (c - 255) * abs(t))
     return f"rgb({mix(r)},{mix(g)},{mix(b)})"
 
 
@@ -144,7 +144,8 @@ def sample_html(s: dict, scale: float) -> str:
     head = (f'step {s["step"]} · sample {s.get("sample", "?")} · <b class="{verdict}">{html.escape(s["status"])}</b>'
             f' · score {_fmt(s.get("score"))} · {s.get("n_tokens", len(s["tokens"]))} tokens'
             + ("" if s.get("teacher_lp") else " · no teacher signal"))
-    side = f'<div class="label">critique</div><pre>{html.escape(s.get("critique") or "(none)")}</pre>'
+    unseen = " (not in the teacher context)" if s.get("critique_in_context") is False else ""
+    side = f'<div class="label">critique{unseen}</div><pre>{html.escape(s.get("critique") or "(none)")}</pre>'
     if s.get("demonstration"):
         side += f'<div class="label">demonstration</div><pre>{html.escape(s["demonstration"])}</pre>'
     return (f'<div class="sample" data-step="{s["step"]}" data-correct="{int(bool(s.get("correct")))}">'
@@ -233,7 +234,7 @@ def page(run_dir: str, data: dict) -> str:
     title = html.escape(os.path.basename(os.path.abspath(run_dir)))
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>agentopd report: {title}</title>'
             f"<style>{CSS}</style></head><body><h1>agentopd report: {title}</h1>"
-            f"<p>{sub}{len(data['samples'])} sampled responses · {html.escape(os.path.abspath(run_dir))}</p>"
+            f"<p>{sub}{len(data['samples'])} sampled responses · {html.escape(run_dir)}</p>"
             + "".join(parts) + "</body></html>")
 
 

@@ -3,8 +3,9 @@
 Every ``run.samples_every`` steps, at each held-out evaluation and at the last step, up to
 ``run.samples_per_step`` samples of the step (wrong and correct ones interleaved) are written as one
 JSON row each: the step, the prompt, the response as token strings, each token's student and teacher
-log-prob and advantage (the first ``run.samples_max_tokens`` tokens), the verdict, the critique and
-the teacher context's demonstration (None where the sample had none).
+log-prob and advantage (the first ``run.samples_max_tokens`` tokens), the verdict, the judge's
+critique (and whether the teacher context held it: a correct sample's does not) and the teacher
+context's demonstration (None where the sample had none).
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def rows(step: int, tok, problems, gens, judgements, st, group_size: int, teache
         demo = (pick_demonstration(group, b - i * group_size, teacher_cfg.self_demonstration)
                 if teacher_cfg.use_demonstration else None)
         has_teacher = st.teacher_prompts[b] is not None
+        seen = (has_teacher and teacher_cfg.use_critique and not success[b]  # as teacher_contexts decides
+                and not (demo is not None and teacher_cfg.drop_critique_with_demo))
         v = judgements[b].verdict
         out.append({
             "step": step, "sample": b, "prompt": problems[i].prompt, "response": gens[b].text,
@@ -63,7 +66,7 @@ def rows(step: int, tok, problems, gens, judgements, st, group_size: int, teache
             "teacher_lp": _floats(st.teacher_BT[b, :n]) if has_teacher else None,
             "advantage": _floats(st.adv_BT[b, :n]),
             "status": v.status, "score": v.score if math.isfinite(v.score) else None, "correct": success[b],
-            "critique": judgements[b].critique, "demonstration": demo})
+            "critique": judgements[b].critique, "critique_in_context": seen, "demonstration": demo})
     return out
 
 
@@ -75,5 +78,4 @@ def record(cfg, step: int, last: bool, evaluated: bool, tok, problems, gens, jud
     got = rows(step, tok, problems, gens, judgements, st, cfg.sampling.group_size, cfg.teacher,
                cfg.run.samples_per_step, cfg.run.samples_max_tokens)
     with open(os.path.join(cfg.run.out, "samples.jsonl"), "a", encoding="utf-8") as f:
-        for r in got:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in got)

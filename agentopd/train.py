@@ -502,7 +502,8 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     around the model by ``engine(model, tokenizer, device)`` when it is a callable class)."""
     from tqdm import tqdm
 
-    from agentopd import advantages, checkpoints, samples as sample_log
+    from agentopd import advantages, checkpoints
+    from agentopd import samples as sample_log
     from agentopd.judges import reward_stats
     from agentopd.teacher import Teacher, TeacherTemplate, teacher_contexts
 
