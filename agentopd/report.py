@@ -218,7 +218,7 @@ pre { white-space: pre-wrap; margin: 2px 0; font: 12px ui-monospace, monospace; 
 .bar { display: inline-block; width: 120px; height: 10px; vertical-align: middle;
        background: linear-gradient(to right, rgb(214,39,40), #fff, rgb(31,119,180)); border: 1px solid #ccc; }
 table.diag { border-collapse: collapse; } .diag td, .diag th { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
-.diag td:first-child { text-align: left; }
+.diag td:first-child, .diag th:first-child { text-align: left; }
 """
 
 
@@ -230,11 +230,11 @@ def page(run_dir: str, data: dict) -> str:
     if data["metrics"]:
         parts.append(credit(data["samples"]))
     steps = [r["step"] for r in data["metrics"] if "step" in r]
-    sub = f"{max(steps)} steps, " if steps else ""
+    sub = f"{max(steps)} steps, {len(data['samples'])} sampled responses · " if steps else ""
     title = html.escape(os.path.basename(os.path.abspath(run_dir)))
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>agentopd report: {title}</title>'
             f"<style>{CSS}</style></head><body><h1>agentopd report: {title}</h1>"
-            f"<p>{sub}{len(data['samples'])} sampled responses · {html.escape(run_dir)}</p>"
+            f"<p>{sub}{html.escape(run_dir)}</p>"
             + "".join(parts) + "</body></html>")
 
 
