@@ -165,6 +165,17 @@ def cmd_diagnose_teacher(a) -> int:
     return _run_config(TrainConfig, run, a, out_dir=lambda cfg: cfg.run.out)
 
 
+def cmd_report(a) -> int:
+    from agentopd.report import ReportError, write
+
+    try:
+        out = write(a.run_dir, a.out)
+    except (ReportError, OSError) as e:
+        return _fail(str(e))
+    print(out)
+    return 0
+
+
 def cmd_micro_pretrain(a) -> int:
     from agentopd.micro import DEFAULT_DIR, MicroConfig, pretrain
 
@@ -224,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     dt = _config_command(disub, "teacher", "can the self-teacher teach? teacher pass@1, log-ratio AUC and credit "
                          "on held-out problems, per context kind", "sampling.group_size=8", cmd_diagnose_teacher)
     dt.add_argument("--out", default=None, help="where diagnose.json and summary.md go (default: run.out)")
+
+    rp = sub.add_parser("report", help="one self-contained HTML page of a run: learning curves, tokens coloured "
+                        "by their advantage next to the critique (or a diagnose teacher table)")
+    rp.add_argument("run_dir", help="a run.out directory (metrics.jsonl, samples.jsonl) or a diagnose --out one")
+    rp.add_argument("--out", default=None, help="the HTML file (default: RUN_DIR/report.html)")
+    rp.set_defaults(func=cmd_report)
 
     mi = sub.add_parser("micro", help="the micro testbed's model")
     misub = mi.add_subparsers(dest="what", required=True)

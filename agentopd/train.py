@@ -175,6 +175,12 @@ class RunConfig:
     """Held-out problems for pass@1 before training, every ``eval_every`` steps and at the end (0: off)."""
     eval_every: int = 0
     """Steps between held-out evaluations (0: only before and after)."""
+    samples_every: int = 5
+    """Write a few rollouts token by token to ``out/samples.jsonl`` every this many steps, at each
+    held-out evaluation and at the last step, for ``agentopd report`` (agentopd.samples); 0: off."""
+    samples_per_step: int = 4
+    samples_max_tokens: int = 256
+    """Tokens per written sample (its first ones)."""
     eval_samples: int = 4
     """Samples per held-out problem (pass@1 = mean success, at the sampling temperature)."""
     precision: str | bool = "auto"
@@ -497,6 +503,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     from tqdm import tqdm
 
     from agentopd import advantages, checkpoints
+    from agentopd import samples as sample_log
     from agentopd.judges import reward_stats
     from agentopd.teacher import Teacher, TeacherTemplate, teacher_contexts
 
@@ -668,6 +675,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         last = step + 1 == cfg.run.steps
         if heldout and (last or cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0):
             row["heldout_pass1"] = evaluate()
+        sample_log.record(cfg, step + 1, last, "heldout_pass1" in row, tok, batch, [g for _, g in samples], judgements, st)
         log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.run.steps:

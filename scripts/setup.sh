@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything agentopd and its tests use, on a fresh Debian/Ubuntu machine (as root):
-# bubblewrap and a Docker engine (started if not running, plus the local sandbox image), and the
-# Python package with its test extras.
+# bubblewrap, a Docker engine (started if not running, plus the local sandbox image), chromium (the
+# report test opens the HTML report headless), and the Python package with its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -10,6 +10,7 @@ need=()
 command -v bwrap >/dev/null || need+=(bubblewrap)
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v setpriv >/dev/null || need+=(util-linux)
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

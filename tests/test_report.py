@@ -1,0 +1,138 @@
+"""``agentopd report``: built from a short real run on the tiny model, opened in a real headless
+Chromium (Debian's ``chromium``): one coloured span per sampled response token, every curve with
+all its points, nothing fetched from the network; a diagnose directory, a run without samples and
+bad input."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from agentopd import report
+from agentopd.config import load
+from agentopd.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package "
+                                    "(apt-get install chromium; scripts/setup.sh installs it)")
+# appended to a copy of the page: every resource the page asked for, failed ones included
+PROBE = ("<script>window.addEventListener('load', function () { document.body.setAttribute('data-fetched', "
+         "performance.getEntriesByType('resource').map(function (e) { return e.name; }).join(' ')); });</script>")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = load(TrainConfig, str(ROOT / "configs" / "micro-sdpo.yaml"),
+               [f"run.out={out}", "run.progress=false", "model.path=tiny", "data.env=math", "data.problems=arithmetic",
+                "run.eval_problems=2", "run.eval_every=1", "run.eval_samples=1", "sampling.prompts_per_step=2",
+                "sampling.group_size=2", "sampling.max_new_tokens=10", "run.steps=2", "run.samples_every=1",
+                "run.samples_per_step=3", "run.samples_max_tokens=8", "run.checkpoint_every=0"])
+    train(cfg)
+    return out
+
+
+def _chromium(*args) -> str:
+    got = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP * ~NOTFOUND",
+                          *args], check=False, capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr[-2000:]
+    return got.stdout
+
+
+class _Dom(HTMLParser):
+    """The parts of the dumped DOM the tests read."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.series, self.body, self._key, self._count = 0, {}, {}, None, False
+        self.count_text = ""
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        classes = (a.get("class") or "").split()
+        self.tokens += tag == "span" and "tok" in classes
+        if tag == "g" and "series" in classes:
+            self._key = a["data-key"]
+            self.series[self._key] = 0
+        if tag == "circle" and "pt" in classes:
+            self.series[self._key] += 1
+        if tag == "body":
+            self.body = a
+        self._count = a.get("id") == "f-count"
+
+    def handle_data(self, data):
+        if self._count:
+            self.count_text += data
+
+
+def _dom(html_file: Path) -> _Dom:
+    dom = _Dom()
+    dom.feed(_chromium("--dump-dom", str(html_file)))
+    return dom
+
+
+def _probed(page: Path, extra: str = "") -> Path:
+    copy = page.with_name("probed-" + page.name)
+    copy.write_text(page.read_text(encoding="utf-8").replace("</body>", extra + PROBE + "</body>"), encoding="utf-8")
+    return copy
+
+
+@needs_chromium
+def test_the_report_of_a_real_run_in_chromium(run_dir, tmp_path):
+    page = Path(report.write(str(run_dir), str(tmp_path / "report.html")))
+    samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and all(len(s["tokens"]) <= 8 for s in samples)
+    # the config's teacher sees a wrong sample's critique only
+    assert all(s["critique_in_context"] == (not s["correct"] and s["teacher_lp"] is not None) for s in samples)
+    dom = _dom(_probed(page))
+    assert dom.tokens == sum(len(s["tokens"]) for s in samples) > 0
+    assert dom.count_text == f"{len(samples)} shown"  # the filter script ran
+    def finite(v):
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    drawn = {k for _, keys in report.CHARTS for k in keys if any(finite(r.get(k)) for r in metrics)}
+    assert {"reward_mean", "heldout_pass1", "kl_teacher", "response_len", "time_update"} <= drawn
+    assert dom.series == {k: sum(finite(r.get(k)) for r in metrics) for k in drawn}
+    assert dom.series["heldout_pass1"] == 3  # before training and after each step
+    assert dom.body.get("data-fetched") == ""  # nothing requested: no script, style, font or image
+    text = page.read_text(encoding="utf-8")
+    assert "http://" not in text and "https://" not in text
+    # the probe sees a request that fails (the network is mapped away)
+    remote = _dom(_probed(page, '<img src="http://example.com/x.png">'))
+    assert remote.body.get("data-fetched") == "http://example.com/x.png"
+    shot = tmp_path / "report.png"
+    _chromium(f"--screenshot={shot}", "--window-size=1200,1600", str(page))
+    assert shot.stat().st_size > 10_000
+
+
+def test_a_diagnose_directory_and_a_run_without_samples(run_dir, tmp_path):
+    diag = tmp_path / "diag"
+    diag.mkdir()
+    shutil.copy(ROOT / "bench" / "results" / "diagnose_math.json", diag / "diagnose.json")
+    text = Path(report.write(str(diag))).read_text(encoding="utf-8")
+    expected = json.loads((diag / "diagnose.json").read_text())
+    assert "<table" in text and all(f"<th>{k}</th>" in text for k in expected["contexts"])
+    assert "Learning curves" not in text
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(run_dir / "metrics.jsonl", bare / "metrics.jsonl")
+    text = Path(report.write(str(bare))).read_text(encoding="utf-8")
+    assert "No samples.jsonl" in text and 'class="series"' in text
+
+
+@pytest.mark.parametrize("what", ["missing", "empty", "garbled"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, what):
+    d = tmp_path / "d"
+    if what != "missing":
+        d.mkdir()
+    if what == "garbled":
+        (d / "metrics.jsonl").write_text('{"step": 1}\n{oops\n')
+    got = subprocess.run([sys.executable, "-m", "agentopd.cli", "report", str(d)], check=False, capture_output=True, text=True)
+    assert got.returncode == 2
+    assert got.stderr.startswith("agentopd: error: ") and got.stderr.count("\n") == 1, got.stderr
