@@ -74,7 +74,7 @@ def rlef_line(args) -> list[float]:
 
 
 def rollouts_to(curve: list[tuple[int, float]], target: float) -> int | None:
-    return next((n for n, p in curve if p >= target), None)
+    return next((n for n, p in curve if p >= target - 1e-9), None)  # 0.315 + 0.10 is 0.41500000000000004
 
 
 def summarise(curves: dict[str, list[list[tuple[int, float]]]], target: float) -> dict:
