@@ -12,7 +12,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 @pytest.mark.parametrize("name", ["micro-sdpo.yaml", "micro-grpo.yaml", "micro-hybrid.yaml"])
 def test_shipped_configs_load(name):
     cfg = load(TrainConfig, str(CONFIGS / name))
-    assert cfg.model.path == "micro" and cfg.data.env == "math" and cfg.data.problems == "micro"
+    assert cfg.model.path == "micro" and cfg.data.env == "code" and cfg.data.problems == "functions"
     assert cfg.algo.advantage == {"sdpo": "sd_token", "grpo": "grpo", "hybrid": "hybrid"}[name[6:-5]]
 
 
