@@ -43,7 +43,7 @@ def make_engine(spec, **kwargs):
 
 
 def load_pretrained(path: str, seed: int = 0, progress: bool = True, dtype=None):
-    """(model, tokenizer): ``"micro"`` (the warm-started micro model, built first when missing),
+    """(model, tokenizer): ``"micro"`` (the shipped warm-started micro model; built first when a checkout has none),
     ``"tiny"`` (an untrained tiny Llama built from a config), a checkpoint dir / hub id, or a LoRA
     adapter dir (agentopd's or peft's: its base loaded, the adapter merged in). ``dtype``: the
     weights' dtype (None: as stored; the learner asks for float32 master weights)."""
