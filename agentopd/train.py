@@ -540,6 +540,9 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
     if cfg.run.resume and (state := checkpoints.resume(ckpt_dir, model, opt, teacher, device)):
         start, data_pos = state
+    if cfg.run.resume:  # the rows after the checkpoint (or all, from a fresh start) are redone
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            checkpoints.cut_rows(os.path.join(cfg.run.out, name), start if start else -1)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")  # judging overlaps generation
     rows = []
 
