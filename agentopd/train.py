@@ -282,6 +282,11 @@ def heldout_pass1(engine, tok, problems, judge, n: int, sampling: SamplingConfig
     """Held-out pass@1: the mean success of ``n`` samples per problem at the sampling temperature,
     over the judged samples. Judge errors (an outage, not a wrong answer) are left out and their
     count said on stderr; NaN when no sample could be judged."""
+    return heldout_eval(engine, tok, problems, judge, n, sampling, seed)[0]
+
+
+def heldout_eval(engine, tok, problems, judge, n: int, sampling: SamplingConfig, seed: int) -> tuple[float, int]:
+    """(held-out pass@1 as :func:`heldout_pass1` gives it, the number of judge errors left out)."""
     from agentopd.engine import apply_chat
 
     gens = engine.generate([apply_chat(tok, [{"role": "user", "content": p.prompt}]) for p in problems], n=n,
@@ -292,7 +297,7 @@ def heldout_pass1(engine, tok, problems, judge, n: int, sampling: SamplingConfig
     if len(judged) < len(verdicts):
         print(f"held-out pass@1: {len(verdicts) - len(judged)} of {len(verdicts)} samples could not be judged "
               "(judge_error); left out", file=sys.stderr)
-    return sum(s == "ok" for s in judged) / len(judged) if judged else math.nan
+    return (sum(s == "ok" for s in judged) / len(judged) if judged else math.nan), len(verdicts) - len(judged)
 
 
 def _check_algo(cfg: TrainConfig) -> None:
@@ -555,15 +560,16 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
 
     from agentopd.envs.procedural import HELDOUT_SEED
 
-    def evaluate() -> float:  # the same seed every time: differences come from the model
+    def evaluate() -> dict:  # the same seed every time: differences come from the model
         model.eval()
         with amp():
-            return heldout_pass1(engine, tok, heldout, judge, cfg.run.eval_samples, cfg.sampling, HELDOUT_SEED)
+            p1, errors = heldout_eval(engine, tok, heldout, judge, cfg.run.eval_samples, cfg.sampling, HELDOUT_SEED)
+        return {"heldout_pass1": p1, "heldout_judge_errors": errors}
 
     before = None
     if heldout and start == 0:
-        before = evaluate()
-        log({"step": 0, "heldout_pass1": before})
+        log({"step": 0, **evaluate()})
+        before = rows[-1]["heldout_pass1"]
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train",
                disable=not cfg.run.progress)
     for step in bar:
@@ -677,7 +683,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         row |= step_metrics(ls_BT, lt_BT, mask_BT, teacher_mask_B, success_B)  # teacher_auc, ratio_correct/wrong
         last = step + 1 == cfg.run.steps
         if heldout and (last or cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0):
-            row["heldout_pass1"] = evaluate()
+            row |= evaluate()
         sample_log.record(cfg, step + 1, last, "heldout_pass1" in row, tok, batch, [g for _, g in samples], judgements, st)
         log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")

@@ -573,3 +573,27 @@ def test_resume_cuts_metrics_and_samples_back_to_the_checkpoint(tmp_path):
     sa, sb = read("a", "samples.jsonl"), read("b", "samples.jsonl")
     assert [r["step"] for r in sb] == [r["step"] for r in sa] and sorted({r["step"] for r in sb}) == [1, 2, 3, 4]
     assert [r["tokens"] for r in sb] == [r["tokens"] for r in sa]
+
+
+class EveryOtherDown(BaseJudge):
+    """The math judge, except that every other sample of a batch finds the judge down."""
+
+    def __init__(self):
+        self.math = MathJudge(workers=1)
+
+    def judge_many(self, pairs, progress=None):
+        out = self.math.judge_many(pairs)
+        return [judge_error("the judge is down") if k % 2 == 0 else j for k, j in enumerate(out)]
+
+    def close(self):
+        self.math.close()
+
+
+def test_heldout_judge_errors_are_in_the_metrics_row(tmp_path, capsys):
+    rows = train(_cfg(tmp_path, "run.steps=1", "run.eval_problems=2", "run.eval_samples=2"), judge=EveryOtherDown())
+    evals = [r for r in rows if "heldout_pass1" in r]
+    assert [r["step"] for r in evals] == [0, 1]
+    assert all(r["heldout_judge_errors"] == 2 for r in evals)  # 2 of the 2 x 2 held-out samples
+    assert "2 of 4 samples could not be judged" in capsys.readouterr().err
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("heldout_judge_errors") for r in logged] == [2, 2]
