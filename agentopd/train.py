@@ -520,7 +520,17 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     torch.manual_seed(cfg.run.seed)
     device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.run.device == "auto" else cfg.run.device))
-    model, tok = _load_model(cfg, device)
+    problems, heldout, default_judge = _problems_and_judge(cfg)  # a bad problems file fails before the model loads
+    if judge is None:
+        judge = default_judge
+    elif hasattr(default_judge, "close"):
+        default_judge.close()
+    try:
+        model, tok = _load_model(cfg, device)
+    except BaseException:
+        if hasattr(judge, "close"):
+            judge.close()
+        raise
     amp = _autocast(_precision(cfg), device)
     head_VH = lm_head_weight(model)
     needs = objectives.needs(cfg.algo)
@@ -528,11 +538,6 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     chunk = (cfg.optim.logits_chunk if head_VH is not None and not ("divergence" in needs and cfg.algo.distill_topk)
              else 0)
     temperature = learner_temperature(cfg.sampling)
-    problems, heldout, default_judge = _problems_and_judge(cfg)
-    if judge is None:
-        judge = default_judge
-    elif hasattr(default_judge, "close"):
-        default_judge.close()
     order = np.random.default_rng(cfg.run.seed).permutation(len(problems)).tolist()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                             weight_decay=cfg.optim.weight_decay)

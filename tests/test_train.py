@@ -597,3 +597,17 @@ def test_heldout_judge_errors_are_in_the_metrics_row(tmp_path, capsys):
     assert "2 of 4 samples could not be judged" in capsys.readouterr().err
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("heldout_judge_errors") for r in logged] == [2, 2]
+
+
+def test_a_bad_problems_file_fails_before_the_model_loads(tmp_path):
+    from agentopd.envs.data import DataError
+
+    bad = tmp_path / "problems.jsonl"
+    bad.write_text('{"prompt": "1+1?", "answer": "2"}\n{not json\n')
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(DataError, match=r"problems.jsonl:2: not valid JSON") as e:
+        train(_cfg(tmp_path / "run", f"data.problems={bad}", f"model.path={missing}"))
+    assert "no-such-model" not in str(e.value)
+    with pytest.raises(DataError, match=r"held.jsonl: no such file"):
+        train(_cfg(tmp_path / "run", "data.problems=arithmetic", f"data.heldout={tmp_path / 'held.jsonl'}",
+                   "run.eval_problems=2", f"model.path={missing}"))
