@@ -250,3 +250,27 @@ def resume(ckpt_dir: str, model, opt, teacher, device=None) -> tuple[int, int] |
         _set_rng_state(state["rng"], state["rng_tensors"])
         return state["step"], state["data_pos"]
     return None
+
+
+def cut_rows(path: str, step: int) -> None:
+    """Keep the rows of JSONL file ``path`` whose ``step`` is at most ``step`` (the rows after it
+    came from work a resume redoes); a torn line (a crash mid-write) is dropped with a warning."""
+    if not os.path.isfile(path):
+        return
+    kept, torn = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or not line.endswith("\n"):
+                torn += 1
+            elif row.get("step", 0) <= step:
+                kept.append(line)
+    if torn:
+        warnings.warn(f"{path}: {torn} unreadable line(s) dropped", stacklevel=2)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)

@@ -282,6 +282,11 @@ def heldout_pass1(engine, tok, problems, judge, n: int, sampling: SamplingConfig
     """Held-out pass@1: the mean success of ``n`` samples per problem at the sampling temperature,
     over the judged samples. Judge errors (an outage, not a wrong answer) are left out and their
     count said on stderr; NaN when no sample could be judged."""
+    return heldout_eval(engine, tok, problems, judge, n, sampling, seed)[0]
+
+
+def heldout_eval(engine, tok, problems, judge, n: int, sampling: SamplingConfig, seed: int) -> tuple[float, int]:
+    """(held-out pass@1 as :func:`heldout_pass1` gives it, the number of judge errors left out)."""
     from agentopd.engine import apply_chat
 
     gens = engine.generate([apply_chat(tok, [{"role": "user", "content": p.prompt}]) for p in problems], n=n,
@@ -292,7 +297,7 @@ def heldout_pass1(engine, tok, problems, judge, n: int, sampling: SamplingConfig
     if len(judged) < len(verdicts):
         print(f"held-out pass@1: {len(verdicts) - len(judged)} of {len(verdicts)} samples could not be judged "
               "(judge_error); left out", file=sys.stderr)
-    return sum(s == "ok" for s in judged) / len(judged) if judged else math.nan
+    return (sum(s == "ok" for s in judged) / len(judged) if judged else math.nan), len(verdicts) - len(judged)
 
 
 def _check_algo(cfg: TrainConfig) -> None:
@@ -515,7 +520,17 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     torch.manual_seed(cfg.run.seed)
     device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.run.device == "auto" else cfg.run.device))
-    model, tok = _load_model(cfg, device)
+    problems, heldout, default_judge = _problems_and_judge(cfg)  # a bad problems file fails before the model loads
+    if judge is None:
+        judge = default_judge
+    elif hasattr(default_judge, "close"):
+        default_judge.close()
+    try:
+        model, tok = _load_model(cfg, device)
+    except BaseException:
+        if hasattr(judge, "close"):
+            judge.close()
+        raise
     amp = _autocast(_precision(cfg), device)
     head_VH = lm_head_weight(model)
     needs = objectives.needs(cfg.algo)
@@ -523,11 +538,6 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     chunk = (cfg.optim.logits_chunk if head_VH is not None and not ("divergence" in needs and cfg.algo.distill_topk)
              else 0)
     temperature = learner_temperature(cfg.sampling)
-    problems, heldout, default_judge = _problems_and_judge(cfg)
-    if judge is None:
-        judge = default_judge
-    elif hasattr(default_judge, "close"):
-        default_judge.close()
     order = np.random.default_rng(cfg.run.seed).permutation(len(problems)).tolist()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                             weight_decay=cfg.optim.weight_decay)
@@ -540,6 +550,9 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
     if cfg.run.resume and (state := checkpoints.resume(ckpt_dir, model, opt, teacher, device)):
         start, data_pos = state
+    if cfg.run.resume:  # the rows after the checkpoint (or all, from a fresh start) are redone
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            checkpoints.cut_rows(os.path.join(cfg.run.out, name), start if start else -1)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")  # judging overlaps generation
     rows = []
 
@@ -552,15 +565,16 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
 
     from agentopd.envs.procedural import HELDOUT_SEED
 
-    def evaluate() -> float:  # the same seed every time: differences come from the model
+    def evaluate() -> dict:  # the same seed every time: differences come from the model
         model.eval()
         with amp():
-            return heldout_pass1(engine, tok, heldout, judge, cfg.run.eval_samples, cfg.sampling, HELDOUT_SEED)
+            p1, errors = heldout_eval(engine, tok, heldout, judge, cfg.run.eval_samples, cfg.sampling, HELDOUT_SEED)
+        return {"heldout_pass1": p1, "heldout_judge_errors": errors}
 
     before = None
     if heldout and start == 0:
-        before = evaluate()
-        log({"step": 0, "heldout_pass1": before})
+        log({"step": 0, **evaluate()})
+        before = rows[-1]["heldout_pass1"]
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train",
                disable=not cfg.run.progress)
     for step in bar:
@@ -674,7 +688,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         row |= step_metrics(ls_BT, lt_BT, mask_BT, teacher_mask_B, success_B)  # teacher_auc, ratio_correct/wrong
         last = step + 1 == cfg.run.steps
         if heldout and (last or cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0):
-            row["heldout_pass1"] = evaluate()
+            row |= evaluate()
         sample_log.record(cfg, step + 1, last, "heldout_pass1" in row, tok, batch, [g for _, g in samples], judgements, st)
         log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")

@@ -544,3 +544,70 @@ def test_heldout_pass1_leaves_judge_errors_out(capsys):
     assert p1 == 0.5  # 2 of the 4 judged samples, not 2 of 8
     assert "4 of 8 samples could not be judged" in capsys.readouterr().err
     assert _math.isnan(heldout_pass1(Engine(), Tok(), probs, Judge(True), 4, SamplingConfig(), 0))
+
+
+def test_resume_cuts_metrics_and_samples_back_to_the_checkpoint(tmp_path):
+    """A crash after step 3 (the step-4 row written, its checkpoint not): the resumed run's files
+    hold each step once, as an uninterrupted run's do."""
+    import shutil
+
+    common = ["run.steps=4", "run.checkpoint_every=2", "run.samples_every=1", "run.samples_per_step=2"]
+    train(_cfg(tmp_path / "a", *common))
+    train(_cfg(tmp_path / "b", *common))
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-4")
+    shutil.rmtree(tmp_path / "b" / "final")
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.')  # a torn last line
+    with pytest.warns(UserWarning, match="unreadable line"):
+        rows = train(_cfg(tmp_path / "b", *common, "run.resume=true"))
+    assert [r["step"] for r in rows] == [3, 4]
+
+    def read(run, name):
+        return [json.loads(x) for x in (tmp_path / run / name).read_text().splitlines()]
+
+    a, b = read("a", "metrics.jsonl"), read("b", "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in ("reward_mean", "loss", "kl_teacher", "response_len", "grad_norm"):
+            assert ra[k] == rb[k], (ra["step"], k)
+    sa, sb = read("a", "samples.jsonl"), read("b", "samples.jsonl")
+    assert [r["step"] for r in sb] == [r["step"] for r in sa] and sorted({r["step"] for r in sb}) == [1, 2, 3, 4]
+    assert [r["tokens"] for r in sb] == [r["tokens"] for r in sa]
+
+
+class EveryOtherDown(BaseJudge):
+    """The math judge, except that every other sample of a batch finds the judge down."""
+
+    def __init__(self):
+        self.math = MathJudge(workers=1)
+
+    def judge_many(self, pairs, progress=None):
+        out = self.math.judge_many(pairs)
+        return [judge_error("the judge is down") if k % 2 == 0 else j for k, j in enumerate(out)]
+
+    def close(self):
+        self.math.close()
+
+
+def test_heldout_judge_errors_are_in_the_metrics_row(tmp_path, capsys):
+    rows = train(_cfg(tmp_path, "run.steps=1", "run.eval_problems=2", "run.eval_samples=2"), judge=EveryOtherDown())
+    evals = [r for r in rows if "heldout_pass1" in r]
+    assert [r["step"] for r in evals] == [0, 1]
+    assert all(r["heldout_judge_errors"] == 2 for r in evals)  # 2 of the 2 x 2 held-out samples
+    assert "2 of 4 samples could not be judged" in capsys.readouterr().err
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("heldout_judge_errors") for r in logged] == [2, 2]
+
+
+def test_a_bad_problems_file_fails_before_the_model_loads(tmp_path):
+    from agentopd.envs.data import DataError
+
+    bad = tmp_path / "problems.jsonl"
+    bad.write_text('{"prompt": "1+1?", "answer": "2"}\n{not json\n')
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(DataError, match=r"problems.jsonl:2: not valid JSON") as e:
+        train(_cfg(tmp_path / "run", f"data.problems={bad}", f"model.path={missing}"))
+    assert "no-such-model" not in str(e.value)
+    with pytest.raises(DataError, match=r"held.jsonl: no such file"):
+        train(_cfg(tmp_path / "run", "data.problems=arithmetic", f"data.heldout={tmp_path / 'held.jsonl'}",
+                   "run.eval_problems=2", f"model.path={missing}"))
