@@ -4,7 +4,9 @@ From ``metrics.jsonl``: the learning curves (inline SVG). From ``samples.jsonl``
 each sampled response with its tokens coloured by the advantage they got (blue: pushed up, red:
 pushed down), the critique beside it, the token's log-probs on hover, and filters by verdict and by
 step (a few lines of inline JS). From ``diagnose.json`` (``agentopd diagnose teacher``): its table.
-Nothing is fetched: no external script, style sheet, font or image.
+Nothing is fetched: no external script, style sheet, font or image. The charts are
+:func:`line_chart_svg`, which the benchmark scripts use for their plots too (an SVG file, its PNG
+by headless Chromium: :func:`png_from_svg`).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ CHARTS = [
 """Chart title -> the metrics it draws (a metric absent from the run is left out)."""
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
 W, H, PAD = 360, 190, 50
+XMLNS = 'xmlns="http://www.w3.org/2000/svg"'
+"""An SVG file's namespace (left out inline, where the page names no URL at all)."""
 
 
 class ReportError(Exception):
@@ -76,36 +80,116 @@ def _scale(lo: float, hi: float, a: float, b: float):
     return (lambda v: (a + b) / 2) if hi == lo else (lambda v: a + (v - lo) * (b - a) / (hi - lo))
 
 
-def chart(title: str, metrics: list[dict], keys: list[str]) -> str:
-    """One inline SVG chart: a polyline and a point (hover: its value) per metric of ``keys``."""
-    data = {k: s for k in keys if (s := series(metrics, k))}
-    if not data:
-        return ""
-    xs = [x for s in data.values() for x, _ in s]
-    ys = [y for s in data.values() for _, y in s]
+def _y_range(ys: list[float]) -> tuple[float, float]:
     lo, hi = min(ys), max(ys)
     if hi - lo < 1e-9:  # a flat curve: drawn in the middle of a small range around its value
         lo, hi = lo - max(abs(lo) * 0.1, 0.05), hi + max(abs(hi) * 0.1, 0.05)
-    x_of = _scale(min(xs), max(xs), PAD, W - 10)
-    y_of = _scale(lo, hi, H - 22, 10)
-    out = [f'<svg class="chart" width="{W}" height="{H}" viewBox="0 0 {W} {H}">',
-           f'<line x1="{PAD}" y1="{H - 22}" x2="{W - 10}" y2="{H - 22}" class="axis"/>',
-           f'<line x1="{PAD}" y1="10" x2="{PAD}" y2="{H - 22}" class="axis"/>',
-           f'<text x="{PAD - 4}" y="14" text-anchor="end">{_fmt(hi)}</text>',
-           f'<text x="{PAD - 4}" y="{H - 22}" text-anchor="end">{_fmt(lo)}</text>',
-           f'<text x="{PAD}" y="{H - 6}">step {_fmt(min(xs))}</text>',
-           f'<text x="{W - 10}" y="{H - 6}" text-anchor="end">{_fmt(max(xs))}</text>']
-    for c, (key, pts) in enumerate(data.items()):
-        color = COLORS[c % len(COLORS)]
-        xy = " ".join(f"{x_of(x):.1f},{y_of(y):.1f}" for x, y in pts)
-        out.append(f'<g class="series" data-key="{key}" data-n="{len(pts)}" stroke="{color}" fill="{color}">'
-                   f'<polyline points="{xy}" fill="none" stroke-width="1.5"/>')
-        out += [f'<circle class="pt" cx="{x_of(x):.1f}" cy="{y_of(y):.1f}" r="2.5">'
-                f'<title>step {x}: {key} = {_fmt(y)}</title></circle>' for x, y in pts]
-        out.append("</g>")
-    out.append("</svg>")
+    return lo, hi
+
+
+def _series_svg(key: str, pts: list[tuple], color: str, x_of, y_of, xlabel: str) -> list[str]:
+    """One series: its mean ± std band (points with a third value), polyline and hoverable points."""
+    out = [f'<g class="series" data-key="{html.escape(key)}" data-n="{len(pts)}" stroke="{color}" fill="{color}">']
+    if any(len(p) > 2 for p in pts):
+        band = [(x, y + sd) for x, y, sd, *_ in pts] + [(x, y - sd) for x, y, sd, *_ in reversed(pts)]
+        xy = " ".join(f"{x_of(x):.1f},{y_of(y):.1f}" for x, y in band)
+        out.append(f'<polygon class="band" points="{xy}" fill-opacity="0.2" stroke="none"/>')
+    xy = " ".join(f"{x_of(p[0]):.1f},{y_of(p[1]):.1f}" for p in pts)
+    out.append(f'<polyline points="{xy}" fill="none" stroke-width="1.5"/>')
+    out += [f'<circle class="pt" cx="{x_of(p[0]):.1f}" cy="{y_of(p[1]):.1f}" r="2.5">'
+            f'<title>{html.escape(xlabel)} {_fmt(p[0])}: {html.escape(key)} = {_fmt(p[1])}'
+            + (f" ± {_fmt(p[2])}" if len(p) > 2 else "") + "</title></circle>" for p in pts]
+    return out + ["</g>"]
+
+
+def _hline_svg(label: str, y: float, dash: str, x0: float, x1: float, y_of) -> str:
+    return (f'<g class="hline" data-label="{html.escape(label)}"><line x1="{x0}" y1="{y_of(y):.1f}" x2="{x1}" '
+            f'y2="{y_of(y):.1f}" stroke="#555" stroke-dasharray="{dash}"/><title>{html.escape(label)} = {_fmt(y)}'
+            f'</title></g>')
+
+
+def _legend_svg(items: list[tuple[str, str, str]], x: float, y: float) -> list[str]:
+    """(label, colour, dash) rows from (x, y) down."""
+    return [f'<line x1="{x}" y1="{y + 14 * i - 4}" x2="{x + 18}" y2="{y + 14 * i - 4}" stroke="{c}" '
+            f'stroke-width="2" stroke-dasharray="{d}"/><text x="{x + 22}" y="{y + 14 * i}">{html.escape(k)}</text>'
+            for i, (k, c, d) in enumerate(items)]
+
+
+def _frame_svg(width: int, height: int, top: float, bottom: float, ranges: tuple, title: str, xlabel: str,
+               ylabel: str, legend: bool) -> list[str]:
+    """The opening tag, background, axes, their end values (``ranges``: x0, x1, lo, hi) and labels."""
+    x0, x1, lo, hi = ranges
+    out = [(f'<svg {XMLNS} class="chart" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="10">'),
+           f'<rect width="{width}" height="{height}" fill="#fff"/>',
+           f'<line x1="{PAD}" y1="{bottom}" x2="{width - 10}" y2="{bottom}" class="axis" stroke="#999"/>',
+           f'<line x1="{PAD}" y1="{top}" x2="{PAD}" y2="{bottom}" class="axis" stroke="#999"/>',
+           f'<text x="{PAD - 4}" y="{top + 4}" text-anchor="end">{_fmt(hi)}</text>',
+           f'<text x="{PAD - 4}" y="{bottom}" text-anchor="end">{_fmt(lo)}</text>',
+           f'<text x="{PAD}" y="{bottom + 16}">{"" if legend else html.escape(xlabel) + " "}{_fmt(x0)}</text>',
+           f'<text x="{width - 10}" y="{bottom + 16}" text-anchor="end">{_fmt(x1)}</text>']
+    if title:
+        out.append(f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="13">{html.escape(title)}</text>')
+    if legend and xlabel:
+        out.append(f'<text x="{(PAD + width) / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
+    if ylabel:
+        out.append(f'<text x="12" y="{(top + bottom) / 2}" text-anchor="middle" '
+                   f'transform="rotate(-90 12 {(top + bottom) / 2})">{html.escape(ylabel)}</text>')
+    return out
+
+
+def line_chart_svg(series: dict[str, list[tuple]], *, hlines: list[tuple[str, float]] = (), title: str = "",
+                   xlabel: str = "step", ylabel: str = "", width: int = W, height: int = H,
+                   legend: bool = False) -> str:
+    """An SVG line chart (a string; standalone as a file or inline in HTML). ``series``: name ->
+    [(x, y)] or [(x, mean, std)] (then a mean ± std band); ``hlines``: (label, y) reference lines,
+    dashed; ``legend``: draw the series' and lines' names inside the chart (else leave them to the
+    page). Empty series are left out; "" when none is left."""
+    data = {k: list(s) for k, s in series.items() if s}
+    if not data:
+        return ""
+    xs = [p[0] for s in data.values() for p in s]
+    ys = ([p[1] + sgn * (p[2] if len(p) > 2 else 0) for s in data.values() for p in s for sgn in (1, -1)]
+          + [y for _, y in hlines])
+    lo, hi = _y_range(ys)
+    dashes = ["6,3", "2,2", "8,3,2,3", "1,3"]
+    items = [(k, COLORS[c % len(COLORS)], "") for c, k in enumerate(data)]
+    items += [(label, "#555", dashes[i % len(dashes)]) for i, (label, _) in enumerate(hlines)]
+    top = 10 + (18 if title else 0) + (14 * len(items) + 4 if legend else 0)
+    bottom = height - 22 - (14 if xlabel and legend else 0)
+    x_of, y_of = _scale(min(xs), max(xs), PAD, width - 10), _scale(lo, hi, bottom, top)
+    out = _frame_svg(width, height, top, bottom, (min(xs), max(xs), lo, hi), title, xlabel, ylabel, legend)
+    if legend:
+        out += _legend_svg(items, PAD + 8, top - 14 * len(items) + 6)
+    out += [_hline_svg(label, y, d, PAD, width - 10, y_of) for (label, y), (_, _, d) in zip(hlines, items[len(data):])]
+    for (key, pts), (_, color, _) in zip(data.items(), items):
+        out += _series_svg(key, pts, color, x_of, y_of, xlabel)
+    return "".join(out) + "</svg>"
+
+
+def chart(title: str, metrics: list[dict], keys: list[str]) -> str:
+    """One inline SVG chart of the metrics ``keys`` against the step, its legend in the caption."""
+    data = {k: s for k in keys if (s := series(metrics, k))}
+    if not data:
+        return ""
     legend = " ".join(f'<span style="color:{COLORS[c % len(COLORS)]}">■ {k}</span>' for c, k in enumerate(data))
-    return f'<figure><figcaption>{html.escape(title)}<br><small>{legend}</small></figcaption>{"".join(out)}</figure>'
+    return (f'<figure><figcaption>{html.escape(title)}<br><small>{legend}</small></figcaption>'
+            f"{line_chart_svg(data).replace(' ' + XMLNS, '', 1)}</figure>")
+
+
+def png_from_svg(svg_path: str, png_path: str, width: int, height: int) -> bool:
+    """Render an SVG file to PNG with headless Chromium (Debian's ``chromium``); False when there is
+    none (or it failed)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        return False
+    got = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                          f"--screenshot={os.path.abspath(png_path)}", f"--window-size={width},{height}",
+                          "file://" + os.path.abspath(svg_path)], check=False, capture_output=True, timeout=120)
+    return got.returncode == 0 and os.path.exists(png_path)
 
 
 def curves(metrics: list[dict]) -> str:

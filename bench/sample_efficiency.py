@@ -14,7 +14,9 @@ below, before any result is seen:
 
 Reported per method: rollouts to reach the target (mean and spread over the seeds that reach it; a
 seed that never does counts as not reached), final pass@1, and the ratio of each method's rollouts to
-GRPO's. Writes ``<out>.json`` and ``<out>.png`` (a learning curve per method, mean ± std over seeds).
+GRPO's. Writes ``<out>.json``, ``<out>.svg`` (a learning curve per method, mean ± std over seeds, drawn by
+``agentopd.report.line_chart_svg``, the report's chart code) and the PNG of it (``docs/``; by headless
+Chromium, else matplotlib).
 
     python3 bench/sample_efficiency.py --quick --setting code   # 3 seeds per method, the small budget
     python3 bench/sample_efficiency.py --setting math            # the full budget
@@ -95,29 +97,58 @@ def summarise(curves: dict[str, list[list[tuple[int, float]]]], target: float) -
     return out
 
 
-def plot(curves, target: float, path: str, setting: str, rlef_pass: list[float] | None = None) -> None:
+def _mean_std(runs: list[list[tuple[int, float]]]) -> list[tuple[int, float, float]]:
+    """(rollouts, mean, std over seeds) at each evaluation point."""
+    return [(pts[0][0], statistics.mean(p for _, p in pts), statistics.pstdev(p for _, p in pts))
+            for pts in zip(*runs)]
+
+
+def _ref_lines(target: float, rlef_pass: list[float] | None) -> list[tuple[str, float]]:
+    lines = [("target", target)]
+    return lines + [(f"RLEF in context, {t} turn(s)", rlef_pass[t - 1]) for t in (1, 3) if rlef_pass and len(rlef_pass) >= t]
+
+
+def _plot_matplotlib(curves, lines: list[tuple[str, float]], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, runs in curves.items():
-        x = [n for n, _ in runs[0]]
-        y = np.array([[p for _, p in c] for c in runs])
-        ax.plot(x, y.mean(0), label=method)
-        ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
-    ax.axhline(target, color="gray", ls="--", lw=1, label="target")
-    for turn, ls in ((1, ":"), (3, "-.")):
-        if rlef_pass and len(rlef_pass) >= turn:
-            ax.axhline(rlef_pass[turn - 1], color="black", ls=ls, lw=1, label=f"RLEF in context, {turn} turn(s)")
+        x, m, sd = zip(*_mean_std(runs))
+        ax.plot(x, m, label=method)
+        ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2)
+    for (label, y), ls in zip(lines, ("--", ":", "-.")):
+        ax.axhline(y, color="gray" if label == "target" else "black", ls=ls, lw=1, label=label)
     ax.set_xlabel("rollouts")
     ax.set_ylabel("held-out pass@1")
-    ax.set_title(f"micro {setting}: held-out pass@1 vs rollouts (mean ± std over seeds)")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot(curves, target: float, svg: str, png: str, setting: str, rlef_pass: list[float] | None = None) -> list[str]:
+    """A learning curve per method (mean ± std over seeds) and the reference lines, drawn by
+    ``agentopd.report.line_chart_svg`` to ``svg``; ``png`` rendered from it by headless Chromium,
+    else by matplotlib, else skipped. Returns the paths written."""
+    from agentopd.report import line_chart_svg, png_from_svg
+
+    title = f"micro {setting}: held-out pass@1 vs rollouts (mean ± std over seeds)"
+    lines = _ref_lines(target, rlef_pass)
+    w, h = 720, 480
+    with open(svg, "w", encoding="utf-8") as f:
+        f.write(line_chart_svg({m: _mean_std(runs) for m, runs in curves.items()}, hlines=lines, title=title,
+                               xlabel="rollouts", ylabel="held-out pass@1", width=w, height=h, legend=True))
+    if png_from_svg(svg, png, w, h):
+        return [svg, png]
+    try:
+        _plot_matplotlib(curves, lines, png, title)
+        return [svg, png]
+    except ImportError:
+        print(f"no {png}: neither chromium nor matplotlib (apt-get install chromium, or pip install matplotlib)")
+        return [svg]
 
 
 def main() -> None:
@@ -177,13 +208,9 @@ def main() -> None:
     with open(args.out + ".json", "w", encoding="utf-8") as f:
         json.dump({"args": vars(args), "warm_start": start, "target": target, "curves": curves,
                    "summary": summary, "rlef_pass_after_turn": rlef_pass}, f, indent=2)
-    try:
-        png = (os.path.join(os.path.dirname(__file__), "..", "docs", name + ".png") if not ap_out
-               else args.out + ".png")
-        plot(curves, target, png, args.setting, rlef_pass)
-        print(f"\nwrote {args.out}.json and {png}")
-    except ImportError:
-        print(f"\nwrote {args.out}.json (no plot: pip install matplotlib)")
+    png = os.path.join(os.path.dirname(__file__), "..", "docs", name + ".png") if not ap_out else args.out + ".png"
+    written = plot(curves, target, args.out + ".svg", png, args.setting, rlef_pass)
+    print(f"\nwrote {args.out}.json, " + " and ".join(written))
 
 
 if __name__ == "__main__":

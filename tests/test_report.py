@@ -136,3 +136,61 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, what):
     got = subprocess.run([sys.executable, "-m", "agentopd.cli", "report", str(d)], check=False, capture_output=True, text=True)
     assert got.returncode == 2
     assert got.stderr.startswith("agentopd: error: ") and got.stderr.count("\n") == 1, got.stderr
+
+
+# ------------------------------------------------------------------------------ the chart code, outside the report
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _svg(text: str):
+    import xml.etree.ElementTree as ET
+
+    return ET.fromstring(text)  # standalone: well-formed XML in the SVG namespace
+
+
+def test_line_chart_svg_draws_points_bands_and_reference_lines():
+    svg = _svg(report.line_chart_svg({"a": [(0, 0.1, 0.02), (10, 0.3, 0.05), (20, 0.4, 0.0)], "b": [(0, 0.2), (20, 0.5)],
+                                      "empty": []}, hlines=[("target", 0.45), ("rlef", 0.35)], title="t",
+                                     xlabel="rollouts", width=720, height=480, legend=True))
+    groups = {g.get("data-key"): g for g in svg.iter(SVG + "g") if g.get("class") == "series"}
+    assert list(groups) == ["a", "b"]  # an empty series is left out
+    assert [len(g.findall(SVG + "circle")) for g in groups.values()] == [3, 2]
+    assert [len(g.findall(SVG + "polyline")) for g in groups.values()] == [1, 1]
+    assert len(groups["a"].findall(SVG + "polygon")) == 1 and not groups["b"].findall(SVG + "polygon")
+    band = groups["a"].find(SVG + "polygon").get("points").split()
+    assert len(band) == 6  # mean + std out, mean - std back
+    assert [g.get("data-label") for g in svg.iter(SVG + "g") if g.get("class") == "hline"] == ["target", "rlef"]
+    texts = [t.text for t in svg.iter(SVG + "text")]
+    assert {"a", "b", "target", "rlef", "t", "rollouts"} <= set(texts)
+    # every drawn y lies inside the plot, the reference lines included
+    ys = [float(c.get("cy")) for c in svg.iter(SVG + "circle")] + [float(xy.split(",")[1]) for xy in band]
+    assert all(0 < y < 480 for y in ys)
+    assert report.line_chart_svg({"a": []}) == ""
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sample_efficiency", ROOT / "bench" / "sample_efficiency.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_benchmark_plot_is_the_report_chart(tmp_path):
+    curves = {"grpo": [[(0, 0.3), (8, 0.4), (16, 0.5)], [(0, 0.3), (8, 0.2), (16, 0.45)]],
+              "sd_token": [[(0, 0.3), (8, 0.5), (16, 0.6)], [(0, 0.3), (8, 0.45), (16, 0.7)]]}
+    svg, png = tmp_path / "out.svg", tmp_path / "out.png"
+    written = _bench().plot(curves, 0.4, str(svg), str(png), "math", [0.35, 0.38, 0.42])
+    root = _svg(svg.read_text(encoding="utf-8"))
+    groups = [g for g in root.iter(SVG + "g") if g.get("class") == "series"]
+    assert [g.get("data-key") for g in groups] == ["grpo", "sd_token"]
+    assert all(len(g.findall(SVG + "circle")) == 3 and len(g.findall(SVG + "polygon")) == 1 for g in groups)
+    assert [g.get("data-label") for g in root.iter(SVG + "g") if g.get("class") == "hline"] == [
+        "target", "RLEF in context, 1 turn(s)", "RLEF in context, 3 turn(s)"]
+    if CHROMIUM:
+        assert written == [str(svg), str(png)] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_size > 5_000
+    else:
+        assert str(svg) in written
