@@ -237,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--out", default=None, help="where diagnose.json and summary.md go (default: run.out)")
 
     rp = sub.add_parser("report", help="one self-contained HTML page of a run: learning curves, tokens coloured "
-                        "by their advantage next to the critique (or a diagnose teacher table)")
-    rp.add_argument("run_dir", help="a run.out directory (metrics.jsonl, samples.jsonl) or a diagnose --out one")
+                        "by their advantage next to the critique (or a diagnose teacher table, or an rlef run's turns)")
+    rp.add_argument("run_dir", help="a run.out directory (metrics.jsonl, samples.jsonl), a diagnose --out one or an rlef "
+                    "eval.out one (results.jsonl, summary.json)")
     rp.add_argument("--out", default=None, help="the HTML file (default: RUN_DIR/report.html)")
     rp.set_defaults(func=cmd_report)
 

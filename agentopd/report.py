@@ -4,6 +4,8 @@ From ``metrics.jsonl``: the learning curves (inline SVG). From ``samples.jsonl``
 each sampled response with its tokens coloured by the advantage they got (blue: pushed up, red:
 pushed down), the critique beside it, the token's log-probs on hover, and filters by verdict and by
 step (a few lines of inline JS). From ``diagnose.json`` (``agentopd diagnose teacher``): its table.
+From an ``agentopd rlef`` directory (``results.jsonl`` with transcripts, ``summary.json``): the pass
+rate after each turn and every attempt, one block per turn (the answer, the critique that followed).
 Nothing is fetched: no external script, style sheet, font or image. The charts are
 :func:`line_chart_svg`, which the benchmark scripts use for their plots too (an SVG file, its PNG
 by headless Chromium: :func:`png_from_svg`).
@@ -43,23 +45,38 @@ def _jsonl(path: str) -> list[dict]:
         raise ReportError(f"{path}: {e}") from None
 
 
+def _json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{path}: {e}") from None
+
+
+def _load_rlef(run_dir: str) -> dict | None:
+    """An ``agentopd rlef`` directory's attempts (``results.jsonl`` rows with a transcript) and
+    ``summary.json``; None when it is not one."""
+    results, summary = os.path.join(run_dir, "results.jsonl"), os.path.join(run_dir, "summary.json")
+    rows = _jsonl(results) if os.path.exists(results) else []
+    if not any("transcript" in r for r in rows):
+        return None
+    return {"rows": [r for r in rows if "transcript" in r],
+            "summary": _json(summary) if os.path.exists(summary) else {}}
+
+
 def load(run_dir: str) -> dict:
-    """The run's metrics rows, sample rows and diagnose report (each empty/None when absent)."""
+    """The run's metrics rows, sample rows, diagnose report and RLEF attempts (each empty/None when absent)."""
     if not os.path.isdir(run_dir):
         raise ReportError(f"{run_dir}: no such directory")
     path = lambda name: os.path.join(run_dir, name)
     metrics = _jsonl(path("metrics.jsonl")) if os.path.exists(path("metrics.jsonl")) else []
-    diag = None
-    if os.path.exists(path("diagnose.json")):
-        try:
-            with open(path("diagnose.json"), encoding="utf-8") as f:
-                diag = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ReportError(f"{path('diagnose.json')}: {e}") from None
-    if not metrics and diag is None:
-        raise ReportError(f"{run_dir}: no metrics.jsonl or diagnose.json (not a run or diagnose directory)")
+    diag = _json(path("diagnose.json")) if os.path.exists(path("diagnose.json")) else None
+    rlef = _load_rlef(run_dir)
+    if not metrics and diag is None and rlef is None:
+        raise ReportError(f"{run_dir}: no metrics.jsonl, diagnose.json or rlef results.jsonl "
+                          "(not a run, diagnose or rlef directory)")
     samples = _jsonl(path("samples.jsonl")) if os.path.exists(path("samples.jsonl")) else []
-    return {"metrics": metrics, "samples": samples, "diagnose": diag}
+    return {"metrics": metrics, "samples": samples, "diagnose": diag, "rlef": rlef}
 
 
 def _finite(v) -> bool:
@@ -285,6 +302,56 @@ def diagnose_table(report: dict) -> str:
             f'<table class="diag"><tr><th>figure</th>{head}</tr>{body}</table>')
 
 
+def pass_after_turn(rlef: dict) -> list[float]:
+    """The held-out pass rate after each turn: the summary's, else counted over the judged attempts."""
+    got = rlef["summary"].get("pass_after_turn")
+    rows = [r for r in rlef["rows"] if not r.get("judge_error") and r.get("passed_after_turn")]
+    if got or not rows:
+        return list(got or [])
+    return [sum(r["passed_after_turn"][t] for r in rows) / len(rows) for t in range(len(rows[0]["passed_after_turn"]))]
+
+
+def turn_html(row: dict, t: int) -> str:
+    """Turn ``t`` of an attempt: the answer, its verdicts and the critique that followed it."""
+    turn, last = row["transcript"][t], t == len(row["transcript"]) - 1
+    passed = turn.get("held_out") == "ok"
+    if turn.get("public") == "ok":
+        note = "public tests pass: the attempt ends"
+    else:
+        note = "critique (the last turn: not sent)" if last else "critique (sent back for the next turn)"
+    attempt = f'{row.get("task_id")}/{row.get("sample_index")}'
+    return (f'<div class="turn" data-attempt="{html.escape(attempt)}" data-passed="{int(passed)}">'
+            f'<div class="head">turn {t + 1} · public tests {html.escape(str(turn.get("public")))} · held-out '
+            f'<b class="{"correct" if passed else "wrong"}">{"passed" if passed else "failed"}</b></div>'
+            f'<div class="body"><div class="main"><div class="label">answer</div><pre>{html.escape(turn.get("response") or "")}'
+            f'</pre></div><div class="side"><div class="label">{note}</div>'
+            f'<pre>{html.escape(turn.get("critique") or "(none)")}</pre></div></div></div>')
+
+
+def attempt_html(row: dict) -> str:
+    passed = bool(row.get("passed"))
+    head = (f'{html.escape(str(row.get("task_id")))} · attempt {row.get("sample_index", "?")} · '
+            f'<b class="{"correct" if passed else "wrong"}">{html.escape(str(row.get("result", "")))}</b> · '
+            f'{len(row["transcript"])} turn(s)')
+    return (f'<div class="sample attempt" data-correct="{int(passed)}"><div class="head">{head}</div>'
+            + "".join(turn_html(row, t) for t in range(len(row["transcript"]))) + "</div>")
+
+
+def rlef_html(rlef: dict) -> str:
+    """``agentopd rlef``'s run: the pass rate per turn (a chart and the summary) and every attempt, a block per turn."""
+    rates, summ = pass_after_turn(rlef), rlef["summary"]
+    table = "".join(f"<tr><td>pass rate after turn {t + 1}</td><td>{_fmt(v)}</td></tr>" for t, v in enumerate(rates))
+    table += "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in summ.items()
+                     if "@" in k or k in ("mean_turns", "problems", "attempts", "judge_errors", "model", "dataset"))
+    fig = line_chart_svg({"pass_after_turn": [(t + 1, v) for t, v in enumerate(rates) if _finite(v)]}, xlabel="turn")
+    fig = fig.replace(" " + XMLNS, "", 1)
+    return (f"<h2>In-context RLEF (agentopd rlef)</h2><p>Held-out pass rate after each turn (an attempt that "
+            f"ended earlier keeps its last answer).</p><div class=\"charts\"><figure><figcaption>held-out pass rate "
+            f'after turn</figcaption>{fig}</figure><table class="diag">{table}</table></div>'
+            f"<h2>Attempts ({len(rlef['rows'])})</h2><p>One block per turn: the answer, its verdicts, and the "
+            "public tests' critique that followed it.</p>" + "".join(attempt_html(r) for r in rlef["rows"]))
+
+
 CSS = """
 body { font: 14px system-ui, sans-serif; margin: 20px; color: #222; max-width: 1160px; }
 h1 { font-size: 20px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }
@@ -297,6 +364,7 @@ svg text { font-size: 10px; fill: #555; } .axis { stroke: #999; }
 .label { font-size: 11px; text-transform: uppercase; color: #888; margin-top: 4px; }
 pre { white-space: pre-wrap; margin: 2px 0; font: 12px ui-monospace, monospace; background: #f7f7f7; padding: 4px; }
 .prompt { color: #555; }
+.turn { border-left: 3px solid #ddd; margin: 6px 0 6px 6px; padding-left: 8px; }
 .response { white-space: pre-wrap; font: 13px/1.7 ui-monospace, monospace; }
 .tok { border-right: 1px solid #fff; } .tok:hover { outline: 1px solid #000; } .more { color: #888; }
 .bar { display: inline-block; width: 120px; height: 10px; vertical-align: middle;
@@ -311,10 +379,14 @@ def page(run_dir: str, data: dict) -> str:
     parts = [curves(data["metrics"])]
     if data["diagnose"] is not None:
         parts.append(diagnose_table(data["diagnose"]))
+    if data["rlef"] is not None:
+        parts.append(rlef_html(data["rlef"]))
     if data["metrics"]:
         parts.append(credit(data["samples"]))
     steps = [r["step"] for r in data["metrics"] if "step" in r]
     sub = f"{max(steps)} steps, {len(data['samples'])} sampled responses · " if steps else ""
+    if data["rlef"] is not None:
+        sub += f"{len(data['rlef']['rows'])} RLEF attempts · "
     title = html.escape(os.path.basename(os.path.abspath(run_dir)))
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>agentopd report: {title}</title>'
             f"<style>{CSS}</style></head><body><h1>agentopd report: {title}</h1>"

@@ -2,6 +2,7 @@
 Chromium (Debian's ``chromium``): one coloured span per sampled response token, every curve with
 all its points, nothing fetched from the network; a diagnose directory, a run without samples and
 bad input."""
+import html
 import json
 import math
 import shutil
@@ -50,7 +51,7 @@ class _Dom(HTMLParser):
     def __init__(self):
         super().__init__()
         self.tokens, self.series, self.body, self._key, self._count = 0, {}, {}, None, False
-        self.count_text = ""
+        self.count_text, self.attempts, self.turns = "", 0, {}
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -63,6 +64,9 @@ class _Dom(HTMLParser):
             self.series[self._key] += 1
         if tag == "body":
             self.body = a
+        self.attempts += tag == "div" and "attempt" in classes
+        if tag == "div" and "turn" in classes:
+            self.turns[a["data-attempt"]] = self.turns.get(a["data-attempt"], 0) + 1
         self._count = a.get("id") == "f-count"
 
     def handle_data(self, data):
@@ -109,6 +113,59 @@ def test_the_report_of_a_real_run_in_chromium(run_dir, tmp_path):
     shot = tmp_path / "report.png"
     _chromium(f"--screenshot={shot}", "--window-size=1200,1600", str(page))
     assert shot.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def rlef_dir(tmp_path_factory):
+    from agentopd.rlef import RLEFConfig, rlef
+
+    out = tmp_path_factory.mktemp("rlef")
+    rlef(load(RLEFConfig, str(ROOT / "configs" / "micro-rlef.yaml"),
+              ["engine.model=tiny", "data.n=2", "sampling.n=2", "rlef.turns=2", "sampling.max_new_tokens=12",
+               f"eval.out={out}", "eval.progress=false"]))
+    return out
+
+
+def test_the_report_of_an_rlef_run_has_a_block_per_turn(rlef_dir, tmp_path):
+    rows = [json.loads(x) for x in (rlef_dir / "results.jsonl").read_text().splitlines()]
+    summary = json.loads((rlef_dir / "summary.json").read_text())
+    assert len(rows) == 4 and all(len(r["transcript"]) == r["turns"] for r in rows)
+    got = subprocess.run([sys.executable, "-m", "agentopd.cli", "report", str(rlef_dir), "--out", str(tmp_path / "r.html")],
+                         check=False, capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr
+    page = tmp_path / "r.html"
+    text = page.read_text(encoding="utf-8")
+    for t, v in enumerate(summary["pass_after_turn"]):
+        assert f"<td>pass rate after turn {t + 1}</td><td>{report._fmt(v)}</td>" in text
+    dom = _Dom()
+    dom.feed(text)
+    want = {f"{r['task_id']}/{r['sample_index']}": r["turns"] for r in rows}
+    assert dom.attempts == 4 and dom.turns == want
+    assert dom.series == {"pass_after_turn": 2}  # a point per turn
+    for r in rows:
+        for turn in r["transcript"]:
+            assert html.escape(turn["response"]) in text and html.escape(turn["critique"]) in text
+    assert text.count("critique (sent back for the next turn)") == sum(
+        t["public"] != "ok" for r in rows for t in r["transcript"][:-1])
+    if CHROMIUM:
+        dom = _dom(_probed(page))
+        assert dom.attempts == 4 and dom.turns == want and dom.body.get("data-fetched") == ""
+
+
+def test_an_rlef_attempt_that_passes_ends_and_the_rates_are_counted_without_a_summary(tmp_path):
+    turn = lambda r, pub, held, c: {"response": r, "public": pub, "held_out": held, "critique": c}
+    rows = [{"task_id": "p", "sample_index": 0, "turns": 2, "passed": True, "result": "passed",
+             "passed_after_turn": [False, True], "transcript": [turn("<1>", "fail", "fail", "expected 2"),
+                                                                turn("2", "ok", "ok", "")]},
+            {"task_id": "p", "sample_index": 1, "turns": 1, "passed": False, "result": "failed: fail",
+             "passed_after_turn": [False, False], "transcript": [turn("3", "ok", "fail", "")]}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = Path(report.write(str(tmp_path))).read_text(encoding="utf-8")
+    assert "<td>pass rate after turn 1</td><td>0</td>" in text and "<td>pass rate after turn 2</td><td>0.5</td>" in text
+    assert text.count("public tests pass: the attempt ends") == 2 and "&lt;1&gt;" in text
+    dom = _Dom()
+    dom.feed(text)
+    assert dom.turns == {"p/0": 2, "p/1": 1} and text.count('data-passed="1"') == 1
 
 
 def test_a_diagnose_directory_and_a_run_without_samples(run_dir, tmp_path):
