@@ -240,40 +240,59 @@ class HFEngine:
         tok_B = torch.multinomial(logp_BV.exp(), 1, generator=gen).squeeze(-1)
         return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
 
-    def _hit_stop(self, ids: list[int], stop: list[str], window: int) -> bool:
-        # checked after every token, so a stop string seen in the tail was completed by the last id
-        tail = self.tokenizer.decode(ids[-window:], skip_special_tokens=True)
-        return any(s in tail for s in stop)
+    def _stop_hits(self, tails: list[list[int]], stop: list[str]) -> list[bool]:
+        # checked after every token, so a stop string seen in a tail was completed by its last id
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return [any(s in t for s in stop) for t in texts]
 
     def _generate_batch(self, rows, max_new_tokens, temperature, top_p, stop, gen):
-        B = len(rows)
-        ids_BL, mask_BL = _pad_left(rows, self.pad_id, self.device)
-        pos_B = _positions(mask_BL)[:, -1]
+        """Finished-row bookkeeping stays on the device (one host sync per token, for "all rows
+        finished?", as in ``model.generate``; with stop strings, the newest ids instead, and only the
+        unfinished rows' tails decoded, in one batch call); ids and log-probs go into preallocated
+        ``[B, max_new_tokens]`` tensors. Finished rows are fed the pad id (rows are independent)."""
+        B, dev = len(rows), self.device
+        ids_BL, mask_BL = _pad_left(rows, self.pad_id, dev)
+        L = ids_BL.shape[1]
+        pos_B1 = _positions(mask_BL)[:, -1:]
+        mask_BT = torch.ones((B, L + max_new_tokens), dtype=mask_BL.dtype, device=dev)
+        mask_BT[:, :L] = mask_BL
         cache = _kv_cache(self.model)  # filled in place by every forward
         out = self.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=_positions(mask_BL),
                          use_cache=True, logits_to_keep=1, **cache)
         window = 4 * max((len(s) for s in stop), default=0) + 8  # a token carries >= 1 byte
-        resp = [[] for _ in range(B)]
-        lps = [[] for _ in range(B)]
-        reason = [None] * B
+        eos_E = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=dev)
+        resp_BT = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
+        lp_BT = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
+        len_B = torch.zeros(B, dtype=torch.long, device=dev)
+        done_B = torch.zeros(B, dtype=torch.bool, device=dev)
+        hist = [[] for _ in range(B)] if stop else None  # host copies of the rows' ids, for stop strings
+        live = list(range(B))  # unfinished rows (host side; kept up to date only with stop strings)
         for step in range(max_new_tokens):
             tok_B, lp_B = self._pick(out.logits[:, -1], temperature, top_p, gen)
-            toks, lp = tok_B.tolist(), lp_B.tolist()
-            for b in range(B):
-                if reason[b] is not None:
-                    continue
-                resp[b].append(toks[b])
-                lps[b].append(lp[b])
-                if toks[b] in self.eos_ids or (stop and self._hit_stop(resp[b], stop, window)):
-                    reason[b] = "stop"
-            if all(r is not None for r in reason) or step == max_new_tokens - 1:
+            active_B = ~done_B
+            resp_BT[:, step] = tok_B
+            lp_BT[:, step] = lp_B
+            len_B += active_B
+            hit_B = active_B & torch.isin(tok_B, eos_E)
+            if stop:
+                toks = tok_B.tolist()
+                for b in live:
+                    hist[b].append(toks[b])
+                hits = self._stop_hits([hist[b][-window:] for b in live], stop)
+                stopped = [b for b, h in zip(live, hits) if h]
+                if stopped:
+                    hit_B[torch.tensor(stopped, device=dev)] = True
+                live = [b for b, h in zip(live, hits) if not h and toks[b] not in self.eos_ids]
+            done_B |= hit_B
+            if step == max_new_tokens - 1 or (not live if stop else bool(done_B.all())):
                 break
-            done_B = torch.tensor([r is not None for r in reason], device=self.device)
-            tok_B = tok_B.masked_fill(done_B, self.pad_id)  # finished rows idle; rows are independent
-            mask_BL = torch.cat([mask_BL, torch.ones_like(mask_BL[:, :1])], dim=1)
-            pos_B = pos_B + 1
-            out = self.model(input_ids=tok_B[:, None], attention_mask=mask_BL,
-                             position_ids=pos_B[:, None], use_cache=True, logits_to_keep=1, **cache)
-        return [Generation(response_ids=resp[b], logprobs=lps[b],
-                           text=self.tokenizer.decode(resp[b], skip_special_tokens=True),
-                           finish_reason=reason[b] or "length") for b in range(B)]
+            pos_B1 = pos_B1 + 1
+            out = self.model(input_ids=tok_B.masked_fill(done_B, self.pad_id)[:, None],
+                             attention_mask=mask_BT[:, :L + step + 1], position_ids=pos_B1,
+                             use_cache=True, logits_to_keep=1, **cache)
+        lens, done = len_B.tolist(), done_B.tolist()
+        resp = [r[:k] for r, k in zip(resp_BT.tolist(), lens)]
+        lps = [r[:k] for r, k in zip(lp_BT.tolist(), lens)]
+        texts = self.tokenizer.batch_decode(resp, skip_special_tokens=True)
+        return [Generation(response_ids=resp[b], logprobs=lps[b], text=texts[b],
+                           finish_reason="stop" if done[b] else "length") for b in range(B)]

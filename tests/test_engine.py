@@ -216,3 +216,73 @@ def test_generation_uses_the_current_cache_argument(tiny, prompts):
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     assert len(seen) > 1 and all(name in kw for kw in seen)
     assert name == "past_key_values" or not any("past_key_values" in kw for kw in seen)
+
+
+def reference_generate(eng, prompt_ids, n, max_new_tokens, temperature=1.0, top_p=1.0, stop=(), seed=None):
+    """The straightforward loop HFEngine.generate replaced: a host sync and, with stop strings, a
+    text decode per token per row. The reference for test_generate_matches_the_reference_loop."""
+    from agentopd.engine import _kv_cache, _pad_left, _positions
+
+    stop = list(stop)
+    gen = torch.Generator(device=eng.device).manual_seed(seed) if seed is not None else None
+    rows = [list(p) for p in prompt_ids for _ in range(n)]
+    flat = []
+    with torch.no_grad():
+        for s in range(0, len(rows), eng.batch_size):
+            batch = rows[s:s + eng.batch_size]
+            B = len(batch)
+            ids_BL, mask_BL = _pad_left(batch, eng.pad_id, eng.device)
+            pos_B = _positions(mask_BL)[:, -1]
+            cache = _kv_cache(eng.model)
+            out = eng.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=_positions(mask_BL),
+                            use_cache=True, logits_to_keep=1, **cache)
+            window = 4 * max((len(x) for x in stop), default=0) + 8
+            resp, lps, reason = [[] for _ in range(B)], [[] for _ in range(B)], [None] * B
+            for step in range(max_new_tokens):
+                tok_B, lp_B = eng._pick(out.logits[:, -1], temperature, top_p, gen)
+                toks, lp = tok_B.tolist(), lp_B.tolist()
+                for b in range(B):
+                    if reason[b] is not None:
+                        continue
+                    resp[b].append(toks[b])
+                    lps[b].append(lp[b])
+                    tail = eng.tokenizer.decode(resp[b][-window:], skip_special_tokens=True)
+                    if toks[b] in eng.eos_ids or any(x in tail for x in stop):
+                        reason[b] = "stop"
+                if all(r is not None for r in reason) or step == max_new_tokens - 1:
+                    break
+                done_B = torch.tensor([r is not None for r in reason], device=eng.device)
+                tok_B = tok_B.masked_fill(done_B, eng.pad_id)
+                mask_BL = torch.cat([mask_BL, torch.ones_like(mask_BL[:, :1])], dim=1)
+                pos_B = pos_B + 1
+                out = eng.model(input_ids=tok_B[:, None], attention_mask=mask_BL,
+                                position_ids=pos_B[:, None], use_cache=True, logits_to_keep=1, **cache)
+            flat += [Generation(resp[b], lps[b], eng.tokenizer.decode(resp[b], skip_special_tokens=True),
+                                reason[b] or "length") for b in range(B)]
+    return [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_generate_matches_the_reference_loop(tiny, prompts, seed):
+    """The on-device decode loop gives the same ids, log-probs (bit for bit), text and finish reasons
+    as the straightforward loop, over several batches (one generator across them), with eos made
+    frequent, and with stop strings taken from the samples themselves (so that some rows hit them)."""
+    model, tok = tiny
+    short, long = prompts
+    P = [short, long, short[:5], long[:9]]
+    eng = HFEngine(model, tok, batch_size=3)
+    common = tok.encode(" the", add_special_tokens=False)[-1:]
+    kw = dict(n=2, max_new_tokens=24, seed=seed)
+    free = reference_generate(eng, P, **kw)
+    texts = [g.text for gs in free for g in gs]
+    stops = [t[len(t) // 2:len(t) // 2 + 3] for t in texts[seed::3] if len(t) > 8][:2] + ["@@never@@"]
+    assert any(len(s) == 3 for s in stops)
+    for setting in (dict(), dict(stop=stops), dict(temperature=0.7, top_p=0.9, stop=stops), dict(temperature=0)):
+        for eos in ({tok.eos_token_id}, {tok.eos_token_id, *common, 7, 11}):
+            eng.eos_ids = eos
+            want = reference_generate(eng, P, **kw, **setting)
+            got = eng.generate(P, **kw, **setting)
+            assert got == want, (setting, eos)
+            if setting == dict(stop=stops) and eos == {tok.eos_token_id}:  # the samples of ``free``
+                assert sum(g.finish_reason == "stop" for gs in got for g in gs) >= 1
+    eng.eos_ids = {tok.eos_token_id}
