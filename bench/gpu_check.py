@@ -96,6 +96,9 @@ class _NoText:
     def decode(self, ids, skip_special_tokens=True):
         return ""
 
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return ["" for _ in rows]
+
 
 def build_llama(shape: dict, device: torch.device, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
