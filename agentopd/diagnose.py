@@ -307,12 +307,11 @@ def diagnose_teacher(cfg, engine=None, judge=None) -> dict:
     from agentopd.engine import HFEngine
     from agentopd.envs.procedural import HELDOUT_SEED
     from agentopd.teacher import TeacherTemplate
-    from agentopd.train import _autocast, _load_model, _precision
+    from agentopd.train import _autocast, _load_model, _precision, pick_device
 
     cfg, problems, judge = _setup(cfg, judge)
     torch.manual_seed(cfg.run.seed)
-    device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.run.device == "auto" else cfg.run.device))
+    device = pick_device(cfg)
     try:
         model, tok = _load_model(cfg, device)
         model.eval()

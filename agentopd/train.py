@@ -501,25 +501,153 @@ def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp
 # --------------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
-    """Run ``cfg.run.steps`` steps; returns the metrics rows (also appended to metrics.jsonl).
-    ``engine`` / ``judge``: use these instead of the ones the config names (an engine is built
-    around the model by ``engine(model, tokenizer, device)`` when it is a callable class)."""
-    from tqdm import tqdm
+def pick_device(cfg: TrainConfig) -> torch.device:
+    """``run.device``; 'auto': CUDA when available, else the CPU."""
+    if cfg.run.device != "auto":
+        return torch.device(cfg.run.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    from agentopd import advantages, checkpoints
-    from agentopd import samples as sample_log
+
+def _rollouts(cfg: TrainConfig, engine, judge, pool, amp, batch, prompt_ids, step: int, t: dict):
+    """1. G samples per prompt (token ids, sampling log-probs), chunk by chunk of prompts; 2. each
+    chunk judged on the worker thread while the next one generates (a failed or crashed sample never
+    aborts the step). ``t``: generate, execute (judging not hidden behind generation), execute_total."""
+    P, G = len(batch), cfg.sampling.group_size
+    gens, pending = [], []
+    per_call = cfg.sampling.generate_chunk or P
+    for c, s in enumerate(range(0, P, per_call)):
+        t0 = time.perf_counter()
+        with amp():  # as evaluate() samples
+            got = engine.generate(prompt_ids[s:s + per_call], n=G, max_new_tokens=cfg.sampling.max_new_tokens,
+                                  temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                                  seed=cfg.run.seed * 1_000_003 + step + c * 1_000_000_007)
+        t["generate"] += time.perf_counter() - t0
+        gens += got
+        pending.append(pool.submit(_timed, judge.judge_many,
+                                   [(batch[s + i], g.text) for i, gs in enumerate(got) for g in gs]))
+    samples = [(i, g) for i, gs in enumerate(gens) for g in gs]
+    t0 = time.perf_counter()
+    judgements = []
+    for future in pending:
+        got, seconds = future.result()
+        judgements += got
+        t["execute_total"] += seconds
+    t["execute"] = time.perf_counter() - t0
+    return samples, judgements
+
+
+def _score(cfg: TrainConfig, model, teacher, ref, amp, prompt_ids, samples, teacher_prompts):
+    """3. The student's, teacher's (on samples with a teacher prompt) and reference's log-probs of the
+    same response ids, no grad: ``(ls_BT, mask_BT, lt_BT, ref_BT or None)``."""
+    T = learner_temperature(cfg.sampling)
+    resp_ids = [g.response_ids for _, g in samples]
+    student_prompts = [prompt_ids[i] for i, _ in samples]
+
+    def score(scorer, prompts, responses):
+        return sequence_logprobs(scorer, prompts, responses, chunk=cfg.optim.logits_chunk, temperature=T)[0]
+
+    with torch.no_grad(), amp():
+        student_lp = score(model, student_prompts, resp_ids)
+        scored = [b for b, tp in enumerate(teacher_prompts) if tp is not None]
+        teacher_lp = [torch.zeros(len(r)) for r in resp_ids]
+        if scored:
+            got = score(teacher.model_for_scoring(), [teacher_prompts[b] for b in scored], [resp_ids[b] for b in scored])
+            for b, lp in zip(scored, got):
+                teacher_lp[b] = lp.float().cpu()
+        ref_lp = score(ref.model_for_scoring(), student_prompts, resp_ids) if ref else None
+    ls_BT, mask_BT = pad_BT([lp.float().cpu() for lp in student_lp])
+    ref_BT = pad_BT([r.float().cpu() for r in ref_lp])[0] if ref else None
+    return ls_BT, mask_BT, pad_BT(teacher_lp)[0], ref_BT
+
+
+def _update(cfg: TrainConfig, model, opt, teacher, head_VH, chunk: int, amp, st: _Step):
+    """5. Micro-batches with gradient accumulation, ``optim.epochs_per_batch`` optimizer steps (the
+    importance ratio corrects the later ones), then the teacher update: ``(loss, metric sums, grad norm)``."""
+    model.train()
+    B = len(st.response_ids)
+    loss_sum, sums = 0.0, {"distill_loss": 0.0, "clipfrac": 0.0}
+    for _ in range(cfg.optim.epochs_per_batch):
+        opt.zero_grad(set_to_none=True)
+        for s in range(0, B, cfg.optim.micro_batch):
+            idx = list(range(s, min(s + cfg.optim.micro_batch, B)))
+            if st.mask_BT[idx].sum() == 0:
+                continue
+            loss, met = _micro_batch_loss(cfg, model, teacher, head_VH, chunk, amp, st, idx)
+            if loss.requires_grad:  # e.g. sdpo on a micro-batch with no teacher signal: nothing to learn
+                loss.backward()
+            loss_sum += float(loss.detach())
+            for k, v in met.items():
+                sums[k] = sums.get(k, 0.0) + v
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+    teacher.update(model)
+    return loss_sum, sums, float(gnorm)
+
+
+def _row(step: int, judgements, st: _Step, t: dict, update: tuple, rollout_metrics: dict) -> dict:
+    """The step's metrics row (before any held-out evaluation)."""
     from agentopd.judges import reward_stats
-    from agentopd.teacher import Teacher, TeacherTemplate, teacher_contexts
 
-    _check_algo(cfg)
-    os.makedirs(cfg.run.out, exist_ok=True)
-    sinks = _metric_sinks(cfg)
+    success_B = torch.tensor([j.verdict.status == "ok" for j in judgements])
+    loss_sum, sums, gnorm = update
+    resp_ids, mask_BT, adv_BT = st.response_ids, st.mask_BT, st.adv_BT
+    ls_BT, lt_BT, tmask_B = st.old_BT, st.teacher_BT, st.teacher_mask_B
+    n_resp = sum(len(r) for r in resp_ids)
+    m = mask_BT.bool()
+    row = {"step": step, **reward_stats(judgements), "loss": loss_sum, **sums, **rollout_metrics, "grad_norm": gnorm,
+           "adv_mean": float(adv_BT[m].mean()) if m.any() else 0.0,
+           "adv_std": float(adv_BT[m].std()) if m.sum() > 1 else 0.0,
+           "kl_teacher": float(((ls_BT - lt_BT) * mask_BT * tmask_B[:, None]).sum()
+                               / (mask_BT * tmask_B[:, None]).sum().clamp(min=1)),
+           "teacher_signal_frac": float(tmask_B.mean()),
+           "response_len": n_resp / max(len(resp_ids), 1), "empty_responses": sum(len(r) == 0 for r in resp_ids),
+           "tokens_per_s": n_resp / max(t["generate"], 1e-9), **{f"time_{k}": v for k, v in t.items()}}
+    return row | step_metrics(ls_BT, lt_BT, mask_BT, tmask_B, success_B)  # teacher_auc, ratio_correct/wrong
+
+
+def _step_inputs(cfg: TrainConfig, samples, judgements, prompt_ids, teacher_prompts, scores) -> tuple[_Step, dict]:
+    """4. Advantages (judge errors and empty responses carry no gradient) and the rollout
+    correction, packed for the update: ``(_Step, rollout metrics)``."""
+    from agentopd import advantages
+
+    ls_BT, mask_BT, lt_BT, ref_BT = scores
+    rewards_B = torch.tensor([math.nan if j.verdict.status == "judge_error" else j.verdict.score for j in judgements])
+    success_B = torch.tensor([j.verdict.status == "ok" for j in judgements])
+    teacher_mask_B = torch.tensor([tp is not None for tp in teacher_prompts], dtype=torch.float32)
+    group_B = torch.tensor([i for i, _ in samples])
+    inputs = advantages.AdvantageInputs(rewards_B, group_B, mask_BT, ls_BT, lt_BT, teacher_mask_B, success_B)
+    adv_BT = advantages.compute(cfg.algo.advantage, inputs, **cfg.algo.advantage_kwargs)
+    mask_BT = mask_BT * (~torch.isnan(rewards_B))[:, None]
+    adv_BT = torch.nan_to_num(adv_BT) * mask_BT
+    engine_BT, engine_mask_BT = _engine_logprobs([g for _, g in samples], ls_BT)
+    rollout_BT, rollout_metrics = objectives.rollout_weights(ls_BT, engine_BT, engine_mask_BT * mask_BT,
+                                                             cfg.algo.rollout_is_clip)
+    st = _Step([prompt_ids[i] for i, _ in samples], [g.response_ids for _, g in samples], teacher_prompts, ls_BT,
+               lt_BT, adv_BT, mask_BT, teacher_mask_B, rollout_BT, ref_BT, mask_BT.sum().clamp(min=1),
+               (mask_BT * teacher_mask_B[:, None]).sum().clamp(min=1))
+    return st, rollout_metrics
+
+
+def _resume(cfg: TrainConfig, ckpt_dir: str, model, opt, teacher, device) -> tuple[int, int]:
+    """``(step, data position)`` to start from: the newest readable checkpoint with ``run.resume``
+    (whose later metrics and sample rows are cut, as they are redone), else ``(0, 0)``."""
+    from agentopd import checkpoints
+
+    if not cfg.run.resume:
+        return 0, 0
+    start, data_pos = checkpoints.resume(ckpt_dir, model, opt, teacher, device) or (0, 0)
+    for name in ("metrics.jsonl", "samples.jsonl"):  # the rows after the checkpoint (or all) are redone
+        checkpoints.cut_rows(os.path.join(cfg.run.out, name), start if start else -1)
+    return start, data_pos
+
+
+def _setup(cfg: TrainConfig, judge):
+    """Seeds, device, problems and judge (checked before the model loads), the model: ``(device,
+    problems, heldout, judge, model, tokenizer)``."""
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
-    device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.run.device == "auto" else cfg.run.device))
+    device = pick_device(cfg)
     problems, heldout, default_judge = _problems_and_judge(cfg)  # a bad problems file fails before the model loads
     if judge is None:
         judge = default_judge
@@ -531,13 +659,30 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         if hasattr(judge, "close"):
             judge.close()
         raise
+    return device, problems, heldout, judge, model, tok
+
+
+def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
+    """Run ``cfg.run.steps`` steps; returns the metrics rows (also appended to metrics.jsonl).
+    ``engine`` / ``judge``: use these instead of the ones the config names (an engine is built
+    around the model by ``engine(model, tokenizer, device)`` when it is a callable class)."""
+    from tqdm import tqdm
+
+    from agentopd import checkpoints
+    from agentopd import samples as sample_log
+    from agentopd.envs.procedural import HELDOUT_SEED
+    from agentopd.teacher import Teacher, TeacherTemplate, teacher_contexts
+
+    _check_algo(cfg)
+    os.makedirs(cfg.run.out, exist_ok=True)
+    sinks = _metric_sinks(cfg)
+    device, problems, heldout, judge, model, tok = _setup(cfg, judge)
     amp = _autocast(_precision(cfg), device)
     head_VH = lm_head_weight(model)
     needs = objectives.needs(cfg.algo)
     # hidden states and logits formed chunk by chunk in the update, unless top-K distillation needs logits
     chunk = (cfg.optim.logits_chunk if head_VH is not None and not ("divergence" in needs and cfg.algo.distill_topk)
              else 0)
-    temperature = learner_temperature(cfg.sampling)
     order = np.random.default_rng(cfg.run.seed).permutation(len(problems)).tolist()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                             weight_decay=cfg.optim.weight_decay)
@@ -546,13 +691,8 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     engine = (engine or HFEngine)(model, tok, device=device)
     template = TeacherTemplate()
     needs_teacher = cfg.algo.advantage in ("sd_token", "sd_to_go", "hybrid") or bool(needs)
-    start, data_pos = 0, 0
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
-    if cfg.run.resume and (state := checkpoints.resume(ckpt_dir, model, opt, teacher, device)):
-        start, data_pos = state
-    if cfg.run.resume:  # the rows after the checkpoint (or all, from a fresh start) are redone
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            checkpoints.cut_rows(os.path.join(cfg.run.out, name), start if start else -1)
+    start, data_pos = _resume(cfg, ckpt_dir, model, opt, teacher, device)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")  # judging overlaps generation
     rows = []
 
@@ -562,8 +702,6 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
             f.write(json.dumps(row) + "\n")
         for sink, _ in sinks:
             sink(row)
-
-    from agentopd.envs.procedural import HELDOUT_SEED
 
     def evaluate() -> dict:  # the same seed every time: differences come from the model
         model.eval()
@@ -582,117 +720,30 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         P, G = cfg.sampling.prompts_per_step, cfg.sampling.group_size
         batch = [problems[order[(data_pos + i) % len(order)]] for i in range(P)]
         data_pos += P
-
-        # 1. rollouts: G samples per prompt, token ids and sampling log-probs, chunk by chunk of prompts;
-        # 2. judges: each chunk is judged on the worker thread while the next one generates (one failed
-        # or crashed sample never aborts the step). execute: the judging not hidden behind generation.
         prompt_ids = [apply_chat(tok, [{"role": "user", "content": p.prompt}]) for p in batch]
         model.eval()
-        gens, pending = [], []
-        per_call = cfg.sampling.generate_chunk or P
-        for c, s in enumerate(range(0, P, per_call)):
-            t0 = time.perf_counter()
-            with amp():  # as evaluate() samples
-                got = engine.generate(prompt_ids[s:s + per_call], n=G, max_new_tokens=cfg.sampling.max_new_tokens,
-                                      temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                                      seed=cfg.run.seed * 1_000_003 + step + c * 1_000_000_007)
-            t["generate"] += time.perf_counter() - t0
-            gens += got
-            pending.append(pool.submit(_timed, judge.judge_many,
-                                       [(batch[s + i], g.text) for i, gs in enumerate(got) for g in gs]))
-        samples = [(i, g) for i, gs in enumerate(gens) for g in gs]
-        t0 = time.perf_counter()
-        judgements = []
-        for future in pending:
-            got, seconds = future.result()
-            judgements += got
-            t["execute_total"] += seconds
-        t["execute"] = time.perf_counter() - t0
-        rewards_B = torch.tensor([math.nan if j.verdict.status == "judge_error" else j.verdict.score
-                                  for j in judgements])
-        success_B = torch.tensor([j.verdict.status == "ok" for j in judgements])
+        samples, judgements = _rollouts(cfg, engine, judge, pool, amp, batch, prompt_ids, step, t)
 
-        # 3. self-teacher: critique (+ a successful sibling), the same response ids re-scored
-        t0 = time.perf_counter()
-        resp_ids = [g.response_ids for _, g in samples]
-        teacher_prompts = teacher_contexts(tok, [p.prompt for p in batch], [g for _, g in samples], judgements,
-                                           G, cfg.teacher, template)
-        if not needs_teacher:  # grpo / rloo: no self-teacher forward at all
-            teacher_prompts = [None] * len(samples)
-        teacher_mask_B = torch.tensor([tp is not None for tp in teacher_prompts], dtype=torch.float32)
-        def score(scorer, prompts, responses):
-            return sequence_logprobs(scorer, prompts, responses, chunk=cfg.optim.logits_chunk,
-                                     temperature=temperature)[0]
-
-        with torch.no_grad(), amp():
-            student_lp = score(model, [prompt_ids[i] for i, _ in samples], resp_ids)
-            scored = [b for b, tp in enumerate(teacher_prompts) if tp is not None]
-            teacher_lp = [torch.zeros(len(r)) for r in resp_ids]
-            if scored:
-                got = score(teacher.model_for_scoring(), [teacher_prompts[b] for b in scored],
-                            [resp_ids[b] for b in scored])
-                for b, lp in zip(scored, got):
-                    teacher_lp[b] = lp.float().cpu()
-            ref_lp = score(ref.model_for_scoring(), [prompt_ids[i] for i, _ in samples], resp_ids) if ref else None
-        ls_BT, mask_BT = pad_BT([lp.float().cpu() for lp in student_lp])
-        lt_BT, _ = pad_BT(teacher_lp)
-        group_B = torch.tensor([i for i, _ in samples])
+        t0 = time.perf_counter()  # 3. self-teacher: critique (+ a successful sibling), the same ids re-scored
+        teacher_prompts = (teacher_contexts(tok, [p.prompt for p in batch], [g for _, g in samples], judgements,
+                                            G, cfg.teacher, template) if needs_teacher
+                           else [None] * len(samples))  # grpo / rloo: no self-teacher forward at all
+        scores = _score(cfg, model, teacher, ref, amp, prompt_ids, samples, teacher_prompts)
         t["score"] = time.perf_counter() - t0
+        st, rollout_metrics = _step_inputs(cfg, samples, judgements, prompt_ids, teacher_prompts, scores)
 
-        # 4. advantages; judge errors and empty responses carry no gradient
-        inputs = advantages.AdvantageInputs(rewards_B, group_B, mask_BT, ls_BT, lt_BT, teacher_mask_B, success_B)
-        adv_BT = advantages.compute(cfg.algo.advantage, inputs, **cfg.algo.advantage_kwargs)
-        keep_B = ~torch.isnan(rewards_B)
-        mask_BT = mask_BT * keep_B[:, None]
-        adv_BT = torch.nan_to_num(adv_BT) * mask_BT
-        engine_BT, engine_mask_BT = _engine_logprobs([g for _, g in samples], ls_BT)
-        rollout_BT, rollout_metrics = objectives.rollout_weights(ls_BT, engine_BT, engine_mask_BT * mask_BT,
-                                                                 cfg.algo.rollout_is_clip)
-
-        # 5. update: micro-batches, gradient accumulation, importance ratio over epochs
         t0 = time.perf_counter()
-        model.train()
-        ref_BT = pad_BT([r.float().cpu() for r in ref_lp])[0] if ref else None
-        st = _Step([prompt_ids[i] for i, _ in samples], resp_ids, teacher_prompts, ls_BT, lt_BT, adv_BT, mask_BT,
-                   teacher_mask_B, rollout_BT, ref_BT, mask_BT.sum().clamp(min=1),
-                   (mask_BT * teacher_mask_B[:, None]).sum().clamp(min=1))
-        loss_sum, sums = 0.0, {"distill_loss": 0.0, "clipfrac": 0.0}
-        for _ in range(cfg.optim.epochs_per_batch):
-            opt.zero_grad(set_to_none=True)
-            for s in range(0, len(samples), cfg.optim.micro_batch):
-                idx = list(range(s, min(s + cfg.optim.micro_batch, len(samples))))
-                if mask_BT[idx].sum() == 0:
-                    continue
-                loss, met = _micro_batch_loss(cfg, model, teacher, head_VH, chunk, amp, st, idx)
-                if loss.requires_grad:  # e.g. sdpo on a micro-batch with no teacher signal: nothing to learn
-                    loss.backward()
-                loss_sum += float(loss.detach())
-                for k, v in met.items():
-                    sums[k] = sums.get(k, 0.0) + v
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            opt.step()
-        teacher.update(model)
+        update = _update(cfg, model, opt, teacher, head_VH, chunk, amp, st)
         t["update"] = time.perf_counter() - t0
 
-        stats = reward_stats(judgements)
-        n_resp = sum(len(r) for r in resp_ids)
-        m = mask_BT.bool()
-        row = {"step": step + 1, **stats, "loss": loss_sum, **sums, **rollout_metrics, "grad_norm": float(gnorm),
-               "adv_mean": float(adv_BT[m].mean()) if m.any() else 0.0,
-               "adv_std": float(adv_BT[m].std()) if m.sum() > 1 else 0.0,
-               "kl_teacher": float(((ls_BT - lt_BT) * mask_BT * teacher_mask_B[:, None]).sum()
-                                   / (mask_BT * teacher_mask_B[:, None]).sum().clamp(min=1)),
-               "teacher_signal_frac": float(teacher_mask_B.mean()),
-               "response_len": n_resp / max(len(resp_ids), 1), "empty_responses": sum(len(r) == 0 for r in resp_ids),
-               "tokens_per_s": n_resp / max(t["generate"], 1e-9), **{f"time_{k}": v for k, v in t.items()}}
-        row |= step_metrics(ls_BT, lt_BT, mask_BT, teacher_mask_B, success_B)  # teacher_auc, ratio_correct/wrong
+        row = _row(step + 1, judgements, st, t, update, rollout_metrics)
         last = step + 1 == cfg.run.steps
         if heldout and (last or cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0):
             row |= evaluate()
         sample_log.record(cfg, step + 1, last, "heldout_pass1" in row, tok, batch, [g for _, g in samples], judgements, st)
         log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")
-        if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.run.steps:
+        if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 or last:
             saved = checkpoints.save(ckpt_dir, step + 1, model, tok, opt, teacher, data_pos, cfg.run.save_merged)
             if last:
                 checkpoints.export_final(saved, os.path.join(cfg.run.out, "final"))
