@@ -33,8 +33,8 @@ def cmd_exec(a) -> int:
 
 
 def cmd_eval_passk(a) -> int:
-    from agentopd import passk
     from agentopd.envs.data import DataError, load_problems
+    from agentopd.eval import passk
     from agentopd.sandbox import SandboxUnavailable
 
     try:
@@ -98,7 +98,6 @@ def cmd_judges(a) -> int:
 
 def cmd_train(a) -> int:
     from agentopd.config import load
-
     from agentopd.train import TrainConfig, train
 
     try:
@@ -115,8 +114,8 @@ def cmd_train(a) -> int:
 def _user_errors() -> tuple:
     """What a bad config, dataset, engine or missing extra raises: one line on stderr, exit 2."""
     from agentopd.config import ConfigError
-    from agentopd.engines import EngineError
     from agentopd.envs.data import DataError
+    from agentopd.inference.base import EngineError
     from agentopd.sandbox import SandboxUnavailable
 
     return ConfigError, DataError, SandboxUnavailable, EngineError, ImportError, ValueError
@@ -142,13 +141,13 @@ def _run_config(cls, run, a, out_dir=lambda cfg: cfg.eval.out) -> int:
 
 
 def cmd_eval_model(a) -> int:
-    from agentopd.evaluate import EvalConfig, eval_model
+    from agentopd.eval.model import EvalConfig, eval_model
 
     return _run_config(EvalConfig, eval_model, a)
 
 
 def cmd_rlef(a) -> int:
-    from agentopd.rlef import RLEFConfig, rlef
+    from agentopd.eval.rlef import RLEFConfig, rlef
 
     return _run_config(RLEFConfig, rlef, a)
 
@@ -177,7 +176,7 @@ def cmd_report(a) -> int:
 
 
 def cmd_micro_pretrain(a) -> int:
-    from agentopd.micro import DEFAULT_DIR, MicroConfig, pretrain
+    from agentopd.testbed.micro import DEFAULT_DIR, MicroConfig, pretrain
 
     cfg = MicroConfig(seed=a.seed, **({"steps": a.steps} if a.steps else {}))
     a.out = a.out or DEFAULT_DIR
@@ -247,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     misub = mi.add_subparsers(dest="what", required=True)
     mp = misub.add_parser("pretrain", help="build and warm-start the micro model (a few minutes on 2 CPU cores)")
     mp.add_argument("--out", default=None, help="checkpoint dir (default: ~/.cache/agentopd/micro; "
-                                                 "model.path=micro loads the shipped one, agentopd/micro_model)")
+                                                 "model.path=micro loads the shipped one, agentopd/testbed/micro_model)")
     mp.add_argument("--seed", type=int, default=0)
     mp.add_argument("--steps", type=int, default=0, help="supervised steps (default: MicroConfig.steps)")
     mp.add_argument("--quiet", action="store_true", help="no progress bar")

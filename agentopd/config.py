@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import typing
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -146,3 +147,20 @@ def load(cls, path: str | None = None, overrides: list[str] = ()):
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# ------------------------------------------------------------- sections shared by commands
+
+
+@dataclass
+class SamplingConfig:
+    group_size: int = 4
+    """Samples per prompt (G)."""
+    prompts_per_step: int = 4
+    """Prompts per training step."""
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generate_chunk: int = 0
+    """Prompts per engine call; each chunk's samples are judged on a worker thread while the next
+    chunk generates. 0: all prompts in one call."""

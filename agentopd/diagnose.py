@@ -2,7 +2,7 @@
 
 On a config's held-out problems: G answers per problem from the plain prompt, judged; then, for each
 context kind (``critique`` only, ``demonstration`` only, ``both`` as training builds it), every
-sample's teacher prompt from :func:`agentopd.teacher.teacher_contexts` and
+sample's teacher prompt from :func:`agentopd.rl.teacher.teacher_contexts` and
 
 - ``pass1``: the success rate of one answer *sampled* from each teacher context (``pass1_wrong``:
   over the contexts of wrong samples only, the repair rate), against ``student_pass1_same``, the
@@ -190,15 +190,16 @@ def _setup(cfg, judge):
     """The config with its held-out count, the held-out problems and the judge; every check that
     needs no model."""
     from agentopd.config import ConfigError
-    from agentopd.train import _precision, _problems_and_judge
+    from agentopd.rl.learner import precision
+    from agentopd.rollout import problems_and_judge
 
     if cfg.run.eval_problems <= 0:
         print(f"note: run.eval_problems is 0: diagnosing on {DEFAULT_PROBLEMS} held-out problems", file=sys.stderr)
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, eval_problems=DEFAULT_PROBLEMS))
     if cfg.sampling.group_size < 1:
         raise ConfigError(f"sampling.group_size must be at least 1, got {cfg.sampling.group_size}")
-    _precision(cfg)
-    _, heldout, default_judge = _problems_and_judge(cfg)
+    precision(cfg)
+    _, heldout, default_judge = problems_and_judge(cfg)
     if judge is None:
         judge = default_judge
     elif hasattr(default_judge, "close"):
@@ -223,7 +224,7 @@ def _logprobs(model, prompt_ids, response_ids, cfg, desc: str) -> list[torch.Ten
     """Per-token log-probs of the response ids after each prompt, as training scores them."""
     from tqdm import tqdm
 
-    from agentopd.teacher import score
+    from agentopd.rl.teacher import score
 
     step = max(cfg.optim.micro_batch, 1)
     out = []
@@ -234,7 +235,7 @@ def _logprobs(model, prompt_ids, response_ids, cfg, desc: str) -> list[torch.Ten
 
 
 def _sample_plain(cfg, problems, tok, model, engine, judge, seed: int) -> _Plain:
-    from agentopd.engine import apply_chat
+    from agentopd.inference.base import apply_chat
 
     prompt_ids = [apply_chat(tok, [{"role": "user", "content": p.prompt}]) for p in problems]
     G = cfg.sampling.group_size
@@ -247,9 +248,9 @@ def _sample_plain(cfg, problems, tok, model, engine, judge, seed: int) -> _Plain
 
 def _contexts(kind: str, plain: _Plain, tok, cfg, template) -> list:
     """Each plain sample's teacher prompt ids for this kind (None: no context), built by
-    :func:`agentopd.teacher.teacher_contexts`; the ``critique`` kind also gives each correct sample its
+    :func:`agentopd.rl.teacher.teacher_contexts`; the ``critique`` kind also gives each correct sample its
     own critique (see the module's docstring)."""
-    from agentopd.teacher import build_teacher_context, teacher_contexts
+    from agentopd.rl.teacher import build_teacher_context, teacher_contexts
 
     crit, demo = KINDS[kind]
     tcfg = dataclasses.replace(cfg.teacher, use_critique=crit, use_demonstration=demo)
@@ -276,7 +277,7 @@ def _blames(plain: _Plain, rows: list[int], ls: list, lt: list, tok, cfg) -> lis
 
 def _kind(kind: str, plain: _Plain, tok, model, engine, judge, cfg, template, seed: int) -> dict:
     """The figures of one context kind (see :func:`kind_stats`)."""
-    from agentopd.train import pad_BT
+    from agentopd.rl.learner import pad_BT
 
     G = cfg.sampling.group_size
     ctx = _contexts(kind, plain, tok, cfg, template)
@@ -304,20 +305,20 @@ def diagnose_teacher(cfg, engine=None, judge=None) -> dict:
     """Run the diagnostic of a ``TrainConfig`` (module docstring); returns the report, also written
     to ``<run.out>/diagnose.json`` (and its table to ``summary.md``). ``engine`` / ``judge``: as in
     :func:`agentopd.train.train`."""
-    from agentopd.engine import HFEngine
     from agentopd.envs.procedural import HELDOUT_SEED
-    from agentopd.teacher import TeacherTemplate
-    from agentopd.train import _autocast, _load_model, _precision, pick_device
+    from agentopd.inference.hf import HFEngine
+    from agentopd.rl.learner import autocast, load_model, pick_device, precision
+    from agentopd.rl.teacher import TeacherTemplate
 
     cfg, problems, judge = _setup(cfg, judge)
     torch.manual_seed(cfg.run.seed)
     device = pick_device(cfg)
     try:
-        model, tok = _load_model(cfg, device)
+        model, tok = load_model(cfg, device)
         model.eval()
         engine = (engine or HFEngine)(model, tok, device=device)
         seed = cfg.run.seed * 1_000_003 + HELDOUT_SEED
-        with torch.no_grad(), _autocast(_precision(cfg), device)():
+        with torch.no_grad(), autocast(precision(cfg), device)():
             plain = _sample_plain(cfg, problems, tok, model, engine, judge, seed)
             contexts = {kind: _kind(kind, plain, tok, model, engine, judge, cfg, TeacherTemplate(),
                                     seed + 7919 * (k + 1)) for k, kind in enumerate(KINDS)}

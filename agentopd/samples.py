@@ -14,7 +14,7 @@ import math
 import os
 
 from agentopd.diagnose import token_spans
-from agentopd.teacher import pick_demonstration
+from agentopd.rl.teacher import pick_demonstration
 
 
 def due(run, step: int, last: bool, evaluated: bool) -> bool:
@@ -46,7 +46,7 @@ def _floats(values) -> list[float | None]:
 def rows(step: int, tok, problems, gens, judgements, st, group_size: int, teacher_cfg, k: int,
          max_tokens: int) -> list[dict]:
     """The sample rows of one step: ``problems`` the step's prompts, ``gens`` / ``judgements`` its
-    samples (``b // group_size`` is the prompt), ``st`` the step's ``agentopd.train._Step``."""
+    samples (``b // group_size`` is the prompt), ``st`` the step's ``agentopd.rl.learner.StepBatch``."""
     success = [j.verdict.status == "ok" for j in judgements]
     out = []
     for b in pick(success, k):

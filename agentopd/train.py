@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import math
 import os
 import random
 import sys
@@ -21,18 +20,24 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from agentopd import losses, objectives
+from agentopd.config import SamplingConfig
 from agentopd.diagnose import step_metrics
-from agentopd.engine import (
-    HFEngine,
-    apply_chat,
-    gather_logprobs,
-    hidden_logprobs,
-    lm_head_weight,
-    response_hidden,
-    response_logits,
-    sequence_logprobs,
+from agentopd.eval.heldout import heldout_eval
+from agentopd.inference.base import apply_chat
+from agentopd.inference.hf import HFEngine
+from agentopd.rl import objectives
+from agentopd.rl.learner import (
+    StepBatch,
+    autocast,
+    load_model,
+    pick_device,
+    precision,
+    score,
+    step_inputs,
+    update,
 )
+from agentopd.rl.logprobs import lm_head_weight
+from agentopd.rollout import problems_and_judge
 
 
 @dataclass
@@ -65,20 +70,6 @@ class DataConfig:
 
 
 @dataclass
-class SamplingConfig:
-    group_size: int = 4
-    """Samples per prompt (G)."""
-    prompts_per_step: int = 4
-    """Prompts per training step."""
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    generate_chunk: int = 0
-    """Prompts per engine call; each chunk's samples are judged on a worker thread while the next
-    chunk generates. 0: all prompts in one call."""
-
-
-@dataclass
 class TeacherConfig:
     mode: str = "ema"
     """ema, frozen, live or trust_region."""
@@ -106,7 +97,7 @@ class TeacherConfig:
 @dataclass
 class AlgoConfig:
     loss: str = "pg"
-    """The per-token objective (agentopd.objectives): 'pg' (PPO-clip on ``advantage``, plus
+    """The per-token objective (agentopd.rl.objectives): 'pg' (PPO-clip on ``advantage``, plus
     ``distill_weight`` x the distillation loss when that is > 0), 'sdpo' (the distillation loss alone,
     importance-weighted: lasgroup/SDPO's ``loss_mode=sdpo``), 'sdpo_token' (TRL's sampled-token SDPO;
     needs ``distill_alpha: 1``) or 'mix' (``(1 - distill_weight) * pg + distill_weight * sdpo``)."""
@@ -159,7 +150,7 @@ class RunConfig:
     seed: int = 0
     out: str = "runs/default"
     """Where metrics.jsonl, checkpoints/step-N/ and final/ go (save_pretrained directories that
-    transformers, peft and every agentopd command load; see agentopd.checkpoints)."""
+    transformers, peft and every agentopd command load; see agentopd.rl.checkpoints)."""
     checkpoint_every: int = 5
     resume: bool = False
     """Continue from the latest readable checkpoint in ``out``."""
@@ -211,101 +202,12 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def pad_BT(rows: list, value: float = 0.0, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D sequences to [B, T]; returns (values_BT, mask_BT)."""
-    T = max((len(r) for r in rows), default=0)
-    out_BT = torch.full((len(rows), max(T, 1)), value, dtype=dtype)
-    mask_BT = torch.zeros((len(rows), max(T, 1)), dtype=torch.float32)
-    for i, r in enumerate(rows):
-        if len(r):
-            out_BT[i, : len(r)] = torch.as_tensor(r, dtype=dtype)
-            mask_BT[i, : len(r)] = 1.0
-    return out_BT, mask_BT
-
-
-def _load_model(cfg: TrainConfig, device):
-    from agentopd.engines import load_pretrained
-
-    # float32 master weights whatever the stored dtype (bf16 autocast does the compute): AdamW's and the
-    # EMA teacher's small updates would be lost below bf16's spacing; the teacher and reference copy these
-    model, tok = load_pretrained(cfg.model.path, seed=cfg.run.seed, progress=cfg.run.progress, dtype=torch.float32)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if cfg.model.lora_rank:
-        from peft import LoraConfig, get_peft_model
-
-        from agentopd.checkpoints import lora_base
-
-        base = lora_base(cfg.model.path, model, tok, os.path.join(cfg.run.out, "base"))
-        model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=2 * cfg.model.lora_rank,
-                                                 target_modules="all-linear"))
-        model.peft_config["default"].base_model_name_or_path = base  # what the saved adapter names
-    return model.to(device), tok
-
-
-def _problems_and_judge(cfg: TrainConfig):
-    """(training problems, held-out problems or None, judge)."""
-    from agentopd.envs.data import (
-        load_code_problems,
-        load_humaneval,
-        load_math_problems,
-    )
-    from agentopd.envs.procedural import GENERATORS, HELDOUT_SEED, generated_problems
-    from agentopd.judges import make_judge
-
-    if cfg.data.env not in ("math", "code"):
-        raise ValueError(f"data.env must be 'math' or 'code', got {cfg.data.env!r}")
-    load = load_math_problems if cfg.data.env == "math" else load_code_problems
-    heldout = None
-    if cfg.data.problems in GENERATORS:
-        if GENERATORS[cfg.data.problems] != cfg.data.env:
-            raise ValueError(f"data.problems={cfg.data.problems!r} makes {GENERATORS[cfg.data.problems]} problems,"
-                             f" but data.env is {cfg.data.env!r}")
-        problems = generated_problems(cfg.data.problems, cfg.data.n, cfg.data.levels, cfg.run.seed + 1)
-        if cfg.run.eval_problems and not cfg.data.heldout:
-            heldout = generated_problems(cfg.data.problems, cfg.run.eval_problems, cfg.data.levels, HELDOUT_SEED)
-            seen = {p.prompt for p in heldout}
-            problems = [p for p in problems if p.prompt not in seen]
-    elif cfg.data.problems == "humaneval":
-        problems = load_humaneval()
-    else:
-        problems = load(cfg.data.problems)
-    if cfg.run.eval_problems and heldout is None:
-        if not cfg.data.heldout:
-            raise ValueError("run.eval_problems needs data.heldout (a JSONL file) for non-generated problems")
-        heldout = load(cfg.data.heldout)[:cfg.run.eval_problems]
-    judge = make_judge(cfg.data.judge or ("math" if cfg.data.env == "math" else "tests"))
-    return problems, heldout, judge
-
-
-def heldout_pass1(engine, tok, problems, judge, n: int, sampling: SamplingConfig, seed: int) -> float:
-    """Held-out pass@1: the mean success of ``n`` samples per problem at the sampling temperature,
-    over the judged samples. Judge errors (an outage, not a wrong answer) are left out and their
-    count said on stderr; NaN when no sample could be judged."""
-    return heldout_eval(engine, tok, problems, judge, n, sampling, seed)[0]
-
-
-def heldout_eval(engine, tok, problems, judge, n: int, sampling: SamplingConfig, seed: int) -> tuple[float, int]:
-    """(held-out pass@1 as :func:`heldout_pass1` gives it, the number of judge errors left out)."""
-    from agentopd.engine import apply_chat
-
-    gens = engine.generate([apply_chat(tok, [{"role": "user", "content": p.prompt}]) for p in problems], n=n,
-                           max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                           top_p=sampling.top_p, seed=seed)
-    verdicts = judge.judge_many([(p, g.text) for p, gs in zip(problems, gens) for g in gs])
-    judged = [j.verdict.status for j in verdicts if j.verdict.status != "judge_error"]
-    if len(judged) < len(verdicts):
-        print(f"held-out pass@1: {len(verdicts) - len(judged)} of {len(verdicts)} samples could not be judged "
-              "(judge_error); left out", file=sys.stderr)
-    return (sum(s == "ok" for s in judged) / len(judged) if judged else math.nan), len(verdicts) - len(judged)
-
-
 def _check_algo(cfg: TrainConfig) -> None:
     """Fail before any work on an unknown estimator or an argument it does not take."""
     import inspect
 
-    from agentopd import advantages
     from agentopd.config import ConfigError
+    from agentopd.rl import advantages
 
     if cfg.algo.advantage not in advantages.ADVANTAGES:
         raise ConfigError(f"algo.advantage: unknown estimator {cfg.algo.advantage!r}; "
@@ -321,7 +223,7 @@ def _check_algo(cfg: TrainConfig) -> None:
     if cfg.data.env not in ("math", "code"):
         raise ConfigError(f"data.env: {cfg.data.env!r}; choices: math, code")
     _check_judge_spec(cfg.data.judge)
-    _precision(cfg)
+    precision(cfg)
 
 
 def _check_loss(algo: AlgoConfig) -> None:
@@ -337,12 +239,6 @@ def _check_loss(algo: AlgoConfig) -> None:
         raise ConfigError(f"algo.loss=mix needs algo.distill_weight in [0, 1], got {algo.distill_weight}")
 
 
-def learner_temperature(sampling: SamplingConfig) -> float:
-    """What the learner divides its logits by: the sampling temperature (1 for greedy, whose engine
-    log-probs are the untempered ones)."""
-    return sampling.temperature if sampling.temperature > 0 else 1.0
-
-
 def _check_judge_spec(spec: dict) -> None:
     """The judge a config names exists (before any model loads)."""
     from agentopd.config import ConfigError
@@ -356,21 +252,6 @@ def _check_judge_spec(spec: dict) -> None:
             resolve(name)
     except ValueError as e:
         raise ConfigError(f"data.judge: {e}") from None
-
-
-def _precision(cfg: TrainConfig) -> str:
-    precision = "off" if cfg.run.precision is False else cfg.run.precision
-    if precision not in ("auto", "bf16", "off"):
-        from agentopd.config import ConfigError
-
-        raise ConfigError(f"run.precision: {cfg.run.precision!r}; choices: auto, bf16, off")
-    return precision
-
-
-def _autocast(precision: str, device: torch.device):
-    """A factory of the forward passes' context: bf16 autocast under 'bf16', and under 'auto' on CUDA."""
-    on = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def _needs(module: str, option: str, package: str):
@@ -407,105 +288,7 @@ def _timed(fn, *args):
     return fn(*args), time.perf_counter() - t0
 
 
-def _teacher_hidden(teacher, prompt_ids: list[list[int]], response_ids: list[list[int]]):
-    """The teacher's final hidden states ``[B, R, H']`` and head weight ``[V, H']`` whose product is
-    its logits. trust_region: both models side by side, ``(1 - mix) * frozen + mix * live`` logits
-    as one product ``[(1 - mix) h_frozen, mix h_live] @ [W_frozen, W_live].T``."""
-    if teacher.mode != "trust_region":
-        model = teacher.model_for_scoring()
-        return response_hidden(model, prompt_ids, response_ids), lm_head_weight(model)
-    parts = [(c * response_hidden(m, prompt_ids, response_ids), lm_head_weight(m))
-             for m, c in ((teacher.copy, 1 - teacher.mix), (teacher.student, teacher.mix))]
-    return torch.cat([h for h, _ in parts], -1), torch.cat([w for _, w in parts], -1)
-
-
-def _divergence_BR(algo: AlgoConfig, teacher, student_BRX, head_VH, chunk: int, prompt_ids, response_ids,
-                   mask_BR, amp, temperature: float) -> torch.Tensor:
-    """KL_alpha(student, teacher) at each position of these rows, ``[B, R]``, both sides' logits divided
-    by ``temperature``. ``chunk`` > 0: ``student_BRX`` is the student's final hidden states ``[B, R, H]``
-    and both sides' logits are formed chunk by chunk (0 outside ``mask_BR``); 0: it is the student's
-    logits ``[B, R, V]`` (top-K or full KL)."""
-    with torch.no_grad(), amp():
-        if chunk:
-            teacher_BRH, teacher_head_VH = _teacher_hidden(teacher, prompt_ids, response_ids)
-        else:
-            teacher_BRV = response_logits(teacher.model_for_scoring(), prompt_ids, response_ids)
-    device = student_BRX.device
-    if chunk:
-        with amp():  # the head products in the autocast dtype, as in the forward passes
-            return losses.kl_alpha_chunked_per_token(student_BRX, teacher_BRH.to(device), head_VH, mask_BR,
-                                                     algo.distill_alpha, chunk, teacher_head_VH.to(device), temperature)
-    if algo.distill_topk:
-        return losses.kl_alpha_topk_per_token(student_BRX, teacher_BRV.to(device), algo.distill_alpha,
-                                              algo.distill_topk, temperature)
-    return losses.kl_alpha_per_token(student_BRX, teacher_BRV.to(device), algo.distill_alpha, temperature)
-
-
-def _engine_logprobs(gens: list, like_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The engine's sampling log-probs ``[B, T]`` (shaped as ``like_BT``) and where it gave them: rows
-    whose ``Generation.logprobs`` has one value per response id (an engine without log-probs: none)."""
-    lp_BT, have_BT = torch.zeros_like(like_BT), torch.zeros_like(like_BT)
-    for b, g in enumerate(gens):
-        if g.response_ids and len(g.logprobs) == len(g.response_ids):
-            lp_BT[b, :len(g.logprobs)] = torch.tensor(g.logprobs, dtype=lp_BT.dtype)
-            have_BT[b, :len(g.logprobs)] = 1.0
-    return lp_BT, have_BT
-
-
-@dataclass
-class _Step:
-    """What the update of one step reads: per sample ``b``, its prompt ids, response ids and teacher
-    prompt (None: no teacher signal); ``[B, T]`` tensors; the whole batch's token counts."""
-
-    prompt_ids: list
-    response_ids: list
-    teacher_prompts: list
-    old_BT: torch.Tensor
-    teacher_BT: torch.Tensor
-    adv_BT: torch.Tensor
-    mask_BT: torch.Tensor
-    teacher_mask_B: torch.Tensor
-    rollout_BT: torch.Tensor
-    ref_BT: torch.Tensor | None
-    n_tok: torch.Tensor
-    n_teacher_tok: torch.Tensor
-
-
-def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp, st: _Step, idx: list[int]):
-    """Samples ``idx``'s share of the whole batch's loss (``algo.loss``, plus the reference KL) and metrics."""
-    T = learner_temperature(cfg.sampling)
-    R_ = [st.response_ids[b] for b in idx]
-    with amp():  # the student's final hidden states [B, R, H] (chunk > 0) or its logits [B, R, V]; the head in autocast
-        out_BRX = (response_hidden if chunk else response_logits)(model, [st.prompt_ids[b] for b in idx], R_)
-        lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk, temperature=T)[0] if chunk else
-                       gather_logprobs(out_BRX, R_, T), st.old_BT.shape[1])
-    dev = lp_BT.device
-    m_BT = st.mask_BT[idx].to(dev)
-    tm_BT = m_BT * st.teacher_mask_B[idx, None].to(dev)
-    batch = objectives.TokenBatch(lp_BT, st.old_BT[idx].to(dev), st.adv_BT[idx].to(dev), m_BT / st.n_tok,
-                                  tm_BT / st.n_teacher_tok, st.rollout_BT[idx].to(dev), st.teacher_BT[idx].to(dev))
-    rows = [k for k, b in enumerate(idx) if st.teacher_prompts[b] is not None and len(R_[k])]
-    if "divergence" in objectives.needs(cfg.algo):
-        batch.divergence_BT = torch.zeros_like(lp_BT)
-        if rows:
-            Rm = max(len(R_[k]) for k in rows)
-            batch.divergence_BT[rows, :Rm] = _divergence_BR(
-                cfg.algo, teacher, out_BRX[rows, :Rm], head_VH, chunk, [st.teacher_prompts[idx[k]] for k in rows],
-                [R_[k] for k in rows], tm_BT[rows, :Rm], amp, T)
-    loss, metrics = objectives.loss(cfg.algo, batch)
-    if st.ref_BT is not None:
-        loss = loss + cfg.algo.ref_kl * (m_BT.sum() / st.n_tok) * losses.ref_kl_k3(lp_BT, st.ref_BT[idx].to(dev), m_BT)
-    return loss, metrics
-
-
 # --------------------------------------------------------------------------------- the loop
-
-
-def pick_device(cfg: TrainConfig) -> torch.device:
-    """``run.device``; 'auto': CUDA when available, else the CPU."""
-    if cfg.run.device != "auto":
-        return torch.device(cfg.run.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _rollouts(cfg: TrainConfig, engine, judge, pool, amp, batch, prompt_ids, step: int, t: dict):
@@ -536,55 +319,7 @@ def _rollouts(cfg: TrainConfig, engine, judge, pool, amp, batch, prompt_ids, ste
     return samples, judgements
 
 
-def _score(cfg: TrainConfig, model, teacher, ref, amp, prompt_ids, samples, teacher_prompts):
-    """3. The student's, teacher's (on samples with a teacher prompt) and reference's log-probs of the
-    same response ids, no grad: ``(ls_BT, mask_BT, lt_BT, ref_BT or None)``."""
-    T = learner_temperature(cfg.sampling)
-    resp_ids = [g.response_ids for _, g in samples]
-    student_prompts = [prompt_ids[i] for i, _ in samples]
-
-    def score(scorer, prompts, responses):
-        return sequence_logprobs(scorer, prompts, responses, chunk=cfg.optim.logits_chunk, temperature=T)[0]
-
-    with torch.no_grad(), amp():
-        student_lp = score(model, student_prompts, resp_ids)
-        scored = [b for b, tp in enumerate(teacher_prompts) if tp is not None]
-        teacher_lp = [torch.zeros(len(r)) for r in resp_ids]
-        if scored:
-            got = score(teacher.model_for_scoring(), [teacher_prompts[b] for b in scored], [resp_ids[b] for b in scored])
-            for b, lp in zip(scored, got):
-                teacher_lp[b] = lp.float().cpu()
-        ref_lp = score(ref.model_for_scoring(), student_prompts, resp_ids) if ref else None
-    ls_BT, mask_BT = pad_BT([lp.float().cpu() for lp in student_lp])
-    ref_BT = pad_BT([r.float().cpu() for r in ref_lp])[0] if ref else None
-    return ls_BT, mask_BT, pad_BT(teacher_lp)[0], ref_BT
-
-
-def _update(cfg: TrainConfig, model, opt, teacher, head_VH, chunk: int, amp, st: _Step):
-    """5. Micro-batches with gradient accumulation, ``optim.epochs_per_batch`` optimizer steps (the
-    importance ratio corrects the later ones), then the teacher update: ``(loss, metric sums, grad norm)``."""
-    model.train()
-    B = len(st.response_ids)
-    loss_sum, sums = 0.0, {"distill_loss": 0.0, "clipfrac": 0.0}
-    for _ in range(cfg.optim.epochs_per_batch):
-        opt.zero_grad(set_to_none=True)
-        for s in range(0, B, cfg.optim.micro_batch):
-            idx = list(range(s, min(s + cfg.optim.micro_batch, B)))
-            if st.mask_BT[idx].sum() == 0:
-                continue
-            loss, met = _micro_batch_loss(cfg, model, teacher, head_VH, chunk, amp, st, idx)
-            if loss.requires_grad:  # e.g. sdpo on a micro-batch with no teacher signal: nothing to learn
-                loss.backward()
-            loss_sum += float(loss.detach())
-            for k, v in met.items():
-                sums[k] = sums.get(k, 0.0) + v
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-    teacher.update(model)
-    return loss_sum, sums, float(gnorm)
-
-
-def _row(step: int, judgements, st: _Step, t: dict, update: tuple, rollout_metrics: dict) -> dict:
+def _row(step: int, judgements, st: StepBatch, t: dict, update: tuple, rollout_metrics: dict) -> dict:
     """The step's metrics row (before any held-out evaluation)."""
     from agentopd.judges import reward_stats
 
@@ -605,33 +340,10 @@ def _row(step: int, judgements, st: _Step, t: dict, update: tuple, rollout_metri
     return row | step_metrics(ls_BT, lt_BT, mask_BT, tmask_B, success_B)  # teacher_auc, ratio_correct/wrong
 
 
-def _step_inputs(cfg: TrainConfig, samples, judgements, prompt_ids, teacher_prompts, scores) -> tuple[_Step, dict]:
-    """4. Advantages (judge errors and empty responses carry no gradient) and the rollout
-    correction, packed for the update: ``(_Step, rollout metrics)``."""
-    from agentopd import advantages
-
-    ls_BT, mask_BT, lt_BT, ref_BT = scores
-    rewards_B = torch.tensor([math.nan if j.verdict.status == "judge_error" else j.verdict.score for j in judgements])
-    success_B = torch.tensor([j.verdict.status == "ok" for j in judgements])
-    teacher_mask_B = torch.tensor([tp is not None for tp in teacher_prompts], dtype=torch.float32)
-    group_B = torch.tensor([i for i, _ in samples])
-    inputs = advantages.AdvantageInputs(rewards_B, group_B, mask_BT, ls_BT, lt_BT, teacher_mask_B, success_B)
-    adv_BT = advantages.compute(cfg.algo.advantage, inputs, **cfg.algo.advantage_kwargs)
-    mask_BT = mask_BT * (~torch.isnan(rewards_B))[:, None]
-    adv_BT = torch.nan_to_num(adv_BT) * mask_BT
-    engine_BT, engine_mask_BT = _engine_logprobs([g for _, g in samples], ls_BT)
-    rollout_BT, rollout_metrics = objectives.rollout_weights(ls_BT, engine_BT, engine_mask_BT * mask_BT,
-                                                             cfg.algo.rollout_is_clip)
-    st = _Step([prompt_ids[i] for i, _ in samples], [g.response_ids for _, g in samples], teacher_prompts, ls_BT,
-               lt_BT, adv_BT, mask_BT, teacher_mask_B, rollout_BT, ref_BT, mask_BT.sum().clamp(min=1),
-               (mask_BT * teacher_mask_B[:, None]).sum().clamp(min=1))
-    return st, rollout_metrics
-
-
 def _resume(cfg: TrainConfig, ckpt_dir: str, model, opt, teacher, device) -> tuple[int, int]:
     """``(step, data position)`` to start from: the newest readable checkpoint with ``run.resume``
     (whose later metrics and sample rows are cut, as they are redone), else ``(0, 0)``."""
-    from agentopd import checkpoints
+    from agentopd.rl import checkpoints
 
     if not cfg.run.resume:
         return 0, 0
@@ -648,13 +360,13 @@ def _setup(cfg: TrainConfig, judge):
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     device = pick_device(cfg)
-    problems, heldout, default_judge = _problems_and_judge(cfg)  # a bad problems file fails before the model loads
+    problems, heldout, default_judge = problems_and_judge(cfg)  # a bad problems file fails before the model loads
     if judge is None:
         judge = default_judge
     elif hasattr(default_judge, "close"):
         default_judge.close()
     try:
-        model, tok = _load_model(cfg, device)
+        model, tok = load_model(cfg, device)
     except BaseException:
         if hasattr(judge, "close"):
             judge.close()
@@ -668,16 +380,16 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     around the model by ``engine(model, tokenizer, device)`` when it is a callable class)."""
     from tqdm import tqdm
 
-    from agentopd import checkpoints
     from agentopd import samples as sample_log
     from agentopd.envs.procedural import HELDOUT_SEED
-    from agentopd.teacher import Teacher, TeacherTemplate, teacher_contexts
+    from agentopd.rl import checkpoints
+    from agentopd.rl.teacher import Teacher, TeacherTemplate, teacher_contexts
 
     _check_algo(cfg)
     os.makedirs(cfg.run.out, exist_ok=True)
     sinks = _metric_sinks(cfg)
     device, problems, heldout, judge, model, tok = _setup(cfg, judge)
-    amp = _autocast(_precision(cfg), device)
+    amp = autocast(precision(cfg), device)
     head_VH = lm_head_weight(model)
     needs = objectives.needs(cfg.algo)
     # hidden states and logits formed chunk by chunk in the update, unless top-K distillation needs logits
@@ -728,15 +440,15 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         teacher_prompts = (teacher_contexts(tok, [p.prompt for p in batch], [g for _, g in samples], judgements,
                                             G, cfg.teacher, template) if needs_teacher
                            else [None] * len(samples))  # grpo / rloo: no self-teacher forward at all
-        scores = _score(cfg, model, teacher, ref, amp, prompt_ids, samples, teacher_prompts)
+        scores = score(cfg, model, teacher, ref, amp, prompt_ids, samples, teacher_prompts)
         t["score"] = time.perf_counter() - t0
-        st, rollout_metrics = _step_inputs(cfg, samples, judgements, prompt_ids, teacher_prompts, scores)
+        st, rollout_metrics = step_inputs(cfg, samples, judgements, prompt_ids, teacher_prompts, scores)
 
         t0 = time.perf_counter()
-        update = _update(cfg, model, opt, teacher, head_VH, chunk, amp, st)
+        upd = update(cfg, model, opt, teacher, head_VH, chunk, amp, st)
         t["update"] = time.perf_counter() - t0
 
-        row = _row(step + 1, judgements, st, t, update, rollout_metrics)
+        row = _row(step + 1, judgements, st, t, upd, rollout_metrics)
         last = step + 1 == cfg.run.steps
         if heldout and (last or cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0):
             row |= evaluate()
@@ -759,6 +471,3 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     return rows
 
 
-def _stack(lp_list, T: int) -> torch.Tensor:
-    """Right-pad per-sequence log-prob tensors (keeping their grad) to [B, T]."""
-    return torch.stack([torch.nn.functional.pad(x.float(), (0, T - x.shape[0])) for x in lp_list])

@@ -73,3 +73,11 @@ class Verdict:
 class Judgement:
     verdict: Verdict
     critique: str = ""
+
+
+@dataclass
+class Generation:
+    response_ids: list[int]  # sampled ids (eos included if sampled; nothing after a stop)
+    logprobs: list[float]  # log-prob of each id under the distribution it was drawn from
+    text: str  # decode(response_ids, skip_special_tokens=True), for judges only
+    finish_reason: str  # "stop" (eos or stop string) or "length"

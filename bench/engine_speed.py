@@ -1,6 +1,6 @@
 """Decoding speed of the ``hf`` engine against transformers' own ``model.generate`` on the same batch.
 
-Tiny Llamas built from a config (``agentopd.tiny.build_tiny``: h64 l2, and h256 l4), 32 chat prompts
+Tiny Llamas built from a config (``agentopd.testbed.tiny.build_tiny``: h64 l2, and h256 l4), 32 chat prompts
 of varying lengths x ``n=4`` samples, ``max_new_tokens`` new tokens at temperature 1 (top-p 1), in
 batches of ``batch_size`` rows (left-padded, KV cache) on both sides: ``HFEngine.generate`` (which
 also returns each token's sampling log-prob) and ``model.generate(do_sample=True, ...)`` with scores
@@ -22,12 +22,11 @@ import time
 
 import torch
 
-
 STOP = ["</answer>", "\nUser:"]  # stop strings (both arms): rarely hit by a random tiny model
 
 
 def prompts_for(tok, k: int) -> list[list[int]]:
-    from agentopd.engine import apply_chat
+    from agentopd.inference.base import apply_chat
 
     out = []
     for i in range(k):
@@ -45,7 +44,8 @@ def count_tokens(new_BT: torch.Tensor, eos: set[int]) -> int:
 
 
 def bench_model(name, model, tok, prompts, n, max_new, batch_size, reps, stop=None):
-    from agentopd.engine import HFEngine, _pad_left
+    from agentopd.inference.hf import HFEngine
+    from agentopd.rl.logprobs import pad_left
 
     eng = HFEngine(model, tok, batch_size=batch_size)
     rows = [p for p in prompts for _ in range(n)]
@@ -62,7 +62,7 @@ def bench_model(name, model, tok, prompts, n, max_new, batch_size, reps, stop=No
         toks, t = 0, time.perf_counter()
         with torch.no_grad():
             for s in range(0, len(rows), batch_size):
-                ids, mask = _pad_left(rows[s:s + batch_size], eng.pad_id, eng.device)
+                ids, mask = pad_left(rows[s:s + batch_size], eng.pad_id, eng.device)
                 out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
                                      top_p=1.0, top_k=0, max_new_tokens=max_new, pad_token_id=eng.pad_id,
                                      output_scores=False, return_dict_in_generate=False,
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from agentopd.tiny import build_tiny
+    from agentopd.testbed.tiny import build_tiny
 
     results = {}
     for name, kw in (("tiny h64 l2", {}), ("tiny h256 l4", {"hidden": 256, "layers": 4, "heads": 4})):

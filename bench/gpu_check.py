@@ -121,7 +121,7 @@ def random_ids(rows: int, length: int, vocab: int, seed: int) -> list[list[int]]
 
 
 def bench_hf_generate(model, sizes: dict, device, out: dict):
-    from agentopd.engine import HFEngine
+    from agentopd.inference.hf import HFEngine
 
     prompts = random_ids(sizes["gen_batch"], sizes["gen_prompt"], model.config.vocab_size, 1)
     engine = HFEngine(model, _NoText(), batch_size=sizes["gen_batch"])
@@ -163,7 +163,7 @@ def bench_vllm_generate(model, sizes: dict, out: dict) -> None:
 
 def learner_logprobs(model, prompts, responses, device, on: bool = True):
     """The update's log-probs: final hidden states under autocast, then the chunked head product."""
-    from agentopd.engine import hidden_logprobs, lm_head_weight, response_hidden
+    from agentopd.rl.logprobs import hidden_logprobs, lm_head_weight, response_hidden
 
     with amp(device, on):
         hidden_BRH = response_hidden(model, prompts, responses)
@@ -177,7 +177,7 @@ def ratio_stats(log_ratio_N: torch.Tensor, clip_low: float = 0.2, clip_high: flo
 
 
 def bench_ppo_ratio(model, prompts, gens, device, out: dict) -> None:
-    from agentopd.engine import sequence_logprobs
+    from agentopd.rl.logprobs import sequence_logprobs
 
     responses = [g.response_ids for g in gens]
     with torch.no_grad(), amp(device):  # what train scores as the old log-probs
@@ -244,7 +244,7 @@ def bench_learner(model, sizes: dict, device, results: dict) -> None:
 def bench_step_ratio(model, sizes: dict, device, out: dict) -> None:
     """A GRPO step: student scoring + forward/backward; SDPO adds the teacher's scoring of the same
     responses under a context ``teacher_extra`` tokens longer (the critique)."""
-    from agentopd.engine import sequence_logprobs
+    from agentopd.rl.logprobs import sequence_logprobs
 
     prompts, responses = learner_batch(model, sizes, 6)
     extra = random_ids(len(prompts), sizes["teacher_extra"], model.config.vocab_size, 8)

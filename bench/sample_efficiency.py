@@ -62,9 +62,10 @@ def run_one(method: str, seed: int, args) -> list[tuple[int, float]]:
 def rlef_line(args) -> list[float]:
     """The in-context RLEF baseline on the same model and held-out problems: the held-out pass rate
     after each of 3 turns (the critique of the public tests, or the math judge's, between turns)."""
-    from agentopd.config import load
     from agentopd.envs.procedural import HELDOUT_SEED
-    from agentopd.rlef import RLEFConfig, rlef
+
+    from agentopd.config import load
+    from agentopd.eval.rlef import RLEFConfig, rlef
 
     data = [o for o in SETTINGS[args.setting] if not o.startswith("data.judge")]  # the default judges
     with tempfile.TemporaryDirectory() as out:
@@ -179,7 +180,7 @@ def main() -> None:
     args.steps = args.steps or (40 if args.quick else 120)
     args.eval_every = args.eval_every or (5 if args.quick else 10)
 
-    from agentopd import micro
+    from agentopd.testbed import micro
 
     if args.model == "micro":
         micro.ensure()

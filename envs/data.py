@@ -19,7 +19,8 @@ import gzip
 import hashlib
 import json
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from agentopd.types import Problem
 

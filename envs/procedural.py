@@ -9,7 +9,7 @@ at five difficulty levels (same seed, same problems):
 
 ``micro_problems(n, levels, seed)``: multi-digit addition and one-digit multiplication whose reference
 answers (``micro_solution``) work column by column; ``function_problems(n, seed)``: "write f from
-these examples" code problems with unit tests. Both feed the micro testbed (``agentopd.micro``);
+these examples" code problems with unit tests. Both feed the micro testbed (``agentopd.testbed.micro``);
 ``generated_problems(name, ...)`` picks a generator by name.
 
 ``reasoning_gym_problems(name, n, seed)`` draws from a ``reasoning-gym`` generator (optional extra

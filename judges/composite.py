@@ -6,6 +6,7 @@ Any part's ``judge_error`` makes the whole a ``judge_error``.
 from __future__ import annotations
 
 from agentopd.judges.base import BaseJudge, judge_error, make_judge
+
 from agentopd.types import Judgement, Problem, Verdict
 
 

@@ -15,6 +15,7 @@ import re
 import time
 
 from agentopd.judges.base import BaseJudge, judge_error
+
 from agentopd.types import Judgement, Problem, Verdict
 
 DEFAULT_RUBRIC = """You are grading an answer to a task.
@@ -37,7 +38,7 @@ def parse_reply(text: str | None) -> tuple[float, str]:
     """(score, critique) from the model's reply; MalformedReply if it is not a valid object."""
     if not text:
         raise MalformedReply("empty reply")
-    m = re.search(r"\{.*\}", text, re.S)
+    m = re.search(r"\{.*\}", text, re.DOTALL)
     if not m:
         raise MalformedReply(f"no JSON object in reply: {text[:200]!r}")
     try:

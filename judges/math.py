@@ -20,8 +20,9 @@ import re
 import sys
 
 from agentopd.judges.base import BaseJudge, judge_error
+
+from agentopd.sandbox.workers import JsonWorker, WorkerPool
 from agentopd.types import Judgement, Problem, Verdict
-from agentopd.workers import JsonWorker, WorkerPool
 
 DEFAULT_PATTERN = r"(?i)\banswer\s*(?:is|:)\s*:?\s*\$?(.+?)\$?\s*\.?\s*$"
 
@@ -94,7 +95,7 @@ class MathVerifier:
 
     @staticmethod
     def _start(slot, key):
-        return JsonWorker([sys.executable, "-m", "agentopd._math_worker"], env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        return JsonWorker([sys.executable, "-m", "agentopd.judges.math_worker"], env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
     def equivalent(self, gold: str, pred: str) -> tuple[bool | None, str]:
         """(True/False, note), or (None, reason) when the verifier failed or ran out of time."""

@@ -4,7 +4,7 @@ Two test styles (``problem.payload["style"]``):
 
 - ``call``: test snippets (``assert f(1) == 2``, or HumanEval's ``check(candidate)`` code) run by
   a driver process that holds the tests and calls into the solution's process over a pipe;
-  arguments and return values cross as data (agentopd/_calltests.py), one result line per test.
+  arguments and return values cross as data (agentopd/sandbox/calltests.py), one result line per test.
 - ``io``:   competitive-programming style, one sandboxed run per (stdin, expected stdout) pair;
   outputs are compared on the host line by line after stripping (as LiveCodeBench does).
 
@@ -29,7 +29,7 @@ from agentopd.types import ExecResult, Judgement, Problem, TestResult, Verdict
 FIELD_CAP = 250
 CRITIQUE_CAP = 2000
 
-_DRIVER = KNOWN_PROGRAMS[0]  # agentopd._calltests: warm workers have it compiled already
+_DRIVER = KNOWN_PROGRAMS[0]  # agentopd.sandbox.calltests: warm workers have it compiled already
 
 
 def _frame(obj) -> str:
@@ -38,13 +38,13 @@ def _frame(obj) -> str:
 
 
 def call_job(src: str, tests: list[str], setup: str = "") -> tuple[str, str]:
-    """(program, stdin) of one sandbox run for call-style tests: the driver (agentopd._calltests)
+    """(program, stdin) of one sandbox run for call-style tests: the driver (agentopd.sandbox.calltests)
     is the program; stdin holds the solution, then the tests, which the driver reads only after
     the solution's process is forked off."""
     return _DRIVER, _frame({"src": src, "setup": setup}) + _frame({"tests": tests, "setup": setup})
 
 
-_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def extract_code(text: str) -> str | None:

@@ -11,7 +11,7 @@ import pytest
 def micro_dir(tmp_path_factory):
     """A micro model warm-started for a few steps on a small mix (seconds, not minutes): the real
     pipeline of ``agentopd micro pretrain`` at a test budget."""
-    from agentopd.micro import MicroConfig, pretrain
+    from agentopd.testbed.micro import MicroConfig, pretrain
 
     out = tmp_path_factory.mktemp("micro")
     pretrain(str(out), MicroConfig(n_math=240, n_code=48, steps=8, batch=16, heldout=6), progress=False)

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from agentopd.advantages import ADVANTAGES, AdvantageInputs, compute
-from agentopd.losses import kl_alpha, policy_loss
+from agentopd.rl.advantages import ADVANTAGES, AdvantageInputs, compute
+from agentopd.rl.losses import kl_alpha, policy_loss
 
 NAN = float("nan")
 

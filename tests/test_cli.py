@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from sandbox_probe import bwrap_or_skip
-
 from agentopd.envs.data import load_humaneval
+from sandbox_probe import bwrap_or_skip
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "sandboxfusion-samples"
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample data not found at {SAMPLES}")

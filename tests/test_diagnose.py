@@ -30,9 +30,8 @@ from agentopd.diagnose import (
     step_metrics,
     token_spans,
 )
-from agentopd.engine import Generation
 from agentopd.train import TrainConfig, train
-from agentopd.types import Judgement, Verdict
+from agentopd.types import Generation, Judgement, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 KIND_KEYS = {"n", "n_correct", "n_wrong", "pass1", "pass1_wrong", "student_pass1_same", "gap", "auc", "auc_mean",
@@ -144,7 +143,7 @@ def test_blame_on_a_hand_made_answer():
 
 
 def test_token_spans_cover_the_decoded_text():
-    from agentopd.tiny import build_tokenizer
+    from agentopd.testbed.tiny import build_tokenizer
 
     tok = build_tokenizer()
     text = "9 + 6 = 15, 4 + 6 + 1 = 11. \\boxed{815}"

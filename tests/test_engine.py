@@ -4,8 +4,11 @@ import re
 import pytest
 import torch
 
-from agentopd.engine import Generation, HFEngine, apply_chat, sequence_logprobs
-from agentopd.tiny import build_tiny
+from agentopd.inference.base import apply_chat
+from agentopd.inference.hf import HFEngine
+from agentopd.rl.logprobs import sequence_logprobs
+from agentopd.testbed.tiny import build_tiny
+from agentopd.types import Generation
 
 HEADER = "<|im_start|>assistant\n"
 
@@ -180,7 +183,7 @@ def test_sequence_logprobs_with_grad(tiny, prompts):
 def test_learner_logprobs_at_the_sampling_temperature_are_the_engines(chunk):
     """sequence_logprobs(temperature=T) is log_softmax(logits / T) gathered, and equals the engine's
     sampling log-probs at T (top-p 1), token for token; at T = 1 they would not match."""
-    from agentopd.engine import response_logits
+    from agentopd.rl.logprobs import response_logits
 
     model, tok = build_tiny(seed=0)
     prompts = [[1, 5, 9, 30], [1, 7, 8]]
@@ -221,7 +224,8 @@ def test_generation_uses_the_current_cache_argument(tiny, prompts):
 def reference_generate(eng, prompt_ids, n, max_new_tokens, temperature=1.0, top_p=1.0, stop=(), seed=None):
     """The straightforward loop HFEngine.generate replaced: a host sync and, with stop strings, a
     text decode per token per row. The reference for test_generate_matches_the_reference_loop."""
-    from agentopd.engine import _kv_cache, _pad_left, _positions
+    from agentopd.inference.hf import _kv_cache
+    from agentopd.rl.logprobs import pad_left, positions
 
     stop = list(stop)
     gen = torch.Generator(device=eng.device).manual_seed(seed) if seed is not None else None
@@ -231,10 +235,10 @@ def reference_generate(eng, prompt_ids, n, max_new_tokens, temperature=1.0, top_
         for s in range(0, len(rows), eng.batch_size):
             batch = rows[s:s + eng.batch_size]
             B = len(batch)
-            ids_BL, mask_BL = _pad_left(batch, eng.pad_id, eng.device)
-            pos_B = _positions(mask_BL)[:, -1]
+            ids_BL, mask_BL = pad_left(batch, eng.pad_id, eng.device)
+            pos_B = positions(mask_BL)[:, -1]
             cache = _kv_cache(eng.model)
-            out = eng.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=_positions(mask_BL),
+            out = eng.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=positions(mask_BL),
                             use_cache=True, logits_to_keep=1, **cache)
             window = 4 * max((len(x) for x in stop), default=0) + 8
             resp, lps, reason = [[] for _ in range(B)], [[] for _ in range(B)], [None] * B

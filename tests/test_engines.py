@@ -12,7 +12,8 @@ import time
 import pytest
 from openai_server import messages_text
 
-from agentopd.engines import EngineError, make_engine, sample_chat, sample_text
+from agentopd.inference import make_engine
+from agentopd.inference.base import EngineError, sample_chat, sample_text
 
 pytest.importorskip("openai")
 TIMEOUT = 0.5
@@ -43,7 +44,7 @@ def test_hf_chat_samples_ids_logprobs_and_text(hf):
 
 
 def test_hf_chat_is_the_chat_template_plus_generate(hf):
-    from agentopd.engine import apply_chat
+    from agentopd.inference.base import apply_chat
 
     direct = hf.generate([apply_chat(hf.tokenizer, c) for c in CONVS], n=2, max_new_tokens=6, seed=3)
     via = sample_chat(hf, CONVS, n=2, max_new_tokens=6, seed=3)
@@ -207,8 +208,10 @@ def _vllm_ready() -> str | None:
 def test_vllm_generates_with_logprobs_and_follows_loaded_weights(tmp_path):
     import torch
 
-    from agentopd.engine import HFEngine, apply_chat, sequence_logprobs
-    from agentopd.tiny import build_tiny
+    from agentopd.inference.base import apply_chat
+    from agentopd.inference.hf import HFEngine
+    from agentopd.rl.logprobs import sequence_logprobs
+    from agentopd.testbed.tiny import build_tiny
 
     model, tok = build_tiny(tmp_path)
     e = make_engine("vllm", model=str(tmp_path), gpu_memory_utilization=0.2, enforce_eager=True, dtype="float32")

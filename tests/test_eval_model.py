@@ -16,7 +16,7 @@ import yaml
 from openai_server import messages_text
 from sandbox_probe import bwrap_or_skip
 
-from agentopd.passk import pass_at_k
+from agentopd.eval.passk import pass_at_k
 
 pytest.importorskip("openai")
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,7 +195,7 @@ def test_missing_vllm_names_the_extra(tmp_path, serve):
 
 def test_eval_model_with_the_hf_engine_in_process(tmp_path):
     from agentopd.config import build
-    from agentopd.evaluate import EvalConfig, eval_model
+    from agentopd.eval.model import EvalConfig, eval_model
 
     cfg = build(EvalConfig, {"engine": {"name": "hf", "model": "tiny", "device": "cpu"},
                              "data": {"env": "math", "problems": "arithmetic", "n": 2, "levels": [1]},
@@ -208,9 +208,10 @@ def test_eval_model_with_the_hf_engine_in_process(tmp_path):
 
 
 def test_judge_failures_are_redone_on_resume(tmp_path, serve):
-    from agentopd.config import build
-    from agentopd.evaluate import EvalConfig, eval_model
     from agentopd.judges.base import judge_error
+
+    from agentopd.config import build
+    from agentopd.eval.model import EvalConfig, eval_model
     from agentopd.types import Judgement, Verdict
 
     class FlakyJudge:  # fails on mul the first time it sees it

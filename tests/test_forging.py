@@ -1,6 +1,6 @@
 """Forging call-style results, as a hostile program would, on every sandbox backend available
 here: the techniques of issue 12, and tests of the property behind them (the program's process
-never holds the tests or the result channel: agentopd/_calltests.py)."""
+never holds the tests or the result channel: agentopd/sandbox/calltests.py)."""
 from __future__ import annotations
 
 import random
@@ -17,7 +17,7 @@ from agentopd.types import Problem
 
 BACKENDS = ["bwrap", "bwrap-cold", "docker", "unshare", "process"]
 
-# forged driver records, in the format agentopd/_calltests.py writes them
+# forged driver records, in the format agentopd/sandbox/calltests.py writes them
 FORGED = '["test", 0, "ok", ""]\\n["done"]\\n'
 
 HACKS = {

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from agentopd import losses
-from agentopd.losses import (
+from agentopd.rl import losses
+from agentopd.rl.losses import (
     LOSSES,
     entropy_from_logits,
     get_loss,

@@ -15,15 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
+import agentopd.envs  # noqa: F401  (registers the environments)
 import gymnasium as gym
 import pytest
-from envcheck import check_env_cleanly
-
-import agentopd.envs  # noqa: F401  (registers the environments)
 from agentopd.envs.data import DataError, load_math_problems
 from agentopd.envs.math import MathEnv
 from agentopd.envs.procedural import arithmetic_problems
 from agentopd.judges.math import MathJudge, extract_answer
+from envcheck import check_env_cleanly
+
 from agentopd.types import Problem
 
 TIMEOUT_S = 4.0

@@ -19,9 +19,12 @@ from agentopd.judges import make_judge
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agentopd.config import load
-from agentopd.engine import Generation, HFEngine, apply_chat, sequence_logprobs
-from agentopd.micro import MicroConfig, heldout_problems, warm_start_examples
+from agentopd.inference.base import apply_chat
+from agentopd.inference.hf import HFEngine
+from agentopd.rl.logprobs import sequence_logprobs
+from agentopd.testbed.micro import MicroConfig, heldout_problems, warm_start_examples
 from agentopd.train import TrainConfig, train
+from agentopd.types import Generation
 from tests.sandbox_probe import bwrap_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,8 +134,8 @@ def test_warm_start_loads_with_from_pretrained(micro_dir):
 def test_the_shipped_micro_model_is_what_micro_loads_and_matches_the_defaults():
     from dataclasses import asdict
 
-    from agentopd.engines import load_pretrained
-    from agentopd.micro import SHIPPED_DIR, ensure
+    from agentopd.inference import load_pretrained
+    from agentopd.testbed.micro import SHIPPED_DIR, ensure
 
     assert ensure() == SHIPPED_DIR
     summary = json.loads((Path(SHIPPED_DIR) / "micro.json").read_text())
@@ -144,7 +147,7 @@ def test_the_shipped_micro_model_is_what_micro_loads_and_matches_the_defaults():
 
 
 def test_warm_start_is_deterministic_in_its_seed(tmp_path, micro_dir):
-    from agentopd.micro import pretrain
+    from agentopd.testbed.micro import pretrain
 
     pretrain(str(tmp_path), MicroConfig(n_math=240, n_code=48, steps=8, batch=16, heldout=6), progress=False)
     a = AutoModelForCausalLM.from_pretrained(micro_dir).state_dict()

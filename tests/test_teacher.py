@@ -4,8 +4,9 @@ import copy
 import pytest
 import torch
 
-from agentopd.engine import apply_chat, sequence_logprobs
-from agentopd.teacher import (
+from agentopd.inference.base import apply_chat
+from agentopd.rl.logprobs import sequence_logprobs
+from agentopd.rl.teacher import (
     Teacher,
     TeacherTemplate,
     build_teacher_context,
@@ -14,7 +15,7 @@ from agentopd.teacher import (
     strip_think,
     teacher_contexts,
 )
-from agentopd.tiny import build_tiny
+from agentopd.testbed.tiny import build_tiny
 
 PROMPT = "What is 17 + 25?"
 HEADER = "<|im_start|>assistant\n"
@@ -105,9 +106,8 @@ def test_strip_think():
 
 def _contexts(tok, **options):
     """A group of two: sample 0 right (with a <think> block), sample 1 wrong with a critique."""
-    from agentopd.engine import Generation
     from agentopd.train import TeacherConfig
-    from agentopd.types import Judgement, Verdict
+    from agentopd.types import Generation, Judgement, Verdict
 
     texts = ["<think>17 + 25: 7 + 5 = 12, carry 1</think>\nThe answer is 42.", "The answer is 41."]
     samples = [Generation(tok.encode(x, add_special_tokens=False), [], x, "stop") for x in texts]

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from agentopd.config import load
-from agentopd.engine import HFEngine
+from agentopd.inference.hf import HFEngine
 from agentopd.train import TrainConfig, train
 from agentopd.types import Judgement, Verdict
 
@@ -37,7 +37,7 @@ def _params(out):
     """The newest checkpoint's weights (a LoRA run's: its adapter), as saved."""
     from safetensors.torch import load_file
 
-    from agentopd.checkpoints import checkpoints
+    from agentopd.rl.checkpoints import checkpoints
 
     step = Path(checkpoints(str(Path(out, "checkpoints")))[0])
     return load_file(next(f for f in (step / "model.safetensors", step / "adapter_model.safetensors") if f.exists()))
@@ -58,7 +58,7 @@ def test_resume_gives_the_same_parameters(tmp_path, advantage):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     if advantage == "sd_token":  # the critique gives signal even when no sample is rewarded
-        from agentopd.tiny import build_tiny
+        from agentopd.testbed.tiny import build_tiny
 
         fresh = build_tiny(seed=0)[0].state_dict()
         assert any(not torch.equal(fresh[k], a[k]) for k in a)
@@ -106,10 +106,10 @@ def test_final_model_serves_eval_model_through_the_cli_and_trains_further(tmp_pa
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["samples"] == 4
     # fine-tune further: the run starts from the final weights, not from the tiny model
-    from agentopd.train import _load_model
+    from agentopd.rl.learner import load_model
 
     more = _cfg(tmp_path / "more", "run.steps=1", f"model.path={final}")
-    loaded = _load_model(more, torch.device("cpu"))[0].state_dict()
+    loaded = load_model(more, torch.device("cpu"))[0].state_dict()
     saved = _params(tmp_path / "run")
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert len(train(more)) == 1
@@ -120,7 +120,7 @@ def test_lora_checkpoint_saves_the_adapter_and_its_merge_with_the_same_logits(tm
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from agentopd.engines import load_pretrained
+    from agentopd.inference import load_pretrained
 
     train(_cfg(tmp_path, "run.steps=2", "model.lora_rank=4", "run.save_merged=true", "optim.lr=0.01"))
     final = tmp_path / "final"
@@ -198,7 +198,7 @@ def test_distillation_loss_alone_moves_the_model(tmp_path, topk):
     rows = train(_cfg(tmp_path, "run.steps=2", "algo.advantage=grpo", "algo.advantage_kwargs={}",
                       "algo.distill_weight=1.0", f"algo.distill_topk={topk}", "teacher.mode=frozen"))
     assert all(r["adv_mean"] == 0.0 and r["distill_loss"] > 0 and r["grad_norm"] > 0 for r in rows)
-    from agentopd.tiny import build_tiny
+    from agentopd.testbed.tiny import build_tiny
 
     fresh = build_tiny(seed=0)[0].state_dict()
     trained = _params(tmp_path)
@@ -209,7 +209,7 @@ def test_distillation_loss_alone_moves_the_model(tmp_path, topk):
 
 
 def _fresh():
-    from agentopd.tiny import build_tiny
+    from agentopd.testbed.tiny import build_tiny
 
     return build_tiny(seed=0)[0].state_dict()
 
@@ -262,7 +262,7 @@ class Lengths(HFEngine):
 
 @pytest.mark.parametrize("chunk", [8, 0])
 def test_full_vocab_distillation_never_holds_B_R_V_logits(tmp_path, chunk):
-    from agentopd.tiny import build_tokenizer
+    from agentopd.testbed.tiny import build_tokenizer
 
     V, H, B = len(build_tokenizer()), 64, 6  # the tiny model; one micro-batch of all 6 samples
     Lengths.lengths = []
@@ -329,8 +329,8 @@ def test_rollouts_sample_under_the_same_autocast_as_evaluation(tmp_path, precisi
 def test_a_bf16_checkpoint_trains_as_float32_master_weights(tmp_path):
     from safetensors.torch import load_file
 
-    from agentopd.tiny import build_tiny
-    from agentopd.train import _load_model
+    from agentopd.rl.learner import load_model
+    from agentopd.testbed.tiny import build_tiny
 
     model, tok = build_tiny()
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
@@ -338,7 +338,7 @@ def test_a_bf16_checkpoint_trains_as_float32_master_weights(tmp_path):
     start = load_file(tmp_path / "bf16" / "model.safetensors")
     assert all(v.dtype == torch.bfloat16 for v in start.values())
     cfg = _cfg(tmp_path / "run", "run.steps=2", f"model.path={tmp_path / 'bf16'}", "optim.lr=1e-6", "algo.ref_kl=0.1")
-    assert all(p.dtype == torch.float32 for p in _load_model(cfg, torch.device("cpu"))[0].parameters())
+    assert all(p.dtype == torch.float32 for p in load_model(cfg, torch.device("cpu"))[0].parameters())
     train(cfg)
     after = _params(tmp_path / "run")
     teacher = load_file(tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state" / "teacher.safetensors")
@@ -351,11 +351,11 @@ def test_a_bf16_checkpoint_trains_as_float32_master_weights(tmp_path):
 
 def test_precision_auto_is_off_on_cpu_and_bad_values_are_refused(tmp_path):  # off: see the bf16 test
     from agentopd.config import ConfigError
-    from agentopd.train import _autocast
+    from agentopd.rl.learner import autocast
 
     cpu = torch.device("cpu")
     for precision, on in [("auto", False), ("off", False), ("bf16", True)]:
-        with _autocast(precision, cpu)():
+        with autocast(precision, cpu)():
             assert torch.is_autocast_enabled("cpu") == on, precision
     with pytest.raises(ConfigError, match="run.precision: 'fp8'"):
         train(_cfg(tmp_path, "run.precision=fp8"))
@@ -519,7 +519,9 @@ def test_heldout_pass1_leaves_judge_errors_out(capsys):
     import math as _math
 
     from agentopd.judges.base import judge_error
-    from agentopd.train import SamplingConfig, heldout_pass1
+
+    from agentopd.config import SamplingConfig
+    from agentopd.eval.heldout import heldout_pass1
     from agentopd.types import Judgement, Problem, Verdict
 
     class Tok:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from agentopd.losses import ppo_per_token
+from agentopd.rl.losses import ppo_per_token
 
 LOG_RATIO_BOUND = 20.0  # both references clamp the log importance ratio to [-20, 20] before exp
 

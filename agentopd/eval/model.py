@@ -119,7 +119,7 @@ class EvalConfig:
 
 def check_config(cfg) -> None:
     """Fail before any work on a choice that does not exist or an engine/format mismatch."""
-    from agentopd.engines import ENGINES
+    from agentopd.inference import ENGINES
 
     choices = {"engine.name": (cfg.engine.name, ENGINES), "engine.endpoint": (cfg.engine.endpoint, ("chat", "completions")),
                "data.env": (cfg.data.env, ("code", "math")), "data.format": (cfg.data.format, ("chat", "completion"))}
@@ -135,7 +135,7 @@ def check_config(cfg) -> None:
 
 
 def build_engine(cfg: EngineConfig, seed: int = 0):
-    from agentopd.engines import make_engine
+    from agentopd.inference import make_engine
 
     if cfg.name == "hf":
         return make_engine("hf", model=cfg.model, device=cfg.device, batch_size=cfg.batch_size, seed=seed,
@@ -149,7 +149,6 @@ def build_engine(cfg: EngineConfig, seed: int = 0):
 
 def load_eval_problems(data: EvalDataConfig, seed: int = 0):
     from agentopd.envs import data as loaders
-
     from agentopd.envs.procedural import GENERATORS, generated_problems
 
     if data.problems in GENERATORS:
@@ -350,7 +349,7 @@ def session(cfg, engine=None, judge=None, desc: str = "eval"):
 
 
 def outcome(row: dict) -> tuple[str, str]:
-    """(task_id, status) of a results row, for :func:`agentopd.passk.summarize`."""
+    """(task_id, status) of a results row, for :func:`agentopd.eval.passk.summarize`."""
     return row["task_id"], "judge_error" if row.get("judge_error") else ("ok" if row["passed"] else "failed")
 
 
@@ -360,8 +359,8 @@ def outcome(row: dict) -> tuple[str, str]:
 def eval_model(cfg: EvalConfig, engine=None, judge=None) -> dict:
     """Sample, judge and report pass@k; returns the report (also in ``summary.json``).
     ``engine`` / ``judge``: use these instead of the ones the config names."""
-    from agentopd.engines import sample_chat, sample_text
-    from agentopd.passk import result_row, summarize
+    from agentopd.eval.passk import result_row, summarize
+    from agentopd.inference.base import sample_chat, sample_text
 
     s = cfg.sampling
     sample = sample_chat if cfg.data.format == "chat" else sample_text

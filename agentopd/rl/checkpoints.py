@@ -105,7 +105,7 @@ def lora_base(path: str, model, tokenizer, out: str) -> str:
     hub id, the micro model's directory, else (tiny, an adapter merged on load) ``model`` saved
     once under ``out``."""
     if path == "micro":
-        from agentopd.micro import ensure
+        from agentopd.testbed.micro import ensure
 
         return os.path.abspath(ensure(progress=False))
     if path != "tiny" and not (os.path.isdir(path) and is_adapter_dir(path)):

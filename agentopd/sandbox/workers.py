@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 
 class JsonWorker:

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .engine import apply_chat, sequence_logprobs
+from agentopd.inference.base import apply_chat
+from agentopd.rl.logprobs import sequence_logprobs
 
 TEACHER_MODES = ("ema", "frozen", "live", "trust_region")
 _THINK = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
@@ -126,7 +127,7 @@ def score(model, teacher_prompt_ids: list[list[int]], response_ids: list[list[in
           micro_batch: int = 8, topk: int = 0, temperature: float = 1.0):
     """The teacher's per-token log-probs of the student's response ids appended unchanged to the
     teacher prompts (no grad), the logits divided by ``temperature`` (the sampling temperature, as
-    both references do for the teacher). Same return as :func:`agentopd.engine.sequence_logprobs`."""
+    both references do for the teacher). Same return as :func:`agentopd.rl.logprobs.sequence_logprobs`."""
     with torch.no_grad():
         return sequence_logprobs(model, teacher_prompt_ids, response_ids, micro_batch, topk, temperature=temperature)
 

@@ -8,7 +8,7 @@ choices than asked (llama.cpp ignores ``n``) is asked again for the rest. ``conc
 requests in flight. A timeout, a connection error, HTTP 408/409/429 or 5xx, or a reply without
 choices is retried with exponential backoff (``backoff_s``, doubling); other HTTP errors (a bad
 request, a wrong key) fail at once. When the retries run out the call raises
-:class:`~agentopd.engines.EngineError`. The API key is read from the environment variable named by
+:class:`~agentopd.inference.EngineError`. The API key is read from the environment variable named by
 ``api_key_env``.
 
 A server works on text: ``Generation.text`` is always set; ``logprobs`` (with ``logprobs=True``)
@@ -21,8 +21,8 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from agentopd.engine import Generation
-from agentopd.engines import EngineError
+from agentopd.inference.base import EngineError
+from agentopd.types import Generation
 
 RETRY_STATUS = (408, 409, 429)
 

@@ -47,7 +47,7 @@ class VLLMEngine:
         return build
 
     def generate(self, prompt_ids, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop=None, seed=None):
-        from agentopd.engine import Generation
+        from agentopd.types import Generation
 
         if self.sync_from is not None:
             self.load_weights(self.sync_from)

@@ -39,7 +39,7 @@ from agentopd.types import Problem
 
 SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "micro_model")
 """The warm-started micro model shipped with the package (``MicroConfig()``'s defaults, seed 0:
-``agentopd micro pretrain --out agentopd/micro_model`` rebuilds it); what ``model.path: micro`` loads."""
+``agentopd micro pretrain --out agentopd/testbed/micro_model`` rebuilds it); what ``model.path: micro`` loads."""
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "agentopd", "micro")
 """Where ``agentopd micro pretrain`` writes by default, and what ``micro`` falls back to (built
 when missing) if a checkout has no shipped model."""
@@ -147,7 +147,7 @@ def _repair_messages(p: Problem, wrong: str, critique: str, right_critique: str,
 
 def warm_start_examples(cfg: MicroConfig) -> list[tuple[list[dict], str]]:
     """(messages, target) pairs; the target is the assistant's reply to ``messages``."""
-    from agentopd.teacher import TeacherTemplate
+    from agentopd.rl.teacher import TeacherTemplate
 
     held = {p.prompt for kind in ("math", "code") for p in heldout_problems(kind, cfg.heldout, cfg.levels)}
     math_p = [p for p in micro_problems(cfg.n_math, tuple(cfg.levels), cfg.seed) if p.prompt not in held]
@@ -180,7 +180,14 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from agentopd.tiny import BOS, CHAT_TEMPLATE, EOS, IM_START, PAD, SPECIAL_TOKENS
+    from agentopd.testbed.tiny import (
+        BOS,
+        CHAT_TEMPLATE,
+        EOS,
+        IM_START,
+        PAD,
+        SPECIAL_TOKENS,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
@@ -212,7 +219,7 @@ def build_model(tokenizer, cfg: MicroConfig):
 
 def _encode(tok, examples) -> list[tuple[list[int], int]]:
     """(ids, n_prompt): the chat-rendered prompt then the target and end-of-turn token."""
-    from agentopd.engine import apply_chat
+    from agentopd.inference.base import apply_chat
 
     out = []
     for msgs, target in examples:
@@ -263,9 +270,10 @@ def sft(model, rows: list[tuple[list[int], int]], steps: int, batch: int, lr: fl
 def pretrain(out: str, cfg: MicroConfig | None = None, progress: bool = True) -> dict:
     """Build, warm-start and save the micro model under ``out``; returns the summary also written to
     ``out/micro.json`` (config, losses, held-out pass@1 per kind at temperature 1, seconds)."""
-    from agentopd.engine import HFEngine
+    from agentopd.config import SamplingConfig
+    from agentopd.eval.heldout import heldout_pass1
+    from agentopd.inference.hf import HFEngine
     from agentopd.judges import make_judge
-    from agentopd.train import SamplingConfig, heldout_pass1
 
     cfg = cfg or MicroConfig()
     t0 = time.perf_counter()

@@ -2,11 +2,11 @@
 
 Engines (all return ``list[list[Generation]]``, ``result[prompt][sample]``):
 
-- ``hf``: :class:`agentopd.engine.HFEngine`, a transformers model sampled in this process (token
+- ``hf``: :class:`agentopd.inference.hf.HFEngine`, a transformers model sampled in this process (token
   ids and exact sampling log-probs). ``model``: ``"micro"``, ``"tiny"`` or a checkpoint dir / hub id.
-- ``openai``: :class:`agentopd.openai_engine.OpenAIEngine`, any OpenAI-compatible server (vLLM,
+- ``openai``: :class:`agentopd.inference.openai.OpenAIEngine`, any OpenAI-compatible server (vLLM,
   llama.cpp, a hosted API); extra ``agentopd[llm]``.
-- ``vllm``: :class:`agentopd.vllm_engine.VLLMEngine`, offline ``vllm.LLM`` generation with
+- ``vllm``: :class:`agentopd.inference.vllm.VLLMEngine`, offline ``vllm.LLM`` generation with
   per-token log-probs and weight sync from a learner; extra ``agentopd[vllm]``.
 
 Token engines (``hf``, ``vllm``) work on token ids and reach messages through their tokenizer's
@@ -16,10 +16,6 @@ chat template; a server engine works on messages or text. :func:`sample_chat` an
 from __future__ import annotations
 
 ENGINES = ("hf", "openai", "vllm")
-
-
-class EngineError(RuntimeError):
-    """Sampling failed for good (e.g. a server still failing after its retries)."""
 
 
 def make_engine(spec, **kwargs):
@@ -32,11 +28,11 @@ def make_engine(spec, **kwargs):
     if spec == "hf":
         return hf_engine(**kwargs)
     if spec == "openai":
-        from agentopd.openai_engine import OpenAIEngine
+        from agentopd.inference.openai import OpenAIEngine
 
         return OpenAIEngine(**kwargs)
     if spec == "vllm":
-        from agentopd.vllm_engine import VLLMEngine
+        from agentopd.inference.vllm import VLLMEngine
 
         return VLLMEngine(**kwargs)
     raise ValueError(f"unknown engine {spec!r}; choose from {', '.join(ENGINES)}")
@@ -49,15 +45,15 @@ def load_pretrained(path: str, seed: int = 0, progress: bool = True, dtype=None)
     weights' dtype (None: as stored; the learner asks for float32 master weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from agentopd.checkpoints import is_adapter_dir
+    from agentopd.rl.checkpoints import is_adapter_dir
 
     if path == "tiny":
-        from agentopd.tiny import build_tiny
+        from agentopd.testbed.tiny import build_tiny
 
         model, tok = build_tiny(seed=seed)
         return (model if dtype is None else model.to(dtype)), tok
     if path == "micro":
-        from agentopd.micro import ensure
+        from agentopd.testbed.micro import ensure
 
         path = ensure(progress=progress)
     if is_adapter_dir(path):
@@ -70,34 +66,16 @@ def load_pretrained(path: str, seed: int = 0, progress: bool = True, dtype=None)
 
 
 def hf_engine(model: str = "tiny", device: str = "auto", batch_size: int = 32, seed: int = 0):
-    """An :class:`~agentopd.engine.HFEngine` around ``model``: ``"tiny"`` (built from a config,
+    """An :class:`~agentopd.inference.hf.HFEngine` around ``model``: ``"tiny"`` (built from a config,
     no download) or a checkpoint dir / hub id loaded with transformers."""
     try:
         import torch
         import transformers  # noqa: F401  (a clear error before any work)
     except ImportError:
         raise ImportError("the hf engine needs torch and transformers: pip install 'agentopd[train]'") from None
-    from agentopd.engine import HFEngine
+    from agentopd.inference.hf import HFEngine
 
     lm, tok = load_pretrained(model, seed)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return HFEngine(lm.eval(), tok, device=device, batch_size=batch_size)
-
-
-def sample_chat(engine, conversations: list[list[dict]], **kw):
-    """``n`` answers to each conversation (a list of ``{"role", "content"}`` messages). ``kw``: the
-    sampling arguments of ``Engine.generate`` (n, max_new_tokens, temperature, top_p, stop, seed)."""
-    if hasattr(engine, "generate_chat"):
-        return engine.generate_chat(conversations, **kw)
-    from agentopd.engine import apply_chat
-
-    return engine.generate([apply_chat(engine.tokenizer, c) for c in conversations], **kw)
-
-
-def sample_text(engine, prompts: list[str], **kw):
-    """``n`` continuations of each raw text prompt (no chat template: base-model completion, as
-    HumanEval's completions continue the prompt)."""
-    if hasattr(engine, "generate_text"):
-        return engine.generate_text(prompts, **kw)
-    return engine.generate([engine.tokenizer.encode(p) for p in prompts], **kw)

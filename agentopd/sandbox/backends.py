@@ -23,13 +23,15 @@ import shutil
 import subprocess
 import time
 import warnings
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Protocol
 
-from agentopd import _calltests, _zygote
+from agentopd.sandbox import calltests as _calltests
+from agentopd.sandbox import zygote as _zygote
+from agentopd.sandbox.workers import JsonWorker, WorkerPool
 from agentopd.types import ExecResult
-from agentopd.workers import JsonWorker, WorkerPool
 
 PYTHON = "/usr/bin/python3"  # the sandboxed interpreter, always by absolute path; standard library only (-S)
 BACKENDS = ("bwrap", "docker", "unshare", "process")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from agentopd.config import ConfigError
-from agentopd.evaluate import EvalConfig, OutputConfig
+from agentopd.eval.model import EvalConfig, OutputConfig
 
 DEFAULT_FEEDBACK = ("Your answer was checked and it is not correct yet.\n\nFeedback:\n{critique}\n\n"
                     "Reply with a corrected, complete answer.")
@@ -72,8 +72,8 @@ def _judge_turn(judge, attempts: list[Attempt], texts: list[str]):
 
 def run_attempts(engine, judge, attempts: list[Attempt], cfg: RLEFConfig, seed: int) -> None:
     """Play every attempt to its end, all attempts of a round sampled together."""
-    from agentopd.engines import sample_chat
-    from agentopd.evaluate import cut_at_stop
+    from agentopd.eval.model import cut_at_stop
+    from agentopd.inference.base import sample_chat
 
     s, turns = cfg.sampling, cfg.rlef.turns
     active = list(attempts)
@@ -103,9 +103,9 @@ def run_attempts(engine, judge, attempts: list[Attempt], cfg: RLEFConfig, seed: 
 
 
 def _row(a: Attempt, fmt: str) -> dict:
-    from agentopd.evaluate import completion_of
+    from agentopd.eval.model import completion_of
+    from agentopd.eval.passk import result_row
     from agentopd.judges.base import judge_error
-    from agentopd.passk import result_row
 
     text, j = a.final
     if a.broken:
@@ -117,8 +117,8 @@ def _row(a: Attempt, fmt: str) -> dict:
 
 def report_of(rows: list[dict], cfg: RLEFConfig) -> dict:
     """Pass rate after each turn and n@k over attempts (judge failures left out)."""
-    from agentopd.evaluate import outcome
-    from agentopd.passk import summarize
+    from agentopd.eval.model import outcome
+    from agentopd.eval.passk import summarize
 
     T = cfg.rlef.turns
     judged = [r for r in rows if not r.get("judge_error")]
@@ -136,7 +136,7 @@ def rlef(cfg: RLEFConfig, engine=None, judge=None) -> dict:
     """Run the RLEF baseline; returns the report (also in ``summary.json``). ``engine`` /
     ``judge``: use these instead of the ones the config names."""
     from agentopd.envs.data import split_tests
-    from agentopd.evaluate import (
+    from agentopd.eval.model import (
         chunks,
         first_prompt,
         markdown_table,

@@ -1,0 +1,45 @@
+"""What every engine is: the ``Engine`` protocol (prompt token ids in, ``Generation`` samples out),
+its error, the chat template as token ids, and sampling at the message or text level from any engine
+(token engines through their tokenizer, server engines natively)."""
+from __future__ import annotations
+
+from typing import Protocol
+
+from agentopd.types import Generation
+
+
+class EngineError(RuntimeError):
+    """Sampling failed for good (e.g. a server still failing after its retries)."""
+
+
+class Engine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], n: int = 1, max_new_tokens: int = 256,
+                 temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | None = None,
+                 seed: int | None = None) -> list[list[Generation]]:
+        """``n`` samples for each prompt: ``result[prompt][sample]``."""
+        ...
+
+
+def apply_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """The chat template applied to ``messages`` with the generation prompt (assistant header) added."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)
+    return list(out["input_ids"])
+
+
+def sample_chat(engine, conversations: list[list[dict]], **kw):
+    """``n`` answers to each conversation (a list of ``{"role", "content"}`` messages). ``kw``: the
+    sampling arguments of ``Engine.generate`` (n, max_new_tokens, temperature, top_p, stop, seed)."""
+    if hasattr(engine, "generate_chat"):
+        return engine.generate_chat(conversations, **kw)
+    from agentopd.inference.base import apply_chat
+
+    return engine.generate([apply_chat(engine.tokenizer, c) for c in conversations], **kw)
+
+
+def sample_text(engine, prompts: list[str], **kw):
+    """``n`` continuations of each raw text prompt (no chat template: base-model completion, as
+    HumanEval's completions continue the prompt)."""
+    if hasattr(engine, "generate_text"):
+        return engine.generate_text(prompts, **kw)
+    return engine.generate([engine.tokenizer.encode(p) for p in prompts], **kw)

@@ -1,0 +1,141 @@
+"""The ``hf`` engine: batched sampling with a transformers causal LM in this process, token ids and
+exact sampling log-probs out."""
+from __future__ import annotations
+
+import torch
+
+from agentopd.rl.logprobs import _causal_lm, device_of, pad_left, positions
+from agentopd.types import Generation
+
+
+def _top_p_filter(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches ``top_p``; others get -inf."""
+    sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+    probs_BV = sorted_BV.softmax(-1)
+    drop_BV = probs_BV.cumsum(-1) - probs_BV >= top_p  # mass before this token already reaches top_p
+    drop_BV[:, 0] = False
+    sorted_BV = sorted_BV.masked_fill(drop_BV, float("-inf"))
+    return torch.full_like(logits_BV, float("-inf")).scatter(-1, order_BV, sorted_BV)
+
+
+def _kv_cache(model) -> dict:
+    """A fresh ``DynamicCache`` under the name the model's forward takes: ``cache`` (transformers
+    >= 5.24, which deprecates ``past_key_values``), else ``past_key_values``."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    lm = _causal_lm(model)
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    try:  # with the config: sliding-window layers get their own kind of cache
+        return {name: DynamicCache(config=lm.config)}
+    except TypeError:  # transformers before 4.56
+        return {name: DynamicCache()}
+
+
+class HFEngine:
+    """Batched sampling with a transformers causal LM: left padding, KV cache, a hand sampling loop
+    (so the log-prob of each id is exactly that of the distribution it was drawn from).
+
+    ``temperature == 0`` is greedy; its ``logprobs`` are then the untempered model log-probs (the
+    greedy point mass would give only zeros)."""
+
+    def __init__(self, model, tokenizer, device=None, batch_size: int = 32):
+        if device is not None:
+            model.to(device)
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.device = device_of(model)
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = set(eos)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+
+    def generate(self, prompt_ids, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop=None,
+                 seed=None):
+        rows = [list(p) for p in prompt_ids for _ in range(n)]
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                flat = []
+                for s in range(0, len(rows), self.batch_size):
+                    flat += self._generate_batch(rows[s:s + self.batch_size], max_new_tokens,
+                                                 temperature, top_p, stop or [], gen)
+        finally:
+            self.model.train(was_training)
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+    def _pick(self, logits_BV, temperature, top_p, gen):
+        """The next token of every row and its log-prob under the distribution it was drawn from."""
+        logits_BV = logits_BV.float()
+        if temperature == 0:
+            tok_B = logits_BV.argmax(-1)
+            return tok_B, logits_BV.log_softmax(-1).gather(-1, tok_B[:, None]).squeeze(-1)
+        logits_BV = logits_BV / temperature
+        if top_p < 1.0:
+            logits_BV = _top_p_filter(logits_BV, top_p)
+        logp_BV = logits_BV.log_softmax(-1)
+        tok_B = torch.multinomial(logp_BV.exp(), 1, generator=gen).squeeze(-1)
+        return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
+
+    def _stop_hits(self, tails: list[list[int]], stop: list[str]) -> list[bool]:
+        # checked after every token, so a stop string seen in a tail was completed by its last id
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return [any(s in t for s in stop) for t in texts]
+
+    def _generate_batch(self, rows, max_new_tokens, temperature, top_p, stop, gen):
+        """Finished-row bookkeeping stays on the device (one host sync per token, for "all rows
+        finished?", as in ``model.generate``; with stop strings, the newest ids instead, and only the
+        unfinished rows' tails decoded, in one batch call); ids and log-probs go into preallocated
+        ``[B, max_new_tokens]`` tensors. Finished rows are fed the pad id (rows are independent)."""
+        B, dev = len(rows), self.device
+        ids_BL, mask_BL = pad_left(rows, self.pad_id, dev)
+        L = ids_BL.shape[1]
+        pos_B1 = positions(mask_BL)[:, -1:]
+        mask_BT = torch.ones((B, L + max_new_tokens), dtype=mask_BL.dtype, device=dev)
+        mask_BT[:, :L] = mask_BL
+        cache = _kv_cache(self.model)  # filled in place by every forward
+        out = self.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=positions(mask_BL),
+                         use_cache=True, logits_to_keep=1, **cache)
+        window = 4 * max((len(s) for s in stop), default=0) + 8  # a token carries >= 1 byte
+        eos_E = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=dev)
+        resp_BT = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
+        lp_BT = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
+        len_B = torch.zeros(B, dtype=torch.long, device=dev)
+        done_B = torch.zeros(B, dtype=torch.bool, device=dev)
+        hist = [[] for _ in range(B)] if stop else None  # host copies of the rows' ids, for stop strings
+        live = list(range(B))  # unfinished rows (host side; kept up to date only with stop strings)
+        for step in range(max_new_tokens):
+            tok_B, lp_B = self._pick(out.logits[:, -1], temperature, top_p, gen)
+            active_B = ~done_B
+            resp_BT[:, step] = tok_B
+            lp_BT[:, step] = lp_B
+            len_B += active_B
+            hit_B = active_B & torch.isin(tok_B, eos_E)
+            if stop:
+                toks = tok_B.tolist()
+                for b in live:
+                    hist[b].append(toks[b])
+                hits = self._stop_hits([hist[b][-window:] for b in live], stop)
+                stopped = [b for b, h in zip(live, hits) if h]
+                if stopped:
+                    hit_B[torch.tensor(stopped, device=dev)] = True
+                live = [b for b, h in zip(live, hits) if not h and toks[b] not in self.eos_ids]
+            done_B |= hit_B
+            if step == max_new_tokens - 1 or (not live if stop else bool(done_B.all())):
+                break
+            pos_B1 = pos_B1 + 1
+            out = self.model(input_ids=tok_B.masked_fill(done_B, self.pad_id)[:, None],
+                             attention_mask=mask_BT[:, :L + step + 1], position_ids=pos_B1,
+                             use_cache=True, logits_to_keep=1, **cache)
+        lens, done = len_B.tolist(), done_B.tolist()
+        resp = [r[:k] for r, k in zip(resp_BT.tolist(), lens)]
+        lps = [r[:k] for r, k in zip(lp_BT.tolist(), lens)]
+        texts = self.tokenizer.batch_decode(resp, skip_special_tokens=True)
+        return [Generation(response_ids=resp[b], logprobs=lps[b], text=texts[b],
+                           finish_reason="stop" if done[b] else "length") for b in range(B)]

@@ -1,0 +1,253 @@
+"""The learner step: score the sampled ids (student, self-teacher, reference), turn judgements into
+advantages and the rollout correction, and update the model by micro-batches over one
+algorithm-agnostic per-token loss (:mod:`agentopd.rl.objectives`). Also the model's loading, device
+and autocast, shared by training and the teacher diagnostic."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from agentopd.rl import losses, objectives
+from agentopd.rl.logprobs import (
+    gather_logprobs,
+    hidden_logprobs,
+    lm_head_weight,
+    response_hidden,
+    response_logits,
+    sequence_logprobs,
+)
+
+if TYPE_CHECKING:  # annotations only (the config names the learner, not the other way round)
+    from agentopd.config import SamplingConfig
+    from agentopd.train import AlgoConfig, TrainConfig
+
+
+def pad_BT(rows: list, value: float = 0.0, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D sequences to [B, T]; returns (values_BT, mask_BT)."""
+    T = max((len(r) for r in rows), default=0)
+    out_BT = torch.full((len(rows), max(T, 1)), value, dtype=dtype)
+    mask_BT = torch.zeros((len(rows), max(T, 1)), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        if len(r):
+            out_BT[i, : len(r)] = torch.as_tensor(r, dtype=dtype)
+            mask_BT[i, : len(r)] = 1.0
+    return out_BT, mask_BT
+
+
+def load_model(cfg: TrainConfig, device):
+    from agentopd.inference import load_pretrained
+
+    # float32 master weights whatever the stored dtype (bf16 autocast does the compute): AdamW's and the
+    # EMA teacher's small updates would be lost below bf16's spacing; the teacher and reference copy these
+    model, tok = load_pretrained(cfg.model.path, seed=cfg.run.seed, progress=cfg.run.progress, dtype=torch.float32)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.model.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        from agentopd.rl.checkpoints import lora_base
+
+        base = lora_base(cfg.model.path, model, tok, os.path.join(cfg.run.out, "base"))
+        model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=2 * cfg.model.lora_rank,
+                                                 target_modules="all-linear"))
+        model.peft_config["default"].base_model_name_or_path = base  # what the saved adapter names
+    return model.to(device), tok
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    """``run.device``; 'auto': CUDA when available, else the CPU."""
+    if cfg.run.device != "auto":
+        return torch.device(cfg.run.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def precision(cfg: TrainConfig) -> str:
+    precision = "off" if cfg.run.precision is False else cfg.run.precision
+    if precision not in ("auto", "bf16", "off"):
+        from agentopd.config import ConfigError
+
+        raise ConfigError(f"run.precision: {cfg.run.precision!r}; choices: auto, bf16, off")
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    """A factory of the forward passes' context: bf16 autocast under 'bf16', and under 'auto' on CUDA."""
+    on = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def learner_temperature(sampling: SamplingConfig) -> float:
+    """What the learner divides its logits by: the sampling temperature (1 for greedy, whose engine
+    log-probs are the untempered ones)."""
+    return sampling.temperature if sampling.temperature > 0 else 1.0
+
+
+def _teacher_hidden(teacher, prompt_ids: list[list[int]], response_ids: list[list[int]]):
+    """The teacher's final hidden states ``[B, R, H']`` and head weight ``[V, H']`` whose product is
+    its logits. trust_region: both models side by side, ``(1 - mix) * frozen + mix * live`` logits
+    as one product ``[(1 - mix) h_frozen, mix h_live] @ [W_frozen, W_live].T``."""
+    if teacher.mode != "trust_region":
+        model = teacher.model_for_scoring()
+        return response_hidden(model, prompt_ids, response_ids), lm_head_weight(model)
+    parts = [(c * response_hidden(m, prompt_ids, response_ids), lm_head_weight(m))
+             for m, c in ((teacher.copy, 1 - teacher.mix), (teacher.student, teacher.mix))]
+    return torch.cat([h for h, _ in parts], -1), torch.cat([w for _, w in parts], -1)
+
+
+def _divergence_BR(algo: AlgoConfig, teacher, student_BRX, head_VH, chunk: int, prompt_ids, response_ids,
+                   mask_BR, amp, temperature: float) -> torch.Tensor:
+    """KL_alpha(student, teacher) at each position of these rows, ``[B, R]``, both sides' logits divided
+    by ``temperature``. ``chunk`` > 0: ``student_BRX`` is the student's final hidden states ``[B, R, H]``
+    and both sides' logits are formed chunk by chunk (0 outside ``mask_BR``); 0: it is the student's
+    logits ``[B, R, V]`` (top-K or full KL)."""
+    with torch.no_grad(), amp():
+        if chunk:
+            teacher_BRH, teacher_head_VH = _teacher_hidden(teacher, prompt_ids, response_ids)
+        else:
+            teacher_BRV = response_logits(teacher.model_for_scoring(), prompt_ids, response_ids)
+    device = student_BRX.device
+    if chunk:
+        with amp():  # the head products in the autocast dtype, as in the forward passes
+            return losses.kl_alpha_chunked_per_token(student_BRX, teacher_BRH.to(device), head_VH, mask_BR,
+                                                     algo.distill_alpha, chunk, teacher_head_VH.to(device), temperature)
+    if algo.distill_topk:
+        return losses.kl_alpha_topk_per_token(student_BRX, teacher_BRV.to(device), algo.distill_alpha,
+                                              algo.distill_topk, temperature)
+    return losses.kl_alpha_per_token(student_BRX, teacher_BRV.to(device), algo.distill_alpha, temperature)
+
+
+def _engine_logprobs(gens: list, like_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's sampling log-probs ``[B, T]`` (shaped as ``like_BT``) and where it gave them: rows
+    whose ``Generation.logprobs`` has one value per response id (an engine without log-probs: none)."""
+    lp_BT, have_BT = torch.zeros_like(like_BT), torch.zeros_like(like_BT)
+    for b, g in enumerate(gens):
+        if g.response_ids and len(g.logprobs) == len(g.response_ids):
+            lp_BT[b, :len(g.logprobs)] = torch.tensor(g.logprobs, dtype=lp_BT.dtype)
+            have_BT[b, :len(g.logprobs)] = 1.0
+    return lp_BT, have_BT
+
+
+@dataclass
+class StepBatch:
+    """What the update of one step reads: per sample ``b``, its prompt ids, response ids and teacher
+    prompt (None: no teacher signal); ``[B, T]`` tensors; the whole batch's token counts."""
+
+    prompt_ids: list
+    response_ids: list
+    teacher_prompts: list
+    old_BT: torch.Tensor
+    teacher_BT: torch.Tensor
+    adv_BT: torch.Tensor
+    mask_BT: torch.Tensor
+    teacher_mask_B: torch.Tensor
+    rollout_BT: torch.Tensor
+    ref_BT: torch.Tensor | None
+    n_tok: torch.Tensor
+    n_teacher_tok: torch.Tensor
+
+
+def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp, st: StepBatch, idx: list[int]):
+    """Samples ``idx``'s share of the whole batch's loss (``algo.loss``, plus the reference KL) and metrics."""
+    T = learner_temperature(cfg.sampling)
+    R_ = [st.response_ids[b] for b in idx]
+    with amp():  # the student's final hidden states [B, R, H] (chunk > 0) or its logits [B, R, V]; the head in autocast
+        out_BRX = (response_hidden if chunk else response_logits)(model, [st.prompt_ids[b] for b in idx], R_)
+        lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk, temperature=T)[0] if chunk else
+                       gather_logprobs(out_BRX, R_, T), st.old_BT.shape[1])
+    dev = lp_BT.device
+    m_BT = st.mask_BT[idx].to(dev)
+    tm_BT = m_BT * st.teacher_mask_B[idx, None].to(dev)
+    batch = objectives.TokenBatch(lp_BT, st.old_BT[idx].to(dev), st.adv_BT[idx].to(dev), m_BT / st.n_tok,
+                                  tm_BT / st.n_teacher_tok, st.rollout_BT[idx].to(dev), st.teacher_BT[idx].to(dev))
+    rows = [k for k, b in enumerate(idx) if st.teacher_prompts[b] is not None and len(R_[k])]
+    if "divergence" in objectives.needs(cfg.algo):
+        batch.divergence_BT = torch.zeros_like(lp_BT)
+        if rows:
+            Rm = max(len(R_[k]) for k in rows)
+            batch.divergence_BT[rows, :Rm] = _divergence_BR(
+                cfg.algo, teacher, out_BRX[rows, :Rm], head_VH, chunk, [st.teacher_prompts[idx[k]] for k in rows],
+                [R_[k] for k in rows], tm_BT[rows, :Rm], amp, T)
+    loss, metrics = objectives.loss(cfg.algo, batch)
+    if st.ref_BT is not None:
+        loss = loss + cfg.algo.ref_kl * (m_BT.sum() / st.n_tok) * losses.ref_kl_k3(lp_BT, st.ref_BT[idx].to(dev), m_BT)
+    return loss, metrics
+
+
+def score(cfg: TrainConfig, model, teacher, ref, amp, prompt_ids, samples, teacher_prompts):
+    """3. The student's, teacher's (on samples with a teacher prompt) and reference's log-probs of the
+    same response ids, no grad: ``(ls_BT, mask_BT, lt_BT, ref_BT or None)``."""
+    T = learner_temperature(cfg.sampling)
+    resp_ids = [g.response_ids for _, g in samples]
+    student_prompts = [prompt_ids[i] for i, _ in samples]
+
+    def score(scorer, prompts, responses):
+        return sequence_logprobs(scorer, prompts, responses, chunk=cfg.optim.logits_chunk, temperature=T)[0]
+
+    with torch.no_grad(), amp():
+        student_lp = score(model, student_prompts, resp_ids)
+        scored = [b for b, tp in enumerate(teacher_prompts) if tp is not None]
+        teacher_lp = [torch.zeros(len(r)) for r in resp_ids]
+        if scored:
+            got = score(teacher.model_for_scoring(), [teacher_prompts[b] for b in scored], [resp_ids[b] for b in scored])
+            for b, lp in zip(scored, got):
+                teacher_lp[b] = lp.float().cpu()
+        ref_lp = score(ref.model_for_scoring(), student_prompts, resp_ids) if ref else None
+    ls_BT, mask_BT = pad_BT([lp.float().cpu() for lp in student_lp])
+    ref_BT = pad_BT([r.float().cpu() for r in ref_lp])[0] if ref else None
+    return ls_BT, mask_BT, pad_BT(teacher_lp)[0], ref_BT
+
+
+def update(cfg: TrainConfig, model, opt, teacher, head_VH, chunk: int, amp, st: StepBatch):
+    """5. Micro-batches with gradient accumulation, ``optim.epochs_per_batch`` optimizer steps (the
+    importance ratio corrects the later ones), then the teacher update: ``(loss, metric sums, grad norm)``."""
+    model.train()
+    B = len(st.response_ids)
+    loss_sum, sums = 0.0, {"distill_loss": 0.0, "clipfrac": 0.0}
+    for _ in range(cfg.optim.epochs_per_batch):
+        opt.zero_grad(set_to_none=True)
+        for s in range(0, B, cfg.optim.micro_batch):
+            idx = list(range(s, min(s + cfg.optim.micro_batch, B)))
+            if st.mask_BT[idx].sum() == 0:
+                continue
+            loss, met = _micro_batch_loss(cfg, model, teacher, head_VH, chunk, amp, st, idx)
+            if loss.requires_grad:  # e.g. sdpo on a micro-batch with no teacher signal: nothing to learn
+                loss.backward()
+            loss_sum += float(loss.detach())
+            for k, v in met.items():
+                sums[k] = sums.get(k, 0.0) + v
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+    teacher.update(model)
+    return loss_sum, sums, float(gnorm)
+
+
+def step_inputs(cfg: TrainConfig, samples, judgements, prompt_ids, teacher_prompts, scores) -> tuple[StepBatch, dict]:
+    """4. Advantages (judge errors and empty responses carry no gradient) and the rollout
+    correction, packed for the update: ``(StepBatch, rollout metrics)``."""
+    from agentopd.rl import advantages
+
+    ls_BT, mask_BT, lt_BT, ref_BT = scores
+    rewards_B = torch.tensor([math.nan if j.verdict.status == "judge_error" else j.verdict.score for j in judgements])
+    success_B = torch.tensor([j.verdict.status == "ok" for j in judgements])
+    teacher_mask_B = torch.tensor([tp is not None for tp in teacher_prompts], dtype=torch.float32)
+    group_B = torch.tensor([i for i, _ in samples])
+    inputs = advantages.AdvantageInputs(rewards_B, group_B, mask_BT, ls_BT, lt_BT, teacher_mask_B, success_B)
+    adv_BT = advantages.compute(cfg.algo.advantage, inputs, **cfg.algo.advantage_kwargs)
+    mask_BT = mask_BT * (~torch.isnan(rewards_B))[:, None]
+    adv_BT = torch.nan_to_num(adv_BT) * mask_BT
+    engine_BT, engine_mask_BT = _engine_logprobs([g for _, g in samples], ls_BT)
+    rollout_BT, rollout_metrics = objectives.rollout_weights(ls_BT, engine_BT, engine_mask_BT * mask_BT,
+                                                             cfg.algo.rollout_is_clip)
+    st = StepBatch([prompt_ids[i] for i, _ in samples], [g.response_ids for _, g in samples], teacher_prompts, ls_BT,
+               lt_BT, adv_BT, mask_BT, teacher_mask_B, rollout_BT, ref_BT, mask_BT.sum().clamp(min=1),
+               (mask_BT * teacher_mask_B[:, None]).sum().clamp(min=1))
+    return st, rollout_metrics
+
+
+def _stack(lp_list, T: int) -> torch.Tensor:
+    """Right-pad per-sequence log-prob tensors (keeping their grad) to [B, T]."""
+    return torch.stack([torch.nn.functional.pad(x.float(), (0, T - x.shape[0])) for x in lp_list])
