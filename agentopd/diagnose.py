@@ -191,7 +191,7 @@ def _setup(cfg, judge):
     needs no model."""
     from agentopd.config import ConfigError
     from agentopd.rl.learner import precision
-    from agentopd.rollout import problems_and_judge
+    from agentopd.rollout import env_specs, make_envs
 
     if cfg.run.eval_problems <= 0:
         print(f"note: run.eval_problems is 0: diagnosing on {DEFAULT_PROBLEMS} held-out problems", file=sys.stderr)
@@ -199,12 +199,12 @@ def _setup(cfg, judge):
     if cfg.sampling.group_size < 1:
         raise ConfigError(f"sampling.group_size must be at least 1, got {cfg.sampling.group_size}")
     precision(cfg)
-    _, heldout, default_judge = problems_and_judge(cfg)
-    if judge is None:
-        judge = default_judge
-    elif hasattr(default_judge, "close"):
-        default_judge.close()
-    return cfg, heldout, judge
+    env_id, _, held_kw = env_specs(cfg)
+    venv = make_envs(env_id, held_kw if judge is None else {**held_kw, "judge": judge}, [1])[0]
+    if not hasattr(venv, "env"):
+        venv.close()
+        raise ConfigError(f"diagnose needs one of agentopd's envs (their problems and judge), not {env_id}")
+    return cfg, venv.problems[:cfg.run.eval_problems], venv.env.judge
 
 
 def _generate(engine, prompt_ids, n, cfg, seed: int, desc: str) -> list:

@@ -1,37 +1,234 @@
-"""The one rollout loop (and, for now, the training problems and judge a config names)."""
+"""The one rollout loop, used by training, the held-out evaluation, ``eval model`` and ``rlef``.
+
+A batch of episodes runs in a Gymnasium vector env (``gymnasium.make_vec``; agentopd's envs have a
+vector entry point that judges every slot of a turn in one batched call): reset, generate for the
+active episodes, step them, and append the env's observation (the critique) as the next user turn
+until each episode ends (success, the turn limit, or a judge failure). Token ids are the source of
+truth: a later turn's prompt is the earlier prompt ids, the sampled ids, and the chat template's
+rendering of the new message (:func:`continuation_ids`), never a re-tokenization of the whole
+conversation.
+"""
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
 
-def problems_and_judge(cfg):
-    """(training problems, held-out problems or None, judge)."""
-    from agentopd.envs.data import (
-        load_code_problems,
-        load_humaneval,
-        load_math_problems,
-    )
-    from agentopd.envs.procedural import GENERATORS, HELDOUT_SEED, generated_problems
-    from agentopd.judges import make_judge
+from agentopd.inference.base import apply_chat, sample_chat
+from agentopd.types import Episode, Judgement, Turn, Verdict
 
-    if cfg.data.env not in ("math", "code"):
-        raise ValueError(f"data.env must be 'math' or 'code', got {cfg.data.env!r}")
-    load = load_math_problems if cfg.data.env == "math" else load_code_problems
-    heldout = None
-    if cfg.data.problems in GENERATORS:
-        if GENERATORS[cfg.data.problems] != cfg.data.env:
-            raise ValueError(f"data.problems={cfg.data.problems!r} makes {GENERATORS[cfg.data.problems]} problems,"
-                             f" but data.env is {cfg.data.env!r}")
-        problems = generated_problems(cfg.data.problems, cfg.data.n, cfg.data.levels, cfg.run.seed + 1)
-        if cfg.run.eval_problems and not cfg.data.heldout:
-            heldout = generated_problems(cfg.data.problems, cfg.run.eval_problems, cfg.data.levels, HELDOUT_SEED)
-            seen = {p.prompt for p in heldout}
-            problems = [p for p in problems if p.prompt not in seen]
-    elif cfg.data.problems == "humaneval":
-        problems = load_humaneval()
+DEFAULT_FEEDBACK = ("Your answer was checked and it is not correct yet.\n\nFeedback:\n{critique}\n\n"
+                    "Reply with a corrected, complete answer.")
+_SENTINEL = "\u2063agentopd-turn\u2063"
+
+
+@dataclass
+class Sampling:
+    """How each turn samples (the fields of ``SamplingConfig`` that matter here)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] | None = None
+
+
+@dataclass
+class Timing:
+    generate: float = 0.0
+    """Seconds in the engine."""
+    step: float = 0.0
+    """Seconds in ``env.step`` (judging)."""
+    extra: dict = field(default_factory=dict)
+
+
+def continuation_ids(tokenizer, history: list[dict], new_messages: list[dict], response_ids: list[int]) -> list[int]:
+    """The ids that follow an assistant turn's sampled ``response_ids`` to close that turn and open the
+    next assistant turn after ``new_messages`` (``history`` ends with the user message the response
+    answered). The template renders the assistant turn around a placeholder; what follows the
+    placeholder closes the turn (less the end-of-turn token if the model sampled it), and what the
+    new messages add is tokenized alone."""
+    closed = tokenizer.apply_chat_template(history + [{"role": "assistant", "content": _SENTINEL}], tokenize=False)
+    opened = tokenizer.apply_chat_template(history + [{"role": "assistant", "content": _SENTINEL}] + new_messages,
+                                           tokenize=False, add_generation_prompt=True)
+    if not opened.startswith(closed):
+        raise ValueError("the chat template renders earlier turns differently once a turn is added; "
+                         "multi-turn token continuity needs a template that only appends")
+    closing = closed[closed.rindex(_SENTINEL) + len(_SENTINEL):]
+    eos = tokenizer.eos_token
+    if response_ids and eos and response_ids[-1] == tokenizer.eos_token_id and closing.startswith(eos):
+        closing = closing[len(eos):]
+    return tokenizer.encode(closing + opened[len(closed):], add_special_tokens=False)
+
+
+def _judgement(infos: dict, i: int, reward: float, ended: bool) -> Judgement:
+    """Slot ``i``'s Judgement from the env's info (agentopd's envs give it), else made from its reward
+    (a user env: success is reward 1 at the end of an episode; NaN is a judge failure)."""
+    if infos.get("_judgement", [False] * (i + 1))[i]:
+        return infos["judgement"][i]
+    critique = infos["critique"][i] if infos.get("_critique", [False] * (i + 1))[i] else ""
+    if reward != reward:
+        return Judgement(Verdict(float("nan"), 0, 0, "judge_error"), critique)
+    ok = bool(infos["success"][i]) if infos.get("_success", [False] * (i + 1))[i] else ended and reward >= 1.0
+    return Judgement(Verdict(float(reward), int(ok), 1, "ok" if ok else "wrong_answer"), critique)
+
+
+class _Generate:
+    """One engine, shared by the threads of :func:`rollout_chunks` (one call at a time)."""
+
+    def __init__(self, engine, tokenizer, sampling: Sampling, timing: Timing, lock=None, context=None,
+                 started: threading.Event | None = None):
+        self.engine, self.tok, self.s, self.timing = engine, tokenizer, sampling, timing
+        self.context = context or contextlib.nullcontext
+        self.started = started  # set once the first call returned
+        self.lock = lock or threading.Lock()
+        self.chat = hasattr(engine, "generate_chat") or tokenizer is None  # a server engine: messages only
+
+    def __call__(self, prompts: list, n: int, seed: int) -> list:
+        kw = dict(n=n, max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature, top_p=self.s.top_p,
+                  seed=seed, **({"stop": self.s.stop} if self.s.stop else {}))
+        with self.lock, self.context():  # (autocast is per thread: entered here, in the calling thread)
+            t0 = time.perf_counter()
+            got = sample_chat(self.engine, prompts, **kw) if self.chat else self.engine.generate(prompts, **kw)
+            self.timing.generate += time.perf_counter() - t0
+        if self.started is not None:
+            self.started.set()
+        return got
+
+
+def _first_turn(gen: _Generate, episodes: list[Episode], prompts: list, group_size: int, seed: int) -> list:
+    """Turn 1: each group's prompt sampled ``group_size`` times in one call (as plain sampling does)."""
+    heads = list(range(0, len(episodes), group_size))
+    got = gen([prompts[h] for h in heads], group_size, seed)
+    return [g for gs in got for g in gs]
+
+
+def rollout(engine, tokenizer, venv, *, group_size: int = 1, sampling: Sampling | None = None, seed: int = 0,
+            index: list[int] | None = None, seeds: list[int] | None = None, max_turns: int = 64,
+            feedback: str = DEFAULT_FEEDBACK, timing: Timing | None = None, lock=None, context=None,
+            started: threading.Event | None = None) -> list[Episode]:
+    """Play one episode per slot of ``venv`` to its end; slots ``k*group_size ..`` form group ``k``
+    and must start on the same problem (``index``: each slot's problem, for envs that pick by index;
+    else ``seeds``: each slot's reset seed). ``feedback``: the user message after a failed turn
+    (``{critique}`` is the env's observation). ``engine``: a token engine (``generate`` on ids, with
+    ``tokenizer``) or a server engine (``generate_chat``). ``context``: a factory of the context each
+    engine call runs in (e.g. autocast); ``started``: an event set once the first turn generated."""
+    timing = timing or Timing()
+    gen = _Generate(engine, tokenizer, sampling or Sampling(), timing, lock, context, started)
+    obs, infos = venv.reset(seed=seeds, options=None if index is None else {"index": index})
+    N = len(obs)
+    ids = infos.get("problem_id", [None] * N)
+    episodes = [Episode(str(ids[i]), i // group_size, obs[i], messages=[{"role": "user", "content": obs[i]}])
+                for i in range(N)]
+    prompts = [e.messages if gen.chat else apply_chat(tokenizer, e.messages) for e in episodes]
+    active = list(range(N))
+    for turn in range(max_turns):
+        gens = (_first_turn(gen, episodes, prompts, group_size, seed) if turn == 0 else
+                [g[0] for g in gen([prompts[i] for i in active], 1, seed + 7919 * turn)])
+        actions = [""] * N
+        for i, g in zip(active, gens):
+            actions[i] = g.text
+        t0 = time.perf_counter()
+        obs, rewards, terms, truncs, infos = venv.step(tuple(actions))
+        timing.step += time.perf_counter() - t0
+        active = [i for i, g in zip(active, gens) if _advance(episodes[i], prompts, i, g, obs[i], float(rewards[i]),
+                                                               bool(terms[i] or truncs[i]), infos, gen, feedback)]
+        if not active:
+            break
+    return episodes
+
+
+def _advance(ep: Episode, prompts: list, i: int, g, obs: str, reward: float, ended: bool, infos: dict,
+             gen: _Generate, feedback: str) -> bool:
+    """Record slot ``i``'s turn; when the episode goes on, extend its prompt with the feedback turn.
+    True: still active."""
+    j = _judgement(infos, i, reward, ended)
+    ep.turns.append(Turn(None if gen.chat else prompts[i], list(g.response_ids), list(g.logprobs), g.text, j,
+                         reward, g.finish_reason))
+    history = list(ep.messages)
+    ep.messages.append({"role": "assistant", "content": g.text})
+    if ended:
+        return False
+    new = [{"role": "user", "content": feedback.format(critique=obs)}]
+    ep.messages += new
+    if not gen.chat:
+        prompts[i] = prompts[i] + list(g.response_ids) + continuation_ids(gen.tok, history, new, g.response_ids)
     else:
-        problems = load(cfg.data.problems)
-    if cfg.run.eval_problems and heldout is None:
-        if not cfg.data.heldout:
-            raise ValueError("run.eval_problems needs data.heldout (a JSONL file) for non-generated problems")
-        heldout = load(cfg.data.heldout)[:cfg.run.eval_problems]
-    judge = make_judge(cfg.data.judge or ("math" if cfg.data.env == "math" else "tests"))
-    return problems, heldout, judge
+        prompts[i] = ep.messages
+    return True
+
+
+def env_specs(cfg) -> tuple[str, dict, dict | None]:
+    """``(env id, training env kwargs, held-out env kwargs or None)`` of a ``TrainConfig``: from its
+    ``env`` section (or, with ``env.id`` empty, from the older ``data`` section)."""
+    from agentopd.config import ConfigError
+    from agentopd.envs.procedural import GENERATORS
+
+    e, d = cfg.env, cfg.data
+    if e.id:
+        env_id, kw = e.id, dict(e.kwargs)
+    else:
+        if d.env not in ("math", "code"):
+            raise ConfigError(f"data.env: {d.env!r}; choices: math, code (or name an env: env.id, env.kwargs)")
+        if d.problems in GENERATORS and GENERATORS[d.problems] != d.env:
+            raise ConfigError(f"data.problems={d.problems!r} makes {GENERATORS[d.problems]} problems, but data.env is {d.env!r}")
+        env_id = "agentopd/Math-v0" if d.env == "math" else "agentopd/Code-v0"
+        kw = {"problems": d.problems, "n": d.n, "levels": list(d.levels), "seed": cfg.run.seed + 1,
+              **({"judge": d.judge} if d.judge else {})}
+    ours = env_id.startswith("agentopd/")
+    if ours:
+        kw.setdefault("max_turns", e.max_turns)
+    if not cfg.run.eval_problems:
+        return env_id, kw, None
+    generated = ours and kw.get("problems") in GENERATORS
+    held = dict(e.heldout_kwargs) or ({"problems": d.heldout} if not e.id and d.heldout else {})
+    if generated and not held:
+        kw.setdefault("heldout_n", cfg.run.eval_problems)
+        held = {"split": "heldout", "n": cfg.run.eval_problems}
+    if not held:
+        raise ConfigError("run.eval_problems needs held-out problems: env.heldout_kwargs (e.g. {problems: "
+                          "heldout.jsonl}) or data.heldout, unless the problems are generated")
+    return env_id, kw, {k: v for k, v in {**kw, **held}.items() if k != "heldout_n"}
+
+
+def make_envs(env_id: str, kwargs: dict, sizes: list[int]) -> list:
+    """Vector envs of ``sizes[k]`` slots each (``gymnasium.make_vec``). agentopd's own envs share one
+    underlying env (its problems and judge) among them; any other env is made once per vector env
+    (Gymnasium's sync vector env of ``sizes[k]`` copies)."""
+    import gymnasium as gym
+
+    import agentopd.envs  # noqa: F401  (registers agentopd's ids)
+    from agentopd.envs.base import JudgedVectorEnv
+
+    first = gym.make_vec(env_id, num_envs=sizes[0], **kwargs)
+    if isinstance(first, JudgedVectorEnv):
+        return [first] + [JudgedVectorEnv(first.env, n, owner=False) for n in sizes[1:]]
+    return [first] + [gym.make_vec(env_id, num_envs=n, **kwargs) for n in sizes[1:]]
+
+
+def rollout_chunks(engine, tokenizer, venvs: list, chunks: list[dict], **kw) -> tuple[list[Episode], Timing]:
+    """:func:`rollout` over several vector envs at once, one thread each (the engine is called by one
+    at a time, so a chunk's judging runs while the next chunk generates). ``chunks[k]``: the keyword
+    arguments ``index``/``seeds``/``seed`` of ``venvs[k]``. Episodes come back in chunk order,
+    groups numbered across chunks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    timing, lock = Timing(), threading.Lock()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(len(chunks), 1), thread_name_prefix="rollout") as pool:
+        futures = []
+        for v, c in zip(venvs, chunks):  # chunk k starts once chunk k-1 has generated: the same order every run
+            started = threading.Event()
+            futures.append(pool.submit(rollout, engine, tokenizer, v, timing=timing, lock=lock, started=started,
+                                       **kw, **c))
+            while not started.wait(0.01) and not futures[-1].done():
+                pass
+        parts = [f.result() for f in futures]
+    episodes = []
+    for part in parts:
+        base = max((e.group for e in episodes), default=-1) + 1
+        for e in part:
+            e.group += base
+        episodes += part
+    timing.extra["wall"] = time.perf_counter() - t0
+    return episodes, timing

@@ -14,7 +14,6 @@ import math
 import os
 
 from agentopd.diagnose import token_spans
-from agentopd.rl.teacher import pick_demonstration
 
 
 def due(run, step: int, last: bool, evaluated: bool) -> bool:
@@ -43,39 +42,37 @@ def _floats(values) -> list[float | None]:
     return [round(float(v), 4) if math.isfinite(float(v)) else None for v in values]
 
 
-def rows(step: int, tok, problems, gens, judgements, st, group_size: int, teacher_cfg, k: int,
-         max_tokens: int) -> list[dict]:
-    """The sample rows of one step: ``problems`` the step's prompts, ``gens`` / ``judgements`` its
-    samples (``b // group_size`` is the prompt), ``st`` the step's ``agentopd.rl.learner.StepBatch``."""
+def rows(step: int, tok, episodes, trows, contexts, st, k: int, max_tokens: int) -> list[dict]:
+    """The sample rows of one step: ``episodes`` its episodes, ``trows`` their turns as learner rows
+    (``agentopd.rl.learner.TurnRows``), ``contexts`` each row's teacher context (None: no teacher),
+    ``st`` the step's ``agentopd.rl.learner.StepBatch``."""
+    judgements = [t.judgement for t in trows.turns]
     success = [j.verdict.status == "ok" for j in judgements]
     out = []
     for b in pick(success, k):
-        i, ids = b // group_size, list(gens[b].response_ids)
+        g, c, ep = trows.turns[b], contexts[b] if contexts else None, episodes[trows.episodes[b]]
+        ids = list(g.response_ids)
         n = min(len(ids), max_tokens)
-        group = [(gens[c].text, success[c]) for c in range(i * group_size, (i + 1) * group_size)]
-        demo = (pick_demonstration(group, b - i * group_size, teacher_cfg.self_demonstration)
-                if teacher_cfg.use_demonstration else None)
         has_teacher = st.teacher_prompts[b] is not None
-        seen = (has_teacher and teacher_cfg.use_critique and not success[b]  # as teacher_contexts decides
-                and not (demo is not None and teacher_cfg.drop_critique_with_demo))
         v = judgements[b].verdict
         out.append({
-            "step": step, "sample": b, "prompt": problems[i].prompt, "response": gens[b].text,
+            "step": step, "sample": b, "episode": trows.episodes[b], "turn": trows.turn_index[b] + 1,
+            "turns": len(ep.turns), "prompt": ep.prompt, "response": g.text,
             "tokens": token_strings(tok, ids[:n]), "n_tokens": len(ids),
             "student_lp": _floats(st.old_BT[b, :n]),
             "teacher_lp": _floats(st.teacher_BT[b, :n]) if has_teacher else None,
             "advantage": _floats(st.adv_BT[b, :n]),
             "status": v.status, "score": v.score if math.isfinite(v.score) else None, "correct": success[b],
-            "critique": judgements[b].critique, "critique_in_context": seen, "demonstration": demo})
+            "critique": judgements[b].critique, "critique_in_context": bool(c and c.critique_shown),
+            "demonstration": c.demonstration if c else None})
     return out
 
 
-def record(cfg, step: int, last: bool, evaluated: bool, tok, problems, gens, judgements, st) -> None:
+def record(cfg, step: int, last: bool, evaluated: bool, tok, episodes, trows, contexts, st) -> None:
     """Append step ``step``'s rows to ``<run.out>/samples.jsonl`` when it is due (``cfg``: the
     ``TrainConfig``; the rest as in :func:`rows`)."""
     if not due(cfg.run, step, last, evaluated):
         return
-    got = rows(step, tok, problems, gens, judgements, st, cfg.sampling.group_size, cfg.teacher,
-               cfg.run.samples_per_step, cfg.run.samples_max_tokens)
+    got = rows(step, tok, episodes, trows, contexts, st, cfg.run.samples_per_step, cfg.run.samples_max_tokens)
     with open(os.path.join(cfg.run.out, "samples.jsonl"), "a", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in got)

@@ -13,7 +13,6 @@ import os
 import random
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -23,11 +22,11 @@ import torch
 from agentopd.config import SamplingConfig
 from agentopd.diagnose import step_metrics
 from agentopd.eval.heldout import heldout_eval
-from agentopd.inference.base import apply_chat
 from agentopd.inference.hf import HFEngine
 from agentopd.rl import objectives
 from agentopd.rl.learner import (
     StepBatch,
+    TurnRows,
     autocast,
     load_model,
     pick_device,
@@ -37,7 +36,8 @@ from agentopd.rl.learner import (
     update,
 )
 from agentopd.rl.logprobs import lm_head_weight
-from agentopd.rollout import problems_and_judge
+from agentopd.rl.teacher import Teacher
+from agentopd.rollout import DEFAULT_FEEDBACK, Sampling, env_specs, make_envs, rollout_chunks
 
 
 @dataclass
@@ -53,6 +53,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The older form of ``env`` (kept working): ``env.id`` empty takes the env from here."""
+
     env: str = "math"
     """'math' or 'code'."""
     problems: str = "arithmetic"
@@ -67,6 +69,27 @@ class DataConfig:
     (generated problems only; training problems that appear in it are dropped)."""
     judge: dict = field(default_factory=dict)
     """Judge spec ({name: ..., kwargs}); empty: the env's default (math or tests)."""
+
+
+@dataclass
+class EnvConfig:
+    id: str = ""
+    """A registered Gymnasium env id: ``agentopd/Code-v0``, ``agentopd/Math-v0``,
+    ``agentopd/HumanEval-v0``, or a user's (``package.module:Name-v0`` imports the module first).
+    Empty: the env the older ``data`` section names (``data.env``, ``data.problems``, ...)."""
+    kwargs: dict = field(default_factory=dict)
+    """The env's arguments (agentopd's: problems, n, levels, seed, judge, backend, public_tests, ...;
+    see agentopd.envs)."""
+    heldout_kwargs: dict = field(default_factory=dict)
+    """What the held-out env (``run.eval_problems``) changes in ``kwargs``; for generated problems
+    the default is ``{split: heldout, n: run.eval_problems}``."""
+    max_turns: int = 1
+    """Turns per episode at most (agentopd's envs also get it as ``max_turns``): after a failed turn the
+    env's critique is the next user message and the model answers again."""
+    feedback: str = DEFAULT_FEEDBACK
+    """The user message after a failed turn; ``{critique}`` is the env's observation."""
+    discount: float = 1.0
+    """Episode reward = the last turn's reward x discount ** (turns - 1) (RLEF's return)."""
 
 
 @dataclass
@@ -183,6 +206,7 @@ class RunConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -196,7 +220,8 @@ class TrainConfig:
         "sampling.max_new_tokens": ">=1", "sampling.temperature": ">0", "sampling.top_p": "(0,1]",
         "teacher.tau": "[0,1]", "teacher.mix": "[0,1]", "teacher.max_tokens": ">=1", "algo.clip_low": "[0,1)",
         "algo.entropy": "any", "algo.distill_alpha": "[0,1]", "optim.lr": ">0", "optim.micro_batch": ">=1",
-        "optim.epochs_per_batch": ">=1", "run.steps": ">=1", "run.seed": "any", "run.eval_samples": ">=1"}
+        "optim.epochs_per_batch": ">=1", "run.steps": ">=1", "run.seed": "any", "run.eval_samples": ">=1",
+        "env.max_turns": ">=1", "env.discount": "[0,1]"}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -220,9 +245,10 @@ def _check_algo(cfg: TrainConfig) -> None:
     if cfg.teacher.mode not in ("ema", "frozen", "live", "trust_region"):
         raise ConfigError(f"teacher.mode: {cfg.teacher.mode!r}; choices: ema, frozen, live, trust_region")
     _check_loss(cfg.algo)
-    if cfg.data.env not in ("math", "code"):
-        raise ConfigError(f"data.env: {cfg.data.env!r}; choices: math, code")
+    env_specs(cfg)
     _check_judge_spec(cfg.data.judge)
+    if isinstance(cfg.env.kwargs.get("judge"), dict):
+        _check_judge_spec(cfg.env.kwargs["judge"])
     precision(cfg)
 
 
@@ -283,61 +309,122 @@ def _metric_sinks(cfg: TrainConfig) -> list:
     return sinks
 
 
-def _timed(fn, *args):
-    t0 = time.perf_counter()
-    return fn(*args), time.perf_counter() - t0
-
-
 # --------------------------------------------------------------------------------- the loop
 
 
-def _rollouts(cfg: TrainConfig, engine, judge, pool, amp, batch, prompt_ids, step: int, t: dict):
-    """1. G samples per prompt (token ids, sampling log-probs), chunk by chunk of prompts; 2. each
-    chunk judged on the worker thread while the next one generates (a failed or crashed sample never
-    aborts the step). ``t``: generate, execute (judging not hidden behind generation), execute_total."""
-    P, G = len(batch), cfg.sampling.group_size
-    gens, pending = [], []
+def _rollouts(cfg: TrainConfig, engine, tok, venvs: list, starts: list, step: int, amp, t: dict) -> list:
+    """1-2. One episode per slot: ``starts`` the step's problems (indices, or reset seeds for an env
+    that does not pick by index), ``group_size`` episodes each, chunk by chunk of problems (a chunk's
+    judging runs while the next one generates; a failed or crashed sample never aborts the step).
+    ``t``: generate, execute (judging not hidden behind generation), execute_total."""
+    G, per_call = cfg.sampling.group_size, cfg.sampling.generate_chunk or len(starts)
+    key = "index" if hasattr(venvs[0], "problems") else "seeds"
+    chunks = [{key: [s for s in starts[c:c + per_call] for _ in range(G)],
+               "seed": cfg.run.seed * 1_000_003 + step + k * 1_000_000_007}
+              for k, c in enumerate(range(0, len(starts), per_call))]
+    s = cfg.sampling
+    episodes, timing = rollout_chunks(engine, tok, venvs, chunks, group_size=G, max_turns=cfg.env.max_turns,
+                                      sampling=Sampling(s.max_new_tokens, s.temperature, s.top_p),
+                                      feedback=cfg.env.feedback, context=amp)  # as the held-out evaluation samples
+    t["generate"] += timing.generate
+    t["execute_total"] += timing.step
+    t["execute"] = max(timing.extra["wall"] - timing.generate, 0.0)
+    return episodes
+
+
+def _envs(cfg: TrainConfig, judge):
+    """The training vector envs (one per chunk of prompts) and the held-out one (or None); a judge
+    given to ``train`` replaces the env's (agentopd's envs)."""
+    env_id, kw, held_kw = env_specs(cfg)
+    if judge is not None and env_id.startswith("agentopd/"):
+        kw["judge"] = judge
+    P, G = cfg.sampling.prompts_per_step, cfg.sampling.group_size
     per_call = cfg.sampling.generate_chunk or P
-    for c, s in enumerate(range(0, P, per_call)):
-        t0 = time.perf_counter()
-        with amp():  # as evaluate() samples
-            got = engine.generate(prompt_ids[s:s + per_call], n=G, max_new_tokens=cfg.sampling.max_new_tokens,
-                                  temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                                  seed=cfg.run.seed * 1_000_003 + step + c * 1_000_000_007)
-        t["generate"] += time.perf_counter() - t0
-        gens += got
-        pending.append(pool.submit(_timed, judge.judge_many,
-                                   [(batch[s + i], g.text) for i, gs in enumerate(got) for g in gs]))
-    samples = [(i, g) for i, gs in enumerate(gens) for g in gs]
-    t0 = time.perf_counter()
-    judgements = []
-    for future in pending:
-        got, seconds = future.result()
-        judgements += got
-        t["execute_total"] += seconds
-    t["execute"] = time.perf_counter() - t0
-    return samples, judgements
+    venvs = make_envs(env_id, kw, [min(per_call, P - c) * G for c in range(0, P, per_call)])
+    heldout = None
+    if held_kw is not None:
+        if hasattr(venvs[0], "env") and "judge" not in cfg.env.heldout_kwargs:
+            held_kw["judge"] = venvs[0].env.judge  # one judge (one sandbox pool) for both
+        heldout = make_envs(env_id, held_kw, [cfg.run.eval_problems * cfg.run.eval_samples])[0]
+        if hasattr(heldout, "owner") and held_kw.get("judge") is kw.get("judge", venvs[0].env.judge):
+            heldout.owner = False
+    return venvs, heldout
 
 
-def _row(step: int, judgements, st: StepBatch, t: dict, update: tuple, rollout_metrics: dict) -> dict:
-    """The step's metrics row (before any held-out evaluation)."""
+def _close(venvs: list, heldout) -> None:
+    for v in [*venvs, *([heldout] if heldout is not None else [])]:
+        v.close()
+
+
+def _row(step: int, episodes: list, rows: TurnRows, st: StepBatch, t: dict, update: tuple, rollout_metrics: dict) -> dict:
+    """The step's metrics row (before any held-out evaluation): rewards and pass rate per episode
+    (its last turn), the rest per turn."""
     from agentopd.judges import reward_stats
 
-    success_B = torch.tensor([j.verdict.status == "ok" for j in judgements])
+    success_B = torch.tensor(rows.success)
     loss_sum, sums, gnorm = update
     resp_ids, mask_BT, adv_BT = st.response_ids, st.mask_BT, st.adv_BT
     ls_BT, lt_BT, tmask_B = st.old_BT, st.teacher_BT, st.teacher_mask_B
     n_resp = sum(len(r) for r in resp_ids)
     m = mask_BT.bool()
-    row = {"step": step, **reward_stats(judgements), "loss": loss_sum, **sums, **rollout_metrics, "grad_norm": gnorm,
+    row = {"step": step, **reward_stats([e.turns[-1].judgement for e in episodes]), "loss": loss_sum, **sums,
+           **rollout_metrics, "grad_norm": gnorm,
            "adv_mean": float(adv_BT[m].mean()) if m.any() else 0.0,
            "adv_std": float(adv_BT[m].std()) if m.sum() > 1 else 0.0,
            "kl_teacher": float(((ls_BT - lt_BT) * mask_BT * tmask_B[:, None]).sum()
                                / (mask_BT * tmask_B[:, None]).sum().clamp(min=1)),
-           "teacher_signal_frac": float(tmask_B.mean()),
+           "teacher_signal_frac": float(tmask_B.mean()), "turns_mean": len(rows.turns) / max(len(episodes), 1),
            "response_len": n_resp / max(len(resp_ids), 1), "empty_responses": sum(len(r) == 0 for r in resp_ids),
            "tokens_per_s": n_resp / max(t["generate"], 1e-9), **{f"time_{k}": v for k, v in t.items()}}
     return row | step_metrics(ls_BT, lt_BT, mask_BT, tmask_B, success_B)  # teacher_auc, ratio_correct/wrong
+
+
+@dataclass
+class _Parts:
+    """What every step uses: the model and its optimizer, teacher, reference, engine and envs."""
+
+    model: object
+    tok: object
+    opt: object
+    teacher: object
+    ref: object
+    engine: object
+    venvs: list
+    heldout: object
+    amp: object
+    head_VH: object
+    chunk: int
+
+
+def _contexts(cfg: TrainConfig, tok, episodes: list, rows: TurnRows) -> list | None:
+    """3a. Each turn's teacher context (its critique in hindsight, a successful sibling episode's final
+    answer): ContextRows, or None where the algorithm needs no self-teacher (grpo / rloo)."""
+    from agentopd.rl.teacher import TeacherTemplate, context_rows
+
+    if not (cfg.algo.advantage in ("sd_token", "sd_to_go", "hybrid") or objectives.needs(cfg.algo)):
+        return None
+    prompts = {e.group: e.prompt for e in episodes}
+    return context_rows(tok, [prompts[g] for g in sorted(prompts)], rows.turns, [t.judgement for t in rows.turns],
+                        cfg.sampling.group_size, cfg.teacher, TeacherTemplate(), rows.episodes,
+                        [(e.turns[-1].text, e.success) for e in episodes])
+
+
+def _step(cfg: TrainConfig, k: _Parts, step: int, starts: list) -> tuple[dict, list, TurnRows, list | None, StepBatch]:
+    """One training step on the problems ``starts``: ``(metrics row, episodes, rows, contexts, batch)``."""
+    t = {"generate": 0.0, "execute": 0.0, "execute_total": 0.0, "score": 0.0, "update": 0.0}
+    k.model.eval()
+    episodes = _rollouts(cfg, k.engine, k.tok, k.venvs, starts, step, k.amp, t)
+    rows = TurnRows.of(episodes, cfg.env.discount)
+    t0 = time.perf_counter()  # 3. self-teacher: critique (+ a successful sibling), the same ids re-scored
+    ctx = _contexts(cfg, k.tok, episodes, rows)
+    teacher_prompts = [c.ids for c in ctx] if ctx else [None] * len(rows.turns)
+    scores = score(cfg, k.model, k.teacher, k.ref, k.amp, rows, teacher_prompts)
+    t["score"] = time.perf_counter() - t0
+    st, rollout_metrics = step_inputs(cfg, rows, teacher_prompts, scores)
+    t0 = time.perf_counter()
+    upd = update(cfg, k.model, k.opt, k.teacher, k.head_VH, k.chunk, k.amp, st)
+    t["update"] = time.perf_counter() - t0
+    return _row(step + 1, episodes, rows, st, t, upd, rollout_metrics), episodes, rows, ctx, st
 
 
 def _resume(cfg: TrainConfig, ckpt_dir: str, model, opt, teacher, device) -> tuple[int, int]:
@@ -353,25 +440,51 @@ def _resume(cfg: TrainConfig, ckpt_dir: str, model, opt, teacher, device) -> tup
     return start, data_pos
 
 
-def _setup(cfg: TrainConfig, judge):
-    """Seeds, device, problems and judge (checked before the model loads), the model: ``(device,
-    problems, heldout, judge, model, tokenizer)``."""
+def _setup(cfg: TrainConfig, engine, judge) -> _Parts:
+    """Seeds, device, the envs (their problems and judge checked before the model loads), the model,
+    its optimizer, teacher, reference and engine."""
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     device = pick_device(cfg)
-    problems, heldout, default_judge = problems_and_judge(cfg)  # a bad problems file fails before the model loads
-    if judge is None:
-        judge = default_judge
-    elif hasattr(default_judge, "close"):
-        default_judge.close()
+    venvs, heldout = _envs(cfg, judge)  # a bad problems file fails before the model loads
     try:
         model, tok = load_model(cfg, device)
     except BaseException:
-        if hasattr(judge, "close"):
-            judge.close()
+        _close(venvs, heldout)
         raise
-    return device, problems, heldout, judge, model, tok
+    head_VH = lm_head_weight(model)
+    needs = objectives.needs(cfg.algo)
+    # hidden states and logits formed chunk by chunk in the update, unless top-K distillation needs logits
+    chunk = (cfg.optim.logits_chunk if head_VH is not None and not ("divergence" in needs and cfg.algo.distill_topk)
+             else 0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                            weight_decay=cfg.optim.weight_decay)
+    teacher = Teacher(model, cfg.teacher.mode, tau=cfg.teacher.tau, mix=cfg.teacher.mix)
+    ref = Teacher(model, "frozen") if cfg.algo.ref_kl else None
+    return _Parts(model, tok, opt, teacher, ref, (engine or HFEngine)(model, tok, device=device), venvs, heldout,
+                  autocast(precision(cfg), device), head_VH, chunk)
+
+
+def _starts(cfg: TrainConfig, venv, data_pos: int) -> list:
+    """The step's problems: positions in a fixed shuffle of the env's problems, or, for an env that does
+    not list them, reset seeds (one per problem)."""
+    P = cfg.sampling.prompts_per_step
+    if not hasattr(venv, "problems"):
+        return [cfg.run.seed * 1_000_003 + data_pos + i for i in range(P)]
+    order = np.random.default_rng(cfg.run.seed).permutation(len(venv.problems)).tolist()
+    return [order[(data_pos + i) % len(order)] for i in range(P)]
+
+
+def _evaluate(cfg: TrainConfig, k: _Parts) -> dict:
+    """Held-out pass@1 (and per turn), the same seed every time: differences come from the model."""
+    from agentopd.envs.procedural import HELDOUT_SEED
+
+    k.model.eval()
+    n = min(cfg.run.eval_problems, len(getattr(k.heldout, "problems", [None] * cfg.run.eval_problems)))
+    with k.amp():
+        return heldout_eval(k.engine, k.tok, k.heldout, n, cfg.run.eval_samples, cfg.sampling, HELDOUT_SEED,
+                            cfg.env.max_turns, cfg.env.feedback)
 
 
 def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
@@ -381,31 +494,14 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     from tqdm import tqdm
 
     from agentopd import samples as sample_log
-    from agentopd.envs.procedural import HELDOUT_SEED
     from agentopd.rl import checkpoints
-    from agentopd.rl.teacher import Teacher, TeacherTemplate, teacher_contexts
 
     _check_algo(cfg)
     os.makedirs(cfg.run.out, exist_ok=True)
     sinks = _metric_sinks(cfg)
-    device, problems, heldout, judge, model, tok = _setup(cfg, judge)
-    amp = autocast(precision(cfg), device)
-    head_VH = lm_head_weight(model)
-    needs = objectives.needs(cfg.algo)
-    # hidden states and logits formed chunk by chunk in the update, unless top-K distillation needs logits
-    chunk = (cfg.optim.logits_chunk if head_VH is not None and not ("divergence" in needs and cfg.algo.distill_topk)
-             else 0)
-    order = np.random.default_rng(cfg.run.seed).permutation(len(problems)).tolist()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                            weight_decay=cfg.optim.weight_decay)
-    teacher = Teacher(model, cfg.teacher.mode, tau=cfg.teacher.tau, mix=cfg.teacher.mix)
-    ref = Teacher(model, "frozen") if cfg.algo.ref_kl else None
-    engine = (engine or HFEngine)(model, tok, device=device)
-    template = TeacherTemplate()
-    needs_teacher = cfg.algo.advantage in ("sd_token", "sd_to_go", "hybrid") or bool(needs)
+    k = _setup(cfg, engine, judge)
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
-    start, data_pos = _resume(cfg, ckpt_dir, model, opt, teacher, device)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")  # judging overlaps generation
+    start, data_pos = _resume(cfg, ckpt_dir, k.model, k.opt, k.teacher, next(k.model.parameters()).device)
     rows = []
 
     def log(row: dict) -> None:
@@ -415,59 +511,42 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         for sink, _ in sinks:
             sink(row)
 
-    def evaluate() -> dict:  # the same seed every time: differences come from the model
-        model.eval()
-        with amp():
-            p1, errors = heldout_eval(engine, tok, heldout, judge, cfg.run.eval_samples, cfg.sampling, HELDOUT_SEED)
-        return {"heldout_pass1": p1, "heldout_judge_errors": errors}
-
-    before = None
-    if heldout and start == 0:
-        log({"step": 0, **evaluate()})
-        before = rows[-1]["heldout_pass1"]
+    if k.heldout is not None and start == 0:
+        log({"step": 0, **_evaluate(cfg, k)})
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train",
                disable=not cfg.run.progress)
     for step in bar:
-        t = {"generate": 0.0, "execute": 0.0, "execute_total": 0.0, "score": 0.0, "update": 0.0}
-        P, G = cfg.sampling.prompts_per_step, cfg.sampling.group_size
-        batch = [problems[order[(data_pos + i) % len(order)]] for i in range(P)]
-        data_pos += P
-        prompt_ids = [apply_chat(tok, [{"role": "user", "content": p.prompt}]) for p in batch]
-        model.eval()
-        samples, judgements = _rollouts(cfg, engine, judge, pool, amp, batch, prompt_ids, step, t)
-
-        t0 = time.perf_counter()  # 3. self-teacher: critique (+ a successful sibling), the same ids re-scored
-        teacher_prompts = (teacher_contexts(tok, [p.prompt for p in batch], [g for _, g in samples], judgements,
-                                            G, cfg.teacher, template) if needs_teacher
-                           else [None] * len(samples))  # grpo / rloo: no self-teacher forward at all
-        scores = score(cfg, model, teacher, ref, amp, prompt_ids, samples, teacher_prompts)
-        t["score"] = time.perf_counter() - t0
-        st, rollout_metrics = step_inputs(cfg, samples, judgements, prompt_ids, teacher_prompts, scores)
-
-        t0 = time.perf_counter()
-        upd = update(cfg, model, opt, teacher, head_VH, chunk, amp, st)
-        t["update"] = time.perf_counter() - t0
-
-        row = _row(step + 1, judgements, st, t, upd, rollout_metrics)
+        row, episodes, trows, ctx, st = _step(cfg, k, step, _starts(cfg, k.venvs[0], data_pos))
+        data_pos += cfg.sampling.prompts_per_step
         last = step + 1 == cfg.run.steps
-        if heldout and (last or cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0):
-            row |= evaluate()
-        sample_log.record(cfg, step + 1, last, "heldout_pass1" in row, tok, batch, [g for _, g in samples], judgements, st)
+        if k.heldout is not None and (last or cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0):
+            row |= _evaluate(cfg, k)
+        sample_log.record(cfg, step + 1, last, "heldout_pass1" in row, k.tok, episodes, trows, ctx, st)
         log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 or last:
-            saved = checkpoints.save(ckpt_dir, step + 1, model, tok, opt, teacher, data_pos, cfg.run.save_merged)
+            saved = checkpoints.save(ckpt_dir, step + 1, k.model, k.tok, k.opt, k.teacher, data_pos, cfg.run.save_merged)
             if last:
                 checkpoints.export_final(saved, os.path.join(cfg.run.out, "final"))
-    pool.shutdown()
-    if heldout and rows and "heldout_pass1" in rows[-1]:
-        was = "" if before is None else f"{before:.3f} -> "
-        tqdm.write(f"held-out pass@1 ({len(heldout)} problems x {cfg.run.eval_samples}): {was}{rows[-1]['heldout_pass1']:.3f}",
-                   file=sys.stderr)
+    _summary(cfg, rows)
     for _, close in sinks:
         close()
-    if hasattr(judge, "close"):
-        judge.close()
+    _close(k.venvs, k.heldout)
     return rows
+
+
+def _summary(cfg: TrainConfig, rows: list[dict]) -> None:
+    """The held-out pass@1 before and after, on stderr (and per turn, multi-turn)."""
+    from tqdm import tqdm
+
+    evals = [r for r in rows if "heldout_pass1" in r]
+    if not evals or "heldout_pass1" not in rows[-1]:
+        return
+    was = f"{evals[0]['heldout_pass1']:.3f} -> " if evals[0]["step"] == 0 and len(evals) > 1 else ""
+    msg = f"held-out pass@1 ({cfg.run.eval_problems} problems x {cfg.run.eval_samples}): {was}{rows[-1]['heldout_pass1']:.3f}"
+    if "heldout_pass_after_turn" in rows[-1]:
+        per = lambda r: " ".join(f"{p:.3f}" for p in r["heldout_pass_after_turn"])  # noqa: E731
+        msg += f"; after each turn: {per(evals[0]) + ' -> ' if was else ''}{per(rows[-1])}"
+    tqdm.write(msg, file=sys.stderr)
 
 

@@ -81,3 +81,57 @@ class Generation:
     logprobs: list[float]  # log-prob of each id under the distribution it was drawn from
     text: str  # decode(response_ids, skip_special_tokens=True), for judges only
     finish_reason: str  # "stop" (eos or stop string) or "length"
+
+
+@dataclass
+class Turn:
+    """One turn of an episode: the prompt ids the model saw (the whole conversation so far, as ids;
+    None for a server engine, which works on messages), what it sampled, and the env's verdict.
+    Every response id was sampled by the model: the loss mask of a turn is its response."""
+
+    prompt_ids: list[int] | None
+    response_ids: list[int]
+    logprobs: list[float]
+    text: str
+    judgement: Judgement
+    reward: float  # the env's reward for this turn (NaN: judge_error)
+    finish_reason: str = "stop"
+
+
+@dataclass
+class Episode:
+    """One problem played until success, the turn limit or a judge failure. ``group``: episodes of
+    one problem in a step share it (group statistics, demonstrations). ``messages``: the
+    conversation as text (the critique after a failed turn is the next user message)."""
+
+    problem_id: str
+    group: int
+    prompt: str
+    turns: list[Turn] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
+
+    @property
+    def success(self) -> bool:
+        return bool(self.turns) and self.turns[-1].judgement.verdict.status == "ok"
+
+    @property
+    def judge_error(self) -> bool:
+        return any(t.judgement.verdict.status == "judge_error" for t in self.turns)
+
+    def reward(self, discount: float = 1.0) -> float:
+        """The last turn's reward times ``discount ** (turns - 1)`` (RLEF's episode return); NaN
+        when any turn could not be judged."""
+        if not self.turns or self.judge_error:
+            return float("nan")
+        return self.turns[-1].reward * discount ** (len(self.turns) - 1)
+
+    def token_ids_and_mask(self) -> tuple[list[int], list[int]]:
+        """The whole episode as one id sequence (the last prompt already holds every earlier turn)
+        and its loss mask: 1 on ids the model sampled, 0 on the prompt, template and feedback ids."""
+        ids, mask = [], []
+        for t in self.turns:
+            ids += t.prompt_ids[len(ids):]
+            mask += [0] * (len(t.prompt_ids) - len(mask))
+            ids += t.response_ids
+            mask += [1] * len(t.response_ids)
+        return ids, mask

@@ -9,13 +9,13 @@ import gymnasium as gym
 from agentopd.envs.data import load_code_problems, load_humaneval, load_math_problems, load_problems  # noqa: F401
 from agentopd.envs.procedural import arithmetic_problems, reasoning_gym_problems  # noqa: F401
 
-_ENTRIES = {
-    "agentopd/Code-v0": "agentopd.envs.code:CodeEnv",
-    "agentopd/HumanEval-v0": "agentopd.envs.code:HumanEvalEnv",
-    "agentopd/Math-v0": "agentopd.envs.math:MathEnv",
+_ENTRIES = {  # id: (entry point, vector entry point: one batched judge call per turn for all slots)
+    "agentopd/Code-v0": ("agentopd.envs.code:CodeEnv", "agentopd.envs.code:code_vector_env"),
+    "agentopd/HumanEval-v0": ("agentopd.envs.code:HumanEvalEnv", "agentopd.envs.code:humaneval_vector_env"),
+    "agentopd/Math-v0": ("agentopd.envs.math:MathEnv", "agentopd.envs.math:math_vector_env"),
 }
 ENV_IDS = tuple(_ENTRIES)
 
-for _id, _entry in _ENTRIES.items():
+for _id, (_entry, _vector) in _ENTRIES.items():
     if _id not in gym.registry:
-        gym.register(_id, entry_point=_entry, disable_env_checker=True)
+        gym.register(_id, entry_point=_entry, vector_entry_point=_vector, disable_env_checker=True)

@@ -1,25 +1,32 @@
-"""Gymnasium code environments: ``agentopd/Code-v0`` (any problems file or dataset) and
-``agentopd/HumanEval-v0``. The answer's code is pulled from a fenced block or taken whole and run
-against the problem's tests by the test judge (see :mod:`agentopd.envs.base` for the episode)."""
+"""Gymnasium code environments: ``agentopd/Code-v0`` (any problems file or dataset, or the
+``functions`` generator) and ``agentopd/HumanEval-v0``. The answer's code is pulled from a fenced
+block or taken whole and run against the problem's tests by the test judge (see
+:mod:`agentopd.envs.base` for the episode)."""
 from __future__ import annotations
 
-from agentopd.envs.base import AnyText, JudgedEnv  # noqa: F401  (AnyText re-exported)
+from agentopd.envs.base import AnyText, JudgedEnv, JudgedVectorEnv  # noqa: F401  (AnyText re-exported)
 from agentopd.envs.data import load_code_problems
+from agentopd.envs.procedural import problem_set
 
 
 class CodeEnv(JudgedEnv):
     def __init__(self, problems=None, max_turns: int = 1, judge=None, backend: str = "auto",
-                 timeout_s: float = 10.0, max_length: int = 1 << 20, render_mode: str | None = None):
-        """``problems``: a JSONL path, a ``datasets`` dataset, a list of dicts or Problems.
-        ``judge``: anything with ``judge(problem, response) -> Judgement`` (default: TestJudge)."""
+                 timeout_s: float = 10.0, max_length: int = 1 << 20, render_mode: str | None = None,
+                 public_tests: int = 0, n: int = 256, levels=(1, 2), seed: int = 1, split: str = "train",
+                 heldout_n: int = 0):
+        """``problems``: a JSONL path, a ``datasets`` dataset, a list of dicts or Problems, or the
+        generator ``"functions"`` (``n``, ``seed``; ``split``: "train", which leaves out the first
+        ``heldout_n`` held-out problems, or "heldout"). ``judge``: anything with ``judge(problem,
+        response)`` and ``judge_many(pairs)`` returning Judgements, or a judge spec (default: the
+        test judge on ``backend``). ``public_tests``: see :mod:`agentopd.envs.base`."""
         if problems is None:
-            raise ValueError("CodeEnv needs problems: a JSONL path, a datasets dataset or a list of rows")
-        problems = load_code_problems(problems)
-        if judge is None and problems:
-            from agentopd.judges.tests import TestJudge
+            raise ValueError("CodeEnv needs problems: a JSONL path, a datasets dataset, rows or 'functions'")
+        problems = problem_set(problems, "code", load_code_problems, n, levels, seed, split, heldout_n)
+        if judge is None or isinstance(judge, (str, dict)):
+            from agentopd.judges import make_judge
 
-            judge = TestJudge(backend=backend, timeout_s=timeout_s)
-        super().__init__(problems, judge, max_turns, max_length, render_mode)
+            judge = make_judge(judge or {"name": "tests", "backend": backend, "timeout_s": timeout_s})
+        super().__init__(problems, judge, max_turns, max_length, render_mode, public_tests)
 
 
 class HumanEvalEnv(CodeEnv):
@@ -29,3 +36,11 @@ class HumanEvalEnv(CodeEnv):
 
     def __init__(self, **kw):
         super().__init__(problems="humaneval", **kw)
+
+
+def code_vector_env(num_envs: int = 1, **kw) -> JudgedVectorEnv:
+    return JudgedVectorEnv(CodeEnv(**kw), num_envs)
+
+
+def humaneval_vector_env(num_envs: int = 1, **kw) -> JudgedVectorEnv:
+    return JudgedVectorEnv(HumanEvalEnv(**kw), num_envs)

@@ -237,3 +237,23 @@ def reasoning_gym_problems(name: str, n: int = 100, seed: int = 0, **config) -> 
                            {"answer": str(entry["answer"]),
                             "scorer": lambda ans, e=entry: ds.score_answer(ans, e)}))
     return out
+
+
+def problem_set(problems, kind: str, load, n: int, levels, seed: int, split: str = "train",
+                heldout_n: int = 0) -> list[Problem]:
+    """An env's problems: ``problems`` names a generator of ``kind`` problems (``n`` of them from
+    ``seed``; ``split="heldout"``: from :data:`HELDOUT_SEED` instead, and ``"train"`` leaves out any
+    prompt among the first ``heldout_n`` held-out ones), or anything else is given to ``load``."""
+    if not (isinstance(problems, str) and problems in GENERATORS):
+        return load(problems)
+    if GENERATORS[problems] != kind:
+        raise ValueError(f"problems={problems!r} makes {GENERATORS[problems]} problems, not {kind}")
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if split == "heldout":
+        return generated_problems(problems, n, levels, HELDOUT_SEED)
+    out = generated_problems(problems, n, levels, seed)
+    if heldout_n:
+        seen = {p.prompt for p in generated_problems(problems, heldout_n, levels, HELDOUT_SEED)}
+        out = [p for p in out if p.prompt not in seen]
+    return out

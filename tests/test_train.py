@@ -522,7 +522,7 @@ def test_heldout_pass1_leaves_judge_errors_out(capsys):
 
     from agentopd.config import SamplingConfig
     from agentopd.eval.heldout import heldout_pass1
-    from agentopd.types import Judgement, Problem, Verdict
+    from agentopd.types import Generation, Judgement, Problem, Verdict
 
     class Tok:
         def apply_chat_template(self, messages, **kw):
@@ -530,7 +530,7 @@ def test_heldout_pass1_leaves_judge_errors_out(capsys):
 
     class Engine:
         def generate(self, prompts, n, **kw):
-            return [[type("G", (), {"text": t})() for t in ("ok", "down", "down", "wrong")[:n]] for _ in prompts]
+            return [[Generation([7], [-0.1], t, "stop") for t in ("ok", "down", "down", "wrong")[:n]] for _ in prompts]
 
     class Judge:
         def __init__(self, outage):

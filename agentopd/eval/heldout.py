@@ -1,5 +1,6 @@
-"""The held-out pass rate during training (and of the micro testbed): ``n`` samples per held-out
-problem at the sampling temperature, judge errors left out."""
+"""The held-out pass rate during training (and of the micro testbed): ``n`` episodes per held-out
+problem at the sampling temperature through :func:`agentopd.rollout.rollout`, judge errors left out;
+with several turns, also the pass rate after each turn."""
 from __future__ import annotations
 
 import math
@@ -8,23 +9,39 @@ import sys
 from agentopd.config import SamplingConfig
 
 
+def pass_after_turn(episodes: list, turns: int) -> list[float]:
+    """The share of judged episodes solved by turn ``t`` for t = 1..turns (an episode that ended earlier
+    keeps its last result); NaN when none could be judged."""
+    judged = [e for e in episodes if not e.judge_error]
+    if not judged:
+        return [math.nan] * turns
+    return [sum(e.success and len(e.turns) <= t for e in judged) / len(judged) for t in range(1, turns + 1)]
+
+
+def heldout_eval(engine, tok, venv, problems: int, n: int, sampling: SamplingConfig, seed: int,
+                 max_turns: int = 1, feedback: str | None = None) -> dict:
+    """Play ``n`` episodes of each of the first ``problems`` problems of the vector env ``venv``
+    (``problems * n`` slots): ``{"heldout_pass1", "heldout_judge_errors"}``, plus
+    ``heldout_pass_after_turn`` when ``max_turns > 1``. pass@1 is the final success rate."""
+    from agentopd.rollout import DEFAULT_FEEDBACK, Sampling, rollout
+
+    episodes = rollout(engine, tok, venv, group_size=n, seed=seed, max_turns=max_turns,
+                       index=[i for i in range(problems) for _ in range(n)], feedback=feedback or DEFAULT_FEEDBACK,
+                       sampling=Sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p))
+    errors = sum(e.judge_error for e in episodes)
+    if errors:
+        print(f"held-out pass@1: {errors} of {len(episodes)} samples could not be judged (judge_error); left out",
+              file=sys.stderr)
+    after = pass_after_turn(episodes, max_turns)
+    out = {"heldout_pass1": after[-1], "heldout_judge_errors": errors}
+    return out | ({"heldout_pass_after_turn": after} if max_turns > 1 else {})
+
+
 def heldout_pass1(engine, tok, problems, judge, n: int, sampling: SamplingConfig, seed: int) -> float:
-    """Held-out pass@1: the mean success of ``n`` samples per problem at the sampling temperature,
-    over the judged samples. Judge errors (an outage, not a wrong answer) are left out and their
-    count said on stderr; NaN when no sample could be judged."""
-    return heldout_eval(engine, tok, problems, judge, n, sampling, seed)[0]
+    """Held-out pass@1 of ``problems`` (a list) under ``judge``: the mean success of ``n`` samples per
+    problem at the sampling temperature, over the judged samples. Judge errors (an outage, not a
+    wrong answer) are left out and their count said on stderr; NaN when no sample could be judged."""
+    from agentopd.envs.base import JudgedEnv, JudgedVectorEnv
 
-
-def heldout_eval(engine, tok, problems, judge, n: int, sampling: SamplingConfig, seed: int) -> tuple[float, int]:
-    """(held-out pass@1 as :func:`heldout_pass1` gives it, the number of judge errors left out)."""
-    from agentopd.inference.base import apply_chat
-
-    gens = engine.generate([apply_chat(tok, [{"role": "user", "content": p.prompt}]) for p in problems], n=n,
-                           max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                           top_p=sampling.top_p, seed=seed)
-    verdicts = judge.judge_many([(p, g.text) for p, gs in zip(problems, gens) for g in gs])
-    judged = [j.verdict.status for j in verdicts if j.verdict.status != "judge_error"]
-    if len(judged) < len(verdicts):
-        print(f"held-out pass@1: {len(verdicts) - len(judged)} of {len(verdicts)} samples could not be judged "
-              "(judge_error); left out", file=sys.stderr)
-    return (sum(s == "ok" for s in judged) / len(judged) if judged else math.nan), len(verdicts) - len(judged)
+    venv = JudgedVectorEnv(JudgedEnv(problems, judge), len(problems) * n, owner=False)
+    return heldout_eval(engine, tok, venv, len(problems), n, sampling, seed)["heldout_pass1"]

@@ -13,6 +13,9 @@ Conventions shared by all estimators:
 - A sample whose reward is NaN (``judge_error``) gets advantage 0 everywhere and takes no part in
   any group statistic or baseline. The caller also drops it from the loss mask.
 - Group statistics (mean, std, leave-one-out means) are taken over the valid samples of the group.
+- Multi-turn (``episode_B`` given, a row per turn): reward-based statistics count each episode once
+  (its reward is every one of its rows' reward), and ``sd_to_go`` sums over the later turns of the
+  episode too, over their sampled tokens only (the feedback between turns is in the prompts).
 - Self-distillation estimators give 0 to samples with ``teacher_mask_B == 0`` (no critique and no
   demonstration: no teacher signal) and leave them out of baselines.
 """
@@ -35,6 +38,8 @@ class AdvantageInputs:
     teacher_logprobs_BT: torch.Tensor | None = None  # lt_t (detached)
     teacher_mask_B: torch.Tensor | None = None  # 1 where the sample has a teacher signal
     success_B: torch.Tensor | None = None  # bool, for hybrid routing
+    episode_B: torch.Tensor | None = None  # long: the episode of each row (a row is one turn); None: one row each
+    turn_B: torch.Tensor | None = None  # long: the row's turn in its episode (0-based)
 
 
 ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {}
@@ -100,7 +105,25 @@ def _teacher_valid_B(inputs: AdvantageInputs, dtype: torch.dtype) -> torch.Tenso
 # ---------------------------------------------------------------- estimators
 
 
+def _per_episode(estimator):
+    """Run a reward-based estimator on one row per episode and hand each episode's advantage to all
+    of its rows (a no-op without ``episode_B``)."""
+
+    def run(inputs: AdvantageInputs, **kw) -> torch.Tensor:
+        if inputs.episode_B is None:
+            return estimator(inputs, **kw)
+        _, row_B = torch.unique(inputs.episode_B, return_inverse=True)
+        first_E = torch.full((int(row_B.max()) + 1 if row_B.numel() else 0,), len(row_B), dtype=torch.long)
+        first_E = first_E.scatter_reduce(0, row_B, torch.arange(len(row_B)), reduce="amin")
+        one = AdvantageInputs(inputs.rewards_B[first_E], inputs.group_B[first_E], torch.ones(len(first_E), 1))
+        return estimator(one, **kw)[:, 0][row_B][:, None] * inputs.mask_BT.to(torch.float32)
+
+    run.__doc__, run.__wrapped__ = estimator.__doc__, estimator
+    return run
+
+
 @register("grpo")
+@_per_episode
 def grpo(inputs: AdvantageInputs, std_normalize: bool = True) -> torch.Tensor:
     """``(R_i - mean_g R) / (std_g R + eps)``, the same for every token. ``std_g`` is the
     population std (divides by n, so a group of one gives 0, not NaN)."""
@@ -117,6 +140,7 @@ def grpo(inputs: AdvantageInputs, std_normalize: bool = True) -> torch.Tensor:
 
 
 @register("rloo")
+@_per_episode
 def rloo(inputs: AdvantageInputs) -> torch.Tensor:
     """``R_i - mean_{j != i} R_j`` over the valid samples of the group; 0 for a group of one."""
     valid_B = _valid_B(inputs)
@@ -157,7 +181,7 @@ def sd_to_go(inputs: AdvantageInputs, baseline: bool = False) -> torch.Tensor:
     column index, so responses should be aligned at their first token (right padding).
     """
     diff_BT = _log_ratio_BT(inputs)
-    advantages_BT = diff_BT.flip(-1).cumsum(-1).flip(-1)
+    advantages_BT = diff_BT.flip(-1).cumsum(-1).flip(-1) + _later_turns_B(inputs, diff_BT.sum(-1))[:, None]
     mask_BT = inputs.mask_BT.to(diff_BT.dtype)
     if baseline:
         member_BT = mask_BT * _teacher_valid_B(inputs, diff_BT.dtype)[:, None]
@@ -170,6 +194,15 @@ def sd_to_go(inputs: AdvantageInputs, baseline: bool = False) -> torch.Tensor:
         )
         advantages_BT = (advantages_BT - baseline_BT) * member_BT
     return advantages_BT * mask_BT
+
+
+def _later_turns_B(inputs: AdvantageInputs, total_B: torch.Tensor) -> torch.Tensor:
+    """For each row, the sum of ``total_B`` over the later turns of its episode (0 without ``episode_B``)."""
+    if inputs.episode_B is None or inputs.turn_B is None:
+        return torch.zeros_like(total_B)
+    same_BB = inputs.episode_B[:, None] == inputs.episode_B[None, :]
+    later_BB = inputs.turn_B[None, :] > inputs.turn_B[:, None]
+    return (same_BB & later_BB).to(total_B.dtype) @ total_B
 
 
 @register("hybrid")

@@ -4,7 +4,6 @@ algorithm-agnostic per-token loss (:mod:`agentopd.rl.objectives`). Also the mode
 and autocast, shared by training and the teacher diagnostic."""
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -177,12 +176,12 @@ def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp
     return loss, metrics
 
 
-def score(cfg: TrainConfig, model, teacher, ref, amp, prompt_ids, samples, teacher_prompts):
-    """3. The student's, teacher's (on samples with a teacher prompt) and reference's log-probs of the
+def score(cfg: TrainConfig, model, teacher, ref, amp, rows: TurnRows, teacher_prompts):
+    """3. The student's, teacher's (on rows with a teacher prompt) and reference's log-probs of the
     same response ids, no grad: ``(ls_BT, mask_BT, lt_BT, ref_BT or None)``."""
     T = learner_temperature(cfg.sampling)
-    resp_ids = [g.response_ids for _, g in samples]
-    student_prompts = [prompt_ids[i] for i, _ in samples]
+    resp_ids = [g.response_ids for g in rows.turns]
+    student_prompts = rows.prompt_ids
 
     def score(scorer, prompts, responses):
         return sequence_logprobs(scorer, prompts, responses, chunk=cfg.optim.logits_chunk, temperature=T)[0]
@@ -225,27 +224,51 @@ def update(cfg: TrainConfig, model, opt, teacher, head_VH, chunk: int, amp, st: 
     return loss_sum, sums, float(gnorm)
 
 
-def step_inputs(cfg: TrainConfig, samples, judgements, prompt_ids, teacher_prompts, scores) -> tuple[StepBatch, dict]:
-    """4. Advantages (judge errors and empty responses carry no gradient) and the rollout
-    correction, packed for the update: ``(StepBatch, rollout metrics)``."""
+def step_inputs(cfg: TrainConfig, rows: TurnRows, teacher_prompts, scores) -> tuple[StepBatch, dict]:
+    """4. Advantages (judge errors and empty responses carry no gradient; reward-based estimators
+    see each episode once, with its episode reward) and the rollout correction, packed for the
+    update: ``(StepBatch, rollout metrics)``."""
     from agentopd.rl import advantages
 
     ls_BT, mask_BT, lt_BT, ref_BT = scores
-    rewards_B = torch.tensor([math.nan if j.verdict.status == "judge_error" else j.verdict.score for j in judgements])
-    success_B = torch.tensor([j.verdict.status == "ok" for j in judgements])
+    rewards_B = torch.tensor(rows.rewards, dtype=torch.float32)
     teacher_mask_B = torch.tensor([tp is not None for tp in teacher_prompts], dtype=torch.float32)
-    group_B = torch.tensor([i for i, _ in samples])
-    inputs = advantages.AdvantageInputs(rewards_B, group_B, mask_BT, ls_BT, lt_BT, teacher_mask_B, success_B)
+    inputs = advantages.AdvantageInputs(rewards_B, torch.tensor(rows.groups), mask_BT, ls_BT, lt_BT, teacher_mask_B,
+                                        torch.tensor(rows.success), torch.tensor(rows.episodes), torch.tensor(rows.turn_index))
     adv_BT = advantages.compute(cfg.algo.advantage, inputs, **cfg.algo.advantage_kwargs)
     mask_BT = mask_BT * (~torch.isnan(rewards_B))[:, None]
     adv_BT = torch.nan_to_num(adv_BT) * mask_BT
-    engine_BT, engine_mask_BT = _engine_logprobs([g for _, g in samples], ls_BT)
+    engine_BT, engine_mask_BT = _engine_logprobs(rows.turns, ls_BT)
     rollout_BT, rollout_metrics = objectives.rollout_weights(ls_BT, engine_BT, engine_mask_BT * mask_BT,
                                                              cfg.algo.rollout_is_clip)
-    st = StepBatch([prompt_ids[i] for i, _ in samples], [g.response_ids for _, g in samples], teacher_prompts, ls_BT,
-               lt_BT, adv_BT, mask_BT, teacher_mask_B, rollout_BT, ref_BT, mask_BT.sum().clamp(min=1),
-               (mask_BT * teacher_mask_B[:, None]).sum().clamp(min=1))
+    st = StepBatch(rows.prompt_ids, [g.response_ids for g in rows.turns], teacher_prompts, ls_BT,
+                   lt_BT, adv_BT, mask_BT, teacher_mask_B, rollout_BT, ref_BT, mask_BT.sum().clamp(min=1),
+                   (mask_BT * teacher_mask_B[:, None]).sum().clamp(min=1))
     return st, rollout_metrics
+
+
+@dataclass
+class TurnRows:
+    """A step's episodes as learner rows, one per turn (its prompt ids hold the conversation so far,
+    so the loss mask, the response, covers only sampled ids): per row its episode, turn number,
+    group, the episode's reward (NaN: a judge error) and the turn's own success."""
+
+    turns: list
+    prompt_ids: list
+    episodes: list[int]
+    turn_index: list[int]
+    groups: list[int]
+    rewards: list[float]
+    success: list[bool]
+
+    @classmethod
+    def of(cls, episodes: list, discount: float = 1.0) -> TurnRows:
+        rows = [(e, k, ep, t) for e, ep in enumerate(episodes) for k, t in enumerate(ep.turns)]
+        return cls([t for *_, t in rows], [t.prompt_ids for *_, t in rows], [e for e, *_ in rows],
+                   [k for _, k, *_ in rows], [ep.group for _, _, ep, _ in rows],
+                   [ep.reward(discount) for _, _, ep, _ in rows],
+                   [t.judgement.verdict.status == "ok" for *_, t in rows])
+
 
 
 def _stack(lp_list, T: int) -> torch.Tensor:

@@ -96,22 +96,44 @@ def strip_think(text: str) -> str:
     return _THINK.sub("", text)
 
 
+@dataclass
+class ContextRow:
+    """One row's teacher context: its ids (None: no teacher signal, the row is masked), the
+    demonstration shown and whether the critique was shown."""
+
+    ids: list[int] | None
+    demonstration: str | None
+    critique_shown: bool
+
+
 def teacher_contexts(tokenizer, prompts: list[str], samples: list, judgements: list, group_size: int,
                      cfg, template: TeacherTemplate | None = None) -> list[list[int] | None]:
-    """The teacher prompt ids of every sample of a step, exactly as training builds them: sample ``b``
-    answers ``prompts[b // group_size]``; ``samples[b]`` has ``.text`` and ``.response_ids``;
-    ``judgements[b]`` its Judgement. A failed sample gets its critique (``cfg.use_critique``), any sample
-    the first other successful sample of its group as demonstration (``cfg.use_demonstration``; with
-    ``cfg.self_demonstration`` the first successful one, itself included), without its ``<think>``
-    blocks with ``cfg.strip_think``; ``cfg.drop_critique_with_demo`` leaves the critique out where there
-    is a demonstration. None: no signal (neither text, an empty response or a judge error): the sample
-    is masked. ``cfg`` is a ``TeacherConfig``."""
+    """The teacher prompt ids of every sample of a single-turn step, exactly as training builds them:
+    sample ``b`` answers ``prompts[b // group_size]``; ``samples[b]`` has ``.text`` and
+    ``.response_ids``; ``judgements[b]`` its Judgement. See :func:`context_rows`."""
+    return [r.ids for r in context_rows(tokenizer, prompts, samples, judgements, group_size, cfg, template)]
+
+
+def context_rows(tokenizer, prompts: list[str], samples: list, judgements: list, group_size: int, cfg,
+                 template: TeacherTemplate | None = None, episode_of: list[int] | None = None,
+                 finals: list[tuple[str, bool]] | None = None) -> list[ContextRow]:
+    """Each row's teacher context. Row ``b`` is a turn of episode ``episode_of[b]`` (default: ``b``,
+    one turn each), which answers ``prompts[episode // group_size]``. A failed turn gets the critique
+    that followed it (``cfg.use_critique``: hindsight), any turn the final answer of the first other
+    successful episode of its group as demonstration (``finals[e]``: episode ``e``'s last answer and
+    success; ``cfg.use_demonstration``; with ``cfg.self_demonstration`` the first successful one,
+    itself included), without its ``<think>`` blocks with ``cfg.strip_think``;
+    ``cfg.drop_critique_with_demo`` leaves the critique out where there is a demonstration. No
+    signal (neither text, an empty response or a judge error): ``ids`` None. ``cfg``: a ``TeacherConfig``."""
     ok = [j.verdict.status == "ok" for j in judgements]
+    episode_of = list(range(len(samples))) if episode_of is None else episode_of
+    finals = [(g.text, s) for g, s in zip(samples, ok)] if finals is None else finals
     out = []
     for b, (g, j) in enumerate(zip(samples, judgements)):
-        i = b // group_size
-        group = [(samples[k].text, ok[k]) for k in range(i * group_size, (i + 1) * group_size)]
-        demo = (pick_demonstration(group, b - i * group_size, cfg.self_demonstration)
+        e = episode_of[b]
+        i = e // group_size
+        group = finals[i * group_size:(i + 1) * group_size]
+        demo = (pick_demonstration(group, e - i * group_size, cfg.self_demonstration)
                 if cfg.use_demonstration else None)
         if demo is not None and cfg.strip_think:
             demo = strip_think(demo)
@@ -119,7 +141,7 @@ def teacher_contexts(tokenizer, prompts: list[str], samples: list, judgements: l
         crit = j.critique if cfg.use_critique and not ok[b] and not dropped else None
         ids = build_teacher_context(tokenizer, prompts[i], crit, demo, template, cfg.max_tokens)
         usable = ids is not None and len(g.response_ids) > 0 and j.verdict.status != "judge_error"
-        out.append(ids if usable else None)
+        out.append(ContextRow(ids if usable else None, demo, usable and crit is not None))
     return out
 
 
