@@ -384,11 +384,13 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     from agentopd.envs.procedural import HELDOUT_SEED
     from agentopd.rl import checkpoints
     from agentopd.rl.teacher import Teacher, TeacherTemplate, teacher_contexts
+    from agentopd.threads import configure_torch
 
     _check_algo(cfg)
     os.makedirs(cfg.run.out, exist_ok=True)
     sinks = _metric_sinks(cfg)
     device, problems, heldout, judge, model, tok = _setup(cfg, judge)
+    configure_torch(getattr(judge, "workers", 1) if cfg.sampling.generate_chunk else 0)  # agentopd.threads
     amp = autocast(precision(cfg), device)
     head_VH = lm_head_weight(model)
     needs = objectives.needs(cfg.algo)
