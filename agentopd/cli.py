@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from agentopd.threads import configure_env
+
+    configure_env()  # before anything imports torch: OpenMP reads its wait policy once, at load
     a = build_parser().parse_args(argv)
     return a.func(a)
 

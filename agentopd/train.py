@@ -495,11 +495,14 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
 
     from agentopd import samples as sample_log
     from agentopd.rl import checkpoints
+    from agentopd.threads import configure_torch
 
     _check_algo(cfg)
     os.makedirs(cfg.run.out, exist_ok=True)
     sinks = _metric_sinks(cfg)
     k = _setup(cfg, engine, judge)
+    shared = getattr(getattr(k.venvs[0], "env", None), "judge", None)  # judging overlaps generation: its workers
+    configure_torch(getattr(shared, "workers", 1) if cfg.sampling.generate_chunk else 0)  # agentopd.threads
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
     start, data_pos = _resume(cfg, ckpt_dir, k.model, k.opt, k.teacher, next(k.model.parameters()).device)
     rows = []

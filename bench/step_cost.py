@@ -30,6 +30,15 @@ One run measures, on this machine and against baselines measured in the same run
    final hidden states (``optim.logits_chunk=128``, the default) and with whole ``[B, R, V]``
    logits (``optim.logits_chunk=0``); on the tiny model only in a quick run.
 
+5. The thread policy (``agentopd.threads``): the same train loop (the micro setting, SDPO, math
+   judge workers beside torch), each run in a fresh process, with the policy off
+   (``AGENTOPD_THREAD_POLICY=off``: torch's and OpenMP's defaults, pools of ``os.cpu_count()``)
+   and on (threads and pools from the cores the process may use, OpenMP's threads waiting
+   passively on a small machine), alone and beside another busy torch process (torch's defaults,
+   a loop of small matmuls, as a second training job on the same cores); before/after alternate.
+   Mean step seconds over the steps after the warm-up ones, ratio before / after. ``--skip-threads``
+   leaves it out.
+
 Targets are printed (met: yes/no), never asserted:
 
 - an SDPO step costs <= 1.5x a GRPO step;
@@ -402,6 +411,87 @@ def print_kl_memory(mem: dict, B: int, T: int, H: int, V: int, rss: bool) -> lis
     return verdicts
 
 
+# ------------------------------------------------------------------ 5. the thread policy
+
+# another torch process on the same cores, with torch's defaults (as a second training job)
+RIVAL = "import torch\na = torch.randn(192, 192)\nwhile True:\n    a = torch.tanh(a @ a)\n"
+_THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
+
+
+def _thread_child(steps: int) -> None:
+    """In a fresh process whose environment the parent set: the policy's torch threads (as
+    ``train`` sets them), then the train loop; JSON on stdout."""
+    from agentopd import threads
+
+    threads.configure_torch()
+    with tempfile.TemporaryDirectory(prefix="threads-") as tmp:
+        rows = train_run("sd_token", "tiny", steps, tmp)
+    print(json.dumps({"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                      "step_s": [sum(r[f"time_{s}"] for s in STAGES) for r in rows]}))
+
+
+def thread_run(policy: bool, rival: bool, steps: int) -> dict:
+    from agentopd import threads
+
+    base = {k: v for k, v in os.environ.items() if k not in _THREAD_ENV and k != threads.ENV_SWITCH}
+    env = dict(base)
+    if policy:
+        threads.configure_env(env)  # what the agentopd command does before torch loads
+    else:
+        env[threads.ENV_SWITCH] = "off"
+    other = subprocess.Popen([sys.executable, "-c", RIVAL], env=base) if rival else None
+    try:
+        res = subprocess.run([sys.executable, os.path.abspath(__file__), "--_thread-child", str(steps)], env=env,
+                             capture_output=True, text=True, timeout=1200, check=False)
+    finally:
+        if other is not None:
+            other.kill()
+            other.wait()
+    if res.returncode != 0:
+        return {"error": res.stderr.strip()[-1000:]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bench_threads(steps: int, warmup: int, repeats: int) -> dict:
+    """Mean step seconds (after ``warmup``) per condition and policy; before/after alternate."""
+    out = {}
+    for cond, rival in (("alone", False), ("beside a busy torch process", True)):
+        kept = {"before": [], "after": []}
+        runs = []
+        for i in range(repeats):
+            for arm in (("before", "after") if i % 2 == 0 else ("after", "before")):
+                r = thread_run(arm == "after", rival, steps)
+                runs.append({"arm": arm, **r})
+                if "error" in r:
+                    print(f"  [{cond}] {arm}: error {r['error'][-300:]}", flush=True)
+                    continue
+                kept[arm] += r["step_s"][warmup:]
+                print(f"  [{cond}] {arm}: {statistics.fmean(r['step_s'][warmup:]):.3f} s/step, "
+                      f"{r['torch_threads']} torch threads, OMP_WAIT_POLICY={r['omp_wait_policy']} "
+                      f"(load {loadavg()})", flush=True)
+        per = {a: {"step_s": statistics.fmean(v), "step_median_s": statistics.median(v), "n_steps": len(v)}
+               for a, v in kept.items() if v}
+        if len(per) == 2:
+            per["before_over_after"] = per["before"]["step_s"] / per["after"]["step_s"]
+        out[cond] = {**per, "runs": runs}
+    return out
+
+
+def print_threads(res: dict, warmup: int) -> None:
+    from agentopd.threads import SMALL_MACHINE
+
+    print(f"\n== 5. Thread policy: train loop on the micro setting, SDPO (s/step, mean over steps after {warmup} "
+          "warm-up) ==")
+    print(f"{'condition':<30} {'before':>8} {'after':>8} {'before/after':>12}")
+    for cond, m in res.items():
+        if "before_over_after" in m:
+            print(f"{cond:<30} {m['before']['step_s']:>8.3f} {m['after']['step_s']:>8.3f} "
+                  f"{m['before_over_after']:>12.2f}")
+    print("  before: AGENTOPD_THREAD_POLICY=off (torch's and OpenMP's defaults, pools of os.cpu_count()); after: "
+          "agentopd.threads\n  (threads and pools from os.sched_getaffinity, OMP_WAIT_POLICY=PASSIVE on <= "
+          f"{SMALL_MACHINE} cores). The rival: another torch process, torch's defaults, small matmuls in a loop.")
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -409,11 +499,16 @@ def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--_rss-child":
         _rss_child(*map(int, sys.argv[2:7]))
         return 0
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--_thread-child":
+        _thread_child(int(sys.argv[2]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run (fewer steps, V=8192 for the KL timing)")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "step_cost.json"), help="where to write JSON")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--skip-train", action="store_true", help="skip part 1 (the train loop)")
+    ap.add_argument("--skip-threads", action="store_true", help="skip part 5 (the thread policy)")
+    ap.add_argument("--only-threads", action="store_true", help="run part 5 (the thread policy) alone")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -427,6 +522,15 @@ def main(argv=None) -> int:
 
     # 1. train loop
     steps, warmup = (4, 1) if args.quick else (10, 2)
+    thread_repeats = 1 if args.quick else 2
+    if args.only_threads:
+        print(f"\n[5] thread policy: before/after x {thread_repeats}, alone and beside a busy torch process", flush=True)
+        res = bench_threads(steps, warmup, thread_repeats)
+        print_threads(res, warmup)
+        info["loadavg_end"], info["wall_s"] = loadavg(), round(time.perf_counter() - t_start, 1)
+        write_json(args.json, {"info": info, "threads": {"steps": steps, "warmup_steps": warmup,
+                                                          "repeats": thread_repeats, "results": res}})
+        return 0
     order = ["grpo", "sd_token"] if args.quick else ["grpo", "sd_token", "sd_token", "grpo"] * 2
     train_results, distill_results = [], []
     if not args.skip_train:
@@ -447,6 +551,11 @@ def main(argv=None) -> int:
             for r in train_results:
                 r["model_path"] = "tiny" if r["model_path"] == "tiny" else "build_tiny(hidden=256, layers=4, heads=4)"
 
+    thread_results = {}
+    if not args.skip_threads:
+        print(f"\n[5] thread policy: before/after x {thread_repeats}, alone and beside a busy torch process", flush=True)
+        thread_results = bench_threads(steps, warmup, thread_repeats)
+
     # 2. KL time
     B, T, H = 4, 256, 256
     vocabs = [8192] if args.quick else [8192, 32768]
@@ -465,6 +574,8 @@ def main(argv=None) -> int:
         print_distill(distill_results, warmup)
     print_kl_time(kl_time, B, T, H)
     mem_verdicts = print_kl_memory(kl_mem, B, T, H, V_mem, rss)
+    if thread_results:
+        print_threads(thread_results, warmup)
 
     info["loadavg_end"] = loadavg()
     info["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -479,12 +590,18 @@ def main(argv=None) -> int:
               "kl_memory": {"B": B, "T": T, "H": H, "V": V_mem, "alpha": ALPHA,
                             "method": "TorchDispatchMode live-storage bytes (weakref finalizers on storages); "
                                       "inputs excluded, grads included" + ("; RSS cross-check" if rss else ""),
-                            "results": kl_mem, "verdicts": mem_verdicts}}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.json}")
+                            "results": kl_mem, "verdicts": mem_verdicts},
+              "threads": {"steps": steps, "warmup_steps": warmup, "repeats": thread_repeats,
+                          "results": thread_results}}
+    write_json(args.json, report)
     return 0
+
+
+def write_json(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

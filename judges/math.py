@@ -22,6 +22,7 @@ import sys
 from agentopd.judges.base import BaseJudge, judge_error
 
 from agentopd.sandbox.workers import JsonWorker, WorkerPool
+from agentopd.threads import worker_count
 from agentopd.types import Judgement, Problem, Verdict
 
 DEFAULT_PATTERN = r"(?i)\banswer\s*(?:is|:)\s*:?\s*\$?(.+?)\$?\s*\.?\s*$"
@@ -91,7 +92,7 @@ class MathVerifier:
 
     def __init__(self, workers: int | None = None, timeout_s: float = 5.0):
         self.timeout_s = timeout_s
-        self.pool = WorkerPool(self._start, workers or os.cpu_count() or 1)
+        self.pool = WorkerPool(self._start, worker_count(workers))
 
     @staticmethod
     def _start(slot, key):
@@ -123,7 +124,7 @@ class MathJudge(BaseJudge):
                  workers: int | None = None):
         self.reveal_answer = reveal_answer
         self.pattern = pattern
-        self.workers = workers or os.cpu_count() or 1
+        self.workers = worker_count(workers)
         self.verifier = MathVerifier(self.workers, timeout_s)
 
     def judge(self, problem: Problem, response: str) -> Judgement:
