@@ -181,6 +181,19 @@ class RunConfig:
 
 
 @dataclass
+class EngineConfig:
+    name: str = "hf"
+    """What samples the rollouts: 'hf' (the learner itself, in this process) or 'vllm' (an offline
+    vllm.LLM colocated on the learner's GPU, asleep during each update and synced with the new
+    weights after it; extra agentopd[vllm]; see agentopd.inference.vllm)."""
+    kwargs: dict = field(default_factory=dict)
+    """More engine arguments. hf: batch_size. vllm: vllm.LLM's (gpu_memory_utilization: checked
+    against what the learner needs, or chosen when unset; max_model_len, dtype, enforce_eager, ...)
+    and the engine's own: sleep_level (2: weights and KV cache freed during the update, the default
+    on CUDA; 0: off), headroom_gb (GPU memory kept free for the scoring passes; default 10%)."""
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,6 +202,7 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     # allowed ranges of the numeric options (agentopd.config.check_ranges; others: >=0)
     RANGES: ClassVar[dict[str, str]] = {
@@ -224,6 +238,12 @@ def _check_algo(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.env: {cfg.data.env!r}; choices: math, code")
     _check_judge_spec(cfg.data.judge)
     precision(cfg)
+    if cfg.engine.name not in ("hf", "vllm"):
+        raise ConfigError(f"engine.name: {cfg.engine.name!r}; choices: hf, vllm")
+    if cfg.engine.name == "vllm":  # missing or too old: one line before any work
+        from agentopd.inference.vllm import require_vllm
+
+        require_vllm()
 
 
 def _check_loss(algo: AlgoConfig) -> None:
@@ -281,6 +301,16 @@ def _metric_sinks(cfg: TrainConfig) -> list:
         run = wandb.init(project=cfg.run.wandb, config=dataclasses.asdict(cfg), dir=cfg.run.out)
         sinks.append((lambda row: run.log(row, step=row["step"]), run.finish))
     return sinks
+
+
+def _engine(cfg: TrainConfig):
+    """``build(model, tokenizer, device)``: the rollout engine ``engine.name`` names."""
+    if cfg.engine.name == "vllm":
+        from agentopd.inference.vllm import VLLMEngine
+
+        return VLLMEngine.colocated(cfg.model.path, os.path.join(cfg.run.out, "base"), seed=cfg.run.seed,
+                                    **cfg.engine.kwargs)
+    return lambda model, tok, device: HFEngine(model, tok, device=device, **cfg.engine.kwargs)
 
 
 def _timed(fn, *args):
@@ -400,11 +430,13 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
                             weight_decay=cfg.optim.weight_decay)
     teacher = Teacher(model, cfg.teacher.mode, tau=cfg.teacher.tau, mix=cfg.teacher.mix)
     ref = Teacher(model, "frozen") if cfg.algo.ref_kl else None
-    engine = (engine or HFEngine)(model, tok, device=device)
+    engine = (engine or _engine(cfg))(model, tok, device=device)
     template = TeacherTemplate()
     needs_teacher = cfg.algo.advantage in ("sd_token", "sd_to_go", "hybrid") or bool(needs)
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
     start, data_pos = _resume(cfg, ckpt_dir, model, opt, teacher, device)
+    if start and hasattr(engine, "sync"):  # vllm: the resumed weights
+        engine.sync(model)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")  # judging overlaps generation
     rows = []
 
@@ -444,9 +476,15 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         t["score"] = time.perf_counter() - t0
         st, rollout_metrics = step_inputs(cfg, samples, judgements, prompt_ids, teacher_prompts, scores)
 
+        if hasattr(engine, "sleep"):  # vllm: its weights and KV cache freed for the update
+            engine.sleep()
         t0 = time.perf_counter()
         upd = update(cfg, model, opt, teacher, head_VH, chunk, amp, st)
         t["update"] = time.perf_counter() - t0
+        if hasattr(engine, "sync"):  # vllm: awake with the new weights, once per step (not in time_generate)
+            t0 = time.perf_counter()
+            engine.sync(model)
+            t["sync"] = time.perf_counter() - t0
 
         row = _row(step + 1, judgements, st, t, upd, rollout_metrics)
         last = step + 1 == cfg.run.steps
