@@ -14,12 +14,15 @@ from __future__ import annotations
 import sys
 import types
 from types import SimpleNamespace
+from typing import ClassVar
 
 import torch
 
 
 class SamplingParams:
-    def __init__(self, n=1, max_tokens=16, temperature=1.0, top_p=1.0, stop=None, logprobs=None, seed=None):
+    def __init__(self, n=1, max_tokens=16, temperature=1.0, top_p=1.0, stop=None, logprobs=None, seed=None,
+                 detokenize=True):
+        self.detokenize = detokenize
         self.n, self.max_tokens, self.temperature, self.top_p = n, max_tokens, temperature, top_p
         self.stop, self.logprobs, self.seed = stop, logprobs, seed
 
@@ -41,14 +44,15 @@ class _Model:
 
 
 class LLM:
-    instances: list = []
+    instances: ClassVar[list] = []
 
     def __init__(self, model, seed=0, **kwargs):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model, self.seed, self.kwargs = model, seed, kwargs
         self.hf = AutoModelForCausalLM.from_pretrained(model).eval()
-        self.tok = AutoTokenizer.from_pretrained(model)
+        self.tok = (SimpleNamespace(eos_token_id=None, pad_token_id=0, batch_decode=lambda rows, **kw: [""] * len(rows))
+                    if kwargs.get("skip_tokenizer_init") else AutoTokenizer.from_pretrained(model))  # no text: ids only
         self.awake = {"weights": True, "kv_cache": True}
         self.events: list = []
         runner = SimpleNamespace(model=_Model(self))

@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from agentopd.config import ConfigError, load
-from agentopd.inference.vllm import VLLMEngine, gpu_budget, memory_budget, vllm_name, vllm_weights
+from agentopd.inference.vllm import (
+    VLLMEngine,
+    gpu_budget,
+    memory_budget,
+    vllm_name,
+    vllm_weights,
+)
 from agentopd.testbed.tiny import build_tiny
 from agentopd.train import TrainConfig, train
 
@@ -64,8 +70,8 @@ def test_lora_weights_are_merged_under_base_names_and_the_learner_is_untouched()
     got = dict(vllm_weights(peft))
     want = copy.deepcopy(peft).merge_and_unload().state_dict()
     assert got.keys() == dict(base.named_parameters()).keys()  # exactly the base model's names
-    for k in got:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    for k, v in got.items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=1e-6)
     assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
                            base.state_dict()["model.layers.0.self_attn.q_proj.weight"])  # the delta is in
     assert not any(m.merged for m in peft.modules() if hasattr(m, "merged") and hasattr(m, "lora_A"))
@@ -74,7 +80,7 @@ def test_lora_weights_are_merged_under_base_names_and_the_learner_is_untouched()
 
 def test_lora_sync_into_the_fake_gives_the_merged_models_outputs(tmp_path, monkeypatch):
     fake_vllm.install(monkeypatch)
-    base, tok = build_tiny(tmp_path)
+    base, _ = build_tiny(tmp_path)
     peft = _lora(copy.deepcopy(base))
     e = VLLMEngine(str(tmp_path))
     e.load_weights(peft)
@@ -88,7 +94,7 @@ def test_lora_sync_into_the_fake_gives_the_merged_models_outputs(tmp_path, monke
 
 def test_sleep_then_sync_wakes_weights_first_and_generate_never_syncs(tmp_path, monkeypatch):
     fake_vllm.install(monkeypatch)
-    model, tok = build_tiny(tmp_path)
+    model, _ = build_tiny(tmp_path)
     e = VLLMEngine(str(tmp_path), sleep_level=2)
     llm = e.llm
     assert llm.kwargs["enable_sleep_mode"] is True and llm.kwargs["logprobs_mode"] == "processed_logprobs"
@@ -234,7 +240,7 @@ def test_old_vllm_is_one_line_naming_the_version(monkeypatch, tmp_path):
         VLLMEngine("some/model")
     assert str(e.value) == "the vllm engine needs vLLM >= 0.10.2, found 0.8.5: pip install -U 'agentopd[vllm]'"
     fake_vllm.install(monkeypatch, version="0.11.1.dev12+g0123abc")
-    model, _ = build_tiny(tmp_path)
+    build_tiny(tmp_path)
     VLLMEngine(str(tmp_path))  # a dev build of a newer version is fine
 
 
@@ -248,8 +254,27 @@ def test_train_cli_with_an_old_vllm_fails_with_one_line_before_any_work(tmp_path
            "PYTHONPATH": os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")]))}
     r = subprocess.run([sys.executable, "-m", "agentopd.cli", "train", "--config", str(ROOT / "configs" / "micro-sdpo.yaml"),
                         f"run.out={tmp_path / 'run'}", "model.path=tiny", "engine.name=vllm"],
-                       capture_output=True, text=True, timeout=120, env=env)
+                       check=False, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == ("agentopd: error: the vllm engine needs vLLM >= 0.10.2, found 0.9.0: "
                                 "pip install -U 'agentopd[vllm]'")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_gpu_checks_vllm_stage_runs_the_engines_sleep_and_sync(monkeypatch):
+    import importlib.util
+    import time
+
+    fake_vllm.install(monkeypatch)
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(gpu_check, "now", lambda device: time.perf_counter())  # no CUDA to synchronize here
+    sizes = gpu_check.SIZES["smoke"]
+    model = gpu_check.build_llama(gpu_check.SHAPES["smoke"], torch.device("cpu"))
+    out = {}
+    gpu_check.bench_vllm_generate(model, sizes, out)
+    assert out["tokens"] == sizes["gen_batch"] * sizes["gen_new"] and out["greedy_same_after_sync"] is True
+    assert out["sync_s"] > 0 and "sleep_s" in out
+    [llm] = fake_vllm.LLM.instances
+    assert ("sleep", 2) in llm.events and ("wake_up", ("kv_cache",)) in llm.events

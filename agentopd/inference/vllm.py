@@ -164,7 +164,8 @@ class VLLMEngine:
             llm_kwargs.setdefault("enable_sleep_mode", True)
         self._vllm = vllm
         self.llm = vllm.LLM(model=model, seed=seed, **llm_kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
+        # skip_tokenizer_init: ids in, ids out (no text; e.g. a model built from a config)
+        self.tokenizer = None if llm_kwargs.get("skip_tokenizer_init") else self.llm.get_tokenizer()
         self.sleep_level, self.asleep = sleep_level, False
 
     @classmethod
@@ -193,6 +194,7 @@ class VLLMEngine:
             raise RuntimeError("the vllm engine is asleep: sync(model) wakes it with the learner's weights")
         params = [self._vllm.SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                             stop=list(stop or []) or None, logprobs=0,
+                                            detokenize=self.tokenizer is not None,
                                             seed=None if seed is None else seed + i)
                   for i in range(len(prompt_ids))]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
@@ -202,7 +204,7 @@ class VLLMEngine:
             for c in out.outputs:
                 ids = list(c.token_ids)
                 lps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], ids)]
-                gens.append(Generation(response_ids=ids, logprobs=lps, text=c.text,
+                gens.append(Generation(response_ids=ids, logprobs=lps, text=c.text or "",
                                        finish_reason="length" if c.finish_reason == "length" else "stop"))
             result.append(gens)
         return result
