@@ -204,6 +204,19 @@ class RunConfig:
 
 
 @dataclass
+class EngineConfig:
+    name: str = "hf"
+    """What samples the rollouts: 'hf' (the learner itself, in this process) or 'vllm' (an offline
+    vllm.LLM colocated on the learner's GPU, asleep during each update and synced with the new
+    weights after it; extra agentopd[vllm]; see agentopd.inference.vllm)."""
+    kwargs: dict = field(default_factory=dict)
+    """More engine arguments. hf: batch_size. vllm: vllm.LLM's (gpu_memory_utilization: checked
+    against what the learner needs, or chosen when unset; max_model_len, dtype, enforce_eager, ...)
+    and the engine's own: sleep_level (2: weights and KV cache freed during the update, the default
+    on CUDA; 0: off), headroom_gb (GPU memory kept free for the scoring passes; default 10%)."""
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -213,6 +226,7 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     # allowed ranges of the numeric options (agentopd.config.check_ranges; others: >=0)
     RANGES: ClassVar[dict[str, str]] = {
@@ -250,6 +264,12 @@ def _check_algo(cfg: TrainConfig) -> None:
     if isinstance(cfg.env.kwargs.get("judge"), dict):
         _check_judge_spec(cfg.env.kwargs["judge"])
     precision(cfg)
+    if cfg.engine.name not in ("hf", "vllm"):
+        raise ConfigError(f"engine.name: {cfg.engine.name!r}; choices: hf, vllm")
+    if cfg.engine.name == "vllm":  # missing or too old: one line before any work
+        from agentopd.inference.vllm import require_vllm
+
+        require_vllm()
 
 
 def _check_loss(algo: AlgoConfig) -> None:
@@ -307,6 +327,16 @@ def _metric_sinks(cfg: TrainConfig) -> list:
         run = wandb.init(project=cfg.run.wandb, config=dataclasses.asdict(cfg), dir=cfg.run.out)
         sinks.append((lambda row: run.log(row, step=row["step"]), run.finish))
     return sinks
+
+
+def _engine(cfg: TrainConfig):
+    """``build(model, tokenizer, device)``: the rollout engine ``engine.name`` names."""
+    if cfg.engine.name == "vllm":
+        from agentopd.inference.vllm import VLLMEngine
+
+        return VLLMEngine.colocated(cfg.model.path, os.path.join(cfg.run.out, "base"), seed=cfg.run.seed,
+                                    **cfg.engine.kwargs)
+    return lambda model, tok, device: HFEngine(model, tok, device=device, **cfg.engine.kwargs)
 
 
 # --------------------------------------------------------------------------------- the loop
@@ -421,9 +451,15 @@ def _step(cfg: TrainConfig, k: _Parts, step: int, starts: list) -> tuple[dict, l
     scores = score(cfg, k.model, k.teacher, k.ref, k.amp, rows, teacher_prompts)
     t["score"] = time.perf_counter() - t0
     st, rollout_metrics = step_inputs(cfg, rows, teacher_prompts, scores)
+    if hasattr(k.engine, "sleep"):  # vllm: its weights and KV cache freed for the update
+        k.engine.sleep()
     t0 = time.perf_counter()
     upd = update(cfg, k.model, k.opt, k.teacher, k.head_VH, k.chunk, k.amp, st)
     t["update"] = time.perf_counter() - t0
+    if hasattr(k.engine, "sync"):  # vllm: awake with the new weights, once per step (not in time_generate)
+        t0 = time.perf_counter()
+        k.engine.sync(k.model)
+        t["sync"] = time.perf_counter() - t0
     return _row(step + 1, episodes, rows, st, t, upd, rollout_metrics), episodes, rows, ctx, st
 
 
@@ -462,7 +498,7 @@ def _setup(cfg: TrainConfig, engine, judge) -> _Parts:
                             weight_decay=cfg.optim.weight_decay)
     teacher = Teacher(model, cfg.teacher.mode, tau=cfg.teacher.tau, mix=cfg.teacher.mix)
     ref = Teacher(model, "frozen") if cfg.algo.ref_kl else None
-    return _Parts(model, tok, opt, teacher, ref, (engine or HFEngine)(model, tok, device=device), venvs, heldout,
+    return _Parts(model, tok, opt, teacher, ref, (engine or _engine(cfg))(model, tok, device=device), venvs, heldout,
                   autocast(precision(cfg), device), head_VH, chunk)
 
 
@@ -505,6 +541,8 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     configure_torch(getattr(shared, "workers", 1) if cfg.sampling.generate_chunk else 0)  # agentopd.threads
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
     start, data_pos = _resume(cfg, ckpt_dir, k.model, k.opt, k.teacher, next(k.model.parameters()).device)
+    if start and hasattr(k.engine, "sync"):  # vllm: the resumed weights
+        k.engine.sync(k.model)
     rows = []
 
     def log(row: dict) -> None:

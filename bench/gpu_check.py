@@ -8,8 +8,8 @@ loop. Every stage synchronizes the device before each timestamp and records its 
 and the others still run.
 
 1. ``generate``: tokens/s of the ``hf`` engine under bf16 autocast (the rollouts' setting), and of
-   ``vllm`` (bf16 weights saved to a temp dir, offline ``LLM``; run after the learner stages) when
-   vLLM is importable.
+   the ``vllm`` engine (bf16 weights saved to a temp dir; run after the learner stages) when vLLM is
+   importable, with the seconds of one step's sleep and weight sync and greedy samples unchanged by it.
 2. ``ppo_ratio``: on those samples, the epoch-0 PPO ratio ``exp(learner - old)``, with ``old`` the
    no-grad rescoring the update uses (should be 1 with clip fraction 0), and the ratio against the
    engine's own sampling log-probs (what a rollout importance weight would correct).
@@ -136,26 +136,38 @@ def bench_hf_generate(model, sizes: dict, device, out: dict):
 
 
 def bench_vllm_generate(model, sizes: dict, out: dict) -> None:
+    """The ``vllm`` engine as ``train`` runs it (agentopd.inference.vllm): tokens/s, then one step's
+    weight cycle (sleep level 2, wake the weights, sync from the learner, wake the KV cache), timed,
+    and greedy samples after it equal to the ones before (a missed weight would be garbage)."""
     try:
-        import vllm
-    except ImportError:
-        out["skipped"] = "vllm is not importable"
+        from agentopd.inference.vllm import VLLMEngine, require_vllm
+
+        vllm = require_vllm()
+    except ImportError as e:
+        out["skipped"] = str(e)
         return
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     with tempfile.TemporaryDirectory() as d:  # bf16 copies of the weights; the model keeps its float32 ones
         model.save_pretrained(d, state_dict={k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
-        llm = vllm.LLM(model=d, skip_tokenizer_init=True, dtype="bfloat16", gpu_memory_utilization=0.3,
-                       max_model_len=sizes["gen_prompt"] + sizes["gen_new"] + 8, seed=0)
+        engine = VLLMEngine(d, skip_tokenizer_init=True, dtype="bfloat16", gpu_memory_utilization=0.3,
+                            max_model_len=sizes["gen_prompt"] + sizes["gen_new"] + 8, sleep_level=2)
+    cuda = torch.device("cuda")
     prompts = random_ids(sizes["gen_batch"], sizes["gen_prompt"], model.config.vocab_size, 1)
-    params = vllm.SamplingParams(max_tokens=sizes["gen_new"], ignore_eos=True, detokenize=False, logprobs=0)
-    inputs = [{"prompt_token_ids": p} for p in prompts]
-    llm.generate(inputs[:1], params, use_tqdm=False)  # warm-up
-    t0 = now(torch.device("cuda"))
-    outs = llm.generate(inputs, params, use_tqdm=False)
-    seconds = now(torch.device("cuda")) - t0
-    n = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    engine.generate(prompts[:1], max_new_tokens=4, seed=0)  # warm-up
+    t0 = now(cuda)
+    gens = engine.generate(prompts, max_new_tokens=sizes["gen_new"], seed=0)
+    seconds = now(cuda) - t0
+    n = sum(len(g.response_ids) for gs in gens for g in gs)
     out.update(version=vllm.__version__, tokens=n, tokens_per_s=round(n / seconds, 1))
-    del llm
+    greedy = [gs[0].response_ids for gs in engine.generate(prompts[:4], max_new_tokens=16, temperature=0)]
+    t0 = now(cuda)
+    engine.sleep()
+    out["sleep_s"] = round(now(cuda) - t0, 3)
+    t0 = now(cuda)
+    engine.sync(model)
+    out["sync_s"] = round(now(cuda) - t0, 3)
+    again = [gs[0].response_ids for gs in engine.generate(prompts[:4], max_new_tokens=16, temperature=0)]
+    out["greedy_same_after_sync"] = again == greedy
+    del engine
 
 
 # ------------------------------------------------------------------ 2.-4. the learner's path
