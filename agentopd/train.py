@@ -25,7 +25,7 @@ from agentopd.diagnose import step_metrics
 from agentopd.eval.heldout import heldout_eval
 from agentopd.inference.base import apply_chat
 from agentopd.inference.hf import HFEngine
-from agentopd.rl import objectives
+from agentopd.rl import distributed, objectives
 from agentopd.rl.learner import (
     StepBatch,
     autocast,
@@ -157,6 +157,10 @@ class RunConfig:
     save_merged: bool = False
     """LoRA: also save each checkpoint's adapter merged into its base model, in ``merged/``."""
     device: str = "auto"
+    distributed: str = "fsdp"
+    """Under torchrun (``torchrun --nproc-per-node N -m agentopd train ...``): 'fsdp' (FSDP2, the model
+    and its teacher/reference copies sharded per decoder layer) or 'ddp' (a whole copy per rank);
+    see agentopd.rl.distributed. One process: ignored."""
     progress: bool = True
     tensorboard: bool = False
     """Also write the metrics as TensorBoard scalars under ``out/tb`` (needs ``tensorboard``)."""
@@ -386,8 +390,9 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     from agentopd.rl.teacher import Teacher, TeacherTemplate, teacher_contexts
 
     _check_algo(cfg)
+    distributed.setup(cfg)  # torchrun: the process group; progress off on ranks > 0
     os.makedirs(cfg.run.out, exist_ok=True)
-    sinks = _metric_sinks(cfg)
+    sinks = _metric_sinks(cfg) if distributed.is_main() else []
     device, problems, heldout, judge, model, tok = _setup(cfg, judge)
     amp = autocast(precision(cfg), device)
     head_VH = lm_head_weight(model)
@@ -396,11 +401,12 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     chunk = (cfg.optim.logits_chunk if head_VH is not None and not ("divergence" in needs and cfg.algo.distill_topk)
              else 0)
     order = np.random.default_rng(cfg.run.seed).permutation(len(problems)).tolist()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                            weight_decay=cfg.optim.weight_decay)
     teacher = Teacher(model, cfg.teacher.mode, tau=cfg.teacher.tau, mix=cfg.teacher.mix)
     ref = Teacher(model, "frozen") if cfg.algo.ref_kl else None
-    engine = (engine or HFEngine)(model, tok, device=device)
+    distributed.wrap(cfg, model, teacher, ref, device)  # torchrun: FSDP2 or DDP (the optimizer sees the shards)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                            weight_decay=cfg.optim.weight_decay)
+    engine = distributed.engine((engine or HFEngine)(model, tok, device=device), model)
     template = TeacherTemplate()
     needs_teacher = cfg.algo.advantage in ("sd_token", "sd_to_go", "hybrid") or bool(needs)
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
@@ -410,6 +416,8 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
 
     def log(row: dict) -> None:
         rows.append(row)
+        if not distributed.is_main():
+            return
         with open(os.path.join(cfg.run.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         for sink, _ in sinks:
@@ -417,9 +425,10 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
 
     def evaluate() -> dict:  # the same seed every time: differences come from the model
         model.eval()
-        with amp():
-            p1, errors = heldout_eval(engine, tok, heldout, judge, cfg.run.eval_samples, cfg.sampling, HELDOUT_SEED)
-        return {"heldout_pass1": p1, "heldout_judge_errors": errors}
+        with distributed.gathered(model), amp():  # rank 0 alone evaluates
+            p1, errors = (heldout_eval(engine, tok, heldout, judge, cfg.run.eval_samples, cfg.sampling, HELDOUT_SEED)
+                          if distributed.is_main() else (None, None))
+        return distributed.broadcast({"heldout_pass1": p1, "heldout_judge_errors": errors})
 
     before = None
     if heldout and start == 0:
@@ -432,6 +441,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         P, G = cfg.sampling.prompts_per_step, cfg.sampling.group_size
         batch = [problems[order[(data_pos + i) % len(order)]] for i in range(P)]
         data_pos += P
+        batch = distributed.rank_share(batch)  # torchrun: this rank's prompts (whole groups)
         prompt_ids = [apply_chat(tok, [{"role": "user", "content": p.prompt}]) for p in batch]
         model.eval()
         samples, judgements = _rollouts(cfg, engine, judge, pool, amp, batch, prompt_ids, step, t)
@@ -452,7 +462,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         last = step + 1 == cfg.run.steps
         if heldout and (last or cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0):
             row |= evaluate()
-        sample_log.record(cfg, step + 1, last, "heldout_pass1" in row, tok, batch, [g for _, g in samples], judgements, st)
+        distributed.is_main() and sample_log.record(cfg, step + 1, last, "heldout_pass1" in row, tok, batch, [g for _, g in samples], judgements, st)
         log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 or last:
@@ -460,7 +470,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
             if last:
                 checkpoints.export_final(saved, os.path.join(cfg.run.out, "final"))
     pool.shutdown()
-    if heldout and rows and "heldout_pass1" in rows[-1]:
+    if heldout and rows and "heldout_pass1" in rows[-1] and distributed.is_main():
         was = "" if before is None else f"{before:.3f} -> "
         tqdm.write(f"held-out pass@1 ({len(heldout)} problems x {cfg.run.eval_samples}): {was}{rows[-1]['heldout_pass1']:.3f}",
                    file=sys.stderr)
@@ -468,6 +478,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         close()
     if hasattr(judge, "close"):
         judge.close()
+    distributed.teardown()
     return rows
 
 

@@ -21,7 +21,7 @@ import sys
 
 from agentopd.judges.base import BaseJudge, judge_error
 
-from agentopd.sandbox.workers import JsonWorker, WorkerPool
+from agentopd.sandbox.workers import JsonWorker, WorkerPool, cpu_share
 from agentopd.types import Judgement, Problem, Verdict
 
 DEFAULT_PATTERN = r"(?i)\banswer\s*(?:is|:)\s*:?\s*\$?(.+?)\$?\s*\.?\s*$"
@@ -91,7 +91,7 @@ class MathVerifier:
 
     def __init__(self, workers: int | None = None, timeout_s: float = 5.0):
         self.timeout_s = timeout_s
-        self.pool = WorkerPool(self._start, workers or os.cpu_count() or 1)
+        self.pool = WorkerPool(self._start, workers or cpu_share())
 
     @staticmethod
     def _start(slot, key):
@@ -123,7 +123,7 @@ class MathJudge(BaseJudge):
                  workers: int | None = None):
         self.reveal_answer = reveal_answer
         self.pattern = pattern
-        self.workers = workers or os.cpu_count() or 1
+        self.workers = workers or cpu_share()
         self.verifier = MathVerifier(self.workers, timeout_s)
 
     def judge(self, problem: Problem, response: str) -> Judgement:

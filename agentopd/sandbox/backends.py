@@ -30,7 +30,7 @@ from typing import Protocol
 
 from agentopd.sandbox import calltests as _calltests
 from agentopd.sandbox import zygote as _zygote
-from agentopd.sandbox.workers import JsonWorker, WorkerPool
+from agentopd.sandbox.workers import JsonWorker, WorkerPool, cpu_share
 from agentopd.types import ExecResult
 
 PYTHON = "/usr/bin/python3"  # the sandboxed interpreter, always by absolute path; standard library only (-S)
@@ -244,7 +244,7 @@ class _WarmSandbox:
     rlimit_nproc = True
 
     def __init__(self, workers: int | None):
-        self.workers = workers or os.cpu_count() or 1
+        self.workers = workers or cpu_share()
         self.pool = WorkerPool(self._start_worker, self.workers)
 
     def _start_worker(self, slot: int, key) -> JsonWorker:
@@ -556,7 +556,7 @@ def run_many(sandbox: Sandbox, jobs: Iterable[tuple[str, str, Limits | None]], w
              progress=None) -> list[ExecResult]:
     """Run (program, stdin, limits) jobs on a pool sized to the machine; results in input order."""
     jobs = list(jobs)
-    n = workers or getattr(sandbox, "workers", None) or os.cpu_count() or 1
+    n = workers or getattr(sandbox, "workers", None) or cpu_share()
     with ThreadPoolExecutor(max_workers=n) as ex:
         futs = [ex.submit(sandbox.run, *job) for job in jobs]
         out = []

@@ -18,6 +18,12 @@ import time
 from collections.abc import Callable, Hashable
 
 
+def cpu_share() -> int:
+    """The default size of a worker pool: this host's cores, or under torchrun their share per rank
+    on this host (``LOCAL_WORLD_SIZE``), so that the ranks of one machine do not oversubscribe it."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 class JsonWorker:
     def __init__(self, argv: list[str], env: dict | None = None, preexec_fn=None, key: Hashable = None,
                  ready_timeout: float = 60.0):
