@@ -120,6 +120,9 @@ def _shard(model, device: torch.device) -> None:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     root = Scorer(model)  # embeddings, final norm and head: gathered in its forward, kept until after backward
     fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    with torch.no_grad():  # FSDP's lazy init from the root (the engine calls the model, not the root)
+        root({"input_ids": torch.zeros((1, 1), dtype=torch.long, device=device), "use_cache": False})
+    root.reshard()
     model.__dict__[ROOTS] = (root, root)
 
 
