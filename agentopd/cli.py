@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -105,7 +106,7 @@ def cmd_train(a) -> int:
         rows = train(cfg)
     except _user_errors() as e:
         return _fail(str(e))
-    if rows:
+    if rows and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
         last = rows[-1]
         print(json.dumps({k: last[k] for k in ("step", "reward_mean", "pass_rate", "judge_errors") if k in last}))
     return 0

@@ -35,11 +35,14 @@ def enabled() -> bool:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity), at least 1."""
+    """The cores this process may run on (its CPU affinity), at least 1; under torchrun, this rank's
+    share of them (``LOCAL_WORLD_SIZE`` ranks on this host), so that one machine's ranks do not
+    oversubscribe it."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 @dataclass(frozen=True)

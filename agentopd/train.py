@@ -23,7 +23,7 @@ from agentopd.config import SamplingConfig
 from agentopd.diagnose import step_metrics
 from agentopd.eval.heldout import heldout_eval
 from agentopd.inference.hf import HFEngine
-from agentopd.rl import objectives
+from agentopd.rl import distributed, objectives
 from agentopd.rl.learner import (
     StepBatch,
     TurnRows,
@@ -180,6 +180,10 @@ class RunConfig:
     save_merged: bool = False
     """LoRA: also save each checkpoint's adapter merged into its base model, in ``merged/``."""
     device: str = "auto"
+    distributed: str = "fsdp"
+    """Under torchrun (``torchrun --nproc-per-node N -m agentopd train ...``): 'fsdp' (FSDP2, the model
+    and its teacher/reference copies sharded per decoder layer) or 'ddp' (a whole copy per rank);
+    see agentopd.rl.distributed. One process: ignored."""
     progress: bool = True
     tensorboard: bool = False
     """Also write the metrics as TensorBoard scalars under ``out/tb`` (needs ``tensorboard``)."""
@@ -368,7 +372,7 @@ def _envs(cfg: TrainConfig, judge):
     env_id, kw, held_kw = env_specs(cfg)
     if judge is not None and env_id.startswith("agentopd/"):
         kw["judge"] = judge
-    P, G = cfg.sampling.prompts_per_step, cfg.sampling.group_size
+    P, G = cfg.sampling.prompts_per_step // distributed.world(), cfg.sampling.group_size  # this rank's prompts
     per_call = cfg.sampling.generate_chunk or P
     venvs = make_envs(env_id, kw, [min(per_call, P - c) * G for c in range(0, P, per_call)])
     heldout = None
@@ -494,12 +498,13 @@ def _setup(cfg: TrainConfig, engine, judge) -> _Parts:
     # hidden states and logits formed chunk by chunk in the update, unless top-K distillation needs logits
     chunk = (cfg.optim.logits_chunk if head_VH is not None and not ("divergence" in needs and cfg.algo.distill_topk)
              else 0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                            weight_decay=cfg.optim.weight_decay)
     teacher = Teacher(model, cfg.teacher.mode, tau=cfg.teacher.tau, mix=cfg.teacher.mix)
     ref = Teacher(model, "frozen") if cfg.algo.ref_kl else None
-    return _Parts(model, tok, opt, teacher, ref, (engine or _engine(cfg))(model, tok, device=device), venvs, heldout,
-                  autocast(precision(cfg), device), head_VH, chunk)
+    distributed.wrap(cfg, model, teacher, ref, device)  # torchrun: FSDP2 or DDP (the optimizer sees the shards)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                            weight_decay=cfg.optim.weight_decay)
+    engine = distributed.engine((engine or _engine(cfg))(model, tok, device=device), model)
+    return _Parts(model, tok, opt, teacher, ref, engine, venvs, heldout, autocast(precision(cfg), device), head_VH, chunk)
 
 
 def _starts(cfg: TrainConfig, venv, data_pos: int) -> list:
@@ -518,9 +523,10 @@ def _evaluate(cfg: TrainConfig, k: _Parts) -> dict:
 
     k.model.eval()
     n = min(cfg.run.eval_problems, len(getattr(k.heldout, "problems", [None] * cfg.run.eval_problems)))
-    with k.amp():
-        return heldout_eval(k.engine, k.tok, k.heldout, n, cfg.run.eval_samples, cfg.sampling, HELDOUT_SEED,
-                            cfg.env.max_turns, cfg.env.feedback)
+    with distributed.gathered(k.model), k.amp():  # rank 0 alone evaluates
+        got = (heldout_eval(k.engine, k.tok, k.heldout, n, cfg.run.eval_samples, cfg.sampling, HELDOUT_SEED,
+                            cfg.env.max_turns, cfg.env.feedback) if distributed.is_main() else None)
+    return distributed.broadcast(got)
 
 
 def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
@@ -534,8 +540,9 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     from agentopd.threads import configure_torch
 
     _check_algo(cfg)
+    distributed.setup(cfg)  # torchrun: the process group; progress off on ranks > 0
     os.makedirs(cfg.run.out, exist_ok=True)
-    sinks = _metric_sinks(cfg)
+    sinks = _metric_sinks(cfg) if distributed.is_main() else []
     k = _setup(cfg, engine, judge)
     shared = getattr(getattr(k.venvs[0], "env", None), "judge", None)  # judging overlaps generation: its workers
     configure_torch(getattr(shared, "workers", 1) if cfg.sampling.generate_chunk else 0)  # agentopd.threads
@@ -547,6 +554,8 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
 
     def log(row: dict) -> None:
         rows.append(row)
+        if not distributed.is_main():
+            return
         with open(os.path.join(cfg.run.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         for sink, _ in sinks:
@@ -557,22 +566,26 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train",
                disable=not cfg.run.progress)
     for step in bar:
-        row, episodes, trows, ctx, st = _step(cfg, k, step, _starts(cfg, k.venvs[0], data_pos))
+        starts = distributed.rank_share(_starts(cfg, k.venvs[0], data_pos))  # torchrun: this rank's (whole groups)
+        row, episodes, trows, ctx, st = _step(cfg, k, step, starts)
         data_pos += cfg.sampling.prompts_per_step
         last = step + 1 == cfg.run.steps
         if k.heldout is not None and (last or cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0):
             row |= _evaluate(cfg, k)
-        sample_log.record(cfg, step + 1, last, "heldout_pass1" in row, k.tok, episodes, trows, ctx, st)
+        if distributed.is_main():
+            sample_log.record(cfg, step + 1, last, "heldout_pass1" in row, k.tok, episodes, trows, ctx, st)
         log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 or last:
             saved = checkpoints.save(ckpt_dir, step + 1, k.model, k.tok, k.opt, k.teacher, data_pos, cfg.run.save_merged)
             if last:
                 checkpoints.export_final(saved, os.path.join(cfg.run.out, "final"))
-    _summary(cfg, rows)
+    if distributed.is_main():
+        _summary(cfg, rows)
     for _, close in sinks:
         close()
     _close(k.venvs, k.heldout)
+    distributed.teardown()
     return rows
 
 

@@ -13,6 +13,10 @@
     <run.out>/base/                 a LoRA run's base model, where it has no directory of its own
                                     (tiny, or a merged adapter)
 
+Under torchrun (agentopd.rl.distributed) every rank gathers the sharded tensors and rank 0 alone
+writes them, in the single process's format: a checkpoint resumes on any number of ranks that
+divides ``sampling.prompts_per_step``. The RNG state saved is rank 0's.
+
 A directory is written as ``step-N.tmp`` and renamed when complete, so a half-written checkpoint is
 never the latest. Resume takes the newest one that reads; one that does not is skipped with a
 warning that names it and the one used instead.
@@ -29,6 +33,8 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+
+from agentopd.rl import distributed
 
 STATE = "trainer_state"
 FORMAT = 1
@@ -85,10 +91,11 @@ def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_model(model, tokenizer, path: str, merged: bool = False) -> None:
+def save_model(model, tokenizer, path: str, merged: bool = False, state_dict: dict | None = None) -> None:
     """Model (a peft model: its adapter alone) + tokenizer + chat template + generation config in
-    ``path``; ``merged``: also the adapter merged into its base, in ``path/merged``."""
-    model.save_pretrained(path)
+    ``path``; ``merged``: also the adapter merged into its base, in ``path/merged``. ``state_dict``:
+    the weights to write instead of the model's own (a sharded model's, gathered)."""
+    model.save_pretrained(path, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(path)
     if not _is_peft(model):
         return
@@ -110,8 +117,9 @@ def lora_base(path: str, model, tokenizer, out: str) -> str:
         return os.path.abspath(ensure(progress=False))
     if path != "tiny" and not (os.path.isdir(path) and is_adapter_dir(path)):
         return os.path.abspath(path) if os.path.isdir(path) else path
-    if not os.path.isfile(os.path.join(out, "config.json")):
+    if not os.path.isfile(os.path.join(out, "config.json")) and distributed.is_main():
         _replace_dir(out, lambda tmp: save_model(model, tokenizer, tmp))
+    distributed.barrier()
     return os.path.abspath(out)
 
 
@@ -139,34 +147,44 @@ def _set_rng_state(state: dict, tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _save_trainer_state(path: str, step: int, opt, teacher, data_pos: int) -> None:
+def _save_trainer_state(path: str, step: int, opt_state: dict, teacher_state: dict, data_pos: int) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(path)
     rng, rng_tensors = _rng_state()
-    teacher_state = teacher.state_dict()
     save_file({k: v.detach().cpu().contiguous() for k, v in (teacher_state.pop("model") or {}).items()},
               os.path.join(path, "teacher.safetensors"))
     save_file(rng_tensors, os.path.join(path, "rng.safetensors"))
-    torch.save(opt.state_dict(), os.path.join(path, "optimizer.pt"))
+    torch.save(opt_state, os.path.join(path, "optimizer.pt"))
     with open(os.path.join(path, "state.json"), "w", encoding="utf-8") as f:  # written last
         json.dump({"format": FORMAT, "step": step, "data_pos": data_pos, "teacher": teacher_state, "rng": rng}, f)
 
 
 def save(ckpt_dir: str, step: int, model, tokenizer, opt, teacher, data_pos: int, merged: bool = False) -> str:
-    """Write ``ckpt_dir/step-<step>/``; returns its path."""
-    def write(tmp):
-        save_model(model, tokenizer, tmp, merged)
-        _save_trainer_state(os.path.join(tmp, STATE), step, opt, teacher, data_pos)
+    """Write ``ckpt_dir/step-<step>/``; returns its path. Distributed: every rank calls it (the
+    sharded tensors are gathered), rank 0 writes."""
+    weights = distributed.full_tensors(model.state_dict()) if distributed.is_sharded(model) else None
+    opt_state = distributed.full_optimizer_state(opt.state_dict())
+    teacher_state = teacher.state_dict()
+    teacher_state["model"] = teacher_state["model"] and distributed.full_tensors(teacher_state["model"])
 
-    os.makedirs(ckpt_dir, exist_ok=True)
+    def write(tmp):
+        save_model(model, tokenizer, tmp, merged, weights)
+        _save_trainer_state(os.path.join(tmp, STATE), step, opt_state, teacher_state, data_pos)
+
     path = os.path.join(ckpt_dir, f"step-{step}")
-    _replace_dir(path, write)
+    if distributed.is_main():
+        os.makedirs(ckpt_dir, exist_ok=True)
+        _replace_dir(path, write)
+    distributed.barrier()
     return path
 
 
 def export_final(step_dir: str, final_dir: str) -> None:
-    """``final_dir``: the model files of ``step_dir`` (hard links where the filesystem allows)."""
+    """``final_dir``: the model files of ``step_dir`` (hard links where the filesystem allows); rank 0."""
+    if not distributed.is_main():
+        return
+
     def write(tmp):
         try:
             shutil.copytree(step_dir, tmp, ignore=shutil.ignore_patterns(STATE), copy_function=os.link)
@@ -226,7 +244,7 @@ def _load_weights(model, weights: dict[str, torch.Tensor]) -> None:
         if result.unexpected_keys:
             raise ValueError(f"adapter tensors the model does not have: {result.unexpected_keys[:5]}")
     else:
-        model.load_state_dict(weights)
+        model.load_state_dict(distributed.like(model.state_dict(), weights))  # sharded: this rank's shards
 
 
 def resume(ckpt_dir: str, model, opt, teacher, device=None) -> tuple[int, int] | None:
@@ -245,8 +263,9 @@ def resume(ckpt_dir: str, model, opt, teacher, device=None) -> tuple[int, int] |
                           f"resuming from {fallback}", stacklevel=2)
             continue
         _load_weights(model, state["weights"])
-        opt.load_state_dict(state["optimizer"])
-        teacher.load_state_dict({**state["teacher"], "model": state["teacher_tensors"]})
+        opt.load_state_dict(distributed.like_optimizer(opt, state["optimizer"]))
+        teacher.load_state_dict({**state["teacher"], "model": distributed.like(teacher.own_parameters(),
+                                                                               state["teacher_tensors"])})
         _set_rng_state(state["rng"], state["rng_tensors"])
         return state["step"], state["data_pos"]
     return None
@@ -254,8 +273,8 @@ def resume(ckpt_dir: str, model, opt, teacher, device=None) -> tuple[int, int] |
 
 def cut_rows(path: str, step: int) -> None:
     """Keep the rows of JSONL file ``path`` whose ``step`` is at most ``step`` (the rows after it
-    came from work a resume redoes); a torn line (a crash mid-write) is dropped with a warning."""
-    if not os.path.isfile(path):
+    came from work a resume redoes); a torn line (a crash mid-write) is dropped with a warning. Rank 0."""
+    if not os.path.isfile(path) or not distributed.is_main():
         return
     kept, torn = [], 0
     with open(path, encoding="utf-8") as f:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from agentopd.rl import losses, objectives
+from agentopd.rl import distributed, losses, objectives
 from agentopd.rl.logprobs import (
     gather_logprobs,
     hidden_logprobs,
@@ -155,6 +155,7 @@ def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp
     R_ = [st.response_ids[b] for b in idx]
     with amp():  # the student's final hidden states [B, R, H] (chunk > 0) or its logits [B, R, V]; the head in autocast
         out_BRX = (response_hidden if chunk else response_logits)(model, [st.prompt_ids[b] for b in idx], R_)
+        head_VH = lm_head_weight(model) if chunk else head_VH  # FSDP: the head this forward gathered
         lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk, temperature=T)[0] if chunk else
                        gather_logprobs(out_BRX, R_, T), st.old_BT.shape[1])
     dev = lp_BT.device
@@ -171,6 +172,8 @@ def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp
                 cfg.algo, teacher, out_BRX[rows, :Rm], head_VH, chunk, [st.teacher_prompts[idx[k]] for k in rows],
                 [R_[k] for k in rows], tm_BT[rows, :Rm], amp, T)
     loss, metrics = objectives.loss(cfg.algo, batch)
+    if not loss.requires_grad and distributed.world() > 1:  # every rank's backward takes part in the reduction
+        loss = loss + 0.0 * lp_BT.nan_to_num().sum()
     if st.ref_BT is not None:
         loss = loss + cfg.algo.ref_kl * (m_BT.sum() / st.n_tok) * losses.ref_kl_k3(lp_BT, st.ref_BT[idx].to(dev), m_BT)
     return loss, metrics
@@ -184,7 +187,8 @@ def score(cfg: TrainConfig, model, teacher, ref, amp, rows: TurnRows, teacher_pr
     student_prompts = rows.prompt_ids
 
     def score(scorer, prompts, responses):
-        return sequence_logprobs(scorer, prompts, responses, chunk=cfg.optim.logits_chunk, temperature=T)[0]
+        with distributed.gathered(scorer):  # FSDP: any number of forwards per rank
+            return sequence_logprobs(scorer, prompts, responses, chunk=cfg.optim.logits_chunk, temperature=T)[0]
 
     with torch.no_grad(), amp():
         student_lp = score(model, student_prompts, resp_ids)
@@ -204,24 +208,38 @@ def update(cfg: TrainConfig, model, opt, teacher, head_VH, chunk: int, amp, st: 
     """5. Micro-batches with gradient accumulation, ``optim.epochs_per_batch`` optimizer steps (the
     importance ratio corrects the later ones), then the teacher update: ``(loss, metric sums, grad norm)``."""
     model.train()
-    B = len(st.response_ids)
+    B, W = len(st.response_ids), distributed.world()
     loss_sum, sums = 0.0, {"distill_loss": 0.0, "clipfrac": 0.0}
-    for _ in range(cfg.optim.epochs_per_batch):
-        opt.zero_grad(set_to_none=True)
-        for s in range(0, B, cfg.optim.micro_batch):
-            idx = list(range(s, min(s + cfg.optim.micro_batch, B)))
-            if st.mask_BT[idx].sum() == 0:
-                continue
-            loss, met = _micro_batch_loss(cfg, model, teacher, head_VH, chunk, amp, st, idx)
-            if loss.requires_grad:  # e.g. sdpo on a micro-batch with no teacher signal: nothing to learn
-                loss.backward()
-            loss_sum += float(loss.detach())
-            for k, v in met.items():
-                sums[k] = sums.get(k, 0.0) + v
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
+    starts = range(0, B, cfg.optim.micro_batch)
+    divergence_teacher = teacher.model_for_scoring() if "divergence" in objectives.needs(cfg.algo) else None
+    with distributed.gathered(divergence_teacher):  # FSDP: the teacher's forwards need no collective
+        for _ in range(cfg.optim.epochs_per_batch):
+            opt.zero_grad(set_to_none=True)
+            for s in starts:
+                idx = list(range(s, min(s + cfg.optim.micro_batch, B)))
+                empty = st.mask_BT[idx].sum() == 0
+                if empty and W == 1:
+                    continue
+                with distributed.grad_sync(model, s == starts[-1]):
+                    loss, met = (_idle_loss(model, amp), {}) if empty else _micro_batch_loss(
+                        cfg, model, teacher, head_VH, chunk, amp, st, idx)
+                    if loss.requires_grad:  # e.g. sdpo on a micro-batch with no teacher signal: nothing to learn
+                        (loss * W).backward()  # the ranks' gradients are averaged: their sum is the batch's
+                loss_sum += float(loss.detach())
+                for k, v in met.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
     teacher.update(model)
-    return loss_sum, sums, float(gnorm)
+    sums = distributed.sum_dicts({"loss": loss_sum, **sums})
+    return sums.pop("loss"), sums, float(distributed.full(gnorm))
+
+
+def _idle_loss(model, amp) -> torch.Tensor:
+    """Zero, through one forward of the model: a rank's micro-batch without tokens still takes part
+    in the gradient reduction."""
+    with amp():
+        return 0.0 * response_logits(model, [[0]], [[0]]).float().sum()
 
 
 def step_inputs(cfg: TrainConfig, rows: TurnRows, teacher_prompts, scores) -> tuple[StepBatch, dict]:
@@ -242,8 +260,8 @@ def step_inputs(cfg: TrainConfig, rows: TurnRows, teacher_prompts, scores) -> tu
     rollout_BT, rollout_metrics = objectives.rollout_weights(ls_BT, engine_BT, engine_mask_BT * mask_BT,
                                                              cfg.algo.rollout_is_clip)
     st = StepBatch(rows.prompt_ids, [g.response_ids for g in rows.turns], teacher_prompts, ls_BT,
-                   lt_BT, adv_BT, mask_BT, teacher_mask_B, rollout_BT, ref_BT, mask_BT.sum().clamp(min=1),
-                   (mask_BT * teacher_mask_B[:, None]).sum().clamp(min=1))
+                   lt_BT, adv_BT, mask_BT, teacher_mask_B, rollout_BT, ref_BT, distributed.all_sum(mask_BT.sum()).clamp(min=1),
+                   distributed.all_sum((mask_BT * teacher_mask_B[:, None]).sum()).clamp(min=1))  # all ranks' tokens
     return st, rollout_metrics
 
 

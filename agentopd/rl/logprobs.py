@@ -43,18 +43,48 @@ def _response_rows(model, prompt_ids: list[list[int]], response_ids: list[list[i
     return {"input_ids": ids_BT, "attention_mask": mask_BT, "position_ids": positions(mask_BT), "use_cache": False}, Rmax
 
 
+ROOTS = "_agentopd_roots"
+"""Key in a model's ``__dict__`` (not a submodule): ``(with grad, without grad)``, the modules its
+forward passes go through when :mod:`agentopd.rl.distributed` wrapped it (None: a plain Scorer)."""
+
+
+def causal_lm(model):
+    """The transformers causal LM inside a peft wrapper (LoRA layers are injected in place), or ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+_causal_lm = causal_lm
+
+
+class Scorer(torch.nn.Module):
+    """A causal LM's learner forward as one module: the decoder's final hidden states ``[B, T, H]``
+    (the head left to the chunked log-probs, see :func:`lm_head_weight`) or, with ``logits_to_keep``,
+    the logits of the last that many positions. FSDP shards at this root (agentopd.rl.distributed),
+    so every learner forward gathers the embeddings, final norm and head through its hooks."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, kw: dict, logits_to_keep: int = 0) -> torch.Tensor:
+        if logits_to_keep:
+            return self.lm(**kw, logits_to_keep=logits_to_keep).logits
+        return causal_lm(self.lm).get_decoder()(**kw).last_hidden_state
+
+
+def _root(model) -> torch.nn.Module:
+    roots = model.__dict__.get(ROOTS)
+    root = roots and roots[0 if torch.is_grad_enabled() else 1]
+    return root if root is not None else Scorer(model)
+
+
 def response_logits(model, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
     """One forward over rows laid out as ``[pad.. prompt | response ..pad]``; returns the logits that
     predict each response token, ``[B, Rmax, V]`` (only those positions are computed, via
     ``logits_to_keep``). Works with or without grad."""
     kw, Rmax = _response_rows(model, prompt_ids, response_ids)
     # logits at columns Pmax-1 .. Pmax+Rmax-2 predict the response tokens
-    return model(**kw, logits_to_keep=Rmax + 1).logits[:, :-1]
-
-
-def _causal_lm(model):
-    """The transformers causal LM inside a peft wrapper (LoRA layers are injected in place), or ``model``."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _root(model)(kw, logits_to_keep=Rmax + 1)[:, :-1]
 
 
 def lm_head_weight(model) -> torch.Tensor | None:
@@ -71,9 +101,10 @@ def lm_head_weight(model) -> torch.Tensor | None:
 
 def response_hidden(model, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
     """As :func:`response_logits`, but the final hidden states (the decoder's output, the lm head
-    left out): ``[B, Rmax, H]``; the logits are ``hidden @ lm_head_weight(model).T``."""
+    left out): ``[B, Rmax, H]``; the logits are ``hidden @ lm_head_weight(model).T`` (under FSDP: the
+    head as gathered by this forward, read after it)."""
     kw, Rmax = _response_rows(model, prompt_ids, response_ids)
-    hidden_BTH = _causal_lm(model).get_decoder()(**kw).last_hidden_state
+    hidden_BTH = _root(model)(kw)
     return hidden_BTH[:, hidden_BTH.shape[1] - Rmax - 1:-1]
 
 
@@ -125,7 +156,8 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
             top_idx += [torch.zeros(0, topk, dtype=torch.long, device=device) for _ in P]
             continue
         if head_VH is not None:
-            lps, top = hidden_logprobs(response_hidden(model, P, R), head_VH, R, chunk, topk, temperature)
+            hidden_BRH = response_hidden(model, P, R)  # the head read after the forward (FSDP gathers it there)
+            lps, top = hidden_logprobs(hidden_BRH, lm_head_weight(model), R, chunk, topk, temperature)
         else:
             logits_BRV = response_logits(model, P, R)
             lps, top = gather_logprobs(logits_BRV, R, temperature), None
