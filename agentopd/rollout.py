@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from agentopd.inference.base import apply_chat, sample_chat
+from agentopd.inference.base import apply_chat, sample_chat, sample_text
 from agentopd.types import Episode, Judgement, Turn, Verdict
 
 DEFAULT_FEEDBACK = ("Your answer was checked and it is not correct yet.\n\nFeedback:\n{critique}\n\n"
@@ -73,23 +73,40 @@ def _judgement(infos: dict, i: int, reward: float, ended: bool) -> Judgement:
     return Judgement(Verdict(float(reward), int(ok), 1, "ok" if ok else "wrong_answer"), critique)
 
 
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """``text`` up to the first stop string (servers cut there; the hf engine keeps the stop)."""
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[:min(cuts)] if cuts else text
+
+
 class _Generate:
     """One engine, shared by the threads of :func:`rollout_chunks` (one call at a time)."""
 
     def __init__(self, engine, tokenizer, sampling: Sampling, timing: Timing, lock=None, context=None,
-                 started: threading.Event | None = None):
+                 started: threading.Event | None = None, completion: bool = False):
         self.engine, self.tok, self.s, self.timing = engine, tokenizer, sampling, timing
         self.context = context or contextlib.nullcontext
         self.started = started  # set once the first call returned
         self.lock = lock or threading.Lock()
-        self.chat = hasattr(engine, "generate_chat") or tokenizer is None  # a server engine: messages only
+        self.completion = completion
+        # a server engine works on messages (or text): no token ids
+        self.chat = hasattr(engine, "generate_chat") or hasattr(engine, "generate_text") or tokenizer is None
+
+    def first_prompt(self, messages: list[dict]):
+        text = messages[0]["content"]
+        if self.completion:
+            return text if self.chat else self.tok.encode(text)
+        return messages if self.chat else apply_chat(self.tok, messages)
 
     def __call__(self, prompts: list, n: int, seed: int) -> list:
         kw = dict(n=n, max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature, top_p=self.s.top_p,
                   seed=seed, **({"stop": self.s.stop} if self.s.stop else {}))
         with self.lock, self.context():  # (autocast is per thread: entered here, in the calling thread)
             t0 = time.perf_counter()
-            got = sample_chat(self.engine, prompts, **kw) if self.chat else self.engine.generate(prompts, **kw)
+            if self.chat:
+                got = (sample_text if self.completion else sample_chat)(self.engine, prompts, **kw)
+            else:
+                got = self.engine.generate(prompts, **kw)
             self.timing.generate += time.perf_counter() - t0
         if self.started is not None:
             self.started.set()
@@ -106,28 +123,33 @@ def _first_turn(gen: _Generate, episodes: list[Episode], prompts: list, group_si
 def rollout(engine, tokenizer, venv, *, group_size: int = 1, sampling: Sampling | None = None, seed: int = 0,
             index: list[int] | None = None, seeds: list[int] | None = None, max_turns: int = 64,
             feedback: str = DEFAULT_FEEDBACK, timing: Timing | None = None, lock=None, context=None,
-            started: threading.Event | None = None) -> list[Episode]:
+            started: threading.Event | None = None, template: str = "{prompt}", completion: bool = False
+            ) -> list[Episode]:
     """Play one episode per slot of ``venv`` to its end; slots ``k*group_size ..`` form group ``k``
     and must start on the same problem (``index``: each slot's problem, for envs that pick by index;
     else ``seeds``: each slot's reset seed). ``feedback``: the user message after a failed turn
     (``{critique}`` is the env's observation). ``engine``: a token engine (``generate`` on ids, with
     ``tokenizer``) or a server engine (``generate_chat``). ``context``: a factory of the context each
-    engine call runs in (e.g. autocast); ``started``: an event set once the first turn generated."""
+    engine call runs in (e.g. autocast); ``started``: an event set once the first turn generated.
+    ``template``: the first user message (``{prompt}``: the env's first observation); ``completion``:
+    the template's text is continued as raw text instead (no chat template; one turn)."""
     timing = timing or Timing()
-    gen = _Generate(engine, tokenizer, sampling or Sampling(), timing, lock, context, started)
+    s = sampling or Sampling()
+    gen = _Generate(engine, tokenizer, s, timing, lock, context, started, completion)
     obs, infos = venv.reset(seed=seeds, options=None if index is None else {"index": index})
     N = len(obs)
     ids = infos.get("problem_id", [None] * N)
-    episodes = [Episode(str(ids[i]), i // group_size, obs[i], messages=[{"role": "user", "content": obs[i]}])
-                for i in range(N)]
-    prompts = [e.messages if gen.chat else apply_chat(tokenizer, e.messages) for e in episodes]
+    episodes = [Episode(str(ids[i]), i // group_size, obs[i],
+                        messages=[{"role": "user", "content": template.format(prompt=obs[i])}]) for i in range(N)]
+    prompts = [gen.first_prompt(e.messages) for e in episodes]
+    max_turns = 1 if completion else max_turns
     active = list(range(N))
     for turn in range(max_turns):
         gens = (_first_turn(gen, episodes, prompts, group_size, seed) if turn == 0 else
                 [g[0] for g in gen([prompts[i] for i in active], 1, seed + 7919 * turn)])
         actions = [""] * N
         for i, g in zip(active, gens):
-            actions[i] = g.text
+            g.text = actions[i] = cut_at_stop(g.text, s.stop or [])
         t0 = time.perf_counter()
         obs, rewards, terms, truncs, infos = venv.step(tuple(actions))
         timing.step += time.perf_counter() - t0
@@ -143,8 +165,9 @@ def _advance(ep: Episode, prompts: list, i: int, g, obs: str, reward: float, end
     """Record slot ``i``'s turn; when the episode goes on, extend its prompt with the feedback turn.
     True: still active."""
     j = _judgement(infos, i, reward, ended)
+    fb = infos["feedback_status"][i] if infos.get("_feedback_status", [False] * (i + 1))[i] else j.verdict.status
     ep.turns.append(Turn(None if gen.chat else prompts[i], list(g.response_ids), list(g.logprobs), g.text, j,
-                         reward, g.finish_reason))
+                         reward, g.finish_reason, fb))
     history = list(ep.messages)
     ep.messages.append({"role": "assistant", "content": g.text})
     if ended:

@@ -96,6 +96,7 @@ class Turn:
     judgement: Judgement
     reward: float  # the env's reward for this turn (NaN: judge_error)
     finish_reason: str = "stop"
+    feedback_status: str = ""  # the status of the verdict the critique came from (RLEF: the public tests')
 
 
 @dataclass

@@ -55,7 +55,8 @@ def outcome(problem: Problem, turn: int, max_turns: int, public: Judgement, held
     terminated = not broken and (public.verdict.status == "ok" or turn >= max_turns)
     reward = float("nan") if v.status == "judge_error" else float(v.score)
     info = {"problem_id": problem.id, "turn": turn, "verdict": v, "critique": public.critique,
-            "judgement": held, "success": v.status == "ok"}
+            "judgement": Judgement(v, public.critique), "success": v.status == "ok",
+            "feedback_status": public.verdict.status}
     return public.critique, reward, terminated, broken, info
 
 

@@ -68,7 +68,8 @@ def rows_of(report) -> list[dict]:
 def test_the_critique_reaches_the_next_turn_and_success_ends_the_attempt(tmp_path, serve, judge):
     s = serve(fixes_after_feedback)
     report = rlef(config(tmp_path, s, problems_file(tmp_path, [ADD])), judge=judge)
-    assert len(s.requests) == 4  # 2 attempts x 2 turns: the third turn never happens
+    # turn 1: both attempts in one request (n=2); turn 2: one request each; the third turn never happens
+    assert [r["body"].get("n", 1) for r in s.requests] == [2, 1, 1]
     second = [r["body"]["messages"] for r in s.requests if len(r["body"]["messages"]) > 1]
     assert len(second) == 2
     msgs = second[0]
@@ -94,7 +95,7 @@ def test_the_critique_reaches_the_next_turn_and_success_ends_the_attempt(tmp_pat
 def test_held_out_tests_decide_success(tmp_path, serve, judge):
     s = serve([CHEAT])  # passes the public test, fails the held-out ones
     report = rlef(config(tmp_path, s, problems_file(tmp_path, [ADD])), judge=judge)
-    assert len(s.requests) == 2  # public tests passed: each attempt ends after one turn
+    assert len(s.requests) == 1 and s.requests[0]["body"]["n"] == 2  # public tests passed: one turn each
     assert report["pass_after_turn"] == [0.0, 0.0, 0.0] and report["1@3"] == 0.0
     r = rows_of(report)[0]
     assert r["passed"] is False and r["turns"] == 1
@@ -112,7 +113,8 @@ def test_the_turn_limit_holds(tmp_path, serve, judge):
 def test_one_turn_success_sends_one_request(tmp_path, serve, judge):
     s = serve([RIGHT])
     report = rlef(config(tmp_path, s, problems_file(tmp_path, [ADD]), sampling__n=3), judge=judge)
-    assert len(s.requests) == 3 and report["pass_after_turn"] == [1.0, 1.0, 1.0] and report["mean_turns"] == 1.0
+    assert [r["body"].get("n", 1) for r in s.requests] == [3]  # the 3 attempts' first turn in one request
+    assert report["pass_after_turn"] == [1.0, 1.0, 1.0] and report["mean_turns"] == 1.0
 
 
 def test_dataset_public_tests_are_used_as_given(tmp_path, serve, judge):
@@ -139,11 +141,11 @@ def test_resume_does_not_redo_attempts(tmp_path, serve, judge):
     s = serve(fixes_after_feedback)
     cfg = config(tmp_path, s, problems_file(tmp_path, [ADD]))
     first = rlef(cfg, judge=judge)
-    assert len(s.requests) == 4
+    assert len(s.requests) == 3  # turn 1: one request for both attempts; turn 2: one each
     again = rlef(cfg, judge=judge)
-    assert len(s.requests) == 4 and again == first
+    assert len(s.requests) == 3 and again == first
     more = rlef(config(tmp_path, s, problems_file(tmp_path, [ADD]), sampling__n=3), judge=judge)
-    assert len(s.requests) == 6 and more["attempts"] == 3  # only the new attempt was played
+    assert len(s.requests) == 5 and more["attempts"] == 3  # only the new attempt was played (2 turns)
 
 
 def test_math_rlef_with_the_math_judge_critique(tmp_path, serve):

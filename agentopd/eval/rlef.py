@@ -23,8 +23,7 @@ from typing import ClassVar
 from agentopd.config import ConfigError
 from agentopd.eval.model import EvalConfig, OutputConfig
 
-DEFAULT_FEEDBACK = ("Your answer was checked and it is not correct yet.\n\nFeedback:\n{critique}\n\n"
-                    "Reply with a corrected, complete answer.")
+from agentopd.rollout import DEFAULT_FEEDBACK
 
 
 @dataclass
@@ -47,72 +46,22 @@ class RLEFConfig(EvalConfig):
     RANGES: ClassVar[dict[str, str]] = {**EvalConfig.RANGES, "rlef.turns": ">=1"}
 
 
-@dataclass
-class Attempt:
-    problem: object
-    index: int
-    public: object  # the problem's public view
-    held_out: object  # and its held-out view
-    messages: list = field(default_factory=list)
-    transcript: list = field(default_factory=list)
-    passed_after_turn: list = field(default_factory=list)
-    final: tuple | None = None  # (answer text, held-out Judgement)
-    broken: bool = False  # the public judge failed: no critique to go on with
-
-
-def _judge_turn(judge, attempts: list[Attempt], texts: list[str]):
-    """Public and held-out judgements of each answer (one judge pass when the views are one)."""
-    public = judge.judge_many([(a.public, t) for a, t in zip(attempts, texts)])
-    split = [i for i, a in enumerate(attempts) if a.held_out is not a.public]
-    held = list(public)
-    for i, j in zip(split, judge.judge_many([(attempts[i].held_out, texts[i]) for i in split])):
-        held[i] = j
-    return public, held
-
-
-def run_attempts(engine, judge, attempts: list[Attempt], cfg: RLEFConfig, seed: int) -> None:
-    """Play every attempt to its end, all attempts of a round sampled together."""
-    from agentopd.eval.model import cut_at_stop
-    from agentopd.inference.base import sample_chat
-
-    s, turns = cfg.sampling, cfg.rlef.turns
-    active = list(attempts)
-    for t in range(turns):
-        if not active:
-            break
-        gens = sample_chat(engine, [a.messages for a in active], n=1, max_new_tokens=s.max_new_tokens,
-                           temperature=s.temperature, top_p=s.top_p, stop=s.stop or None,
-                           seed=seed * 1_000_003 + t)
-        texts = [cut_at_stop(g[0].text, s.stop) for g in gens]
-        public, held = _judge_turn(judge, active, texts)
-        still = []
-        for a, text, jp, jh in zip(active, texts, public, held):
-            a.transcript.append({"response": text, "public": jp.verdict.status, "held_out": jh.verdict.status,
-                                 "critique": jp.critique})
-            a.final = (text, jh)
-            a.passed_after_turn.append(jh.verdict.status == "ok")
-            a.broken = jp.verdict.status == "judge_error"
-            if jp.verdict.status in ("ok", "judge_error") or t == turns - 1:
-                continue
-            a.messages = a.messages + [{"role": "assistant", "content": text},
-                                       {"role": "user", "content": cfg.rlef.feedback.format(critique=jp.critique)}]
-            still.append(a)
-        active = still
-    for a in attempts:  # an attempt that ended early keeps its last answer for the later turns
-        a.passed_after_turn += [a.passed_after_turn[-1]] * (turns - len(a.passed_after_turn))
-
-
-def _row(a: Attempt, fmt: str) -> dict:
+def _row(p, index: int, e, fmt: str) -> dict:
+    """An attempt's results row: its last answer judged on the held-out tests, its transcript."""
     from agentopd.eval.model import completion_of
     from agentopd.eval.passk import result_row
     from agentopd.judges.base import judge_error
 
-    text, j = a.final
-    if a.broken:
+    last = e.turns[-1]
+    j = last.judgement
+    if last.feedback_status == "judge_error":  # no critique to go on with: not the answer's failure
         j = judge_error("the public tests could not be judged: " + (j.verdict.details[0].error if j.verdict.details else ""))
-    return result_row({"task_id": a.problem.id, "sample_index": a.index, "completion": completion_of(a.problem, text, fmt),
-                       "response": text, "turns": len(a.transcript), "passed_after_turn": a.passed_after_turn,
-                       "transcript": a.transcript}, j)
+    passed = [t.judgement.verdict.status == "ok" for t in e.turns]
+    transcript = [{"response": t.text, "public": t.feedback_status, "held_out": t.judgement.verdict.status,
+                   "critique": t.judgement.critique} for t in e.turns]
+    return result_row({"task_id": p.id, "sample_index": index, "completion": completion_of(p, last.text, fmt),
+                       "response": last.text, "turns": len(e.turns), "passed_after_turn": passed,
+                       "transcript": transcript}, j)
 
 
 def report_of(rows: list[dict], cfg: RLEFConfig) -> dict:
@@ -135,14 +84,7 @@ def report_of(rows: list[dict], cfg: RLEFConfig) -> dict:
 def rlef(cfg: RLEFConfig, engine=None, judge=None) -> dict:
     """Run the RLEF baseline; returns the report (also in ``summary.json``). ``engine`` /
     ``judge``: use these instead of the ones the config names."""
-    from agentopd.envs.data import split_tests
-    from agentopd.eval.model import (
-        chunks,
-        first_prompt,
-        markdown_table,
-        session,
-        write_summary,
-    )
+    from agentopd.eval.model import chunks, markdown_table, play, session, write_summary
 
     if cfg.data.format != "chat":
         raise ConfigError("rlef needs data.format: chat (feedback is a conversation)")
@@ -151,13 +93,16 @@ def rlef(cfg: RLEFConfig, engine=None, judge=None) -> dict:
     s = cfg.sampling
     with session(cfg, engine, judge, "rlef") as run:
         for c, chunk in chunks(run.problems, run.todo, cfg.eval.chunk):
-            attempts = []
-            for p in chunk:
-                public, held = split_tests(p, cfg.rlef.public_tests)
-                attempts += [Attempt(p, i, public, held, messages=first_prompt(p, cfg.data)) for i in run.todo[p.id]]
-            run_attempts(run.engine, run.judge, attempts, cfg, s.seed * 7919 + c)
-            run.results.add([_row(a, cfg.data.format) for a in attempts])
-            run.bar.update(len(attempts))
+            for count in sorted({len(run.todo[p.id]) for p in chunk}):  # one call per number of attempts left
+                group = [p for p in chunk if len(run.todo[p.id]) == count]
+                episodes = play(run, cfg, group, count, s.seed * 7919 + c, cfg.rlef.turns, cfg.rlef.public_tests,
+                                cfg.rlef.feedback)
+                index = [(p, i) for p in group for i in run.todo[p.id]]
+                rows = [_row(p, i, e, cfg.data.format) for (p, i), e in zip(index, episodes)]
+                for r in rows:  # an attempt that ended early keeps its last answer for the later turns
+                    r["passed_after_turn"] += [r["passed_after_turn"][-1]] * (cfg.rlef.turns - r["turns"])
+                run.results.add(rows)
+                run.bar.update(len(rows))
     report = report_of(run.results.select(run.problems, s.n), cfg)
     report.update(n=s.n, results=run.results.path)
     rows = [(f"pass rate after turn {t + 1}", v) for t, v in enumerate(report["pass_after_turn"])]
