@@ -444,6 +444,7 @@ def test_sdpo_has_no_policy_gradient_term(tmp_path):
     b = train(_cfg(tmp_path / "b", *common))
     assert all(r["distill_loss"] > 0 and "pg_loss" not in r and r["grad_norm"] > 0 for r in a)
     assert all(r["is_mean"] == pytest.approx(1.0, abs=1e-4) for r in a)  # one epoch: on-policy, ratio 1
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)  # the estimator changes nothing
     pa, pb, fresh = _params(tmp_path / "a"), _params(tmp_path / "b"), _fresh()
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert any(not torch.equal(pa[k], fresh[k]) for k in pa)
