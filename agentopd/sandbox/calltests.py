@@ -209,6 +209,9 @@ class Link:
         return json.loads(line)
 
     def _ended(self):
+        if self.pid is None:  # (a warm worker forked the candidate: its exit status is not ours)
+            self.gone = "the program's process ended"
+            return ProgramGone(self.gone)
         _, status = os.waitpid(self.pid, 0)
         code = os.waitstatus_to_exitcode(status)
         self.gone = (f"the program exited (exit code {code})" if code >= 0
@@ -380,7 +383,16 @@ def _frame(fd):
     return json.loads(data)
 
 
+def _judge(link, read_tests):
+    failed = link.loaded()
+    if failed:
+        return _emit("load_error", *failed)
+    tests = read_tests()  # only now: the candidate is forked and cut off from this process
+    run_tests(link, tests["tests"], tests.get("setup", ""))
+
+
 def main():
+    """A run of its own (the cold backends): the program, then the tests, on stdin."""
     _nondumpable()
     sys.path[:] = [p for p in sys.path[1:] if p]  # never import from the (writable) script directory
     program = _frame(0)
@@ -396,13 +408,18 @@ def main():
             os._exit(0)
     os.close(cmd_r)
     os.close(rep_w)
-    link = Link(cmd_w, rep_r, pid)
-    failed = link.loaded()
-    if failed:
-        return _emit("load_error", *failed)
-    tests = _frame(0)  # only now: the candidate is forked and cut off from this process
-    run_tests(link, tests["tests"], tests.get("setup", ""))
+    _judge(Link(cmd_w, rep_r, pid), lambda: _frame(0))
     os.kill(pid, 9)  # not waited for: whoever runs this (a warm worker, a sandbox's end) reaps it
+
+
+def drive(cmd_fd, rep_fd, tests_fd):
+    """A warm worker's run, in its helper: the candidate (another child of the worker, forked
+    before the request came) at the other end of the pipes; the tests, a JSON object, read from
+    ``tests_fd`` to its end; the results on stdout."""
+    data = b""
+    while chunk := os.read(tests_fd, 1 << 16):
+        data += chunk
+    _judge(Link(cmd_fd, rep_fd, None), lambda: json.loads(data))
 
 
 def program() -> str:
