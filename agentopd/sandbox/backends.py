@@ -499,42 +499,44 @@ def _kill_uid(uid: int) -> None:
 
 class ProcessSandbox:
     """rlimits, a clean environment and a private temp dir; NOT isolation (network, the file
-    system and other processes stay reachable). As root the program runs as a slot uid."""
+    system and other processes stay reachable). Root only: the program runs as a slot uid, and
+    whatever it leaves running is killed by that uid."""
 
     name = "process"
     _warned = False
 
     def __init__(self, workers: int | None = None):
+        if os.geteuid() != 0:
+            raise SandboxUnavailable(
+                f"process backend needs root: as uid {os.geteuid()} a program would share the judge's uid, so it "
+                "could read the judge's memory (the tests) and leave processes running; use bwrap "
+                "(apt-get install bubblewrap) or docker")
         if not ProcessSandbox._warned:
             warnings.warn("sandbox backend 'process' is not isolation: programs can reach the network and "
                           "the file system; use bwrap or docker for untrusted code", stacklevel=2)
             ProcessSandbox._warned = True
-        self.slots = _Slots(COLD_UIDS) if os.geteuid() == 0 else None
+        self.slots = _Slots(COLD_UIDS)
 
     def run(self, program: str, stdin: str = "", limits: Limits | None = None) -> ExecResult:
         import tempfile
 
         limits = limits or Limits()
-        uid = self.slots.take() if self.slots else None
+        uid = self.slots.take()
         d = tempfile.mkdtemp(prefix="agentopd-")
         try:
             with open(os.path.join(d, "main.py"), "w", encoding="utf-8") as f:
                 f.write(program)
-            if uid is not None:
-                os.chown(d, uid, uid)
+            os.chown(d, uid, uid)
             res = _spawn_and_collect([PYTHON, "-E", "-s", "-S", "-B", "main.py"], stdin_data=stdin, limits=limits,
                                      uid=uid, cwd=d)
-            if uid is not None:  # a straggler that setsid()'d away still runs as this uid: end it
-                _kill_uid(uid)
+            _kill_uid(uid)  # a straggler that setsid()'d away still runs as this uid: end it
             return res
         finally:
             shutil.rmtree(d, ignore_errors=True)
-            if uid is not None:
-                self.slots.give(uid)
+            self.slots.give(uid)
 
     def close(self):
-        if self.slots:
-            self.slots.release()
+        self.slots.release()
 
 
 # ------------------------------------------------------------------------------ choosing one

@@ -127,14 +127,14 @@ def _exit_code(exc):
 
 
 def _enter(lim):
-    """In a forked child, before it becomes a program: its own session, limits, default signals
-    and a fresh random seed (as a new interpreter would have)."""
+    """In a forked child, before it becomes a program: its own session and its limits. (Default
+    signal actions, set in the worker, and a fresh random seed, random's own after-fork hook,
+    it has already: as a new interpreter would.)"""
     os.setsid()
     rlimits(lim)
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
-        signal.signal(s, signal.SIG_DFL)
-    if "random" in sys.modules:
-        sys.modules["random"].seed()
+
+
+_STREAMS = []  # sys.stdin/stdout/stderr for programs, made once in the worker (which never uses them)
 
 
 def _child(path, stdin_path, out_w, err_w, lim):
@@ -146,9 +146,7 @@ def _child(path, stdin_path, out_w, err_w, lim):
     os.dup2(err_w, 2)
     os.closerange(3, 1 << 16)
     _enter(lim)
-    sys.stdin = open(0, "r", closefd=False, encoding="utf-8", errors="surrogateescape")
-    sys.stdout = open(1, "w", closefd=False, encoding="utf-8", errors="backslashreplace")
-    sys.stderr = open(2, "w", closefd=False, encoding="utf-8", errors="backslashreplace")
+    sys.stdin, sys.stdout, sys.stderr = _STREAMS
     sys.argv = [path]
     sys.path[0] = os.path.dirname(path)
     code = 0
@@ -326,7 +324,6 @@ def _helper(ctl, calls, dirs):
     no /proc/<pid>/{mem,fd} for programs), and it never imports from a writable directory."""
     import socket
 
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.chdir("/")
     sys.path[:] = [p for p in sys.path if p.startswith("/usr/")]
     while True:
@@ -566,6 +563,11 @@ def _setup(work):
     os.dup2(devnull, 1)
     for fd in (req_fd, reply):
         os.set_inheritable(fd, False)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)  # as a program would find them
+    _STREAMS[:] = [open(0, "r", closefd=False, encoding="utf-8", errors="surrogateescape"),
+                   open(1, "w", closefd=False, encoding="utf-8", errors="backslashreplace"),
+                   open(2, "w", closefd=False, encoding="utf-8", errors="backslashreplace")]
     dirs = {}
     for d in (work, "/tmp", "/dev/shm", "/dev/mqueue"):
         if os.path.isdir(d) and os.access(d, os.W_OK):
