@@ -332,6 +332,18 @@ def _status(e):
     return "runtime_error"
 
 
+_COMPILED: dict = {}  # test source -> code: a warm worker's helper judges the same tests many times
+
+
+def _compiled(test):
+    code = _COMPILED.get(test)
+    if code is None:
+        if len(_COMPILED) >= 4096:
+            _COMPILED.clear()
+        code = _COMPILED[test] = compile(test, "<test>", "exec")
+    return code
+
+
 def run_tests(link, tests, setup):
     g = TestGlobals(link)
     try:
@@ -341,7 +353,7 @@ def run_tests(link, tests, setup):
         return _emit("unsupported", f"the test setup failed in the driver: {': '.join(_err(e))}")
     for i, test in enumerate(tests):
         try:
-            exec(compile(test, "<test>", "exec"), g)
+            exec(_compiled(test), g)
             _emit("test", i, "ok", "")
         except Unsendable as e:
             return _emit("unsupported", str(e))

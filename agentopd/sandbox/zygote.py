@@ -418,16 +418,10 @@ class _Helper:
 # ------------------------------------------------------------------------------------ a run
 
 
-def _become_program(go_r, out, call, work, candidate):
-    """In a child of the worker, forked before the request came: wait for its limits, then
-    become the program the worker wrote to ``run/main.py``; in a call-style run, the candidate
-    that loads the program and answers the helper's calls on the pipes ``call``."""
-    raw = b""
-    while chunk := os.read(go_r, 4096):
-        raw += chunk
-    if not raw:
-        os._exit(0)
-    lim = json.loads(raw)
+def _become_program(lim, out, call, work, candidate):
+    """In a child of the worker: become the program the worker wrote to ``run/main.py``; in a
+    call-style run, the candidate that loads the program and answers the helper's calls on the
+    pipes ``call``."""
     path, stdin_path = os.path.join(work, "run", "main.py"), os.path.join(work, ".stdin")
     if not lim.get("call"):
         _child(path, stdin_path, *out, lim)
@@ -478,42 +472,38 @@ def _to_helper(helper, head, req_fd, cmd_w, rep_r):
 
 
 def _run_one(req_fd, sinks, work, helper):
-    """Read the next request and collect its program, forked before the request came (so the
-    fork costs no time) from this process, whose memory never holds a program, its stdin or
-    tests: the header is read byte by byte and the rest spliced into files and pipes. In a
-    call-style run the child is the candidate and the helper's output is the run's. None when
-    there are no more requests (or the helper is gone)."""
-    pipes = [os.pipe() for _ in range(5)]  # stdout, stderr, go, and the candidate's calls/replies
-    (out_r, out_w), (err_r, err_w), (go_r, go_w), (cmd_r, cmd_w), (rep_r, rep_w) = pipes
+    """Read the next request and collect its program, forked from this process, whose memory
+    never holds a program, its stdin or tests: the header is read byte by byte and the rest
+    spliced into files and pipes. (The fork comes after the request, when the last child is
+    gone: this process's writes then cost no page copies.) In a call-style run the child is the
+    candidate and the helper's output is the run's. None when there are no more requests (or
+    the helper is gone)."""
+    head = _request(req_fd, work)
+    if head is None:
+        return None
+    pipes = [os.pipe() for _ in range(4)]  # stdout, stderr, and the candidate's calls/replies
+    (out_r, out_w), (err_r, err_w), (cmd_r, cmd_w), (rep_r, rep_w) = pipes
+    call = bool(head.get("call"))
+    if call:
+        outputs = _to_helper(helper, head, req_fd, cmd_w, rep_r)
+        if outputs is None:
+            for fd in (out_r, out_w, err_r, err_w, cmd_r, rep_w):
+                os.close(fd)
+            return None
+        os.close(out_r)
+        os.close(err_r)
+        out_r, err_r = outputs
     pid = os.fork()
     if pid == 0:
         try:
-            for fd in (out_r, err_r, go_w, cmd_w, rep_r, *sinks.values()):
+            for fd in (out_r, err_r, *sinks.values(), *(() if call else (cmd_w, rep_r))):
                 os.close(fd)
-            _become_program(go_r, (out_w, err_w), (cmd_r, rep_w), work, helper.candidate)
+            _become_program({**head["limits"], "call": call}, (out_w, err_w), (cmd_r, rep_w), work,
+                            helper.candidate)
         finally:
             os._exit(121)
-    for fd in (out_w, err_w, go_r, cmd_r, rep_w):
+    for fd in (out_w, err_w, cmd_r, rep_w, *(() if call else (cmd_w, rep_r))):
         os.close(fd)
-    head = _request(req_fd, work)
-    call = bool(head and head.get("call"))
-    if call:
-        os.close(out_r)
-        os.close(err_r)
-        out_r, err_r = _to_helper(helper, head, req_fd, cmd_w, rep_r) or (None, None)
-        head = head if out_r is not None else None
-    else:
-        os.close(cmd_w)
-        os.close(rep_r)
-    if head is not None:
-        os.write(go_w, json.dumps({**head["limits"], "call": call}).encode())
-    os.close(go_w)
-    if head is None:
-        os.waitpid(pid, 0)
-        for fd in (out_r, err_r):
-            if fd is not None and not call:
-                os.close(fd)
-        return None
     return _collect_run(pid, head["limits"], out_r, err_r, sinks, helper if call else None)
 
 
