@@ -1,15 +1,18 @@
 """Call-style tests in two processes: a driver that holds the tests and a candidate that holds the
-program; stdlib only, run as the program of one sandbox run (its stdin: a framed request).
+program; stdlib only.
 
-The driver reads the program (the first frame of stdin), makes itself non-dumpable (no ptrace,
-no ``/proc/<pid>/{mem,fd}`` for the candidate) and forks the candidate, which keeps nothing of
-the driver's but two pipes: calls in, replies out (its stdin, stdout and stderr are /dev/null).
-Only then does the driver read the tests (the rest of stdin). It runs them in its own
-namespace, where a name the tests do not define (the entry point, a helper of the prompt) is a
-proxy that calls the candidate: arguments and return values cross as data (a tagged JSON of
-builtin values), so a rigged ``__eq__`` cannot cross, and the comparisons are the driver's. The
-driver alone writes results, one JSON line each, to the run's stdout, which the candidate does
-not hold: nothing it prints, patches or finds in its memory or files reaches them.
+On its own (``main``: a cold run's program, its stdin a framed request), the driver reads the
+program (the first frame of stdin), makes itself non-dumpable (no ptrace, no
+``/proc/<pid>/{mem,fd}`` for the candidate) and forks the candidate, which keeps nothing of the
+driver's but two pipes: calls in, replies out (its stdin, stdout and stderr are /dev/null). Only
+then does the driver read the tests (the rest of stdin). In a warm worker (``drive``), the
+driver is the worker's long-lived, non-dumpable helper and the candidate a child forked from the
+worker, which never held the tests (agentopd/sandbox/zygote.py). Either way the driver runs the
+tests in its own namespace, where a name the tests do not define (the entry point, a helper of
+the prompt) is a proxy that calls the candidate: arguments and return values cross as data (a
+tagged JSON of builtin values), so a rigged ``__eq__`` cannot cross, and the comparisons are the
+driver's. The driver alone writes results, one JSON line each, to the run's stdout, which the
+candidate does not hold: nothing it prints, patches or finds in its memory or files reaches them.
 """
 # ruff: noqa: S102, S110, BLE001 -- it runs programs and tests: every failure of theirs is a result
 import builtins

@@ -36,6 +36,16 @@ def rlimits(lim):
         resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"],) * 2)
 
 
+def _kill_and_wait(pid):
+    """SIGKILL ``pid`` and its process group; its wait status."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return os.waitpid(pid, 0)[1]
+
+
 def collect(pid, out_fd, err_fd, deadline, cap, exit_128_is_signal=False, sinks=None):
     """Read the child's stdout/stderr until it exits (or the deadline / output cap); kill its group
     when it overruns. Returns a result dict (exit_code, signal, stdout, stderr, flags).
@@ -79,15 +89,7 @@ def collect(pid, out_fd, err_fd, deadline, cap, exit_128_is_signal=False, sinks=
     if pid is None:
         status = 0
     elif status is None:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-        _, status = os.waitpid(pid, 0)
+        status = _kill_and_wait(pid)
     for fd in (out_fd, err_fd):
         os.close(fd)
     if sinks:
