@@ -237,11 +237,16 @@ def _rm(p):
         pass
 
 
+_LIBC = []
+
+
 def _clean(dirs):
     """Empty the writable places and drop SysV IPC objects; 0 when nothing of ours is left."""
-    import ctypes
+    if not _LIBC:  # (the helper cleans after every program: ctypes' set-up once)
+        import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    libc = _LIBC[0]
     for kind, ctl in (("shm", libc.shmctl), ("sem", libc.semctl), ("msg", libc.msgctl)):
         try:
             with open("/proc/sysvipc/" + kind) as f:
