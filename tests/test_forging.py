@@ -244,3 +244,15 @@ def test_an_exception_cannot_end_a_test_early(judge):
     j = judge.judge(p, "def double(x):\n    raise StopIteration\n")
     assert j.verdict.status == "runtime_error" and "StopIteration" in j.critique, j.critique
     assert judge.judge(p, "def double(x):\n    return 2 * x\n").verdict.status == "ok"
+
+
+def test_a_program_that_kills_or_stops_the_driver_fails_and_the_next_is_judged(judge, he0):
+    """Whatever process holds the tests (a warm worker's long-lived helper, a cold run's driver) is
+    killed or stopped by a program that signals every process it can: that run fails (never
+    passes), and the next program on the same sandbox is judged as usual."""
+    for sig in (9, 19):  # SIGKILL, SIGSTOP
+        program = ("import os\nfor p in os.listdir('/proc'):\n    if p.isdigit() and int(p) != os.getpid():\n"
+                   f"        try:\n            os.kill(int(p), {sig})\n        except OSError:\n            pass\n")
+        j = judge.judge(he0, "    return True\n" + program)
+        assert j.verdict.status not in ("ok", "judge_error") and j.verdict.passed == 0, j.critique
+        assert judge.judge(he0, he0.privileged["solution"]).verdict.status == "ok"

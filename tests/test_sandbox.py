@@ -231,6 +231,40 @@ def test_bogus_backend_is_refused_with_the_choices():
         assert name in msg
 
 
+def test_process_backend_refuses_a_non_root_user_in_one_line(monkeypatch):
+    """As a non-root user the program would share the judge's uid (its memory, the tests; no uid to
+    kill leftovers by): one clear line instead."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(SandboxUnavailable) as e:
+        make_sandbox("process")
+    msg = str(e.value)
+    assert "\n" not in msg and "needs root" in msg and "uid 1000" in msg and "bwrap" in msg
+
+
+def test_process_backend_as_a_real_unprivileged_user():
+    """The same, in a real process of uid 65534 (setpriv), where this interpreter and checkout are
+    reachable by that user; bwrap, where installed, works there."""
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to become an unprivileged user")
+    as_nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c"]
+    code = ("import warnings; from agentopd.sandbox import SandboxUnavailable, make_sandbox\n"
+            "try:\n    make_sandbox('process')\nexcept SandboxUnavailable as e:\n    print('refused:', e)\n"
+            "import shutil\nif shutil.which('bwrap'):\n"
+            "    sb = make_sandbox('bwrap', workers=1)\n    print('bwrap:', sb.run('print(6 * 7)').stdout.strip())\n"
+            "    sb.close()\n")
+    r = subprocess.run(as_nobody + [code], capture_output=True, text=True, cwd="/", timeout=120)
+    if "Permission denied" in r.stderr or "No module named" in r.stderr:
+        pytest.skip(f"uid 65534 cannot run this interpreter or import this checkout: {r.stderr.strip()[-200:]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "refused: process backend needs root: as uid 65534" in r.stdout, r.stdout
+    if shutil.which("bwrap"):
+        assert "bwrap: 42" in r.stdout, r.stdout
+
+
 # ------------------------------------------------------------------- 12. streams and exit codes
 
 

@@ -217,10 +217,11 @@ def _bwrap_argv(limits: Limits, work="/work", warm: bool = False, pid1: bool = F
 
 
 _ZYGOTE_SRC = open(_zygote.__file__, encoding="utf-8").read()
-# programs every warm worker compiles once, at start (the call-tests driver): a request names one
-# by its index instead of sending its text
+# programs the sandboxes know (the call-tests driver): a cold run starts it as pid 1 of its own
+# sandbox; a warm worker runs its tests in the worker's helper, against a candidate forked from
+# the worker (see _zygote.serve), so a call-style run costs one fork
 KNOWN_PROGRAMS = (_calltests.program(),)
-_WORKER_CMD = [PYTHON, "-E", "-s", "-S", "-B", "-c", _ZYGOTE_SRC, "/work", *KNOWN_PROGRAMS]
+_WORKER_CMD = [PYTHON, "-E", "-s", "-S", "-B", "-c", _ZYGOTE_SRC, "/work", KNOWN_PROGRAMS[0]]
 _CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -234,6 +235,26 @@ def _as_uid(uid: int | None):
         os.setuid(uid)
 
     return pre
+
+
+def _frames(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """The call driver's stdin (two ``<length>\\n<JSON>`` frames: the program, the tests) as a warm
+    call-style request's blobs: the program, an empty stdin, the tests. ValueError when it is
+    not two frames."""
+    frames = []
+    for _ in range(2):
+        head, _, data = data.partition(b"\n")
+        n = int(head)
+        if len(data) < n:
+            raise ValueError("agentopd call driver: truncated request")
+        frames.append(data[:n])
+        data = data[n:]
+    return frames[0], b"", frames[1]
+
+
+def _driver_failed(e: ValueError) -> ExecResult:
+    """What the driver run on its own answers to a request it cannot read: its traceback."""
+    return _result({"exit_code": 1, "stdout": "", "stderr": f"Traceback (most recent call last):\nValueError: {e}\n"})
 
 
 class _WarmSandbox:
@@ -256,10 +277,13 @@ class _WarmSandbox:
         lim = limits.as_dict()
         if not self.rlimit_nproc:
             lim["nproc"] = 0
-        known = KNOWN_PROGRAMS.index(program) if program in KNOWN_PROGRAMS else None
-        blobs = (b"" if known is not None else program.encode("utf-8", "surrogateescape"),
-                 stdin.encode("utf-8", "surrogateescape"))
-        header = json.dumps({"limits": lim, "known": known, "sizes": [len(b) for b in blobs]}).encode()
+        call = program == KNOWN_PROGRAMS[0]
+        try:
+            blobs = (_frames(stdin.encode("utf-8", "surrogateescape")) if call
+                     else (program.encode("utf-8", "surrogateescape"), stdin.encode("utf-8", "surrogateescape")))
+        except ValueError as e:
+            return _driver_failed(e)
+        header = json.dumps({"limits": lim, "call": call, "sizes": [len(b) for b in blobs]}).encode()
         req, blobs = {"header": len(header)}, (header, *blobs)  # (the worker reads the line a byte at a time)
         key = (limits.disk_mb, limits.memory_mb, limits.nproc)
         t0 = time.monotonic()
@@ -476,42 +500,44 @@ def _kill_uid(uid: int) -> None:
 
 class ProcessSandbox:
     """rlimits, a clean environment and a private temp dir; NOT isolation (network, the file
-    system and other processes stay reachable). As root the program runs as a slot uid."""
+    system and other processes stay reachable). Root only: the program runs as a slot uid, and
+    whatever it leaves running is killed by that uid."""
 
     name = "process"
     _warned = False
 
     def __init__(self, workers: int | None = None):
+        if os.geteuid() != 0:
+            raise SandboxUnavailable(
+                f"process backend needs root: as uid {os.geteuid()} a program would share the judge's uid, so it "
+                "could read the judge's memory (the tests) and leave processes running; use bwrap "
+                "(apt-get install bubblewrap) or docker")
         if not ProcessSandbox._warned:
             warnings.warn("sandbox backend 'process' is not isolation: programs can reach the network and "
                           "the file system; use bwrap or docker for untrusted code", stacklevel=2)
             ProcessSandbox._warned = True
-        self.slots = _Slots(COLD_UIDS) if os.geteuid() == 0 else None
+        self.slots = _Slots(COLD_UIDS)
 
     def run(self, program: str, stdin: str = "", limits: Limits | None = None) -> ExecResult:
         import tempfile
 
         limits = limits or Limits()
-        uid = self.slots.take() if self.slots else None
+        uid = self.slots.take()
         d = tempfile.mkdtemp(prefix="agentopd-")
         try:
             with open(os.path.join(d, "main.py"), "w", encoding="utf-8") as f:
                 f.write(program)
-            if uid is not None:
-                os.chown(d, uid, uid)
+            os.chown(d, uid, uid)
             res = _spawn_and_collect([PYTHON, "-E", "-s", "-S", "-B", "main.py"], stdin_data=stdin, limits=limits,
                                      uid=uid, cwd=d)
-            if uid is not None:  # a straggler that setsid()'d away still runs as this uid: end it
-                _kill_uid(uid)
+            _kill_uid(uid)  # a straggler that setsid()'d away still runs as this uid: end it
             return res
         finally:
             shutil.rmtree(d, ignore_errors=True)
-            if uid is not None:
-                self.slots.give(uid)
+            self.slots.give(uid)
 
     def close(self):
-        if self.slots:
-            self.slots.release()
+        self.slots.release()
 
 
 # ------------------------------------------------------------------------------ choosing one

@@ -1,15 +1,18 @@
 """Call-style tests in two processes: a driver that holds the tests and a candidate that holds the
-program; stdlib only, run as the program of one sandbox run (its stdin: a framed request).
+program; stdlib only.
 
-The driver reads the program (the first frame of stdin), makes itself non-dumpable (no ptrace,
-no ``/proc/<pid>/{mem,fd}`` for the candidate) and forks the candidate, which keeps nothing of
-the driver's but two pipes: calls in, replies out (its stdin, stdout and stderr are /dev/null).
-Only then does the driver read the tests (the rest of stdin). It runs them in its own
-namespace, where a name the tests do not define (the entry point, a helper of the prompt) is a
-proxy that calls the candidate: arguments and return values cross as data (a tagged JSON of
-builtin values), so a rigged ``__eq__`` cannot cross, and the comparisons are the driver's. The
-driver alone writes results, one JSON line each, to the run's stdout, which the candidate does
-not hold: nothing it prints, patches or finds in its memory or files reaches them.
+On its own (``main``: a cold run's program, its stdin a framed request), the driver reads the
+program (the first frame of stdin), makes itself non-dumpable (no ptrace, no
+``/proc/<pid>/{mem,fd}`` for the candidate) and forks the candidate, which keeps nothing of the
+driver's but two pipes: calls in, replies out (its stdin, stdout and stderr are /dev/null). Only
+then does the driver read the tests (the rest of stdin). In a warm worker (``drive``), the
+driver is the worker's long-lived, non-dumpable helper and the candidate a child forked from the
+worker, which never held the tests (agentopd/sandbox/zygote.py). Either way the driver runs the
+tests in its own namespace, where a name the tests do not define (the entry point, a helper of
+the prompt) is a proxy that calls the candidate: arguments and return values cross as data (a
+tagged JSON of builtin values), so a rigged ``__eq__`` cannot cross, and the comparisons are the
+driver's. The driver alone writes results, one JSON line each, to the run's stdout, which the
+candidate does not hold: nothing it prints, patches or finds in its memory or files reaches them.
 """
 # ruff: noqa: S102, S110, BLE001 -- it runs programs and tests: every failure of theirs is a result
 import builtins
@@ -209,6 +212,9 @@ class Link:
         return json.loads(line)
 
     def _ended(self):
+        if self.pid is None:  # (a warm worker forked the candidate: its exit status is not ours)
+            self.gone = "the program's process ended"
+            return ProgramGone(self.gone)
         _, status = os.waitpid(self.pid, 0)
         code = os.waitstatus_to_exitcode(status)
         self.gone = (f"the program exited (exit code {code})" if code >= 0
@@ -329,6 +335,18 @@ def _status(e):
     return "runtime_error"
 
 
+_COMPILED: dict = {}  # test source -> code: a warm worker's helper judges the same tests many times
+
+
+def _compiled(test):
+    code = _COMPILED.get(test)
+    if code is None:
+        if len(_COMPILED) >= 4096:
+            _COMPILED.clear()
+        code = _COMPILED[test] = compile(test, "<test>", "exec")
+    return code
+
+
 def run_tests(link, tests, setup):
     g = TestGlobals(link)
     try:
@@ -338,7 +356,7 @@ def run_tests(link, tests, setup):
         return _emit("unsupported", f"the test setup failed in the driver: {': '.join(_err(e))}")
     for i, test in enumerate(tests):
         try:
-            exec(compile(test, "<test>", "exec"), g)
+            exec(_compiled(test), g)
             _emit("test", i, "ok", "")
         except Unsendable as e:
             return _emit("unsupported", str(e))
@@ -380,7 +398,16 @@ def _frame(fd):
     return json.loads(data)
 
 
+def _judge(link, read_tests):
+    failed = link.loaded()
+    if failed:
+        return _emit("load_error", *failed)
+    tests = read_tests()  # only now: the candidate is forked and cut off from this process
+    run_tests(link, tests["tests"], tests.get("setup", ""))
+
+
 def main():
+    """A run of its own (the cold backends): the program, then the tests, on stdin."""
     _nondumpable()
     sys.path[:] = [p for p in sys.path[1:] if p]  # never import from the (writable) script directory
     program = _frame(0)
@@ -396,13 +423,18 @@ def main():
             os._exit(0)
     os.close(cmd_r)
     os.close(rep_w)
-    link = Link(cmd_w, rep_r, pid)
-    failed = link.loaded()
-    if failed:
-        return _emit("load_error", *failed)
-    tests = _frame(0)  # only now: the candidate is forked and cut off from this process
-    run_tests(link, tests["tests"], tests.get("setup", ""))
+    _judge(Link(cmd_w, rep_r, pid), lambda: _frame(0))
     os.kill(pid, 9)  # not waited for: whoever runs this (a warm worker, a sandbox's end) reaps it
+
+
+def drive(cmd_fd, rep_fd, tests_fd):
+    """A warm worker's run, in its helper: the candidate (another child of the worker, forked
+    before the request came) at the other end of the pipes; the tests, a JSON object, read from
+    ``tests_fd`` to its end; the results on stdout."""
+    data = b""
+    while chunk := os.read(tests_fd, 1 << 16):
+        data += chunk
+    _judge(Link(cmd_fd, rep_fd, None), lambda: json.loads(data))
 
 
 def program() -> str:
