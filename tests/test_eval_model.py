@@ -300,3 +300,23 @@ def test_a_resumed_eval_equals_an_uninterrupted_one(tmp_path):
     results.write_text("".join(x + "\n" for i, x in enumerate(lines) if i not in (1, 5, 6, 13)))
     eval_model(_hf_config(tmp_path / "cut", 3), engine=engine, judge=TextJudge())
     assert rows_by_key(results) == want
+
+
+def test_an_engine_without_per_sample_seeds_is_warned_about(tmp_path):
+    """A user's engine whose ``generate`` takes no ``seeds``: the run goes on with one seed per call,
+    and a warning says a resumed run may differ."""
+    from seeded_runs import TextJudge
+
+    from agentopd.eval.model import build_engine, eval_model
+
+    hf = build_engine(_hf_config(tmp_path, 1).engine, 7)
+
+    class OldEngine:
+        tokenizer = hf.tokenizer
+
+        def generate(self, prompt_ids, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop=None, seed=None):
+            return hf.generate(prompt_ids, n, max_new_tokens, temperature, top_p, stop, seed)
+
+    with pytest.warns(UserWarning, match="takes no per-sample seeds"):
+        report = eval_model(_hf_config(tmp_path / "old", 5), engine=OldEngine(), judge=TextJudge())
+    assert report["samples"] == 15

@@ -364,7 +364,8 @@ def play(run: Session, cfg, problems: list, n: int, max_turns: int = 1, public_t
     venv = JudgedVectorEnv(JudgedEnv(problems, run.judge, max_turns, public_tests=public_tests), len(problems) * n,
                            owner=False)
     seeds = [derive_seed(s.seed, p.id, i) for p in problems for i in run.todo[p.id]]
-    return rollout(run.engine, getattr(run.engine, "tokenizer", None), venv, group_size=n, seed=s.seed,
+    # (``seed``: for an engine without per-sample seeds, a function of the call's first sample)
+    return rollout(run.engine, getattr(run.engine, "tokenizer", None), venv, group_size=n, seed=seeds[0],
                    sample_seeds=seeds, index=[i for i in range(len(problems)) for _ in range(n)], max_turns=max_turns,
                    sampling=Sampling(s.max_new_tokens, s.temperature, s.top_p, s.stop or None),
                    feedback=feedback or DEFAULT_FEEDBACK, template=cfg.data.template,
