@@ -45,7 +45,7 @@ class EngineConfig:
     """hf: sequences sampled together."""
     kwargs: dict = field(default_factory=dict)
     """More engine arguments (vllm: vllm.LLM's, e.g. gpu_memory_utilization; openai: logprobs,
-    extra_body)."""
+    extra_body, seed_per_sample: one request per sample, each with its own seed)."""
 
 
 @dataclass
