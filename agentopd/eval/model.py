@@ -195,6 +195,7 @@ def run_identity(cfg) -> dict:
     d["data"].pop("backend")
     d["sampling"].pop("n")
     d.pop("eval")
+    d["seeding"] = "per (problem, sample)"  # how samples are seeded: results of the older per-chunk seeds are refused
     return d
 
 
