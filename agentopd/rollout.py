@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from agentopd.inference.base import apply_chat, sample_chat, sample_text
+from agentopd.inference.base import apply_chat, derive_seed, sample_chat, sample_text
 from agentopd.types import Episode, Judgement, Turn, Verdict
 
 DEFAULT_FEEDBACK = ("Your answer was checked and it is not correct yet.\n\nFeedback:\n{critique}\n\n"
@@ -79,6 +79,17 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
+def _takes(fn, name: str) -> bool:
+    """Whether ``fn`` takes the keyword argument ``name`` (or any, ``**kw``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
 class _Generate:
     """One engine, shared by the threads of :func:`rollout_chunks` (one call at a time)."""
 
@@ -91,6 +102,9 @@ class _Generate:
         self.completion = completion
         # a server engine works on messages (or text): no token ids
         self.chat = hasattr(engine, "generate_chat") or hasattr(engine, "generate_text") or tokenizer is None
+        method = getattr(engine, ("generate_text" if completion else "generate_chat") if self.chat else "generate",
+                         getattr(engine, "generate", None))
+        self.takes_seeds = _takes(method, "seeds")
 
     def first_prompt(self, messages: list[dict]):
         text = messages[0]["content"]
@@ -98,9 +112,16 @@ class _Generate:
             return text if self.chat else self.tok.encode(text)
         return messages if self.chat else apply_chat(self.tok, messages)
 
-    def __call__(self, prompts: list, n: int, seed: int) -> list:
+    def __call__(self, prompts: list, n: int, seed: int, seeds: list[int] | None = None) -> list:
+        """``n`` samples of each prompt; ``seeds``: one per sample (the engine's ``seeds``)."""
+        if seeds and not self.takes_seeds:
+            import warnings
+
+            warnings.warn(f"{type(self.engine).__name__}.generate takes no per-sample seeds: samples depend on "
+                          "the call they are in (a resumed evaluation may differ)", stacklevel=2)
+            seeds = None
         kw = dict(n=n, max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature, top_p=self.s.top_p,
-                  seed=seed, **({"stop": self.s.stop} if self.s.stop else {}))
+                  seed=seed, **({"stop": self.s.stop} if self.s.stop else {}), **({"seeds": seeds} if seeds else {}))
         with self.lock, self.context():  # (autocast is per thread: entered here, in the calling thread)
             t0 = time.perf_counter()
             if self.chat:
@@ -113,18 +134,24 @@ class _Generate:
         return got
 
 
-def _first_turn(gen: _Generate, episodes: list[Episode], prompts: list, group_size: int, seed: int) -> list:
+def _first_turn(gen: _Generate, episodes: list[Episode], prompts: list, group_size: int, seed: int,
+                sample_seeds: list[int] | None) -> list:
     """Turn 1: each group's prompt sampled ``group_size`` times in one call (as plain sampling does)."""
     heads = list(range(0, len(episodes), group_size))
-    got = gen([prompts[h] for h in heads], group_size, seed)
+    got = gen([prompts[h] for h in heads], group_size, seed, sample_seeds)
     return [g for gs in got for g in gs]
+
+
+def _turn_seeds(sample_seeds: list[int] | None, active: list[int], turn: int) -> list[int] | None:
+    """The seeds of the active slots' samples at a later turn: each slot's seed and the turn."""
+    return None if sample_seeds is None else [derive_seed(sample_seeds[i], turn) for i in active]
 
 
 def rollout(engine, tokenizer, venv, *, group_size: int = 1, sampling: Sampling | None = None, seed: int = 0,
             index: list[int] | None = None, seeds: list[int] | None = None, max_turns: int = 64,
             feedback: str = DEFAULT_FEEDBACK, timing: Timing | None = None, lock=None, context=None,
-            started: threading.Event | None = None, template: str = "{prompt}", completion: bool = False
-            ) -> list[Episode]:
+            started: threading.Event | None = None, template: str = "{prompt}", completion: bool = False,
+            sample_seeds: list[int] | None = None) -> list[Episode]:
     """Play one episode per slot of ``venv`` to its end; slots ``k*group_size ..`` form group ``k``
     and must start on the same problem (``index``: each slot's problem, for envs that pick by index;
     else ``seeds``: each slot's reset seed). ``feedback``: the user message after a failed turn
@@ -132,7 +159,10 @@ def rollout(engine, tokenizer, venv, *, group_size: int = 1, sampling: Sampling 
     ``tokenizer``) or a server engine (``generate_chat``). ``context``: a factory of the context each
     engine call runs in (e.g. autocast); ``started``: an event set once the first turn generated.
     ``template``: the first user message (``{prompt}``: the env's first observation); ``completion``:
-    the template's text is continued as raw text instead (no chat template; one turn)."""
+    the template's text is continued as raw text instead (no chat template; one turn).
+    ``sample_seeds``: one per slot; each slot's samples (every turn) are then drawn from its own seed
+    alone (the engine's per-sample ``seeds``), not from ``seed``: the same whichever slots share the
+    call (a resumed evaluation samples what an uninterrupted one did)."""
     timing = timing or Timing()
     s = sampling or Sampling()
     gen = _Generate(engine, tokenizer, s, timing, lock, context, started, completion)
@@ -145,8 +175,9 @@ def rollout(engine, tokenizer, venv, *, group_size: int = 1, sampling: Sampling 
     max_turns = 1 if completion else max_turns
     active = list(range(N))
     for turn in range(max_turns):
-        gens = (_first_turn(gen, episodes, prompts, group_size, seed) if turn == 0 else
-                [g[0] for g in gen([prompts[i] for i in active], 1, seed + 7919 * turn)])
+        gens = (_first_turn(gen, episodes, prompts, group_size, seed, sample_seeds) if turn == 0 else
+                [g[0] for g in gen([prompts[i] for i in active], 1, seed + 7919 * turn,
+                                   _turn_seeds(sample_seeds, active, turn))])
         actions = [""] * N
         for i, g in zip(active, gens):
             g.text = actions[i] = cut_at_stop(g.text, s.stop or [])

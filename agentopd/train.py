@@ -314,23 +314,59 @@ def _needs(module: str, option: str, package: str):
         raise ConfigError(f"{option} needs the {package} package: pip install {package}") from None
 
 
-def _metric_sinks(cfg: TrainConfig) -> list:
-    """``(log(row), close())`` for each place besides metrics.jsonl that the metrics rows go to."""
-    sinks = []
-    if cfg.run.tensorboard:
-        tb = _needs("torch.utils.tensorboard", "run.tensorboard", "tensorboard").SummaryWriter(
-            os.path.join(cfg.run.out, "tb"))
+def _metric_sinks(cfg: TrainConfig):
+    """The places besides metrics.jsonl that the metrics rows go to, their packages checked now (a
+    ConfigError before the model loads): ``open(start)`` gives ``[(log(row), close())]`` once the
+    step the run starts from is known. On resume the steps after ``start`` are redone, so
+    TensorBoard hides its events from step ``start + 1`` on and wandb goes on with the same run."""
+    tb = _needs("torch.utils.tensorboard", "run.tensorboard", "tensorboard") if cfg.run.tensorboard else None
+    wandb = _needs("wandb", "run.wandb", "wandb") if cfg.run.wandb else None
 
-        def log_tb(row):
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    tb.add_scalar(k, v, row["step"])
-        sinks.append((log_tb, tb.close))
-    if cfg.run.wandb:
-        wandb = _needs("wandb", "run.wandb", "wandb")
-        run = wandb.init(project=cfg.run.wandb, config=dataclasses.asdict(cfg), dir=cfg.run.out)
-        sinks.append((lambda row: run.log(row, step=row["step"]), run.finish))
-    return sinks
+    def open_(start: int) -> list:
+        return ([_tensorboard_sink(tb, cfg, start)] if tb else []) + ([_wandb_sink(wandb, cfg, start)] if wandb else [])
+    return open_
+
+
+def _tensorboard_sink(tb, cfg: TrainConfig, start: int):
+    """``SummaryWriter(purge_step=...)``: with ``run.resume``, the events at steps the run redoes
+    (after ``start``; all of them, step 0's held-out row too, when it starts over) are hidden."""
+    purge = (start + 1 if start else 0) if cfg.run.resume else None
+    writer = tb.SummaryWriter(os.path.join(cfg.run.out, "tb"), purge_step=purge)
+
+    def log_tb(row):
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                writer.add_scalar(k, v, row["step"])
+    return log_tb, writer.close
+
+
+def _wandb_sink(wandb, cfg: TrainConfig, start: int):
+    """A wandb run whose id and last logged step are kept in ``run.out/wandb.json``: a run resumed
+    from a checkpoint (``start > 0``) goes on with the same wandb run (``resume="allow"``) and logs
+    only the steps after the last one it logged (wandb cannot take a step back; the redone steps'
+    rows are those of the run that was cut, as resume is exact); otherwise a new wandb run."""
+    import uuid
+
+    path = os.path.join(cfg.run.out, "wandb.json")
+    state = {"id": uuid.uuid4().hex[:16], "step": -1}
+    if cfg.run.resume and start and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            state.update(json.load(f))
+
+    def save():
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(state, f)
+
+    save()
+    run = wandb.init(project=cfg.run.wandb, config=dataclasses.asdict(cfg), dir=cfg.run.out, id=state["id"],
+                     resume="allow")
+
+    def log_wandb(row):
+        if row["step"] > state["step"]:
+            run.log(row, step=row["step"])
+            state["step"] = row["step"]
+            save()
+    return log_wandb, run.finish
 
 
 def _engine(cfg: TrainConfig):
@@ -542,7 +578,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     _check_algo(cfg)
     distributed.setup(cfg)  # torchrun: the process group; progress off on ranks > 0
     os.makedirs(cfg.run.out, exist_ok=True)
-    sinks = _metric_sinks(cfg) if distributed.is_main() else []
+    open_sinks = _metric_sinks(cfg) if distributed.is_main() else (lambda start: [])
     k = _setup(cfg, engine, judge)
     shared = getattr(getattr(k.venvs[0], "env", None), "judge", None)  # judging overlaps generation: its workers
     configure_torch(getattr(shared, "workers", 1) if cfg.sampling.generate_chunk else 0)  # agentopd.threads
@@ -550,6 +586,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     start, data_pos = _resume(cfg, ckpt_dir, k.model, k.opt, k.teacher, next(k.model.parameters()).device)
     if start and hasattr(k.engine, "sync"):  # vllm: the resumed weights
         k.engine.sync(k.model)
+    sinks = open_sinks(start)
     rows = []
 
     def log(row: dict) -> None:

@@ -290,3 +290,38 @@ def test_generate_matches_the_reference_loop(tiny, prompts, seed):
             if setting == dict(stop=stops) and eos == {tok.eos_token_id}:  # the samples of ``free``
                 assert sum(g.finish_reason == "stop" for gs in got for g in gs) >= 1
     eng.eos_ids = {tok.eos_token_id}
+
+
+def test_per_sample_seeds_make_a_sample_independent_of_its_batch(tiny, prompts):
+    """``seeds`` (one per sample): a sample's ids depend on its seed and prompt only, not on the
+    prompts sharing its batch, the batch size or its place in the call; its log-probs stay those of
+    the distribution it was drawn from (a fresh rescoring), with temperature and top-p too."""
+    model, tok = tiny
+    short, long = prompts
+    for setting in (dict(), dict(temperature=0.7, top_p=0.9)):
+        alone = HFEngine(model, tok).generate([short], n=2, max_new_tokens=16, seeds=[5, 6], **setting)[0]
+        mixed = HFEngine(model, tok, batch_size=3).generate([long, short[:7], short], n=2, max_new_tokens=16,
+                                                            seeds=[1, 2, 3, 4, 5, 6], **setting)[2]
+        assert [g.response_ids for g in alone] == [g.response_ids for g in mixed], setting
+        assert alone[0].response_ids != alone[1].response_ids
+        for a, b in zip(alone, mixed):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+    g = alone[0]  # T = 0.7, top-p 0.9: each id was inside the nucleus, its log-prob the renormalized one
+    logp_TV = (plain_logprobs_TV(model, short + g.response_ids)[len(short) - 1:-1] / 0.7).log_softmax(-1)
+    assert all(lp <= 0 for lp in g.logprobs)
+    assert all(logp_TV[t, i] <= lp + 1e-4 for t, (i, lp) in enumerate(zip(g.response_ids, g.logprobs)))
+    with pytest.raises(ValueError, match="one per sample"):
+        HFEngine(model, tok).generate([short], n=2, max_new_tokens=4, seeds=[1])
+
+
+def test_per_sample_seeds_draw_from_the_model_distribution(tiny, prompts):
+    """Gumbel-max with per-sample generators samples the same distribution as multinomial: the
+    first token's empirical frequencies over many seeds match its probabilities."""
+    model, tok = tiny
+    short, _ = prompts
+    p_V = plain_logprobs_TV(model, short)[-1].exp()
+    N = 400
+    got = HFEngine(model, tok, batch_size=N).generate([short], n=N, max_new_tokens=1, seeds=list(range(N)))[0]
+    freq_V = torch.bincount(torch.tensor([g.response_ids[0] for g in got]), minlength=p_V.numel()).float() / N
+    top = p_V.topk(3).indices
+    assert (freq_V[top] - p_V[top]).abs().max() < 0.08, (freq_V[top], p_V[top])

@@ -132,6 +132,28 @@ def test_a_server_that_ignores_n_is_asked_for_the_rest(serve):
     assert len({r["body"]["seed"] for r in s.requests}) == 3  # each round its own seed
 
 
+def test_per_sample_seeds_make_the_same_request_for_the_same_samples(serve):
+    """``seeds``: a prompt's request for its samples is seeded from those samples' seeds, not from
+    the other prompts of the call or their order; ``seed_per_sample``: one request per sample, each
+    sending its own seed."""
+    from agentopd.inference.base import derive_seed
+
+    s = serve(lambda body, i: [f"x{k}" for k in range(body["n"])])
+    e = openai(s)
+    e.generate_chat(CONVS, n=2, seeds=[11, 12, 21, 22])
+    e.generate_chat(CONVS[1:], n=2, seeds=[21, 22])
+    seed_of = lambda r: (messages_text(r["body"]), r["body"]["seed"], r["body"]["n"])  # noqa: E731
+    first, again = sorted(map(seed_of, s.requests[:2])), seed_of(s.requests[2])
+    assert again in first and {x[1] for x in first} == {derive_seed(11, 12), derive_seed(21, 22)}
+    with pytest.raises(ValueError, match="one per sample"):
+        e.generate_chat(CONVS, n=2, seeds=[1, 2])
+    s.requests.clear()
+    out = openai(s, seed_per_sample=True).generate_chat(CONVS, n=2, seeds=[11, 12, 21, 22])
+    assert [[g.text for g in gs] for gs in out] == [["x0", "x0"], ["x0", "x0"]]
+    assert sorted((messages_text(r["body"]), r["body"]["seed"], r["body"]["n"]) for r in s.requests) == sorted(
+        (messages_text({"messages": c}), sd, 1) for c, sds in zip(CONVS, ([11, 12], [21, 22])) for sd in sds)
+
+
 def test_slow_reply_past_the_timeout_then_retry_succeeds(serve):
     s = serve([("slow", 3 * TIMEOUT, "too late"), "in time"])
     t0 = time.monotonic()

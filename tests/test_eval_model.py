@@ -262,3 +262,61 @@ def test_a_torn_last_line_is_dropped_and_redone(tmp_path, serve):
     assert len(s.requests) == 3 and s.requests[-1]["body"]["n"] == 1  # only the torn sample again
     assert json.loads(r.stdout) == report
     assert len(results.read_text().splitlines()) == 6
+
+
+# ------------------------------------------------------------------ resume is exact
+
+
+def _hf_config(out, chunk: int):
+    from agentopd.config import build
+    from agentopd.eval.model import EvalConfig
+
+    return build(EvalConfig, {"engine": {"name": "hf", "model": "tiny", "device": "cpu", "batch_size": 4},
+                              "data": {"env": "math", "problems": "arithmetic", "n": 5, "levels": [1]},
+                              "sampling": {"n": 3, "max_new_tokens": 12, "temperature": 1.0, "seed": 7},
+                              "eval": {"k": [1, 2, 3], "out": str(out), "chunk": chunk, "progress": False}})
+
+
+def test_a_resumed_eval_equals_an_uninterrupted_one(tmp_path):
+    """Samples are a function of (seed, problem, sample index) alone: a run stopped after its first
+    chunk (chunk 1) and resumed with another chunk size, and one whose results lost single samples,
+    give the same completions and pass@k as one uninterrupted run (chunk 5)."""
+    from seeded_runs import Interrupted, StopOnCall, TextJudge, rows_by_key
+
+    from agentopd.eval.model import build_engine, eval_model
+
+    engine = build_engine(_hf_config(tmp_path, 1).engine, 7)
+    whole = eval_model(_hf_config(tmp_path / "whole", 5), engine=engine, judge=TextJudge())
+    want = rows_by_key(whole["results"])
+    assert 0 < whole["pass@1"] < 1 and len({r["completion"] for r in want.values()}) > 5
+    with pytest.raises(Interrupted):
+        eval_model(_hf_config(tmp_path / "cut", 1), engine=StopOnCall(engine, 2), judge=TextJudge())
+    assert len(rows_by_key(tmp_path / "cut" / "results.jsonl")) == 3  # the first chunk only
+    again = eval_model(_hf_config(tmp_path / "cut", 2), engine=engine, judge=TextJudge())
+    assert rows_by_key(again["results"]) == want
+    assert {k: again[k] for k in ("pass@1", "pass@2", "pass@3")} == {k: whole[k] for k in ("pass@1", "pass@2", "pass@3")}
+    results = tmp_path / "cut" / "results.jsonl"  # single samples lost: redone alone, the same draws
+    lines = results.read_text().splitlines()
+    results.write_text("".join(x + "\n" for i, x in enumerate(lines) if i not in (1, 5, 6, 13)))
+    eval_model(_hf_config(tmp_path / "cut", 3), engine=engine, judge=TextJudge())
+    assert rows_by_key(results) == want
+
+
+def test_an_engine_without_per_sample_seeds_is_warned_about(tmp_path):
+    """A user's engine whose ``generate`` takes no ``seeds``: the run goes on with one seed per call,
+    and a warning says a resumed run may differ."""
+    from seeded_runs import TextJudge
+
+    from agentopd.eval.model import build_engine, eval_model
+
+    hf = build_engine(_hf_config(tmp_path, 1).engine, 7)
+
+    class OldEngine:
+        tokenizer = hf.tokenizer
+
+        def generate(self, prompt_ids, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop=None, seed=None):
+            return hf.generate(prompt_ids, n, max_new_tokens, temperature, top_p, stop, seed)
+
+    with pytest.warns(UserWarning, match="takes no per-sample seeds"):
+        report = eval_model(_hf_config(tmp_path / "old", 5), engine=OldEngine(), judge=TextJudge())
+    assert report["samples"] == 15

@@ -222,3 +222,33 @@ def test_micro_rlef_config_runs_on_cpu(tmp_path, micro_dir):
     assert "pass rate after turn 1" in r.stderr
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(1 <= row["turns"] <= 3 for row in rows)
+
+
+# ------------------------------------------------------------------ resume is exact
+
+
+def _hf_config(out, chunk: int) -> RLEFConfig:
+    return build(RLEFConfig, {"engine": {"name": "hf", "model": "tiny", "device": "cpu", "batch_size": 4},
+                              "data": {"env": "math", "problems": "arithmetic", "n": 4, "levels": [1]},
+                              "sampling": {"n": 2, "max_new_tokens": 10, "seed": 3}, "rlef": {"turns": 3},
+                              "eval": {"k": [1, 2], "out": str(out), "chunk": chunk, "progress": False}})
+
+
+def test_a_resumed_rlef_equals_an_uninterrupted_one(tmp_path):
+    """Every turn's sample is a function of (seed, problem, attempt, turn): an RLEF run stopped after
+    its first chunk and resumed with another chunk size gives the same transcripts and n@k as one
+    uninterrupted run."""
+    from seeded_runs import Interrupted, StopOnCall, TextJudge, rows_by_key
+
+    from agentopd.eval.model import build_engine
+
+    engine = build_engine(_hf_config(tmp_path, 1).engine, 3)
+    whole = rlef(_hf_config(tmp_path / "whole", 4), engine=engine, judge=TextJudge())
+    want = rows_by_key(whole["results"])
+    assert whole["mean_turns"] > 1 and len({r["completion"] for r in want.values()}) > 4
+    with pytest.raises(Interrupted):  # turn 1 of chunk 2 (chunk 1 took turns 1-3)
+        rlef(_hf_config(tmp_path / "cut", 1), engine=StopOnCall(engine, 4), judge=TextJudge())
+    assert 0 < len(rows_by_key(tmp_path / "cut" / "results.jsonl")) < 8
+    again = rlef(_hf_config(tmp_path / "cut", 3), engine=engine, judge=TextJudge())
+    assert rows_by_key(again["results"]) == want
+    assert {k: again[k] for k in ("1@3", "2@6", "pass_after_turn")} == {k: whole[k] for k in ("1@3", "2@6", "pass_after_turn")}

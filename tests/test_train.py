@@ -614,3 +614,89 @@ def test_a_bad_problems_file_fails_before_the_model_loads(tmp_path):
     with pytest.raises(DataError, match=r"held.jsonl: no such file"):
         train(_cfg(tmp_path / "run", "data.problems=arithmetic", f"data.heldout={tmp_path / 'held.jsonl'}",
                    "run.eval_problems=2", f"model.path={missing}"))
+
+
+# ------------------------------------------------- TensorBoard and wandb on resume
+
+
+class _FakeTB:
+    """``torch.utils.tensorboard`` as far as train uses it, with TensorBoard's rule for
+    ``purge_step``: a writer opened with it hides the events at that step and after."""
+    events: list = []  # (tag, value, step), what TensorBoard would show
+    opened: list = []  # purge_step of each writer
+
+    class SummaryWriter:
+        def __init__(self, logdir, purge_step=None):
+            _FakeTB.opened.append(purge_step)
+            if purge_step is not None:
+                _FakeTB.events[:] = [e for e in _FakeTB.events if e[2] < purge_step]
+
+        def add_scalar(self, tag, value, step):
+            _FakeTB.events.append((tag, value, step))
+
+        def close(self):
+            pass
+
+
+class _FakeWandb:
+    """``wandb`` as far as train uses it, with wandb's rules: ``init(id=, resume="allow")`` goes on
+    with that run; a step below the run's last one is an error here (wandb drops it with a warning)."""
+    runs: dict = {}  # id -> [(step, row)]
+    inits: list = []
+
+    class Run:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def log(self, row, step):
+            assert not self.rows or step > self.rows[-1][0], f"step {step} after {self.rows[-1][0]}"
+            self.rows.append((step, dict(row)))
+
+        def finish(self):
+            pass
+
+    @staticmethod
+    def init(project, config, dir, id, resume):
+        _FakeWandb.inits.append((id, resume))
+        return _FakeWandb.Run(_FakeWandb.runs.setdefault(id, []))
+
+
+def test_resume_logs_each_step_once_to_tensorboard_and_wandb(tmp_path, monkeypatch):
+    """A crash after step 4's row (its checkpoint lost): the resumed run's TensorBoard purges from
+    step 3 on (the steps it redoes), wandb goes on with the same run and logs the steps after its
+    last one; each shows steps 1-4 once."""
+    import shutil
+
+    import agentopd.train as train_module
+
+    fakes = {"torch.utils.tensorboard": _FakeTB, "wandb": _FakeWandb}  # (not in sys.modules: others look there)
+    monkeypatch.setattr(train_module, "_needs", lambda module, option, package: fakes[module])
+    common = ["run.steps=4", "run.checkpoint_every=2", "run.tensorboard=true", "run.wandb=agentopd-test"]
+    train(_cfg(tmp_path, *common))
+    shutil.rmtree(tmp_path / "checkpoints" / "step-4")
+    shutil.rmtree(tmp_path / "final")
+    rows = train(_cfg(tmp_path, *common, "run.resume=true"))
+    assert [r["step"] for r in rows] == [3, 4]
+    assert _FakeTB.opened == [None, 3]
+    assert sorted(s for tag, _, s in _FakeTB.events if tag == "loss") == [1, 2, 3, 4]
+    (id1, _), (id2, resume) = _FakeWandb.inits
+    assert id1 == id2 and resume == "allow"
+    assert [s for s, _ in _FakeWandb.runs[id1]] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "wandb.json").read_text()) == {"id": id1, "step": 4}
+
+
+def test_resume_purges_the_redone_steps_in_real_tensorboard_events(tmp_path):
+    """The same with TensorBoard itself: its event reader shows each step once."""
+    import shutil
+
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ["run.steps=4", "run.checkpoint_every=2", "run.tensorboard=true"]
+    train(_cfg(tmp_path, *common))
+    shutil.rmtree(tmp_path / "checkpoints" / "step-4")
+    shutil.rmtree(tmp_path / "final")
+    train(_cfg(tmp_path, *common, "run.resume=true"))
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]

@@ -45,7 +45,7 @@ class EngineConfig:
     """hf: sequences sampled together."""
     kwargs: dict = field(default_factory=dict)
     """More engine arguments (vllm: vllm.LLM's, e.g. gpu_memory_utilization; openai: logprobs,
-    extra_body)."""
+    extra_body, seed_per_sample: one request per sample, each with its own seed)."""
 
 
 @dataclass
@@ -195,6 +195,7 @@ def run_identity(cfg) -> dict:
     d["data"].pop("backend")
     d["sampling"].pop("n")
     d.pop("eval")
+    d["seeding"] = "per (problem, sample)"  # how samples are seeded: results of the older per-chunk seeds are refused
     return d
 
 
@@ -350,18 +351,23 @@ def outcome(row: dict) -> tuple[str, str]:
 # ------------------------------------------------------------------------------ eval model
 
 
-def play(run: Session, cfg, problems: list, n: int, seed: int, max_turns: int = 1, public_tests: int = 0,
+def play(run: Session, cfg, problems: list, n: int, max_turns: int = 1, public_tests: int = 0,
          feedback: str | None = None) -> list:
-    """``n`` episodes of each of ``problems`` through :func:`agentopd.rollout.rollout` (problem-major),
-    with the session's engine and judge."""
+    """The ``n`` samples still to do (``run.todo``) of each of ``problems`` through
+    :func:`agentopd.rollout.rollout` (problem-major), with the session's engine and judge. Sample
+    ``i`` of problem ``p`` is drawn from the seed ``derive_seed(sampling.seed, p.id, i)`` alone:
+    the same numbers whatever the chunking, the batch or the resume."""
     from agentopd.envs.base import JudgedEnv, JudgedVectorEnv
+    from agentopd.inference.base import derive_seed
     from agentopd.rollout import DEFAULT_FEEDBACK, Sampling, rollout
 
     s = cfg.sampling
     venv = JudgedVectorEnv(JudgedEnv(problems, run.judge, max_turns, public_tests=public_tests), len(problems) * n,
                            owner=False)
-    return rollout(run.engine, getattr(run.engine, "tokenizer", None), venv, group_size=n, seed=seed,
-                   index=[i for i in range(len(problems)) for _ in range(n)], max_turns=max_turns,
+    seeds = [derive_seed(s.seed, p.id, i) for p in problems for i in run.todo[p.id]]
+    # (``seed``: for an engine without per-sample seeds, a function of the call's first sample)
+    return rollout(run.engine, getattr(run.engine, "tokenizer", None), venv, group_size=n, seed=seeds[0],
+                   sample_seeds=seeds, index=[i for i in range(len(problems)) for _ in range(n)], max_turns=max_turns,
                    sampling=Sampling(s.max_new_tokens, s.temperature, s.top_p, s.stop or None),
                    feedback=feedback or DEFAULT_FEEDBACK, template=cfg.data.template,
                    completion=cfg.data.format == "completion")
@@ -374,10 +380,10 @@ def eval_model(cfg: EvalConfig, engine=None, judge=None) -> dict:
 
     s = cfg.sampling
     with session(cfg, engine, judge, "eval") as run:
-        for c, chunk in chunks(run.problems, run.todo, cfg.eval.chunk):
+        for _, chunk in chunks(run.problems, run.todo, cfg.eval.chunk):
             for count in sorted({len(run.todo[p.id]) for p in chunk}):  # one call per number of samples left
                 group = [p for p in chunk if len(run.todo[p.id]) == count]
-                episodes = play(run, cfg, group, count, s.seed * 1_000_003 + c)
+                episodes = play(run, cfg, group, count)
                 index = [(p, i) for p in group for i in run.todo[p.id]]
                 rows = [result_row({"task_id": p.id, "sample_index": i,
                                     "completion": completion_of(p, e.turns[-1].text, cfg.data.format),

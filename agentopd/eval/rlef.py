@@ -92,11 +92,10 @@ def rlef(cfg: RLEFConfig, engine=None, judge=None) -> dict:
         raise ConfigError("rlef.turns and rlef.public_tests must be at least 1")
     s = cfg.sampling
     with session(cfg, engine, judge, "rlef") as run:
-        for c, chunk in chunks(run.problems, run.todo, cfg.eval.chunk):
+        for _, chunk in chunks(run.problems, run.todo, cfg.eval.chunk):
             for count in sorted({len(run.todo[p.id]) for p in chunk}):  # one call per number of attempts left
                 group = [p for p in chunk if len(run.todo[p.id]) == count]
-                episodes = play(run, cfg, group, count, s.seed * 7919 + c, cfg.rlef.turns, cfg.rlef.public_tests,
-                                cfg.rlef.feedback)
+                episodes = play(run, cfg, group, count, cfg.rlef.turns, cfg.rlef.public_tests, cfg.rlef.feedback)
                 index = [(p, i) for p in group for i in run.todo[p.id]]
                 rows = [_row(p, i, e, cfg.data.format) for (p, i), e in zip(index, episodes)]
                 for r in rows:  # an attempt that ended early keeps its last answer for the later turns

@@ -8,6 +8,15 @@ from typing import Protocol
 from agentopd.types import Generation
 
 
+def derive_seed(*parts) -> int:
+    """A seed in ``[0, 2**31)`` that is a function of ``parts`` alone (their ``repr``s hashed; stable
+    across processes, unlike ``hash``): e.g. ``derive_seed(run_seed, problem_id, sample_index)``."""
+    import hashlib
+
+    digest = hashlib.blake2b("\x1f".join(map(repr, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF
+
+
 class EngineError(RuntimeError):
     """Sampling failed for good (e.g. a server still failing after its retries)."""
 
@@ -15,8 +24,10 @@ class EngineError(RuntimeError):
 class Engine(Protocol):
     def generate(self, prompt_ids: list[list[int]], n: int = 1, max_new_tokens: int = 256,
                  temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | None = None,
-                 seed: int | None = None) -> list[list[Generation]]:
-        """``n`` samples for each prompt: ``result[prompt][sample]``."""
+                 seed: int | None = None, seeds: list[int] | None = None) -> list[list[Generation]]:
+        """``n`` samples for each prompt: ``result[prompt][sample]``. ``seeds``: one per sample
+        (``seeds[prompt * n + sample]``), each sample a function of its seed and prompt only (not of
+        the other prompts in the call); else ``seed`` for the whole call."""
         ...
 
 
@@ -29,7 +40,8 @@ def apply_chat(tokenizer, messages: list[dict]) -> list[int]:
 
 def sample_chat(engine, conversations: list[list[dict]], **kw):
     """``n`` answers to each conversation (a list of ``{"role", "content"}`` messages). ``kw``: the
-    sampling arguments of ``Engine.generate`` (n, max_new_tokens, temperature, top_p, stop, seed)."""
+    sampling arguments of ``Engine.generate`` (n, max_new_tokens, temperature, top_p, stop, seed,
+    seeds)."""
     if hasattr(engine, "generate_chat"):
         return engine.generate_chat(conversations, **kw)
     from agentopd.inference.base import apply_chat

@@ -1,5 +1,11 @@
 """The ``hf`` engine: batched sampling with a transformers causal LM in this process, token ids and
-exact sampling log-probs out."""
+exact sampling log-probs out.
+
+``seeds`` (one per sample): each sample draws its randomness from its own ``torch.Generator``
+(Gumbel-max: the argmax of the log-probs plus that generator's Gumbel noise, an exact sample of the
+same distribution), so a sample depends on its seed and prompt only, never on which other prompts
+share its batch (a resumed evaluation samples what an uninterrupted one did). One ``seed`` for the
+whole call (training) keeps one generator and ``torch.multinomial``."""
 from __future__ import annotations
 
 import torch
@@ -16,6 +22,16 @@ def _top_p_filter(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
     drop_BV[:, 0] = False
     sorted_BV = sorted_BV.masked_fill(drop_BV, float("-inf"))
     return torch.full_like(logits_BV, float("-inf")).scatter(-1, order_BV, sorted_BV)
+
+
+def _draw(logp_BV: torch.Tensor, gen) -> torch.Tensor:
+    """One token per row from ``softmax(logp_BV)``: with one generator (or none) by
+    ``torch.multinomial``; with a list, row ``b`` by Gumbel-max on ``gen[b]``'s noise alone."""
+    if not isinstance(gen, list):
+        return torch.multinomial(logp_BV.exp(), 1, generator=gen).squeeze(-1)
+    V, dev = logp_BV.shape[-1], logp_BV.device
+    u_BV = torch.stack([torch.rand(V, generator=g, device=dev) for g in gen])
+    return (logp_BV - (-u_BV.log()).log()).argmax(-1)  # u = 0: noise -inf, never picked
 
 
 def _kv_cache(model) -> dict:
@@ -53,10 +69,15 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
 
     def generate(self, prompt_ids, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop=None,
-                 seed=None):
+                 seed=None, seeds=None):
+        """``seeds``: one per sample (``seeds[i * n + j]``: prompt ``i``'s sample ``j``), else ``seed``."""
         rows = [list(p) for p in prompt_ids for _ in range(n)]
         gen = None
-        if seed is not None:
+        if seeds is not None:
+            if len(seeds) != len(rows):
+                raise ValueError(f"seeds: one per sample ({len(rows)}), got {len(seeds)}")
+            gen = [torch.Generator(device=self.device).manual_seed(int(x)) for x in seeds]
+        elif seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
@@ -65,7 +86,8 @@ class HFEngine:
                 flat = []
                 for s in range(0, len(rows), self.batch_size):
                     flat += self._generate_batch(rows[s:s + self.batch_size], max_new_tokens,
-                                                 temperature, top_p, stop or [], gen)
+                                                 temperature, top_p, stop or [],
+                                                 gen[s:s + self.batch_size] if isinstance(gen, list) else gen)
         finally:
             self.model.train(was_training)
         return [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
@@ -80,7 +102,7 @@ class HFEngine:
         if top_p < 1.0:
             logits_BV = _top_p_filter(logits_BV, top_p)
         logp_BV = logits_BV.log_softmax(-1)
-        tok_B = torch.multinomial(logp_BV.exp(), 1, generator=gen).squeeze(-1)
+        tok_B = _draw(logp_BV, gen)
         return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
 
     def _stop_hits(self, tails: list[list[int]], stop: list[str]) -> list[bool]:

@@ -14,6 +14,16 @@ request, a wrong key) fail at once. When the retries run out the call raises
 A server works on text: ``Generation.text`` is always set; ``logprobs`` (with ``logprobs=True``)
 and ``response_ids`` are filled only when the server returns them (token ids: vLLM's
 ``return_tokens_as_token_ids``, passed through ``extra_body``), else they are empty.
+
+Seeds: with one ``seed`` per call, prompt ``i``'s request sends ``seed + i``. With ``seeds`` (one per
+sample, as ``eval model`` and ``rlef`` pass them) a server still draws a request's ``n`` choices from
+the request's one seed, so the request for samples ``j..n-1`` of a prompt sends a seed made from
+those samples' seeds: asked again for the same samples (a resume that redoes whole problems, with
+any ``eval.chunk``) it is the same request. A resume that redoes single samples of a problem (a
+judge error, a torn last line) asks for fewer and gets other draws, unless ``seed_per_sample=True``:
+one request per sample (``n=1``), each with its own seed, exact at the cost of ``n`` requests per
+prompt (the prompt's tokens sent ``n`` times). Either way a server's seed is best effort (vLLM
+honours it; hosted APIs say "mostly deterministic").
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from agentopd.inference.base import EngineError
+from agentopd.inference.base import EngineError, derive_seed
 from agentopd.types import Generation
 
 RETRY_STATUS = (408, 409, 429)
@@ -30,7 +40,8 @@ RETRY_STATUS = (408, 409, 429)
 class OpenAIEngine:
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  endpoint: str = "chat", concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 3,
-                 backoff_s: float = 1.0, logprobs: bool = False, extra_body: dict | None = None):
+                 backoff_s: float = 1.0, logprobs: bool = False, extra_body: dict | None = None,
+                 seed_per_sample: bool = False):
         if endpoint not in ("chat", "completions"):
             raise ValueError(f"openai engine: endpoint must be 'chat' or 'completions', got {endpoint!r}")
         try:
@@ -43,28 +54,30 @@ class OpenAIEngine:
         self.model, self.endpoint, self.api_key_env = model, endpoint, api_key_env
         self.concurrency, self.max_retries, self.backoff_s = max(1, concurrency), max_retries, backoff_s
         self.logprobs, self.extra_body = logprobs, dict(extra_body or {})
+        self.seed_per_sample = seed_per_sample
 
     # ------------------------------------------------------------------------------ the API
 
     def generate_chat(self, conversations: list[list[dict]], n=1, max_new_tokens=256, temperature=1.0,
-                      top_p=1.0, stop=None, seed=None) -> list[list[Generation]]:
+                      top_p=1.0, stop=None, seed=None, seeds=None) -> list[list[Generation]]:
         """``n`` answers to each conversation (``[{"role", "content"}, ...]``)."""
         self._need("chat", "generate_chat")
         return self._sample([{"messages": c} for c in conversations], n, max_new_tokens, temperature, top_p,
-                            stop, seed)
+                            stop, seed, seeds)
 
     def generate_text(self, prompts: list[str], n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop=None,
-                      seed=None) -> list[list[Generation]]:
+                      seed=None, seeds=None) -> list[list[Generation]]:
         """``n`` continuations of each raw text prompt."""
         self._need("completions", "generate_text")
-        return self._sample([{"prompt": p} for p in prompts], n, max_new_tokens, temperature, top_p, stop, seed)
+        return self._sample([{"prompt": p} for p in prompts], n, max_new_tokens, temperature, top_p, stop, seed,
+                            seeds)
 
     def generate(self, prompt_ids: list[list[int]], n=1, max_new_tokens=256, temperature=1.0, top_p=1.0,
-                 stop=None, seed=None) -> list[list[Generation]]:
+                 stop=None, seed=None, seeds=None) -> list[list[Generation]]:
         """The engine protocol: token-id prompts, sent as token arrays to ``/completions``."""
         self._need("completions", "generate")
         return self._sample([{"prompt": list(p)} for p in prompt_ids], n, max_new_tokens, temperature, top_p,
-                            stop, seed)
+                            stop, seed, seeds)
 
     def close(self):
         self.client.close()
@@ -75,7 +88,20 @@ class OpenAIEngine:
         if self.endpoint != endpoint:
             raise ValueError(f"openai engine: {method} needs endpoint '{endpoint}', this one uses '{self.endpoint}'")
 
-    def _sample(self, requests, n, max_new_tokens, temperature, top_p, stop, seed):
+    def _jobs(self, requests, n, seed, seeds) -> list[tuple[dict, int, object]]:
+        """``(request, samples, seed_of(got, round))`` per request to make (see the module's Seeds)."""
+        if seeds is None:
+            return [(r, n, lambda got, rd, i=i: None if seed is None else seed + i + 1_000_003 * rd)
+                    for i, r in enumerate(requests)]
+        if len(seeds) != len(requests) * n:
+            raise ValueError(f"seeds: one per sample ({len(requests) * n}), got {len(seeds)}")
+        if self.seed_per_sample:
+            return [(r, 1, lambda got, rd, s=seeds[i * n + j]: derive_seed(s, rd) if rd else s)
+                    for i, r in enumerate(requests) for j in range(n)]
+        return [(r, n, lambda got, rd, i=i: derive_seed(*seeds[i * n + got:(i + 1) * n]))
+                for i, r in enumerate(requests)]
+
+    def _sample(self, requests, n, max_new_tokens, temperature, top_p, stop, seed, seeds=None):
         params = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
         if stop:
             params["stop"] = list(stop)
@@ -83,20 +109,26 @@ class OpenAIEngine:
             params["logprobs"] = True if self.endpoint == "chat" else 1
         if self.extra_body:
             params["extra_body"] = self.extra_body
+        jobs = self._jobs(requests, n, seed, seeds)
 
-        def one(i):
+        def one(job):
+            request, k, seed_of = job
             gens, round_ = [], 0
-            while len(gens) < n:  # a server may return fewer choices than asked
-                kw = {**requests[i], **params, "n": n - len(gens)}
-                if seed is not None:
-                    kw["seed"] = seed + i + 1_000_003 * round_
+            while len(gens) < k:  # a server may return fewer choices than asked
+                kw = {**request, **params, "n": k - len(gens)}
+                s = seed_of(len(gens), round_)
+                if s is not None:
+                    kw["seed"] = s
                 choices = self._create(**kw)
-                gens += [self._generation(c) for c in choices[:n - len(gens)]]
+                gens += [self._generation(c) for c in choices[:k - len(gens)]]
                 round_ += 1
             return gens
 
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(requests)))) as pool:
-            return list(pool.map(one, range(len(requests))))
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(jobs)))) as pool:
+            got = list(pool.map(one, jobs))
+        if len(jobs) == len(requests):
+            return got
+        return [sum(got[i * n:(i + 1) * n], []) for i in range(len(requests))]
 
     def _create(self, **kw):
         """One request with retries; the reply's choices (never empty)."""

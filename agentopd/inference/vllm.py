@@ -187,17 +187,23 @@ class VLLMEngine:
 
         return build
 
-    def generate(self, prompt_ids, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop=None, seed=None):
+    def generate(self, prompt_ids, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop=None, seed=None,
+                 seeds=None):
+        """``seeds`` (one per sample): one vLLM request per sample, seeded by it; else one request of
+        ``n`` per prompt, seeded ``seed + prompt index``."""
         from agentopd.types import Generation
 
         if self.asleep:
             raise RuntimeError("the vllm engine is asleep: sync(model) wakes it with the learner's weights")
-        params = [self._vllm.SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        if seeds is not None and len(seeds) != len(prompt_ids) * n:
+            raise ValueError(f"seeds: one per sample ({len(prompt_ids) * n}), got {len(seeds)}")
+        per = seeds is not None
+        reqs = ([(p, 1, int(seeds[i * n + j])) for i, p in enumerate(prompt_ids) for j in range(n)] if per else
+                [(p, n, None if seed is None else seed + i) for i, p in enumerate(prompt_ids)])
+        params = [self._vllm.SamplingParams(n=k, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                             stop=list(stop or []) or None, logprobs=0,
-                                            detokenize=self.tokenizer is not None,
-                                            seed=None if seed is None else seed + i)
-                  for i in range(len(prompt_ids))]
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
+                                            detokenize=self.tokenizer is not None, seed=s) for _, k, s in reqs]
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p, _, _ in reqs], params, use_tqdm=False)
         result = []
         for out in outs:
             gens = []
@@ -207,7 +213,7 @@ class VLLMEngine:
                 gens.append(Generation(response_ids=ids, logprobs=lps, text=c.text or "",
                                        finish_reason="length" if c.finish_reason == "length" else "stop"))
             result.append(gens)
-        return result
+        return [sum(result[i * n:(i + 1) * n], []) for i in range(len(prompt_ids))] if per else result
 
     # -------------------------------------------------------------- following the learner
 
