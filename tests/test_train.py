@@ -683,3 +683,21 @@ def test_grpo_without_a_scoring_forward_runs_none(tmp_path, monkeypatch):
     assert calls == []  # no teacher, no reference: nothing is scored before the update
     train(_cfg(tmp_path / "scored", *common, "optim.score_old=true"), judge=ParityJudge())
     assert calls == [6]  # the student, all 6 rows in one forward
+
+
+def test_rows_without_a_teacher_signal_skip_the_backward_of_a_distillation_loss(tmp_path, monkeypatch):
+    # sdpo_token weighs only the teacher-signal tokens: leaving the other rows out of the backward
+    # (their old log-probs still from a no-grad forward) gives the same parameters and metrics
+    from agentopd.rl import objectives
+
+    common = ["run.steps=2", "run.checkpoint_every=2", "optim.lr=0.001", "algo.loss=sdpo_token", "algo.distill_alpha=1.0",
+              "algo.advantage_kwargs={}"]
+    skipped = train(_cfg(tmp_path / "skipped", *common), judge=ParityJudge())
+    assert any(r["teacher_signal_frac"] < 1 for r in skipped)
+    monkeypatch.setattr(objectives, "TEACHER_ROWS_ONLY", frozenset())
+    whole = train(_cfg(tmp_path / "whole", *common), judge=ParityJudge())
+    a, b = _params(tmp_path / "skipped"), _params(tmp_path / "whole")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    for r, s in zip(skipped, whole):
+        for k in ("loss", "is_mean", "kl_teacher", "rollout_logprob_diff", "rollout_is_mean", "grad_norm"):
+            assert r[k] == pytest.approx(s[k], rel=1e-4, abs=1e-6), k

@@ -159,13 +159,7 @@ def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp
     """Samples ``idx``'s share of the whole batch's loss (``algo.loss``, plus the reference KL) and metrics."""
     T = learner_temperature(cfg.sampling)
     R_ = [st.response_ids[b] for b in idx]
-    with amp():  # the student's final hidden states [B, R, H] (chunk > 0) or its logits [B, R, V]; the head in autocast
-        out_BRX = (response_hidden if chunk else response_logits)(model, [st.prompt_ids[b] for b in idx], R_)
-        head_VH = lm_head_weight(model) if chunk else head_VH  # FSDP: the head this forward gathered
-        lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk, temperature=T)[0] if chunk else
-                       gather_logprobs(out_BRX, R_, T), st.old_BT.shape[1])
-    if st.pending_old:
-        _old_from_forward(cfg, st, idx, lp_BT)
+    out_BRX, head_VH, lp_BT = _forward(cfg, model, head_VH, chunk, amp, st, idx)
     dev = lp_BT.device
     m_BT = st.mask_BT[idx].to(dev)
     tm_BT = m_BT * st.teacher_mask_B[idx, None].to(dev)
@@ -231,6 +225,32 @@ def _settle_old(cfg: TrainConfig, st: StepBatch) -> None:
                                                              cfg.algo.rollout_is_clip)[1])
 
 
+def _forward(cfg: TrainConfig, model, head_VH, chunk: int, amp, st: StepBatch, idx: list[int]):
+    """The student's forward over rows ``idx``: its final hidden states ``[B, R, H]`` (chunk > 0) or
+    logits ``[B, R, V]``, the head, and the log-probs ``[B, T]``; in the first epoch also their old
+    log-probs (:func:`_old_from_forward`)."""
+    R_ = [st.response_ids[b] for b in idx]
+    with amp():  # the head in autocast too
+        out_BRX = (response_hidden if chunk else response_logits)(model, [st.prompt_ids[b] for b in idx], R_)
+        head_VH = lm_head_weight(model) if chunk else head_VH  # FSDP: the head this forward gathered
+        T = learner_temperature(cfg.sampling)
+        lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk, temperature=T)[0] if chunk else
+                       gather_logprobs(out_BRX, R_, T), st.old_BT.shape[1])
+    if st.pending_old:
+        _old_from_forward(cfg, st, idx, lp_BT)
+    return out_BRX, head_VH, lp_BT
+
+
+def _weighted_rows(cfg: TrainConfig, st: StepBatch, idx: list[int]) -> tuple[list[int], list[int]]:
+    """Rows ``idx`` as (those the loss weighs, the others): under a loss whose every term lives on the
+    teacher-signal tokens (:data:`agentopd.rl.objectives.TEACHER_ROWS_ONLY`) and no reference KL, rows
+    without a teacher signal have no gradient, so no backward; one rank only (FSDP: every rank runs
+    the same forwards)."""
+    if not (cfg.algo.loss in objectives.TEACHER_ROWS_ONLY and st.ref_BT is None and distributed.world() == 1):
+        return idx, []
+    return [b for b in idx if st.teacher_mask_B[b] > 0], [b for b in idx if st.teacher_mask_B[b] == 0]
+
+
 def score(cfg: TrainConfig, model, teacher, ref, amp, rows: TurnRows, teacher_prompts):
     """3. The student's, teacher's (on rows with a teacher prompt) and reference's log-probs of the
     same response ids, no grad: ``(ls_BT, mask_BT, lt_BT, ref_BT or None)``; ``ls_BT`` None where
@@ -271,8 +291,11 @@ def update(cfg: TrainConfig, model, opt, teacher, head_VH, chunk: int, amp, st: 
         for _ in range(cfg.optim.epochs_per_batch):
             opt.zero_grad(set_to_none=True)
             for s in starts:
-                idx = list(range(s, min(s + cfg.optim.micro_batch, B)))
-                empty = st.mask_BT[idx].sum() == 0
+                idx, rest = _weighted_rows(cfg, st, list(range(s, min(s + cfg.optim.micro_batch, B))))
+                if rest and st.pending_old and st.mask_BT[rest].sum() > 0:  # their old log-probs, for the metrics
+                    with torch.no_grad():
+                        _forward(cfg, model, head_VH, chunk, amp, st, rest)
+                empty = not idx or st.mask_BT[idx].sum() == 0
                 if empty and W == 1:
                     continue
                 with distributed.grad_sync(model, s == starts[-1]):
