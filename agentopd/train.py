@@ -160,6 +160,9 @@ class OptimConfig:
     """Sequences per forward/backward; gradients accumulate over the batch."""
     epochs_per_batch: int = 1
     """Optimizer steps per batch of rollouts (the importance ratio corrects the later ones)."""
+    score_old: bool = False
+    """Always score the old log-probs with a separate student forward before the update. Off: that
+    forward is skipped where the update's own forward gives them exactly (agentopd.rl.learner.old_from_update)."""
     logits_chunk: int = 128
     """Response positions per chunk of logits: the update and the scoring form the logits from the
     final hidden states this many positions at a time (recomputed in backward), never as a whole

@@ -42,15 +42,17 @@ What each side computes per step (read from the code of both):
   the teacher copy. With one generation per optimizer step TRL computes no old log-probs, so its
   importance-ratio clip (``distillation_is_clip``) is never applied (the ratio is 1 on-policy).
 - agentopd SDPO: the ``hf`` engine (32 samples with their exact sampling log-probs), the reward,
-  then a no-grad student forward (the old log-probs, for the importance ratio and the rollout
-  correction) and a no-grad teacher forward over the rows *with* a demonstration only, one
-  student forward+backward, an AdamW step and the EMA update: one forward more than TRL on every
-  row, and no teacher forward on rows without a signal.
+  then a no-grad teacher forward over the rows *with* a demonstration only, one student
+  forward+backward over those rows (the old log-probs, for the importance ratio and the rollout
+  correction, are that forward's own, detached: the model has not moved since sampling) and a
+  no-grad student forward over the other rows (their loss weight is 0; their old log-probs feed
+  the rollout metrics), an AdamW step and the EMA update: no teacher forward and no backward on
+  rows without a signal.
 - TRL GRPO: ``model.generate``, the reward, one student forward+backward, an AdamW step (no
   reference model at beta 0, no old log-probs on-policy).
-- agentopd GRPO: the ``hf`` engine, the reward, a no-grad student forward (old log-probs), one
-  student forward+backward, an AdamW step; ``train`` keeps and EMA-updates a teacher copy for
-  every estimator (memory and a parameter sweep per step that TRL GRPO does not have).
+- agentopd GRPO: the ``hf`` engine, the reward, one student forward+backward (old log-probs from
+  it, detached), an AdamW step; ``train`` keeps and EMA-updates a teacher copy for every estimator
+  (memory and a parameter sweep per step that TRL GRPO does not have).
 - The loss aggregation differs where the two libraries differ: TRL SDPO averages per sequence then
   over sequences, agentopd over the masked tokens of the whole batch (the same cost).
 
@@ -176,13 +178,14 @@ def trl_problems(model_dir: str, n_prompts: int) -> list:
     import numpy as np
 
     from agentopd.config import load
-    from agentopd.rollout import problems_and_judge
+    from agentopd.rollout import env_specs, make_envs
     from agentopd.train import TrainConfig
 
     cfg = load(TrainConfig, None, train_overrides("agentopd sdpo", model_dir, 1, tempfile.gettempdir()))
-    problems, _, judge = problems_and_judge(cfg)
-    if hasattr(judge, "close"):
-        judge.close()
+    env_id, kw, _ = env_specs(cfg)
+    venv = make_envs(env_id, kw, [1])[0]  # the env agentopd train draws from (its _envs, _starts)
+    problems = list(venv.problems)
+    venv.close()
     order = np.random.default_rng(cfg.run.seed).permutation(len(problems)).tolist()
     return [problems[order[i % len(order)]] for i in range(n_prompts)]
 

@@ -700,3 +700,91 @@ def test_resume_purges_the_redone_steps_in_real_tensorboard_events(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("setting", [
+    ["algo.loss=sdpo_token", "algo.distill_alpha=1.0"],
+    ["algo.loss=sdpo", "algo.distill_topk=0"],
+    ["algo.loss=pg", "algo.advantage=grpo"],
+    ["algo.loss=pg", "algo.advantage=sd_token", "optim.micro_batch=4", "env.max_turns=2"],
+    ["algo.loss=pg", "algo.advantage=sd_token", "optim.epochs_per_batch=2", "optim.micro_batch=4"],
+])
+def test_old_logprobs_from_the_update_forward_train_as_the_scoring_forward(tmp_path, setting):
+    # without the student's scoring forward (the update's own first-epoch log-probs, detached) the same
+    # parameters after 2 steps, and the same metrics, as with it (optim.score_old: the separate forward)
+    from agentopd.rl.learner import old_from_update
+
+    common = ["run.steps=2", "run.checkpoint_every=2", "optim.lr=0.001", "algo.advantage_kwargs={}", *setting]
+    fused_cfg = _cfg(tmp_path / "fused", *common)
+    assert old_from_update(fused_cfg, _fresh_model()) and not old_from_update(
+        _cfg(tmp_path / "x", *common, "optim.score_old=true"), _fresh_model())
+    fused = train(fused_cfg, judge=ParityJudge())
+    scored = train(_cfg(tmp_path / "scored", *common, "optim.score_old=true"), judge=ParityJudge())
+    a, b = _params(tmp_path / "fused"), _params(tmp_path / "scored")
+    fresh = _fresh()
+    assert any(not torch.equal(fresh[k], a[k]) for k in a)  # it trained
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    for r, s in zip(fused, scored):
+        for k in ("loss", "kl_teacher", "adv_mean", "adv_std", "rollout_logprob_diff", "rollout_is_mean",
+                  "rollout_is_clipfrac", "teacher_auc", "ratio_correct", "ratio_wrong", "grad_norm"):
+            assert (r[k] is None and s[k] is None) or r[k] == pytest.approx(s[k], rel=1e-4, abs=1e-6), k
+
+
+class ParityJudge(BaseJudge):
+    """Reward 1 for responses whose CRC is odd (about half: every group has both kinds), a critique otherwise."""
+
+    workers = 1
+
+    def judge(self, problem, response):
+        r = float(zlib.crc32(response.encode()) % 2)
+        return Judgement(Verdict(r, int(r), 1, "ok" if r else "wrong_answer"), "" if r else "Wrong: try again.")
+
+    def judge_many(self, pairs, progress=None):
+        return [self.judge(p, text) for p, text in pairs]
+
+
+def _fresh_model():
+    from agentopd.testbed.tiny import build_tiny
+
+    return build_tiny(seed=0)[0]
+
+
+def test_the_scoring_forward_stays_where_advantages_need_the_whole_batch(tmp_path):
+    from agentopd.rl.learner import old_from_update
+
+    model = _fresh_model()
+    for adv, kw in [("sd_token", "{center: true}"), ("sd_to_go", "{}"), ("hybrid", "{}")]:
+        assert not old_from_update(_cfg(tmp_path, f"algo.advantage={adv}", f"algo.advantage_kwargs={kw}"), model), adv
+    model.config.attention_dropout = 0.1  # a train-mode forward differs from the sampler's
+    assert not old_from_update(_cfg(tmp_path, "algo.advantage=grpo"), model)
+
+
+def test_grpo_without_a_scoring_forward_runs_none(tmp_path, monkeypatch):
+    from agentopd.rl import learner
+
+    calls = []
+    real = learner.sequence_logprobs
+    monkeypatch.setattr(learner, "sequence_logprobs", lambda m, p, r, **kw: calls.append(len(p)) or real(m, p, r, **kw))
+    common = ["run.steps=1", "algo.loss=pg", "algo.advantage=grpo", "algo.advantage_kwargs={}"]
+    train(_cfg(tmp_path / "fused", *common), judge=ParityJudge())
+    assert calls == []  # no teacher, no reference: nothing is scored before the update
+    train(_cfg(tmp_path / "scored", *common, "optim.score_old=true"), judge=ParityJudge())
+    assert calls == [6]  # the student, all 6 rows in one forward
+
+
+def test_rows_without_a_teacher_signal_skip_the_backward_of_a_distillation_loss(tmp_path, monkeypatch):
+    # sdpo_token weighs only the teacher-signal tokens: leaving the other rows out of the backward
+    # (their old log-probs still from a no-grad forward) gives the same parameters and metrics
+    from agentopd.rl import objectives
+
+    common = ["run.steps=2", "run.checkpoint_every=2", "optim.lr=0.001", "algo.loss=sdpo_token", "algo.distill_alpha=1.0",
+              "algo.advantage_kwargs={}"]
+    skipped = train(_cfg(tmp_path / "skipped", *common), judge=ParityJudge())
+    assert any(r["teacher_signal_frac"] < 1 for r in skipped)
+    monkeypatch.setattr(objectives, "TEACHER_ROWS_ONLY", frozenset())
+    whole = train(_cfg(tmp_path / "whole", *common), judge=ParityJudge())
+    a, b = _params(tmp_path / "skipped"), _params(tmp_path / "whole")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    for r, s in zip(skipped, whole):
+        for k in ("loss", "is_mean", "kl_teacher", "rollout_logprob_diff", "rollout_is_mean", "grad_norm"):
+            assert r[k] == pytest.approx(s[k], rel=1e-4, abs=1e-6), k

@@ -41,6 +41,11 @@ class AdvantageInputs:
     episode_B: torch.Tensor | None = None  # long: the episode of each row (a row is one turn); None: one row each
     turn_B: torch.Tensor | None = None  # long: the row's turn in its episode (0-based)
 
+    def rows(self, idx: list[int], **replace) -> AdvantageInputs:
+        """These rows only (every tensor indexed by ``idx``), with the fields in ``replace`` swapped in."""
+        got = {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return AdvantageInputs(**{**got, **replace})
+
 
 ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {}
 
@@ -60,6 +65,16 @@ def compute(name: str, inputs: AdvantageInputs, **kwargs) -> torch.Tensor:
     advantages_BT = ADVANTAGES[name](inputs, **kwargs)
     keep_BT = inputs.mask_BT.to(advantages_BT.dtype) * _valid_B(inputs)[:, None]
     return torch.where(keep_BT > 0, advantages_BT, torch.zeros_like(advantages_BT))
+
+
+def student_logprobs_scope(name: str, kwargs: dict) -> str:
+    """How estimator ``name`` reads the student's log-probs: ``"none"`` (reward-based), ``"row"``
+    (each row's advantages from that row's own log-probs alone: ``sd_token`` without ``center``, so
+    they can be formed micro-batch by micro-batch) or ``"batch"`` (``sd_token`` with ``center``: a
+    batch mean; ``sd_to_go``: later turns and a group baseline; ``hybrid``: group statistics)."""
+    if name in ("grpo", "rloo"):
+        return "none"
+    return "row" if name == "sd_token" and not kwargs.get("center", False) else "batch"
 
 
 # ---------------------------------------------------------------- helpers

@@ -12,6 +12,7 @@ import torch
 
 from agentopd.rl import distributed, losses, objectives
 from agentopd.rl.logprobs import (
+    causal_lm,
     gather_logprobs,
     hidden_logprobs,
     lm_head_weight,
@@ -147,17 +148,18 @@ class StepBatch:
     ref_BT: torch.Tensor | None
     n_tok: torch.Tensor
     n_teacher_tok: torch.Tensor
+    engine_BT: torch.Tensor | None = None  # the engine's log-probs, on its tokens within the mask (engine_mask_BT)
+    engine_mask_BT: torch.Tensor | None = None
+    pending_old: bool = False  # old_BT (and what comes from it) still to be filled by the first epoch's forwards
+    adv_inputs: object = None  # pending: the AdvantageInputs of row-local advantages formed per micro-batch (None: adv_BT is final)
+    rollout_metrics: dict | None = None  # the rollout correction's metrics (pending: filled after the first epoch)
 
 
 def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp, st: StepBatch, idx: list[int]):
     """Samples ``idx``'s share of the whole batch's loss (``algo.loss``, plus the reference KL) and metrics."""
     T = learner_temperature(cfg.sampling)
     R_ = [st.response_ids[b] for b in idx]
-    with amp():  # the student's final hidden states [B, R, H] (chunk > 0) or its logits [B, R, V]; the head in autocast
-        out_BRX = (response_hidden if chunk else response_logits)(model, [st.prompt_ids[b] for b in idx], R_)
-        head_VH = lm_head_weight(model) if chunk else head_VH  # FSDP: the head this forward gathered
-        lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk, temperature=T)[0] if chunk else
-                       gather_logprobs(out_BRX, R_, T), st.old_BT.shape[1])
+    out_BRX, head_VH, lp_BT = _forward(cfg, model, head_VH, chunk, amp, st, idx)
     dev = lp_BT.device
     m_BT = st.mask_BT[idx].to(dev)
     tm_BT = m_BT * st.teacher_mask_B[idx, None].to(dev)
@@ -179,19 +181,91 @@ def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp
     return loss, metrics
 
 
+def old_from_update(cfg: TrainConfig, model) -> bool:
+    """Whether the old log-probs ``ls_old`` come from the update's own forward, detached, instead of
+    a separate no-grad student forward before it. Exact: the first optimizer step comes after every
+    micro-batch of the first epoch is forwarded, so until then the model is the one that sampled
+    (as in TRL, which skips that forward on-policy). So unless ``optim.score_old``, where (1) the
+    advantages read the student's log-probs at most row by row
+    (:func:`agentopd.rl.advantages.student_logprobs_scope`; they are then formed per micro-batch) and
+    (2) the model applies no dropout (the update forwards in train mode, scoring in eval mode).
+    The scoring forward stays for the estimators that need the whole batch's student log-probs
+    before the update: ``sd_token`` with ``center`` (a batch mean), ``sd_to_go`` (later turns and a
+    group baseline), ``hybrid`` (group statistics) and any unknown one."""
+    from agentopd.rl import advantages
+
+    scope = advantages.student_logprobs_scope(cfg.algo.advantage, cfg.algo.advantage_kwargs)
+    return not cfg.optim.score_old and scope != "batch" and not _has_dropout(model)
+
+
+def _has_dropout(model) -> bool:
+    """Any dropout a train-mode forward would apply: a dropout module or a config rate above 0."""
+    config = getattr(causal_lm(model), "config", None)
+    rates = [v for k, v in (vars(config) if config is not None else {}).items()
+             if "dropout" in k and isinstance(v, (int, float))]
+    return any(r > 0 for r in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def _old_from_forward(cfg: TrainConfig, st: StepBatch, idx: list[int], lp_BT: torch.Tensor) -> None:
+    """Rows ``idx``'s old log-probs from this first-epoch forward (detached) and what is formed from
+    them: their row-local advantages and their rollout correction."""
+    old_BT = lp_BT.detach().float().cpu()
+    st.old_BT[idx] = old_BT
+    if st.adv_inputs is not None:
+        st.adv_BT[idx] = _advantages(cfg, st.adv_inputs.rows(idx, student_logprobs_BT=old_BT), st.mask_BT[idx])
+    st.rollout_BT[idx] = objectives.rollout_weights(old_BT, st.engine_BT[idx], st.engine_mask_BT[idx],
+                                                    cfg.algo.rollout_is_clip)[0]
+
+
+def _settle_old(cfg: TrainConfig, st: StepBatch) -> None:
+    """After the first epoch's forwards: the rollout metrics over the whole batch, from the old log-probs."""
+    if st.pending_old:
+        st.pending_old = False
+        st.rollout_metrics.update(objectives.rollout_weights(st.old_BT, st.engine_BT, st.engine_mask_BT,
+                                                             cfg.algo.rollout_is_clip)[1])
+
+
+def _forward(cfg: TrainConfig, model, head_VH, chunk: int, amp, st: StepBatch, idx: list[int]):
+    """The student's forward over rows ``idx``: its final hidden states ``[B, R, H]`` (chunk > 0) or
+    logits ``[B, R, V]``, the head, and the log-probs ``[B, T]``; in the first epoch also their old
+    log-probs (:func:`_old_from_forward`)."""
+    R_ = [st.response_ids[b] for b in idx]
+    with amp():  # the head in autocast too
+        out_BRX = (response_hidden if chunk else response_logits)(model, [st.prompt_ids[b] for b in idx], R_)
+        head_VH = lm_head_weight(model) if chunk else head_VH  # FSDP: the head this forward gathered
+        T = learner_temperature(cfg.sampling)
+        lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk, temperature=T)[0] if chunk else
+                       gather_logprobs(out_BRX, R_, T), st.old_BT.shape[1])
+    if st.pending_old:
+        _old_from_forward(cfg, st, idx, lp_BT)
+    return out_BRX, head_VH, lp_BT
+
+
+def _weighted_rows(cfg: TrainConfig, st: StepBatch, idx: list[int]) -> tuple[list[int], list[int]]:
+    """Rows ``idx`` as (those the loss weighs, the others): under a loss whose every term lives on the
+    teacher-signal tokens (:data:`agentopd.rl.objectives.TEACHER_ROWS_ONLY`) and no reference KL, rows
+    without a teacher signal have no gradient, so no backward; one rank only (FSDP: every rank runs
+    the same forwards)."""
+    if not (cfg.algo.loss in objectives.TEACHER_ROWS_ONLY and st.ref_BT is None and distributed.world() == 1):
+        return idx, []
+    return [b for b in idx if st.teacher_mask_B[b] > 0], [b for b in idx if st.teacher_mask_B[b] == 0]
+
+
 def score(cfg: TrainConfig, model, teacher, ref, amp, rows: TurnRows, teacher_prompts):
     """3. The student's, teacher's (on rows with a teacher prompt) and reference's log-probs of the
-    same response ids, no grad: ``(ls_BT, mask_BT, lt_BT, ref_BT or None)``."""
+    same response ids, no grad: ``(ls_BT, mask_BT, lt_BT, ref_BT or None)``; ``ls_BT`` None where
+    the update's own forward gives the old log-probs (:func:`old_from_update`: no student forward here)."""
     T = learner_temperature(cfg.sampling)
     resp_ids = [g.response_ids for g in rows.turns]
     student_prompts = rows.prompt_ids
 
     def score(scorer, prompts, responses):
         with distributed.gathered(scorer):  # FSDP: any number of forwards per rank
-            return sequence_logprobs(scorer, prompts, responses, chunk=cfg.optim.logits_chunk, temperature=T)[0]
+            return sequence_logprobs(scorer, prompts, responses, micro_batch=cfg.optim.micro_batch,
+                                     chunk=cfg.optim.logits_chunk, temperature=T)[0]
 
     with torch.no_grad(), amp():
-        student_lp = score(model, student_prompts, resp_ids)
+        student_lp = None if old_from_update(cfg, model) else score(model, student_prompts, resp_ids)
         scored = [b for b, tp in enumerate(teacher_prompts) if tp is not None]
         teacher_lp = [torch.zeros(len(r)) for r in resp_ids]
         if scored:
@@ -199,7 +273,8 @@ def score(cfg: TrainConfig, model, teacher, ref, amp, rows: TurnRows, teacher_pr
             for b, lp in zip(scored, got):
                 teacher_lp[b] = lp.float().cpu()
         ref_lp = score(ref.model_for_scoring(), student_prompts, resp_ids) if ref else None
-    ls_BT, mask_BT = pad_BT([lp.float().cpu() for lp in student_lp])
+    mask_BT = pad_BT([[0.0] * len(r) for r in resp_ids])[1]
+    ls_BT = pad_BT([lp.float().cpu() for lp in student_lp])[0] if student_lp is not None else None
     ref_BT = pad_BT([r.float().cpu() for r in ref_lp])[0] if ref else None
     return ls_BT, mask_BT, pad_BT(teacher_lp)[0], ref_BT
 
@@ -216,8 +291,11 @@ def update(cfg: TrainConfig, model, opt, teacher, head_VH, chunk: int, amp, st: 
         for _ in range(cfg.optim.epochs_per_batch):
             opt.zero_grad(set_to_none=True)
             for s in starts:
-                idx = list(range(s, min(s + cfg.optim.micro_batch, B)))
-                empty = st.mask_BT[idx].sum() == 0
+                idx, rest = _weighted_rows(cfg, st, list(range(s, min(s + cfg.optim.micro_batch, B))))
+                if rest and st.pending_old and st.mask_BT[rest].sum() > 0:  # their old log-probs, for the metrics
+                    with torch.no_grad():
+                        _forward(cfg, model, head_VH, chunk, amp, st, rest)
+                empty = not idx or st.mask_BT[idx].sum() == 0
                 if empty and W == 1:
                     continue
                 with distributed.grad_sync(model, s == starts[-1]):
@@ -228,6 +306,7 @@ def update(cfg: TrainConfig, model, opt, teacher, head_VH, chunk: int, amp, st: 
                 loss_sum += float(loss.detach())
                 for k, v in met.items():
                     sums[k] = sums.get(k, 0.0) + v
+            _settle_old(cfg, st)
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             opt.step()
     teacher.update(model)
@@ -245,24 +324,36 @@ def _idle_loss(model, amp) -> torch.Tensor:
 def step_inputs(cfg: TrainConfig, rows: TurnRows, teacher_prompts, scores) -> tuple[StepBatch, dict]:
     """4. Advantages (judge errors and empty responses carry no gradient; reward-based estimators
     see each episode once, with its episode reward) and the rollout correction, packed for the
-    update: ``(StepBatch, rollout metrics)``."""
+    update: ``(StepBatch, rollout metrics)``. Without the student's scores (``ls_BT`` None, see
+    :func:`old_from_update`) the old log-probs, row-local advantages and the rollout correction are
+    left to the update's first epoch, which fills the returned metrics dict in place."""
     from agentopd.rl import advantages
 
     ls_BT, mask_BT, lt_BT, ref_BT = scores
+    pending = ls_BT is None
+    ls_BT = torch.zeros_like(mask_BT) if pending else ls_BT
     rewards_B = torch.tensor(rows.rewards, dtype=torch.float32)
     teacher_mask_B = torch.tensor([tp is not None for tp in teacher_prompts], dtype=torch.float32)
     inputs = advantages.AdvantageInputs(rewards_B, torch.tensor(rows.groups), mask_BT, ls_BT, lt_BT, teacher_mask_B,
                                         torch.tensor(rows.success), torch.tensor(rows.episodes), torch.tensor(rows.turn_index))
-    adv_BT = advantages.compute(cfg.algo.advantage, inputs, **cfg.algo.advantage_kwargs)
     mask_BT = mask_BT * (~torch.isnan(rewards_B))[:, None]
-    adv_BT = torch.nan_to_num(adv_BT) * mask_BT
+    row_adv = pending and advantages.student_logprobs_scope(cfg.algo.advantage, cfg.algo.advantage_kwargs) == "row"
+    adv_BT = torch.zeros_like(mask_BT) if row_adv else _advantages(cfg, inputs, mask_BT)
     engine_BT, engine_mask_BT = _engine_logprobs(rows.turns, ls_BT)
-    rollout_BT, rollout_metrics = objectives.rollout_weights(ls_BT, engine_BT, engine_mask_BT * mask_BT,
-                                                             cfg.algo.rollout_is_clip)
+    rollout_BT, rollout_metrics = ((torch.ones_like(ls_BT), {}) if pending else objectives.rollout_weights(
+        ls_BT, engine_BT, engine_mask_BT * mask_BT, cfg.algo.rollout_is_clip))
     st = StepBatch(rows.prompt_ids, [g.response_ids for g in rows.turns], teacher_prompts, ls_BT,
                    lt_BT, adv_BT, mask_BT, teacher_mask_B, rollout_BT, ref_BT, distributed.all_sum(mask_BT.sum()).clamp(min=1),
-                   distributed.all_sum((mask_BT * teacher_mask_B[:, None]).sum()).clamp(min=1))  # all ranks' tokens
+                   distributed.all_sum((mask_BT * teacher_mask_B[:, None]).sum()).clamp(min=1),  # all ranks' tokens
+                   engine_BT, engine_mask_BT * mask_BT, pending, inputs if row_adv else None, rollout_metrics)
     return st, rollout_metrics
+
+
+def _advantages(cfg: TrainConfig, inputs, mask_BT: torch.Tensor) -> torch.Tensor:
+    """``algo.advantage`` on ``inputs``, 0 outside ``mask_BT`` (the loss mask: judge errors out)."""
+    from agentopd.rl import advantages
+
+    return torch.nan_to_num(advantages.compute(cfg.algo.advantage, inputs, **cfg.algo.advantage_kwargs)) * mask_BT
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch
 from agentopd.rl.losses import ppo_per_token
 
 LOG_RATIO_BOUND = 20.0  # both references clamp the log importance ratio to [-20, 20] before exp
+TEACHER_ROWS_ONLY = frozenset({"sdpo", "sdpo_token"})  # objectives whose every term is weighted by teacher_weight_BT
 
 
 @dataclass
