@@ -46,8 +46,15 @@ def run(out: str, *overrides: str) -> list[dict]:
     from agentopd.config import load
     from agentopd.train import TrainConfig, train
 
+    import torch
+
     cfg = load(TrainConfig, str(ROOT / "configs" / "micro-sdpo.yaml"), [*OVERRIDES, f"run.out={out}", *overrides])
-    return train(cfg, engine=Scripted)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank of 2 on this host (agentopd.threads): the same float32 sums
+    try:
+        return train(cfg, engine=Scripted)
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
