@@ -260,3 +260,22 @@ def test_lora_teacher_is_an_ema_of_the_adapter_on_the_shared_base(tiny, batch):
     fresh = Teacher(student, "ema", tau=0.5)
     fresh.load_state_dict(teacher.state_dict())
     torch.testing.assert_close(fresh.score(*batch)[0][0], teacher.score(*batch)[0][0], atol=0, rtol=0)
+
+
+def test_shared_prefix_scoring_matches_full_forward(tiny):
+    """Teacher scoring with repeated prompts forwarded once (KV cache repeated to the rows): the
+    log-probs of the one full forward, up to float rounding; empty responses, distinct lengths and
+    mixed prompt lengths included; distinct prompts only: the plain forward."""
+    from agentopd.rl.logprobs import can_share_prefix
+
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    P = [[5, 6, 7, 8, 9], [5, 6, 7, 8, 9], [1, 2, 3], [5, 6, 7, 8, 9], [1, 2, 3], [4] * 8]
+    R = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (7, 3, 9, 0, 5, 2)]
+    assert can_share_prefix(model, P) and not can_share_prefix(model, P[4:])
+    with torch.no_grad():
+        full = sequence_logprobs(model, P, R, micro_batch=32, temperature=0.7)[0]
+        shared = sequence_logprobs(model, P, R, micro_batch=32, temperature=0.7, share_prefix=True)[0]
+    assert [len(x) for x in shared] == [len(r) for r in R]
+    for a, b in zip(full, shared):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)

@@ -259,17 +259,18 @@ def score(cfg: TrainConfig, model, teacher, ref, amp, rows: TurnRows, teacher_pr
     resp_ids = [g.response_ids for g in rows.turns]
     student_prompts = rows.prompt_ids
 
-    def score(scorer, prompts, responses):
+    def score(scorer, prompts, responses, share_prefix=False):
         with distributed.gathered(scorer):  # FSDP: any number of forwards per rank
             return sequence_logprobs(scorer, prompts, responses, micro_batch=cfg.optim.micro_batch,
-                                     chunk=cfg.optim.logits_chunk, temperature=T)[0]
+                                     chunk=cfg.optim.logits_chunk, temperature=T, share_prefix=share_prefix)[0]
 
     with torch.no_grad(), amp():
         student_lp = None if old_from_update(cfg, model) else score(model, student_prompts, resp_ids)
         scored = [b for b, tp in enumerate(teacher_prompts) if tp is not None]
         teacher_lp = [torch.zeros(len(r)) for r in resp_ids]
         if scored:
-            got = score(teacher.model_for_scoring(), [teacher_prompts[b] for b in scored], [resp_ids[b] for b in scored])
+            got = score(teacher.model_for_scoring(), [teacher_prompts[b] for b in scored], [resp_ids[b] for b in scored],
+                        share_prefix=True)  # a group's rows mostly share their demonstration
             for b, lp in zip(scored, got):
                 teacher_lp[b] = lp.float().cpu()
         ref_lp = score(ref.model_for_scoring(), student_prompts, resp_ids) if ref else None
