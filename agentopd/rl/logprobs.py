@@ -127,8 +127,9 @@ def shared_prefix_hidden(model, prompt_ids: list[list[int]], response_ids: list[
     """As :func:`response_hidden` for rows that repeat prompts (a group's teacher contexts share
     their demonstration): each distinct prompt is forwarded once (left-padded, KV cache kept), the
     cache repeated to the rows, then one forward over the responses (right-padded) on it. The same
-    attention, positions and outputs as the one full forward, up to float rounding; a plain model
-    only (no FSDP/scoring roots). ``[B, Rmax, H]``."""
+    attention, positions and outputs as the one full forward, up to float rounding, with or without
+    grad (the gradient reaches the prompt's forward through the repeated cache); where
+    :func:`can_share_prefix`. ``[B, Rmax, H]``."""
     uniq = list(dict.fromkeys(tuple(p) for p in prompt_ids))
     row_U = torch.tensor([uniq.index(tuple(p)) for p in prompt_ids], device=device_of(model))
     dev, Rmax = device_of(model), max(len(r) for r in response_ids)
@@ -151,9 +152,10 @@ def shared_prefix_hidden(model, prompt_ids: list[list[int]], response_ids: list[
 
 
 def can_share_prefix(model, prompt_ids: list[list[int]]) -> bool:
-    """:func:`shared_prefix_hidden` applies (and saves work): a plain model with a plain head and
-    fewer distinct prompts than rows."""
-    plain = model.__dict__.get(ROOTS) is None and lm_head_weight(model) is not None
+    """:func:`shared_prefix_hidden` applies (and saves work): a plain model (no FSDP/DDP roots, no
+    gradient checkpointing, which drops the cache) with a plain head and fewer distinct prompts than rows."""
+    plain = (model.__dict__.get(ROOTS) is None and lm_head_weight(model) is not None
+             and not getattr(causal_lm(model), "is_gradient_checkpointing", False))
     return plain and hasattr(causal_lm(model), "get_decoder") and len(set(map(tuple, prompt_ids))) < len(prompt_ids)
 
 
@@ -195,7 +197,7 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
     allows; 0: the ``[B, R, V]`` logits of each micro-batch at once. ``temperature`` divides the
     logits first (the sampling temperature: the log-probs of the distribution sampled from).
     ``share_prefix``: a micro-batch's repeated prompts forwarded once (:func:`shared_prefix_hidden`),
-    where :func:`can_share_prefix` allows (no grad: scoring).
+    where :func:`can_share_prefix` allows.
     """
     device = device_of(model)
     head_VH = lm_head_weight(model) if chunk else None
@@ -208,7 +210,7 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
             top_idx += [torch.zeros(0, topk, dtype=torch.long, device=device) for _ in P]
             continue
         if head_VH is not None:
-            shared = share_prefix and not torch.is_grad_enabled() and can_share_prefix(model, P)
+            shared = share_prefix and can_share_prefix(model, P)
             hidden_BRH = (shared_prefix_hidden if shared else response_hidden)(model, P, R)  # then the head (FSDP)
             lps, top = hidden_logprobs(hidden_BRH, lm_head_weight(model), R, chunk, topk, temperature)
         else:
