@@ -232,7 +232,8 @@ def _forward(cfg: TrainConfig, model, head_VH, chunk: int, amp, st: StepBatch, i
     logits ``[B, R, V]``, the head, and the log-probs ``[B, T]``; in the first epoch also their old
     log-probs (:func:`_old_from_forward`)."""
     P_, R_ = [st.prompt_ids[b] for b in idx], [st.response_ids[b] for b in idx]
-    fwd = (shared_prefix_hidden if can_share_prefix(model, P_) else response_hidden) if chunk else response_logits
+    shared = cfg.optim.share_prompts and can_share_prefix(model, P_)
+    fwd = (shared_prefix_hidden if shared else response_hidden) if chunk else response_logits
     with amp():  # the head in autocast too
         out_BRX = fwd(model, P_, R_)  # a group's rows share their prompt: forwarded once
         head_VH = lm_head_weight(model) if chunk else head_VH  # FSDP: the head this forward gathered
@@ -265,7 +266,7 @@ def score(cfg: TrainConfig, model, teacher, ref, amp, rows: TurnRows, teacher_pr
     def score(scorer, prompts, responses):  # repeated prompts forwarded once, as in the update (_forward)
         with distributed.gathered(scorer):  # FSDP: any number of forwards per rank
             return sequence_logprobs(scorer, prompts, responses, micro_batch=cfg.optim.micro_batch,
-                                     chunk=cfg.optim.logits_chunk, temperature=T, share_prefix=True)[0]
+                                     chunk=cfg.optim.logits_chunk, temperature=T, share_prefix=cfg.optim.share_prompts)[0]
 
     with torch.no_grad(), amp():
         student_lp = None if old_from_update(cfg, model) else score(model, student_prompts, resp_ids)
