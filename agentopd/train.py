@@ -163,6 +163,11 @@ class OptimConfig:
     score_old: bool = False
     """Always score the old log-probs with a separate student forward before the update. Off: that
     forward is skipped where the update's own forward gives them exactly (agentopd.rl.learner.old_from_update)."""
+    share_prompts: bool = True
+    """Rows of a micro-batch that repeat a prompt (a group's student rows, its teacher contexts with
+    the same demonstration) forward it once, then the responses on its repeated KV cache
+    (agentopd.rl.logprobs.shared_prefix_hidden: the same log-probs and gradients up to float
+    rounding); single process without gradient checkpointing only. Off: every row its own prompt."""
     logits_chunk: int = 128
     """Response positions per chunk of logits: the update and the scoring form the logits from the
     final hidden states this many positions at a time (recomputed in backward), never as a whole

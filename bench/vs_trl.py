@@ -47,7 +47,10 @@ What each side computes per step (read from the code of both):
   correction, are that forward's own, detached: the model has not moved since sampling) and a
   no-grad student forward over the other rows (their loss weight is 0; their old log-probs feed
   the rollout metrics), an AdamW step and the EMA update: no teacher forward and no backward on
-  rows without a signal.
+  rows without a signal. In each of these forwards, rows that repeat a prompt (a group's 4 student
+  rows share theirs; most of a group's teacher contexts share their demonstration) forward it once,
+  its KV cache repeated to the rows, then the responses on it (``shared_prefix_hidden``: the same
+  log-probs and gradients up to float rounding); TRL forwards every row's prompt.
 - TRL GRPO: ``model.generate``, the reward, one student forward+backward, an AdamW step (no
   reference model at beta 0, no old log-probs on-policy).
 - agentopd GRPO: the ``hf`` engine, the reward, one student forward+backward (old log-probs from

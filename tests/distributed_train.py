@@ -17,7 +17,8 @@ OVERRIDES = ["run.progress=false", "model.path=tiny", "data.env=math", "data.pro
              "sampling.prompts_per_step=4", "sampling.group_size=2", "sampling.max_new_tokens=8", "optim.micro_batch=3",
              "optim.lr=0.0005", "algo.advantage_kwargs={}", "algo.ref_kl=0.1", "algo.distill_weight=0.1",
              "algo.distill_topk=0", "run.eval_problems=2", "run.eval_samples=1", "run.steps=3",
-             "run.checkpoint_every=2", "run.samples_every=1"]
+             "run.checkpoint_every=2", "run.samples_every=1",
+             "optim.share_prompts=false"]  # the ranks' plain forwards, to 1e-6 (shared prompts: rounding apart)
 
 
 class Scripted:

@@ -260,3 +260,44 @@ def test_lora_teacher_is_an_ema_of_the_adapter_on_the_shared_base(tiny, batch):
     fresh = Teacher(student, "ema", tau=0.5)
     fresh.load_state_dict(teacher.state_dict())
     torch.testing.assert_close(fresh.score(*batch)[0][0], teacher.score(*batch)[0][0], atol=0, rtol=0)
+
+
+def test_shared_prefix_scoring_matches_full_forward(tiny):
+    """Teacher scoring with repeated prompts forwarded once (KV cache repeated to the rows): the
+    log-probs of the one full forward, up to float rounding; empty responses, distinct lengths and
+    mixed prompt lengths included; distinct prompts only: the plain forward."""
+    from agentopd.rl.logprobs import can_share_prefix
+
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    P = [[5, 6, 7, 8, 9], [5, 6, 7, 8, 9], [1, 2, 3], [5, 6, 7, 8, 9], [1, 2, 3], [4] * 8]
+    R = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (7, 3, 9, 0, 5, 2)]
+    assert can_share_prefix(model, P) and not can_share_prefix(model, P[4:])
+    with torch.no_grad():
+        full = sequence_logprobs(model, P, R, micro_batch=32, temperature=0.7)[0]
+        shared = sequence_logprobs(model, P, R, micro_batch=32, temperature=0.7, share_prefix=True)[0]
+    assert [len(x) for x in shared] == [len(r) for r in R]
+    for a, b in zip(full, shared):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_shared_prefix_forward_gradients_match_full_forward(tiny):
+    """The update's forward with a group's prompt forwarded once: the same hidden states and the same
+    parameter gradients (through the repeated KV cache) as the one full forward, up to float rounding."""
+    from agentopd.rl.logprobs import response_hidden, shared_prefix_hidden
+
+    model = copy.deepcopy(tiny[0]).train()
+    g = torch.Generator().manual_seed(1)
+    P = [[5, 6, 7, 8, 9]] * 3 + [[1, 2, 3]] * 2
+    R = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (4, 6, 1, 6, 0)]
+    mask_BR1 = torch.tensor([[1.0] * len(r) + [0.0] * (6 - len(r)) for r in R])[..., None]
+    got = []
+    for fwd in (response_hidden, shared_prefix_hidden):
+        model.zero_grad(set_to_none=True)
+        h_BRH = fwd(model, P, R)
+        (h_BRH.sin() * mask_BR1).sum().backward()
+        got.append((h_BRH.detach() * mask_BR1, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=0, atol=1e-4)
+    assert len(got[0][1]) == len(got[1][1]) > 0
+    for a, b in zip(got[0][1], got[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

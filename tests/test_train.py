@@ -788,3 +788,19 @@ def test_rows_without_a_teacher_signal_skip_the_backward_of_a_distillation_loss(
     for r, s in zip(skipped, whole):
         for k in ("loss", "is_mean", "kl_teacher", "rollout_logprob_diff", "rollout_is_mean", "grad_norm"):
             assert r[k] == pytest.approx(s[k], rel=1e-4, abs=1e-6), k
+
+
+def test_shared_prompt_forwards_train_as_the_plain_forwards(tmp_path):
+    # optim.share_prompts (a group's prompt forwarded once, the responses on its repeated KV cache, in
+    # the teacher's and the student's forwards): the parameters and metrics of every row's own forward
+    # after 2 steps, up to float rounding
+    common = ["run.steps=2", "run.checkpoint_every=2", "optim.lr=0.001", "algo.advantage_kwargs={}",
+              "algo.loss=sdpo_token", "algo.distill_alpha=1.0"]
+    shared = train(_cfg(tmp_path / "shared", *common), judge=ParityJudge())
+    plain = train(_cfg(tmp_path / "plain", *common, "optim.share_prompts=false"), judge=ParityJudge())
+    a, b = _params(tmp_path / "shared"), _params(tmp_path / "plain")
+    assert any(not torch.equal(_fresh()[k], a[k]) for k in a)  # it trained
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    for r, s in zip(shared, plain):
+        for k in ("loss", "kl_teacher", "rollout_logprob_diff", "teacher_signal_frac", "grad_norm"):
+            assert (r[k] is None and s[k] is None) or r[k] == pytest.approx(s[k], rel=1e-3, abs=1e-5), k

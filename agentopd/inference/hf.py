@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from agentopd.rl.logprobs import _causal_lm, device_of, pad_left, positions
+from agentopd.rl.logprobs import device_of, kv_cache as _kv_cache, pad_left, positions
 from agentopd.types import Generation
 
 
@@ -32,21 +32,6 @@ def _draw(logp_BV: torch.Tensor, gen) -> torch.Tensor:
     V, dev = logp_BV.shape[-1], logp_BV.device
     u_BV = torch.stack([torch.rand(V, generator=g, device=dev) for g in gen])
     return (logp_BV - (-u_BV.log()).log()).argmax(-1)  # u = 0: noise -inf, never picked
-
-
-def _kv_cache(model) -> dict:
-    """A fresh ``DynamicCache`` under the name the model's forward takes: ``cache`` (transformers
-    >= 5.24, which deprecates ``past_key_values``), else ``past_key_values``."""
-    import inspect
-
-    from transformers import DynamicCache
-
-    lm = _causal_lm(model)
-    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-    try:  # with the config: sliding-window layers get their own kind of cache
-        return {name: DynamicCache(config=lm.config)}
-    except TypeError:  # transformers before 4.56
-        return {name: DynamicCache()}
 
 
 class HFEngine:

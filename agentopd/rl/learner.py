@@ -12,6 +12,7 @@ import torch
 
 from agentopd.rl import distributed, losses, objectives
 from agentopd.rl.logprobs import (
+    can_share_prefix,
     causal_lm,
     gather_logprobs,
     hidden_logprobs,
@@ -19,6 +20,7 @@ from agentopd.rl.logprobs import (
     response_hidden,
     response_logits,
     sequence_logprobs,
+    shared_prefix_hidden,
 )
 
 if TYPE_CHECKING:  # annotations only (the config names the learner, not the other way round)
@@ -229,9 +231,11 @@ def _forward(cfg: TrainConfig, model, head_VH, chunk: int, amp, st: StepBatch, i
     """The student's forward over rows ``idx``: its final hidden states ``[B, R, H]`` (chunk > 0) or
     logits ``[B, R, V]``, the head, and the log-probs ``[B, T]``; in the first epoch also their old
     log-probs (:func:`_old_from_forward`)."""
-    R_ = [st.response_ids[b] for b in idx]
+    P_, R_ = [st.prompt_ids[b] for b in idx], [st.response_ids[b] for b in idx]
+    shared = cfg.optim.share_prompts and can_share_prefix(model, P_)
+    fwd = (shared_prefix_hidden if shared else response_hidden) if chunk else response_logits
     with amp():  # the head in autocast too
-        out_BRX = (response_hidden if chunk else response_logits)(model, [st.prompt_ids[b] for b in idx], R_)
+        out_BRX = fwd(model, P_, R_)  # a group's rows share their prompt: forwarded once
         head_VH = lm_head_weight(model) if chunk else head_VH  # FSDP: the head this forward gathered
         T = learner_temperature(cfg.sampling)
         lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk, temperature=T)[0] if chunk else
@@ -259,10 +263,10 @@ def score(cfg: TrainConfig, model, teacher, ref, amp, rows: TurnRows, teacher_pr
     resp_ids = [g.response_ids for g in rows.turns]
     student_prompts = rows.prompt_ids
 
-    def score(scorer, prompts, responses):
+    def score(scorer, prompts, responses):  # repeated prompts forwarded once, as in the update (_forward)
         with distributed.gathered(scorer):  # FSDP: any number of forwards per rank
             return sequence_logprobs(scorer, prompts, responses, micro_batch=cfg.optim.micro_batch,
-                                     chunk=cfg.optim.logits_chunk, temperature=T)[0]
+                                     chunk=cfg.optim.logits_chunk, temperature=T, share_prefix=cfg.optim.share_prompts)[0]
 
     with torch.no_grad(), amp():
         student_lp = None if old_from_update(cfg, model) else score(model, student_prompts, resp_ids)

@@ -56,6 +56,21 @@ def causal_lm(model):
 _causal_lm = causal_lm
 
 
+def kv_cache(model) -> dict:
+    """A fresh ``DynamicCache`` under the name the model's forward takes: ``cache`` (transformers
+    >= 5.24, which deprecates ``past_key_values``), else ``past_key_values``."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    lm = causal_lm(model)
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    try:  # with the config: sliding-window layers get their own kind of cache
+        return {name: DynamicCache(config=lm.config)}
+    except TypeError:  # transformers before 4.56
+        return {name: DynamicCache()}
+
+
 class Scorer(torch.nn.Module):
     """A causal LM's learner forward as one module: the decoder's final hidden states ``[B, T, H]``
     (the head left to the chunked log-probs, see :func:`lm_head_weight`) or, with ``logits_to_keep``,
@@ -108,6 +123,42 @@ def response_hidden(model, prompt_ids: list[list[int]], response_ids: list[list[
     return hidden_BTH[:, hidden_BTH.shape[1] - Rmax - 1:-1]
 
 
+def shared_prefix_hidden(model, prompt_ids: list[list[int]], response_ids: list[list[int]]):
+    """As :func:`response_hidden` for rows that repeat prompts (a group's teacher contexts share
+    their demonstration): each distinct prompt is forwarded once (left-padded, KV cache kept), the
+    cache repeated to the rows, then one forward over the responses (right-padded) on it. The same
+    attention, positions and outputs as the one full forward, up to float rounding, with or without
+    grad (the gradient reaches the prompt's forward through the repeated cache); where
+    :func:`can_share_prefix`. ``[B, Rmax, H]``."""
+    uniq = list(dict.fromkeys(tuple(p) for p in prompt_ids))
+    row_U = torch.tensor([uniq.index(tuple(p)) for p in prompt_ids], device=device_of(model))
+    dev, Rmax = device_of(model), max(len(r) for r in response_ids)
+    ids_UP, mask_UP = pad_left([list(p) for p in uniq], 0, dev)
+    cache = kv_cache(model)
+    decoder = causal_lm(model).get_decoder()
+    hid_UPH = decoder(input_ids=ids_UP, attention_mask=mask_UP, position_ids=positions(mask_UP),
+                      use_cache=True, **cache).last_hidden_state
+    next(iter(cache.values())).reorder_cache(row_U)  # every row its prompt's keys and values
+    ids_BR = torch.zeros((len(prompt_ids), Rmax), dtype=torch.long)
+    mask_BR = torch.zeros_like(ids_BR)
+    for b, r in enumerate(response_ids):
+        ids_BR[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask_BR[b, :len(r)] = 1
+    mask_BT = torch.cat([mask_UP[row_U], mask_BR.to(dev)], 1)
+    pos_BR = positions(mask_BT)[:, -Rmax:]
+    hid_BRH = decoder(input_ids=ids_BR.to(dev), attention_mask=mask_BT, position_ids=pos_BR,
+                      use_cache=True, **cache).last_hidden_state
+    return torch.cat([hid_UPH[row_U, -1:], hid_BRH[:, :-1]], 1)
+
+
+def can_share_prefix(model, prompt_ids: list[list[int]]) -> bool:
+    """:func:`shared_prefix_hidden` applies (and saves work): a plain model (no FSDP/DDP roots, no
+    gradient checkpointing, which drops the cache) with a plain head and fewer distinct prompts than rows."""
+    plain = (model.__dict__.get(ROOTS) is None and lm_head_weight(model) is not None
+             and not getattr(causal_lm(model), "is_gradient_checkpointing", False))
+    return plain and hasattr(causal_lm(model), "get_decoder") and len(set(map(tuple, prompt_ids))) < len(prompt_ids)
+
+
 def gather_logprobs(logits_BRV: torch.Tensor, response_ids: list[list[int]],
                     temperature: float = 1.0) -> list[torch.Tensor]:
     """Float32 log-probs of each row's response ids under ``log_softmax(logits_BRV / temperature)``
@@ -134,7 +185,8 @@ def hidden_logprobs(hidden_BRH: torch.Tensor, head_VH: torch.Tensor, response_id
 
 
 def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                      micro_batch: int = 8, topk: int = 0, chunk: int = 128, temperature: float = 1.0):
+                      micro_batch: int = 8, topk: int = 0, chunk: int = 128, temperature: float = 1.0,
+                      share_prefix: bool = False):
     """Per-token log-probs of ``response_ids[i]`` given ``prompt_ids[i]``: one forward per micro-batch
     (see :func:`response_logits`). Works with grad enabled (the learner) or under
     ``torch.no_grad`` (teachers). Returns ``(logprobs, topk)``: ``logprobs`` a list of 1-D float32
@@ -144,6 +196,8 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
     states this many positions at a time (:func:`hidden_logprobs`) where :func:`lm_head_weight`
     allows; 0: the ``[B, R, V]`` logits of each micro-batch at once. ``temperature`` divides the
     logits first (the sampling temperature: the log-probs of the distribution sampled from).
+    ``share_prefix``: a micro-batch's repeated prompts forwarded once (:func:`shared_prefix_hidden`),
+    where :func:`can_share_prefix` allows.
     """
     device = device_of(model)
     head_VH = lm_head_weight(model) if chunk else None
@@ -156,7 +210,8 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
             top_idx += [torch.zeros(0, topk, dtype=torch.long, device=device) for _ in P]
             continue
         if head_VH is not None:
-            hidden_BRH = response_hidden(model, P, R)  # the head read after the forward (FSDP gathers it there)
+            shared = share_prefix and can_share_prefix(model, P)
+            hidden_BRH = (shared_prefix_hidden if shared else response_hidden)(model, P, R)  # then the head (FSDP)
             lps, top = hidden_logprobs(hidden_BRH, lm_head_weight(model), R, chunk, topk, temperature)
         else:
             logits_BRV = response_logits(model, P, R)
