@@ -61,15 +61,23 @@ def continuation_ids(tokenizer, history: list[dict], new_messages: list[dict], r
     return tokenizer.encode(closing + opened[len(closed):], add_special_tokens=False)
 
 
+def _info(infos: dict, key: str, i: int, default=None):
+    """Slot ``i``'s ``key`` in a vector env's info dict (Gymnasium's ``_key`` mask says who has it)."""
+    mask = infos.get(f"_{key}")
+    return infos[key][i] if mask is not None and mask[i] else default
+
+
 def _judgement(infos: dict, i: int, reward: float, ended: bool) -> Judgement:
     """Slot ``i``'s Judgement from the env's info (agentopd's envs give it), else made from its reward
     (a user env: success is reward 1 at the end of an episode; NaN is a judge failure)."""
-    if infos.get("_judgement", [False] * (i + 1))[i]:
-        return infos["judgement"][i]
-    critique = infos["critique"][i] if infos.get("_critique", [False] * (i + 1))[i] else ""
+    given = _info(infos, "judgement", i)
+    if given is not None:
+        return given
+    critique = _info(infos, "critique", i, "")
     if reward != reward:
         return Judgement(Verdict(float("nan"), 0, 0, "judge_error"), critique)
-    ok = bool(infos["success"][i]) if infos.get("_success", [False] * (i + 1))[i] else ended and reward >= 1.0
+    success = _info(infos, "success", i)
+    ok = bool(success) if success is not None else ended and reward >= 1.0
     return Judgement(Verdict(float(reward), int(ok), 1, "ok" if ok else "wrong_answer"), critique)
 
 
@@ -196,7 +204,7 @@ def _advance(ep: Episode, prompts: list, i: int, g, obs: str, reward: float, end
     """Record slot ``i``'s turn; when the episode goes on, extend its prompt with the feedback turn.
     True: still active."""
     j = _judgement(infos, i, reward, ended)
-    fb = infos["feedback_status"][i] if infos.get("_feedback_status", [False] * (i + 1))[i] else j.verdict.status
+    fb = _info(infos, "feedback_status", i, j.verdict.status)
     ep.turns.append(Turn(None if gen.chat else prompts[i], list(g.response_ids), list(g.logprobs), g.text, j,
                          reward, g.finish_reason, fb))
     history = list(ep.messages)

@@ -419,13 +419,14 @@ def _envs(cfg: TrainConfig, judge):
     P, G = cfg.sampling.prompts_per_step // distributed.world(), cfg.sampling.group_size  # this rank's prompts
     per_call = cfg.sampling.generate_chunk or P
     venvs = make_envs(env_id, kw, [min(per_call, P - c) * G for c in range(0, P, per_call)])
-    heldout = None
-    if held_kw is not None:
-        if hasattr(venvs[0], "env") and "judge" not in cfg.env.heldout_kwargs:
-            held_kw["judge"] = venvs[0].env.judge  # one judge (one sandbox pool) for both
-        heldout = make_envs(env_id, held_kw, [cfg.run.eval_problems * cfg.run.eval_samples])[0]
-        if hasattr(heldout, "owner") and held_kw.get("judge") is kw.get("judge", venvs[0].env.judge):
-            heldout.owner = False
+    if held_kw is None:
+        return venvs, None
+    shared = getattr(venvs[0], "env", None)  # agentopd's env: one judge (one sandbox pool) for both
+    if shared is not None and "judge" not in cfg.env.heldout_kwargs:
+        held_kw["judge"] = shared.judge
+    heldout = make_envs(env_id, held_kw, [cfg.run.eval_problems * cfg.run.eval_samples])[0]
+    if shared is not None and held_kw.get("judge") is shared.judge:
+        heldout.owner = False  # the training envs close the judge
     return venvs, heldout
 
 

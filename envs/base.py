@@ -135,6 +135,12 @@ class JudgedVectorEnv(VectorEnv):
         self._ended = [False] * num_envs
         self._rngs = [np.random.default_rng() for _ in range(num_envs)]
 
+    @classmethod
+    def over(cls, problems: list[Problem], judge, n: int, max_turns: int = 1, public_tests: int = 0) -> JudgedVectorEnv:
+        """``n`` slots per problem of a :class:`JudgedEnv` over ``problems`` (reset them problem-major
+        by index); closing it leaves ``judge`` to its owner."""
+        return cls(JudgedEnv(problems, judge, max_turns, public_tests=public_tests), len(problems) * n, owner=False)
+
     def _reset_slot(self, i: int, index=None) -> str:
         self._slots[i] = self.env.pick(self._rngs[i], None if index is None else {"index": index})
         self._turns[i], self._ended[i] = 0, False

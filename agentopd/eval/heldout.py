@@ -41,7 +41,7 @@ def heldout_pass1(engine, tok, problems, judge, n: int, sampling: SamplingConfig
     """Held-out pass@1 of ``problems`` (a list) under ``judge``: the mean success of ``n`` samples per
     problem at the sampling temperature, over the judged samples. Judge errors (an outage, not a
     wrong answer) are left out and their count said on stderr; NaN when no sample could be judged."""
-    from agentopd.envs.base import JudgedEnv, JudgedVectorEnv
+    from agentopd.envs.base import JudgedVectorEnv
 
-    venv = JudgedVectorEnv(JudgedEnv(problems, judge), len(problems) * n, owner=False)
+    venv = JudgedVectorEnv.over(problems, judge, n)
     return heldout_eval(engine, tok, venv, len(problems), n, sampling, seed)["heldout_pass1"]

@@ -357,13 +357,12 @@ def play(run: Session, cfg, problems: list, n: int, max_turns: int = 1, public_t
     :func:`agentopd.rollout.rollout` (problem-major), with the session's engine and judge. Sample
     ``i`` of problem ``p`` is drawn from the seed ``derive_seed(sampling.seed, p.id, i)`` alone:
     the same numbers whatever the chunking, the batch or the resume."""
-    from agentopd.envs.base import JudgedEnv, JudgedVectorEnv
+    from agentopd.envs.base import JudgedVectorEnv
     from agentopd.inference.base import derive_seed
     from agentopd.rollout import DEFAULT_FEEDBACK, Sampling, rollout
 
     s = cfg.sampling
-    venv = JudgedVectorEnv(JudgedEnv(problems, run.judge, max_turns, public_tests=public_tests), len(problems) * n,
-                           owner=False)
+    venv = JudgedVectorEnv.over(problems, run.judge, n, max_turns, public_tests)
     seeds = [derive_seed(s.seed, p.id, i) for p in problems for i in run.todo[p.id]]
     # (``seed``: for an engine without per-sample seeds, a function of the call's first sample)
     return rollout(run.engine, getattr(run.engine, "tokenizer", None), venv, group_size=n, seed=seeds[0],
