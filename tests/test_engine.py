@@ -224,8 +224,7 @@ def test_generation_uses_the_current_cache_argument(tiny, prompts):
 def reference_generate(eng, prompt_ids, n, max_new_tokens, temperature=1.0, top_p=1.0, stop=(), seed=None):
     """The straightforward loop HFEngine.generate replaced: a host sync and, with stop strings, a
     text decode per token per row. The reference for test_generate_matches_the_reference_loop."""
-    from agentopd.inference.hf import _kv_cache
-    from agentopd.rl.logprobs import pad_left, positions
+    from agentopd.rl.logprobs import positions
 
     stop = list(stop)
     gen = torch.Generator(device=eng.device).manual_seed(seed) if seed is not None else None
@@ -235,15 +234,12 @@ def reference_generate(eng, prompt_ids, n, max_new_tokens, temperature=1.0, top_
         for s in range(0, len(rows), eng.batch_size):
             batch = rows[s:s + eng.batch_size]
             B = len(batch)
-            ids_BL, mask_BL = pad_left(batch, eng.pad_id, eng.device)
+            cache, logits_B1V, mask_BL = eng._prefill(batch)  # checked on its own below
             pos_B = positions(mask_BL)[:, -1]
-            cache = _kv_cache(eng.model)
-            out = eng.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=positions(mask_BL),
-                            use_cache=True, logits_to_keep=1, **cache)
             window = 4 * max((len(x) for x in stop), default=0) + 8
             resp, lps, reason = [[] for _ in range(B)], [[] for _ in range(B)], [None] * B
             for step in range(max_new_tokens):
-                tok_B, lp_B = eng._pick(out.logits[:, -1], temperature, top_p, gen)
+                tok_B, lp_B = eng._pick(logits_B1V[:, -1], temperature, top_p, gen)
                 toks, lp = tok_B.tolist(), lp_B.tolist()
                 for b in range(B):
                     if reason[b] is not None:
@@ -259,11 +255,42 @@ def reference_generate(eng, prompt_ids, n, max_new_tokens, temperature=1.0, top_
                 tok_B = tok_B.masked_fill(done_B, eng.pad_id)
                 mask_BL = torch.cat([mask_BL, torch.ones_like(mask_BL[:, :1])], dim=1)
                 pos_B = pos_B + 1
-                out = eng.model(input_ids=tok_B[:, None], attention_mask=mask_BL,
-                                position_ids=pos_B[:, None], use_cache=True, logits_to_keep=1, **cache)
+                logits_B1V = eng.model(input_ids=tok_B[:, None], attention_mask=mask_BL, position_ids=pos_B[:, None],
+                                       use_cache=True, logits_to_keep=1, **cache).logits
             flat += [Generation(resp[b], lps[b], eng.tokenizer.decode(resp[b], skip_special_tokens=True),
                                 reason[b] or "length") for b in range(B)]
     return [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+
+def test_prefill_forwards_each_distinct_prompt_once(tiny, prompts):
+    """A group's samples share their prompt's forward: the repeated rows' logits, mask and KV cache
+    equal those of forwarding every row (to float rounding), and generation continues from them as
+    from the full prefill."""
+    from agentopd.inference.hf import _kv_cache
+    from agentopd.rl.logprobs import pad_left, positions
+
+    model, tok = tiny
+    short, long = prompts
+    rows = [short, short, long, short[:5], long, short]
+    eng = HFEngine(model, tok)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        cache, logits_B1V, mask_BL = eng._prefill(rows)
+    finally:
+        hook.remove()
+    assert calls == [torch.Size([3, len(long)])]  # the 3 distinct prompts, once each
+    ids_BL, want_mask_BL = pad_left(rows, eng.pad_id, eng.device)
+    want = _kv_cache(model)
+    with torch.no_grad():
+        want_B1V = model(input_ids=ids_BL, attention_mask=want_mask_BL, position_ids=positions(want_mask_BL),
+                         use_cache=True, logits_to_keep=1, **want).logits
+    assert torch.equal(mask_BL, want_mask_BL)
+    torch.testing.assert_close(logits_B1V, want_B1V, atol=1e-5, rtol=0)
+    got_c, want_c = next(iter(cache.values())), next(iter(want.values()))
+    for a, b in zip(got_c.layers, want_c.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -36,7 +36,8 @@ def _draw(logp_BV: torch.Tensor, gen) -> torch.Tensor:
 
 class HFEngine:
     """Batched sampling with a transformers causal LM: left padding, KV cache, a hand sampling loop
-    (so the log-prob of each id is exactly that of the distribution it was drawn from).
+    (so the log-prob of each id is exactly that of the distribution it was drawn from); a prompt
+    sampled ``n`` times is forwarded once (:meth:`_prefill`).
 
     ``temperature == 0`` is greedy; its ``logprobs`` are then the untempered model log-probs (the
     greedy point mass would give only zeros)."""
@@ -95,20 +96,33 @@ class HFEngine:
         texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
         return [any(s in t for s in stop) for t in texts]
 
+    def _prefill(self, rows):
+        """The prompts' forward: ``(cache, last logits [B, 1, V], mask [B, L])``. Each distinct prompt
+        is forwarded once (a group's ``n`` samples share theirs) and its KV cache and logits repeated
+        to its rows: the same keys, values and logits as forwarding every row, up to float rounding."""
+        uniq = list(dict.fromkeys(map(tuple, rows)))
+        ids_UL, mask_UL = pad_left([list(p) for p in uniq], self.pad_id, self.device)
+        cache = _kv_cache(self.model)  # filled in place by every forward
+        logits_U1V = self.model(input_ids=ids_UL, attention_mask=mask_UL, position_ids=positions(mask_UL),
+                                use_cache=True, logits_to_keep=1, **cache).logits
+        if len(uniq) == len(rows):
+            return cache, logits_U1V, mask_UL
+        where = {p: u for u, p in enumerate(uniq)}
+        row_B = torch.tensor([where[tuple(r)] for r in rows], device=self.device)
+        next(iter(cache.values())).reorder_cache(row_B)
+        return cache, logits_U1V[row_B], mask_UL[row_B]
+
     def _generate_batch(self, rows, max_new_tokens, temperature, top_p, stop, gen):
         """Finished-row bookkeeping stays on the device (one host sync per token, for "all rows
         finished?", as in ``model.generate``; with stop strings, the newest ids instead, and only the
         unfinished rows' tails decoded, in one batch call); ids and log-probs go into preallocated
         ``[B, max_new_tokens]`` tensors. Finished rows are fed the pad id (rows are independent)."""
         B, dev = len(rows), self.device
-        ids_BL, mask_BL = pad_left(rows, self.pad_id, dev)
-        L = ids_BL.shape[1]
+        cache, logits_B1V, mask_BL = self._prefill(rows)
+        L = mask_BL.shape[1]
         pos_B1 = positions(mask_BL)[:, -1:]
         mask_BT = torch.ones((B, L + max_new_tokens), dtype=mask_BL.dtype, device=dev)
         mask_BT[:, :L] = mask_BL
-        cache = _kv_cache(self.model)  # filled in place by every forward
-        out = self.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=positions(mask_BL),
-                         use_cache=True, logits_to_keep=1, **cache)
         window = 4 * max((len(s) for s in stop), default=0) + 8  # a token carries >= 1 byte
         eos_E = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=dev)
         resp_BT = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
@@ -118,7 +132,7 @@ class HFEngine:
         hist = [[] for _ in range(B)] if stop else None  # host copies of the rows' ids, for stop strings
         live = list(range(B))  # unfinished rows (host side; kept up to date only with stop strings)
         for step in range(max_new_tokens):
-            tok_B, lp_B = self._pick(out.logits[:, -1], temperature, top_p, gen)
+            tok_B, lp_B = self._pick(logits_B1V[:, -1], temperature, top_p, gen)
             active_B = ~done_B
             resp_BT[:, step] = tok_B
             lp_BT[:, step] = lp_B
@@ -137,9 +151,9 @@ class HFEngine:
             if step == max_new_tokens - 1 or (not live if stop else bool(done_B.all())):
                 break
             pos_B1 = pos_B1 + 1
-            out = self.model(input_ids=tok_B.masked_fill(done_B, self.pad_id)[:, None],
-                             attention_mask=mask_BT[:, :L + step + 1], position_ids=pos_B1,
-                             use_cache=True, logits_to_keep=1, **cache)
+            logits_B1V = self.model(input_ids=tok_B.masked_fill(done_B, self.pad_id)[:, None],
+                                    attention_mask=mask_BT[:, :L + step + 1], position_ids=pos_B1,
+                                    use_cache=True, logits_to_keep=1, **cache).logits
         lens, done = len_B.tolist(), done_B.tolist()
         resp = [r[:k] for r, k in zip(resp_BT.tolist(), lens)]
         lps = [r[:k] for r, k in zip(lp_BT.tolist(), lens)]
