@@ -867,6 +867,25 @@ def test_idle_warm_worker_gives_the_next_program_its_full_time(sb):
     assert (r.status, r.stdout) == ("ok", "done\n")
 
 
+AGE = """
+import os
+ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # starttime, clock ticks since boot
+print(float(open("/proc/uptime").read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK"))
+"""
+
+
+@pytest.mark.parametrize("sb", WARM_POOLS, indirect=True)
+def test_warm_worker_forks_the_next_program_before_its_request(sb):
+    """The fork is off the caller's wait: a program's process is already as old as the pause
+    before its request (forked between requests, when its worker's last run was cleaned up)."""
+    for _ in range(sb.workers):
+        assert run(sb, "pass").status == "ok"
+    time.sleep(0.6)
+    r = run(sb, AGE)
+    assert r.status == "ok", r.stderr
+    assert float(r.stdout) >= 0.4, r.stdout  # (clock ticks: 10 ms)
+
+
 @pytest.mark.parametrize("sb", WARM_POOLS, indirect=True)
 def test_warm_pool_isolation_between_programs(sb):
     mark = marker()

@@ -3,7 +3,8 @@
 This file is used twice: imported on the host (``collect``/``rlimits``) by the cold backends, and
 run as a script inside a sandbox (bwrap, docker) as a *warm worker*: it reads one request at a time
 on stdin (a JSON header line, then the program's and its stdin's bytes, which it splices into
-files), runs the program in a child forked from this already-started interpreter, and answers
+files), runs the program in a child forked from this already-started interpreter (forked
+*before* the request came, between requests, so the fork is off the caller's wait), and answers
 one JSON line. A call-style run (the tests of agentopd/sandbox/calltests.py) costs one fork too:
 the child is the candidate, and the worker's *helper*, a long-lived process forked from the
 worker before any program ran, holds the tests (spliced to it past the worker's memory), calls
@@ -273,12 +274,12 @@ def _clean(dirs):
 
 
 def _header(req_fd):
-    """The next request's header: a short line ``{"header": <size>}`` read a byte at a time, then
-    exactly that many bytes; not one byte of the program or its stdin that follow enters this
-    process. None when there are no more requests."""
+    """The next request's header: a short line ``{"header": <size>}`` read a byte at a time (past
+    its first 14, which every such line has), then exactly that many bytes; not one byte of the
+    program or its stdin that follow enters this process. None when there are no more requests."""
     buf = bytearray()
-    while not buf.endswith(b"\n"):
-        byte = os.read(req_fd, 1)
+    while not buf.endswith(b"\n"):  # the shortest line, {"header": 1} and its newline, is 14 bytes
+        byte = os.read(req_fd, max(1, 14 - len(buf)))
         if not byte:
             return None
         buf += byte
@@ -478,40 +479,80 @@ def _to_helper(helper, head, req_fd, cmd_w, rep_r):
     return out_r, err_r
 
 
-def _run_one(req_fd, sinks, work, helper):
-    """Read the next request and collect its program, forked from this process, whose memory
-    never holds a program, its stdin or tests: the header is read byte by byte and the rest
-    spliced into files and pipes. (The fork comes after the request, when the last child is
-    gone: this process's writes then cost no page copies.) In a call-style run the child is the
-    candidate and the helper's output is the run's. None when there are no more requests (or
-    the helper is gone)."""
+class _Spare:
+    """The next program's process, forked from the worker before its request came (so the fork is
+    off the caller's wait, and the child's memory is the worker's between requests: no program,
+    stdin or test of any run). It waits for its run's limits on a pipe, then becomes the program
+    (:func:`_become_program`). Its pipes: stdout, stderr, and a call-style run's calls/replies."""
+
+    def __init__(self, work, candidate, keep_closed):
+        pipes = [os.pipe() for _ in range(5)]
+        (self.out_r, self.out_w), (self.err_r, self.err_w), (self.cmd_r, self.cmd_w), (self.rep_r, self.rep_w), \
+            (go_r, self.go_w) = pipes
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                for fd in (self.out_r, self.err_r, self.go_w, *keep_closed):
+                    os.close(fd)
+                lim = _read_all(go_r)
+                if lim:
+                    _become_program(json.loads(lim), (self.out_w, self.err_w), (self.cmd_r, self.rep_w), work,
+                                    candidate)
+            finally:
+                os._exit(121)
+        for fd in (go_r, self.out_w, self.err_w, self.cmd_r, self.rep_w):
+            os.close(fd)
+
+    def go(self, lim):
+        """Start the run under ``lim`` (its ``call`` flag included)."""
+        os.write(self.go_w, json.dumps(lim).encode())
+        os.close(self.go_w)
+
+    def cancel(self):
+        """No run for it: it sees no limits and exits."""
+        os.close(self.go_w)
+        os.waitpid(self.pid, 0)
+
+    def discard(self):
+        """No request came: its pipes closed, and :meth:`cancel`."""
+        for fd in (self.out_r, self.err_r, self.cmd_w, self.rep_r):
+            os.close(fd)
+        self.cancel()
+
+
+def _read_all(fd):
+    data = b""
+    while chunk := os.read(fd, 1 << 16):
+        data += chunk
+    os.close(fd)
+    return data
+
+
+def _run_one(req_fd, sinks, work, helper, spare):
+    """Read the next request and collect its program, the ``spare`` forked before it from this
+    process, whose memory never holds a program, its stdin or tests: the header is read byte by
+    byte and the rest spliced into files and pipes. In a call-style run the child is the candidate
+    and the helper's output is the run's. None when there are no more requests (or the helper is
+    gone)."""
     head = _request(req_fd, work)
     if head is None:
+        spare.discard()
         return None
-    pipes = [os.pipe() for _ in range(4)]  # stdout, stderr, and the candidate's calls/replies
-    (out_r, out_w), (err_r, err_w), (cmd_r, cmd_w), (rep_r, rep_w) = pipes
     call = bool(head.get("call"))
+    out_r, err_r = spare.out_r, spare.err_r
     if call:
-        outputs = _to_helper(helper, head, req_fd, cmd_w, rep_r)
-        if outputs is None:
-            for fd in (out_r, out_w, err_r, err_w, cmd_r, rep_w):
-                os.close(fd)
-            return None
+        outputs = _to_helper(helper, head, req_fd, spare.cmd_w, spare.rep_r)  # closes them
         os.close(out_r)
         os.close(err_r)
+        if outputs is None:
+            spare.cancel()
+            return None
         out_r, err_r = outputs
-    pid = os.fork()
-    if pid == 0:
-        try:
-            for fd in (out_r, err_r, *sinks.values(), *(() if call else (cmd_w, rep_r))):
-                os.close(fd)
-            _become_program({**head["limits"], "call": call}, (out_w, err_w), (cmd_r, rep_w), work,
-                            helper.candidate)
-        finally:
-            os._exit(121)
-    for fd in (out_w, err_w, cmd_r, rep_w, *(() if call else (cmd_w, rep_r))):
-        os.close(fd)
-    return _collect_run(pid, head["limits"], out_r, err_r, sinks, helper if call else None)
+    else:
+        os.close(spare.cmd_w)
+        os.close(spare.rep_r)
+    spare.go({**head["limits"], "call": call})
+    return _collect_run(spare.pid, head["limits"], out_r, err_r, sinks, helper if call else None)
 
 
 def _collect_run(pid, lim, out_r, err_r, sinks, helper):
@@ -573,6 +614,16 @@ def _setup(work):
     return req_fd, reply, dirs
 
 
+def _reply(reply, res, sinks):
+    """The result line, then the raw stdout and stderr it announces, sent kernel to kernel from the
+    memfds: the output never passes through this process."""
+    os.write(reply, json.dumps(res).encode() + b"\n")
+    for fd, size in zip(sinks, res["attach"]):
+        off = 0
+        while off < size:
+            off += os.sendfile(reply, fd, off, size - off)
+
+
 def serve(work, driver_src):
     """The warm worker, meant to be pid 1 of its sandbox (programs cannot signal it). No program,
     stdin or test ever passes through its memory: it reads a request's header a byte at a time
@@ -580,8 +631,8 @@ def serve(work, driver_src):
     child forked before the request came becomes the program, and the program's output is
     spliced into memfds and sent on with sendfile, so no program inherits memory holding an
     earlier program's stdin or output. After each program it replies (a JSON line, then the raw
-    stdout and stderr bytes it announces), kills every process left but its helper and has the
-    helper empty the writable places before the next request; when that fails, it exits (the
+    stdout and stderr bytes it announces) and only then, off the caller's wait, kills every process
+    left but its helper and has the helper empty the writable places before the next request; when that fails, it exits (the
     pool starts a fresh sandbox). ``driver_src``: agentopd/sandbox/calltests.py as a program."""
     if os.getuid() == 0:
         sys.exit("agentopd worker: refusing to run as root (it kills every process it can signal)")
@@ -596,19 +647,17 @@ def serve(work, driver_src):
         for fd in sinks:
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
-        res = _run_one(req_fd, dict(enumerate(sinks)), work, helper)
-        if not _reap_all(helper.pid) or res is None or not res.pop("helper_ok", True):
+        spare = _Spare(work, helper.candidate, (req_fd, reply, *sinks))
+        res = _run_one(req_fd, dict(enumerate(sinks)), work, helper, spare)
+        if res is None:
+            return
+        helper_ok = res.pop("helper_ok", True)
+        _reply(reply, res, sinks)  # the run's result is complete: what is left of it cannot change it
+        if not _reap_all(helper.pid) or not helper_ok:
             helper.kill()
             helper = None
         else:
             os.kill(helper.pid, signal.SIGCONT)  # a program may have stopped it
-        if res is None:
-            return
-        os.write(reply, json.dumps(res).encode() + b"\n")
-        for fd, size in zip(sinks, res["attach"]):
-            off = 0
-            while off < size:  # kernel to kernel: the output never passes through this process
-                off += os.sendfile(reply, fd, off, size - off)
         helper = helper or _Helper(calls, dirs, (req_fd, reply, *sinks))
         if not (helper.ask({"clean": True}) and helper.answer(time.monotonic() + 10.0)):
             return
