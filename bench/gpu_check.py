@@ -7,7 +7,8 @@ loop. Every stage synchronizes the device before each timestamp and records its 
 (``torch.cuda.max_memory_allocated``, reset before the stage); a stage that fails records its error
 and the others still run.
 
-1. ``generate``: tokens/s of the ``hf`` engine under bf16 autocast (the rollouts' setting), and of
+1. ``generate``: tokens/s of the ``hf`` engine under bf16 autocast (the rollouts' setting), against
+   ``model.generate`` on the same batch (``engine_over_model_generate``: issue 14's 1.0x), and of
    the ``vllm`` engine (bf16 weights saved to a temp dir; run after the learner stages) when vLLM is
    importable, with the seconds of one step's sleep and weight sync and greedy samples unchanged by it.
 2. ``ppo_ratio``: on those samples, the epoch-0 PPO ratio ``exp(learner - old)``, with ``old`` the
@@ -132,6 +133,15 @@ def bench_hf_generate(model, sizes: dict, device, out: dict):
         seconds = now(device) - t0
     n = sum(len(g.response_ids) for gs in gens for g in gs)
     out.update(tokens=n, batch=len(prompts), tokens_per_s=round(n / seconds, 1))
+    ids_BL = torch.tensor(prompts, device=device)  # the same batch through transformers' own sampler
+    with amp(device), torch.no_grad():
+        t0 = now(device)
+        new_BT = model.generate(input_ids=ids_BL, attention_mask=torch.ones_like(ids_BL), do_sample=True, top_k=0,
+                                max_new_tokens=sizes["gen_new"], min_new_tokens=sizes["gen_new"],
+                                pad_token_id=0)[:, ids_BL.shape[1]:]
+        seconds = now(device) - t0
+    out.update(model_generate_tokens_per_s=round(new_BT.numel() / seconds, 1),
+               engine_over_model_generate=round(out["tokens_per_s"] / (new_BT.numel() / seconds), 3))
     return prompts, [gs[0] for gs in gens]
 
 

@@ -17,4 +17,5 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
               "learner_lora", "learner_lora_gc", "train_loop_tiny"]
     assert all(k in r and "error" not in r[k] for k in stages), {k: r.get(k) for k in stages}
     assert r["generate_hf"]["tokens"] == 16 and r["train_loop_tiny"]["sdpo_over_grpo"] > 0
+    assert r["generate_hf"]["model_generate_tokens_per_s"] > 0 and r["generate_hf"]["engine_over_model_generate"] > 0
     assert r["ppo_ratio"]["epoch0_vs_rescoring"]["clip_frac"] == 0.0  # a correctness figure even at tiny size
