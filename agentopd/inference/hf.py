@@ -123,7 +123,8 @@ class HFEngine:
         pos_B1 = positions(mask_BL)[:, -1:]
         mask_BT = torch.ones((B, L + max_new_tokens), dtype=mask_BL.dtype, device=dev)
         mask_BT[:, :L] = mask_BL
-        window = 4 * max((len(s) for s in stop), default=0) + 8  # a token carries >= 1 byte
+        # a stop string of b bytes ends within the last b tokens (a token carries >= 1 byte), +8 for context
+        window = max((len(s.encode("utf-8")) for s in stop), default=0) + 8
         eos_E = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=dev)
         resp_BT = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
         lp_BT = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
