@@ -521,6 +521,7 @@ class _Spare:
 
 
 def _read_all(fd):
+    """Everything ``fd`` gives until its writer closes it; ``fd`` is closed."""
     data = b""
     while chunk := os.read(fd, 1 << 16):
         data += chunk
@@ -631,9 +632,10 @@ def serve(work, driver_src):
     child forked before the request came becomes the program, and the program's output is
     spliced into memfds and sent on with sendfile, so no program inherits memory holding an
     earlier program's stdin or output. After each program it replies (a JSON line, then the raw
-    stdout and stderr bytes it announces) and only then, off the caller's wait, kills every process
-    left but its helper and has the helper empty the writable places before the next request; when that fails, it exits (the
-    pool starts a fresh sandbox). ``driver_src``: agentopd/sandbox/calltests.py as a program."""
+    stdout and stderr bytes it announces) and only then, off the caller's wait, kills every
+    process left but its helper and has the helper empty the writable places before the next
+    request; when that fails, it exits (the pool starts a fresh sandbox). ``driver_src``:
+    agentopd/sandbox/calltests.py as a program."""
     if os.getuid() == 0:
         sys.exit("agentopd worker: refusing to run as root (it kills every process it can signal)")
     calls = {"__name__": "agentopd_calltests"}
@@ -650,6 +652,7 @@ def serve(work, driver_src):
         spare = _Spare(work, helper.candidate, (req_fd, reply, *sinks))
         res = _run_one(req_fd, dict(enumerate(sinks)), work, helper, spare)
         if res is None:
+            helper.kill()
             return
         helper_ok = res.pop("helper_ok", True)
         _reply(reply, res, sinks)  # the run's result is complete: what is left of it cannot change it
