@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from agentopd.rl.logprobs import device_of, kv_cache as _kv_cache, pad_left, positions
+from agentopd.rl.logprobs import device_of, distinct_rows, kv_cache as _kv_cache, pad_left, positions
 from agentopd.types import Generation
 
 
@@ -100,15 +100,13 @@ class HFEngine:
         """The prompts' forward: ``(cache, last logits [B, 1, V], mask [B, L])``. Each distinct prompt
         is forwarded once (a group's ``n`` samples share theirs) and its KV cache and logits repeated
         to its rows: the same keys, values and logits as forwarding every row, up to float rounding."""
-        uniq = list(dict.fromkeys(map(tuple, rows)))
-        ids_UL, mask_UL = pad_left([list(p) for p in uniq], self.pad_id, self.device)
+        uniq, row_B = distinct_rows(rows, self.device)
+        ids_UL, mask_UL = pad_left(uniq, self.pad_id, self.device)
         cache = _kv_cache(self.model)  # filled in place by every forward
         logits_U1V = self.model(input_ids=ids_UL, attention_mask=mask_UL, position_ids=positions(mask_UL),
                                 use_cache=True, logits_to_keep=1, **cache).logits
         if len(uniq) == len(rows):
             return cache, logits_U1V, mask_UL
-        where = {p: u for u, p in enumerate(uniq)}
-        row_B = torch.tensor([where[tuple(r)] for r in rows], device=self.device)
         next(iter(cache.values())).reorder_cache(row_B)
         return cache, logits_U1V[row_B], mask_UL[row_B]
 

@@ -123,6 +123,14 @@ def response_hidden(model, prompt_ids: list[list[int]], response_ids: list[list[
     return hidden_BTH[:, hidden_BTH.shape[1] - Rmax - 1:-1]
 
 
+def distinct_rows(rows: list[list[int]], device=None) -> tuple[list[list[int]], torch.Tensor]:
+    """The distinct ``rows`` in first-seen order and, per row, its index among them ``[B]``:
+    ``distinct[row_B[b]] == rows[b]`` (a prompt forwarded once, its outputs repeated to its rows)."""
+    where: dict[tuple, int] = {}
+    row_B = torch.tensor([where.setdefault(tuple(r), len(where)) for r in rows], dtype=torch.long, device=device)
+    return [list(r) for r in where], row_B
+
+
 def shared_prefix_hidden(model, prompt_ids: list[list[int]], response_ids: list[list[int]]):
     """As :func:`response_hidden` for rows that repeat prompts (a group's teacher contexts share
     their demonstration): each distinct prompt is forwarded once (left-padded, KV cache kept), the
@@ -130,10 +138,9 @@ def shared_prefix_hidden(model, prompt_ids: list[list[int]], response_ids: list[
     attention, positions and outputs as the one full forward, up to float rounding, with or without
     grad (the gradient reaches the prompt's forward through the repeated cache); where
     :func:`can_share_prefix`. ``[B, Rmax, H]``."""
-    uniq = list(dict.fromkeys(tuple(p) for p in prompt_ids))
-    row_U = torch.tensor([uniq.index(tuple(p)) for p in prompt_ids], device=device_of(model))
     dev, Rmax = device_of(model), max(len(r) for r in response_ids)
-    ids_UP, mask_UP = pad_left([list(p) for p in uniq], 0, dev)
+    uniq, row_U = distinct_rows(prompt_ids, dev)
+    ids_UP, mask_UP = pad_left(uniq, 0, dev)
     cache = kv_cache(model)
     decoder = causal_lm(model).get_decoder()
     hid_UPH = decoder(input_ids=ids_UP, attention_mask=mask_UP, position_ids=positions(mask_UP),

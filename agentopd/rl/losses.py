@@ -215,7 +215,7 @@ def kl_alpha_chunked(
     logits, never holding a ``[B, T, V]`` tensor)."""
     per_token_BT = kl_alpha_chunked_per_token(student_hidden_BTH, teacher_hidden_BTH, lm_head_weight_VH, mask_BT,
                                               alpha, chunk, teacher_lm_head_weight_VH, temperature)
-    return per_token_BT.sum() / mask_BT.bool().sum().clamp(min=1)
+    return _masked_mean(per_token_BT, mask_BT.bool())
 
 
 def _chunk_logprobs(hidden_NH: torch.Tensor, target_N: torch.Tensor, weight_VH: torch.Tensor, topk: int,
