@@ -1,4 +1,4 @@
-"""The Gymnasium code environments (envs/code.py) and the problem loaders (envs/data.py)."""
+"""The Gymnasium code environments (agentopd/envs/code.py) and the problem loaders (agentopd/envs/data.py)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The test judge (judges/tests.py) on real problems, in the real bwrap sandbox: call-style and
+"""The test judge (agentopd/judges/tests.py) on real problems, in the real bwrap sandbox: call-style and
 io-style verdicts, critiques and their caps, code extraction, and reward-hacking attempts."""
 from __future__ import annotations
 

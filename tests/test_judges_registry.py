@@ -1,4 +1,4 @@
-"""The judge registry (judges/base.py): names, dicts, import paths, ``register``, entry points,
+"""The judge registry (agentopd/judges/base.py): names, dicts, import paths, ``register``, entry points,
 errors with suggestions, the ``agentopd judges`` command; the composite judge; ``ByKindJudge``;
 and the copyable custom judge in examples/ruff_judge.py."""
 from __future__ import annotations

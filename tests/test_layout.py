@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"agentopd": ROOT / "agentopd", "agentopd.envs": ROOT / "envs", "agentopd.judges": ROOT / "judges"}
+PACKAGES = {"agentopd": ROOT / "agentopd"}
 
 
 def modules() -> dict[str, Path]:
@@ -19,8 +19,6 @@ def modules() -> dict[str, Path]:
             rel = f.relative_to(base).with_suffix("")
             parts = [p for p in rel.parts if p != "__init__"]
             name = ".".join([pkg, *parts])
-            if pkg == "agentopd" and parts and parts[0] in ("envs", "judges"):
-                continue
             out[name] = f
     return out
 

@@ -1,4 +1,4 @@
-"""The LLM judge (judges/llm.py) against a real HTTP server on loopback that speaks the
+"""The LLM judge (agentopd/judges/llm.py) against a real HTTP server on loopback that speaks the
 OpenAI-compatible chat API and answers from a per-test script: successes, slow replies past the
 timeout, HTTP errors, malformed replies, a server that is down, headers and request bodies, and the
 bound on requests in flight. Also ``reward_stats`` over judgements with judge errors."""

@@ -1,5 +1,5 @@
-"""The math judge (judges/math.py: answer extraction, math-verify in worker processes with a hard
-deadline), the math environment (envs/math.py), the procedural generator (envs/procedural.py),
+"""The math judge (agentopd/judges/math.py: answer extraction, math-verify in worker processes with a hard
+deadline), the math environment (agentopd/envs/math.py), the procedural generator (agentopd/envs/procedural.py),
 reasoning-gym problems, and ``agentopd eval passk`` on a math file."""
 from __future__ import annotations
 

@@ -299,5 +299,5 @@ def test_shared_prefix_forward_gradients_match_full_forward(tiny):
         got.append((h_BRH.detach() * mask_BR1, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(got[0][0], got[1][0], rtol=0, atol=1e-4)
     assert len(got[0][1]) == len(got[1][1]) > 0
-    for a, b in zip(got[0][1], got[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(got[0][1], got[1][1]):  # float32 sums in another order: an error relative to the largest
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-6)
