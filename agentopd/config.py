@@ -21,6 +21,13 @@ class ConfigError(ValueError):
     pass
 
 
+RENAMED = {
+    "teacher.use_critique": "teacher.context (a list of feedback, demonstration, reference; e.g. [feedback])",
+    "teacher.use_demonstration": "teacher.context (a list of feedback, demonstration, reference; e.g. [demonstration])",
+}
+"""Keys that are gone, and what replaced them: an error naming the new key, not a guess."""
+
+
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
@@ -107,6 +114,8 @@ def build(cls, data: dict, where: str = ""):
     kw = {}
     for key, value in (data or {}).items():
         path = f"{where}.{key}" if where else key
+        if key not in fields and path in RENAMED:
+            raise ConfigError(f"config key '{path}' is gone: use {RENAMED[path]}")
         if key not in fields:
             raise ConfigError(f"unknown config key '{path}'{_nearest(key, fields, where)}")
         kw[key] = _coerce(value, hints[key], path)

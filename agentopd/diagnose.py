@@ -35,8 +35,8 @@ import sys
 
 import torch
 
-KINDS = {"critique": (True, False), "demonstration": (False, True), "both": (True, True)}
-"""Context kind -> (use_critique, use_demonstration)."""
+KINDS = {"critique": ["feedback"], "demonstration": ["demonstration"], "both": ["feedback", "demonstration"]}
+"""Context kind -> the teacher's ``context`` sources."""
 DEFAULT_PROBLEMS = 50
 """Held-out problems when the config's run.eval_problems is 0."""
 
@@ -252,8 +252,7 @@ def _contexts(kind: str, plain: _Plain, tok, cfg, template) -> list:
     own critique (see the module's docstring)."""
     from agentopd.rl.teacher import build_teacher_context, teacher_contexts
 
-    crit, demo = KINDS[kind]
-    tcfg = dataclasses.replace(cfg.teacher, use_critique=crit, use_demonstration=demo)
+    tcfg = dataclasses.replace(cfg.teacher, context=KINDS[kind])
     G = cfg.sampling.group_size
     ctx = teacher_contexts(tok, [p.prompt for p in plain.problems], plain.gens, plain.judgements, G, tcfg, template)
     if kind == "critique":

@@ -178,7 +178,9 @@ def rollout(engine, tokenizer, venv, *, group_size: int = 1, sampling: Sampling 
     N = len(obs)
     ids = infos.get("problem_id", [None] * N)
     episodes = [Episode(str(ids[i]), i // group_size, obs[i],
-                        messages=[{"role": "user", "content": template.format(prompt=obs[i])}]) for i in range(N)]
+                        messages=[{"role": "user", "content": template.format(prompt=obs[i])}],
+                        privileged=_info(infos, "privileged", i, None) or {}, kind=_info(infos, "kind", i, ""))
+                for i in range(N)]
     prompts = [gen.first_prompt(e.messages) for e in episodes]
     max_turns = 1 if completion else max_turns
     active = list(range(N))

@@ -29,6 +29,7 @@ from agentopd.rl.learner import (
     TurnRows,
     autocast,
     load_model,
+    load_teacher,
     pick_device,
     precision,
     score,
@@ -94,18 +95,41 @@ class EnvConfig:
 
 @dataclass
 class TeacherConfig:
+    """The teacher that scores the student's own sampled tokens: which model it is (the student
+    itself, a separate model, or a served one) and what it sees (``context``)."""
+
+    model: str = ""
+    """Which model: empty = the student itself (``mode`` says how); a checkpoint dir or hub id (or
+    'micro-teacher', the shipped stronger micro model) = a separate frozen model with the student's
+    tokenizer (vanilla on-policy distillation, OPD): loaded once, never trained, LoRA-free."""
+    device: str = "auto"
+    """The separate teacher model's device ('auto': the student's)."""
+    dtype: str = "auto"
+    """The separate teacher model's weights: 'auto' (bfloat16 on CUDA, float32 elsewhere),
+    'float32', 'bfloat16' or 'float16'."""
+    base_url: str = ""
+    """A teacher behind an OpenAI-compatible server that returns prompt log-probs (vLLM's
+    ``prompt_logprobs``), e.g. 'http://127.0.0.1:8000/v1'; the distillation divergence then runs over
+    the teacher's top-``served_topk`` tokens plus a tail bucket."""
+    served_model: str = ""
+    """The served teacher's model name (``base_url``)."""
+    served_topk: int = 20
+    """Top-K log-probs asked of the served teacher at each position."""
+    timeout: float = 120.0
+    """Seconds per request to the served teacher (the client retries twice); a row that still fails
+    has no teacher signal (masked and counted in ``teacher_errors``)."""
+    context: list[str] = field(default_factory=lambda: ["feedback", "demonstration"])
+    """What the teacher sees besides the prompt: 'feedback' (the judge's critique of a failed turn),
+    'demonstration' (a successful sibling's answer), 'reference' (the problem's reference solution:
+    OPSD); [] = the student's prompt as it is (vanilla OPD from a separate ``model``)."""
     mode: str = "ema"
-    """ema, frozen, live or trust_region."""
+    """The self-teacher (``model`` empty): ema, frozen, live or trust_region."""
     tau: float = 0.05
     """EMA rate."""
     mix: float = 0.5
     """trust_region: weight of the live model's logits."""
-    use_critique: bool = True
-    """Put the judge's critique in the teacher context."""
-    use_demonstration: bool = True
-    """Put a successful sibling's answer in the teacher context."""
     max_tokens: int = 1024
-    """Cap on the teacher prompt; critique and demonstration are truncated to fit."""
+    """Cap on the teacher prompt; critique, demonstration and reference are truncated to fit."""
     drop_critique_with_demo: bool = False
     """Leave the critique out of a context that shows a correct sibling (lasgroup/SDPO's
     ``environment_feedback_only_without_solution``, true there)."""
@@ -123,7 +147,9 @@ class AlgoConfig:
     """The per-token objective (agentopd.rl.objectives): 'pg' (PPO-clip on ``advantage``, plus
     ``distill_weight`` x the distillation loss when that is > 0), 'sdpo' (the distillation loss alone,
     importance-weighted: lasgroup/SDPO's ``loss_mode=sdpo``), 'sdpo_token' (TRL's sampled-token SDPO;
-    needs ``distill_alpha: 1``) or 'mix' (``(1 - distill_weight) * pg + distill_weight * sdpo``)."""
+    needs ``distill_alpha: 1``), 'mix' (``(1 - distill_weight) * pg + distill_weight * sdpo``) or
+    'opd' (on-policy distillation: the per-token divergence to the teacher, reverse KL at
+    ``distill_alpha: 1``, importance-weighted, plus the ``trust_region`` term)."""
     advantage: str = "sd_token"
     """grpo, rloo, sd_token, sd_to_go or hybrid (the advantages of the 'pg' and 'mix' losses)."""
     advantage_kwargs: dict = field(default_factory=dict)
@@ -141,8 +167,12 @@ class AlgoConfig:
     """0: forward KL(teacher||student), 1: reverse KL(student||teacher), between: generalized JSD."""
     distill_topk: int = 100
     """Top-K of the student's distribution plus a tail bucket; 0: the full vocabulary."""
+    trust_region: float = 0.0
+    """'opd': weight beta of a forward-KL trust region to the policy before the update,
+    ``KL(pi_old || pi_theta)`` at each sampled token (its k3 estimate); it acts from the second
+    optimizer step on a batch (``optim.epochs_per_batch`` > 1): at the first the two are equal."""
     is_clip: float = 2.0
-    """'sdpo', 'sdpo_token', 'mix': each distillation token's loss times the detached
+    """'sdpo', 'sdpo_token', 'mix', 'opd': each distillation token's loss times the detached
     ``min(pi_theta / pi_old, is_clip)`` (both references: 2); 0 or less: off."""
     rollout_is_clip: float = 2.0
     """Rollout correction on every loss: each token's loss times ``min(exp(ls_old - l_engine),
@@ -244,7 +274,8 @@ class TrainConfig:
     RANGES: ClassVar[dict[str, str]] = {
         "data.n": ">=1", "sampling.group_size": ">=1", "sampling.prompts_per_step": ">=1",
         "sampling.max_new_tokens": ">=1", "sampling.temperature": ">0", "sampling.top_p": "(0,1]",
-        "teacher.tau": "[0,1]", "teacher.mix": "[0,1]", "teacher.max_tokens": ">=1", "algo.clip_low": "[0,1)",
+        "teacher.tau": "[0,1]", "teacher.mix": "[0,1]", "teacher.max_tokens": ">=1", "teacher.served_topk": ">=1",
+        "teacher.timeout": ">0", "algo.clip_low": "[0,1)",
         "algo.entropy": "any", "algo.distill_alpha": "[0,1]", "optim.lr": ">0", "optim.micro_batch": ">=1",
         "optim.epochs_per_batch": ">=1", "run.steps": ">=1", "run.seed": "any", "run.eval_samples": ">=1",
         "env.max_turns": ">=1", "env.discount": "[0,1]"}
@@ -268,8 +299,7 @@ def _check_algo(cfg: TrainConfig) -> None:
     if bad:
         takes = [p for p in params if p != "inputs"]
         raise ConfigError(f"algo.advantage_kwargs: {cfg.algo.advantage} does not take {bad}; it takes {takes}")
-    if cfg.teacher.mode not in ("ema", "frozen", "live", "trust_region"):
-        raise ConfigError(f"teacher.mode: {cfg.teacher.mode!r}; choices: ema, frozen, live, trust_region")
+    _check_teacher(cfg)
     _check_loss(cfg.algo)
     env_specs(cfg)
     _check_judge_spec(cfg.data.judge)
@@ -282,6 +312,46 @@ def _check_algo(cfg: TrainConfig) -> None:
         from agentopd.inference.vllm import require_vllm
 
         require_vllm()
+
+
+def _check_teacher(cfg: TrainConfig) -> None:
+    """The teacher settings, and a separate teacher's tokenizer against the student's (before any
+    model loads: token-level distillation needs the same tokens)."""
+    from agentopd.config import ConfigError
+    from agentopd.rl.teacher import CONTEXT_SOURCES, TEACHER_MODES
+
+    t = cfg.teacher
+    if t.mode not in TEACHER_MODES:
+        raise ConfigError(f"teacher.mode: {t.mode!r}; choices: {', '.join(TEACHER_MODES)}")
+    bad = [c for c in t.context if c not in CONTEXT_SOURCES]
+    if bad or len(set(t.context)) != len(t.context):
+        raise ConfigError(f"teacher.context: {t.context}; a list of distinct {', '.join(CONTEXT_SOURCES)} (or [])")
+    if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"teacher.dtype: {t.dtype!r}; choices: auto, float32, bfloat16, float16")
+    if t.model and t.base_url:
+        raise ConfigError("teacher.model and teacher.base_url both set: name one teacher")
+    if t.base_url and not t.served_model:
+        raise ConfigError("teacher.base_url needs teacher.served_model (the model name the server serves)")
+    if not (t.model or t.base_url or t.context):
+        raise ConfigError("teacher.context=[] shows the self-teacher nothing the student did not see: name a "
+                          "teacher.model (or teacher.base_url), or a context source")
+    if t.model:
+        _check_teacher_tokenizer(cfg.model.path, t.model, cfg.run.seed)
+
+
+def _check_teacher_tokenizer(student: str, teacher: str, seed: int) -> None:
+    from agentopd.config import ConfigError
+    from agentopd.inference import load_tokenizer
+    from agentopd.rl.teacher import tokenizer_mismatch
+
+    try:
+        teacher_tok = load_tokenizer(teacher, seed)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"teacher.model: cannot load {teacher!r}: {str(e).splitlines()[0]}") from None
+    why = tokenizer_mismatch(load_tokenizer(student, seed), teacher_tok)
+    if why:
+        raise ConfigError(f"teacher.model {teacher!r} and model.path {student!r} have different tokenizers "
+                          f"({why}): token-level distillation needs the same tokenizer")
 
 
 def _check_loss(algo: AlgoConfig) -> None:
@@ -476,16 +546,19 @@ class _Parts:
 
 
 def _contexts(cfg: TrainConfig, tok, episodes: list, rows: TurnRows) -> list | None:
-    """3a. Each turn's teacher context (its critique in hindsight, a successful sibling episode's final
-    answer): ContextRows, or None where the algorithm needs no self-teacher (grpo / rloo)."""
-    from agentopd.rl.teacher import TeacherTemplate, context_rows
+    """3a. Each turn's teacher context (``teacher.context``: its critique in hindsight, a successful
+    sibling episode's final answer, the problem's reference solution, or the turn's own prompt):
+    ContextRows, or None where the algorithm needs no teacher (grpo / rloo)."""
+    from agentopd.rl.teacher import TeacherTemplate, context_rows, reference_text
 
     if not (cfg.algo.advantage in ("sd_token", "sd_to_go", "hybrid") or objectives.needs(cfg.algo)):
         return None
-    prompts = {e.group: e.prompt for e in episodes}
-    return context_rows(tok, [prompts[g] for g in sorted(prompts)], rows.turns, [t.judgement for t in rows.turns],
+    first = {e.group: e for e in reversed(episodes)}  # each group's first episode
+    groups = [first[g] for g in sorted(first)]
+    return context_rows(tok, [e.prompt for e in groups], rows.turns, [t.judgement for t in rows.turns],
                         cfg.sampling.group_size, cfg.teacher, TeacherTemplate(), rows.episodes,
-                        [(e.turns[-1].text, e.success) for e in episodes])
+                        [(e.turns[-1].text, e.success) for e in episodes],
+                        [reference_text(e.privileged, e.kind) for e in groups], rows.prompt_ids)
 
 
 def _step(cfg: TrainConfig, k: _Parts, step: int, starts: list) -> tuple[dict, list, TurnRows, list | None, StepBatch]:
@@ -543,7 +616,7 @@ def _setup(cfg: TrainConfig, engine, judge) -> _Parts:
     # hidden states and logits formed chunk by chunk in the update, unless top-K distillation needs logits
     chunk = (cfg.optim.logits_chunk if head_VH is not None and not ("divergence" in needs and cfg.algo.distill_topk)
              else 0)
-    teacher = Teacher(model, cfg.teacher.mode, tau=cfg.teacher.tau, mix=cfg.teacher.mix)
+    teacher = load_teacher(cfg, model, device)
     ref = Teacher(model, "frozen") if cfg.algo.ref_kl else None
     distributed.wrap(cfg, model, teacher, ref, device)  # torchrun: FSDP2 or DDP (the optimizer sees the shards)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,

@@ -103,13 +103,17 @@ class Turn:
 class Episode:
     """One problem played until success, the turn limit or a judge failure. ``group``: episodes of
     one problem in a step share it (group statistics, demonstrations). ``messages``: the
-    conversation as text (the critique after a failed turn is the next user message)."""
+    conversation as text (the critique after a failed turn is the next user message).
+    ``privileged``: what only a teacher may see of the problem (``Problem.privileged``, from the
+    env's reset info), and ``kind`` its kind ("code", "math"; empty where the env does not say)."""
 
     problem_id: str
     group: int
     prompt: str
     turns: list[Turn] = field(default_factory=list)
     messages: list[dict] = field(default_factory=list)
+    privileged: dict = field(default_factory=dict)
+    kind: str = ""
 
     @property
     def success(self) -> bool:

@@ -28,8 +28,8 @@ The same setting on every arm (``SETTING``, fixed before the first full run):
 - no reference model (``beta=0`` / ``algo.ref_kl=0``); EMA teacher, rate 0.05, synced every step;
 - the teacher context: the prompt plus the first *other* successful sample of the group as the
   demonstration (TRL's ``use_successful_as_teacher``, ``dont_reprompt_on_self_success``; agentopd's
-  ``teacher.use_demonstration``, ``self_demonstration=false``), no environment feedback
-  (TRL's ``include_environment_feedback=False``; agentopd's ``teacher.use_critique=false``); both
+  ``teacher.context=[demonstration]``, ``self_demonstration=false``), no environment feedback
+  (TRL's ``include_environment_feedback=False``; no ``feedback`` in agentopd's ``teacher.context``); both
   templates are lasgroup/SDPO's reprompt (prompt, "Correct solution:", the demonstration, "Correctly
   solve the original question.").
 - the same number of torch threads (``--threads``, default 1) on every arm.
@@ -123,7 +123,7 @@ def train_overrides(arm: str, model_dir: str, steps: int, out: str) -> list[str]
               f"sampling.group_size={s['group_size']}", f"sampling.prompts_per_step={s['prompts_per_step']}",
               f"sampling.max_new_tokens={s['max_new_tokens']}", f"sampling.temperature={s['temperature']}",
               f"sampling.top_p={s['top_p']}", "teacher.mode=ema", f"teacher.tau={s['ema_rate']}",
-              "teacher.use_critique=false", "teacher.use_demonstration=true", "teacher.self_demonstration=false",
+              "teacher.context=[demonstration]", "teacher.self_demonstration=false",
               f"optim.lr={s['lr']}", f"optim.grad_clip={s['grad_clip']}", "optim.weight_decay=0",
               f"optim.micro_batch={s['prompts_per_step'] * s['group_size']}", "optim.epochs_per_batch=1",
               "algo.ref_kl=0", f"run.steps={steps}", f"run.seed={s['seed']}", f"run.out={out}",

@@ -22,7 +22,7 @@ def t(rows, dtype=torch.float32):
 
 
 def algo(**kw):
-    base = {"loss": "pg", "clip_low": 0.2, "clip_high": 0.28, "distill_weight": 0.0, "is_clip": 2.0}
+    base = {"loss": "pg", "clip_low": 0.2, "clip_high": 0.28, "distill_weight": 0.0, "is_clip": 2.0, "trust_region": 0.0}
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -34,7 +34,8 @@ def batch(lp, old, adv=None, token_w=None, teacher_w=None, rollout=None, **kw):
 
 
 def test_registry_and_what_each_objective_needs():
-    assert set(OBJECTIVES) == {"pg", "sdpo", "sdpo_token", "mix"}
+    assert set(OBJECTIVES) == {"pg", "sdpo", "sdpo_token", "mix", "opd"}
+    assert objectives.needs(algo(loss="opd")) == {"divergence"}
     assert objectives.needs(algo(loss="pg")) == frozenset()
     assert objectives.needs(algo(loss="pg", distill_weight=0.5)) == {"divergence"}
     assert objectives.needs(algo(loss="sdpo")) == {"divergence"}
@@ -128,7 +129,7 @@ def test_the_rollout_weight_multiplies_every_objective(name):
     b = batch(lp, lp - 0.1, adv=torch.randn(2, 3, generator=gen), token_w=torch.full((2, 3), 1 / 6),
               teacher_w=torch.full((2, 3), 1 / 6), teacher_logprobs_BT=torch.randn(2, 3, generator=gen),
               divergence_BT=torch.rand(2, 3, generator=gen))
-    a = algo(loss=name, distill_weight=0.5)
+    a = algo(loss=name, distill_weight=0.5, trust_region=0.3)
     one, _ = objectives.loss(a, b)
     b.rollout_weight_BT = torch.full((2, 3), 0.5)
     half, _ = objectives.loss(a, b)
@@ -228,3 +229,37 @@ def test_sdpo_token_matches_trl_formula_float64(temp):
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(got, s_logits)[0], torch.autograd.grad(ref, s_logits)[0],
                                rtol=1e-9, atol=1e-12)
+
+
+def test_opd_equals_the_formula_in_float64():
+    """OPD (gamma = 0): sum over the teacher-signal tokens of min(pi_theta/pi_old, clip) (detached) x the
+    reverse KL of the student's next-token distribution to the teacher's, plus beta x the k3 estimate
+    r - 1 - log r of KL(pi_old || pi_theta) at the sampled token, each token weighted; written here from
+    the definition with explicit sums, against objectives.opd on the same tensors (value and gradient)."""
+    g = torch.Generator().manual_seed(3)
+    B, T, V, beta, clip = 2, 4, 7, 0.3, 1.5
+    s_logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    te_logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    y = torch.randint(V, (B, T), generator=g)
+    lp = s_logits.log_softmax(-1).gather(-1, y[..., None]).squeeze(-1)
+    old = (lp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)).detach()  # some ratios above the clip
+    w = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.float64) / 4
+    b = batch(lp, old, teacher_w=w, divergence_BT=kl_alpha_per_token(s_logits, te_logits, 1.0))
+    loss, met = objectives.loss(algo(loss="opd", trust_region=beta, is_clip=clip), b)
+    (grad,) = torch.autograd.grad(loss, s_logits)
+
+    expect = torch.zeros((), dtype=torch.float64)
+    for i in range(B):
+        for k in range(T):
+            if w[i, k] == 0:
+                continue
+            p = s_logits[i, k].softmax(-1)
+            q = te_logits[i, k].softmax(-1)
+            reverse_kl = sum(p[v] * (p[v].log() - q[v].log()) for v in range(V))
+            r = (p[y[i, k]].log() - old[i, k]).exp()
+            expect = expect + w[i, k] * (min(float(r.detach()), clip) * reverse_kl + beta * (r - 1 - r.log()))
+    (expect_grad,) = torch.autograd.grad(expect, s_logits)
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-10)
+    torch.testing.assert_close(grad, expect_grad, rtol=1e-9, atol=1e-12)
+    assert met["trust_loss"] > 0 and met["distill_loss"] > 0
+    assert 0 < met["is_clipfrac"] < float(w.sum())  # the clip binds on some tokens, not all

@@ -110,7 +110,7 @@ def test_the_teacher_sees_the_critique_that_followed_each_turn(tok, problems):
     turns = [t for e in episodes for t in e.turns]
     of = [e_i for e_i, e in enumerate(episodes) for _ in e.turns]
     rows = context_rows(tok, [episodes[0].prompt], turns, [t.judgement for t in turns], 2,
-                        TeacherConfig(use_demonstration=False), TeacherTemplate(), of,
+                        TeacherConfig(context=["feedback"]), TeacherTemplate(), of,
                         [(e.turns[-1].text, e.success) for e in episodes])
     for t, row in zip(turns, rows):
         if t.judgement.verdict.status == "ok":  # no critique and no demonstration: no teacher signal

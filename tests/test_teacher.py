@@ -131,7 +131,7 @@ def test_teacher_options_change_the_context(tiny):
     assert right is not None and "Correct solution" in right and "42" in right and "incorrect" not in right
     assert wrong == _contexts(tok)[1]  # the failed sample's context is unchanged
     # without a demonstration to show, the critique stays even with drop_critique_with_demo
-    _, wrong = _contexts(tok, drop_critique_with_demo=True, use_demonstration=False)
+    _, wrong = _contexts(tok, drop_critique_with_demo=True, context=["feedback"])
     assert "41 is incorrect" in wrong and "Correct solution" not in wrong
 
 

@@ -52,10 +52,7 @@ def load_pretrained(path: str, seed: int = 0, progress: bool = True, dtype=None)
 
         model, tok = build_tiny(seed=seed)
         return (model if dtype is None else model.to(dtype)), tok
-    if path == "micro":
-        from agentopd.testbed.micro import ensure
-
-        path = ensure(progress=progress)
+    path = resolve_path(path, progress)
     if is_adapter_dir(path):
         from peft import PeftConfig, PeftModel
 
@@ -63,6 +60,31 @@ def load_pretrained(path: str, seed: int = 0, progress: bool = True, dtype=None)
         return PeftModel.from_pretrained(base, path).merge_and_unload(), AutoTokenizer.from_pretrained(path)
     kw = {} if dtype is None else {"dtype": dtype}
     return AutoModelForCausalLM.from_pretrained(path, **kw), AutoTokenizer.from_pretrained(path)
+
+
+def resolve_path(path: str, progress: bool = True) -> str:
+    """A model name as a checkpoint path: ``"micro"`` the shipped micro model (built first when a
+    checkout has none), ``"micro-teacher"`` the shipped stronger micro teacher; anything else as given."""
+    if path == "micro":
+        from agentopd.testbed.micro import ensure
+
+        return ensure(progress=progress)
+    if path == "micro-teacher":
+        from agentopd.testbed.micro import TEACHER_DIR
+
+        return TEACHER_DIR
+    return path
+
+
+def load_tokenizer(path: str, seed: int = 0):
+    """The tokenizer of what :func:`load_pretrained` would load (no weights read)."""
+    from transformers import AutoTokenizer
+
+    if path == "tiny":
+        from agentopd.testbed.tiny import build_tokenizer
+
+        return build_tokenizer(seed=seed)
+    return AutoTokenizer.from_pretrained(resolve_path(path, progress=False))
 
 
 def hf_engine(model: str = "tiny", device: str = "auto", batch_size: int = 32, seed: int = 0):

@@ -5,7 +5,7 @@ and autocast, shared by training and the teacher diagnostic."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,6 +60,28 @@ def load_model(cfg: TrainConfig, device):
     return model.to(device), tok
 
 
+def load_teacher(cfg: TrainConfig, model, device: torch.device):
+    """The teacher ``cfg.teacher`` names: the self-teacher (:class:`agentopd.rl.teacher.Teacher`, in
+    ``teacher.mode``), a separate frozen model (:class:`agentopd.rl.teacher.ModelTeacher`, on
+    ``teacher.device`` in ``teacher.dtype``) or a served one (:class:`agentopd.rl.served.ServedTeacher`)."""
+    from agentopd.rl.teacher import ModelTeacher, Teacher
+
+    t = cfg.teacher
+    if t.base_url:
+        from agentopd.rl.served import ServedTeacher
+
+        return ServedTeacher(t.base_url, t.served_model, topk=t.served_topk, timeout=t.timeout)
+    if not t.model:
+        return Teacher(model, t.mode, tau=t.tau, mix=t.mix)
+    from agentopd.inference import load_pretrained
+
+    where = device if t.device == "auto" else torch.device(t.device)
+    dtype = {"auto": torch.bfloat16 if where.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[t.dtype]
+    teacher_model, _ = load_pretrained(t.model, seed=cfg.run.seed, progress=cfg.run.progress, dtype=dtype)
+    return ModelTeacher(teacher_model.to(where))
+
+
 def pick_device(cfg: TrainConfig) -> torch.device:
     """``run.device``; 'auto': CUDA when available, else the CPU."""
     if cfg.run.device != "auto":
@@ -103,9 +125,10 @@ def _teacher_hidden(teacher, prompt_ids: list[list[int]], response_ids: list[lis
 def _divergence_BR(algo: AlgoConfig, teacher, student_BRX, head_VH, chunk: int, prompt_ids, response_ids,
                    mask_BR, amp, temperature: float) -> torch.Tensor:
     """KL_alpha(student, teacher) at each position of these rows, ``[B, R]``, both sides' logits divided
-    by ``temperature``. ``chunk`` > 0: ``student_BRX`` is the student's final hidden states ``[B, R, H]``
+    by ``temperature``, over the full vocabulary or (``algo.distill_topk``) the student's top-K plus a
+    tail bucket. ``chunk`` > 0: ``student_BRX`` is the student's final hidden states ``[B, R, H]``
     and both sides' logits are formed chunk by chunk (0 outside ``mask_BR``); 0: it is the student's
-    logits ``[B, R, V]`` (top-K or full KL)."""
+    logits ``[B, R, V]``."""
     with torch.no_grad(), amp():
         if chunk:
             teacher_BRH, teacher_head_VH = _teacher_hidden(teacher, prompt_ids, response_ids)
@@ -114,12 +137,35 @@ def _divergence_BR(algo: AlgoConfig, teacher, student_BRX, head_VH, chunk: int, 
     device = student_BRX.device
     if chunk:
         with amp():  # the head products in the autocast dtype, as in the forward passes
+            if algo.distill_topk:
+                return losses.kl_alpha_topk_chunked_per_token(
+                    student_BRX, teacher_BRH.to(device), head_VH, mask_BR, algo.distill_alpha, algo.distill_topk,
+                    chunk, teacher_head_VH.to(device), temperature)
             return losses.kl_alpha_chunked_per_token(student_BRX, teacher_BRH.to(device), head_VH, mask_BR,
                                                      algo.distill_alpha, chunk, teacher_head_VH.to(device), temperature)
     if algo.distill_topk:
         return losses.kl_alpha_topk_per_token(student_BRX, teacher_BRV.to(device), algo.distill_alpha,
                                               algo.distill_topk, temperature)
     return losses.kl_alpha_per_token(student_BRX, teacher_BRV.to(device), algo.distill_alpha, temperature)
+
+
+def _served_divergence_BR(algo: AlgoConfig, topk: list, student_BRX, head_VH, chunk: int, mask_BR, amp,
+                          temperature: float) -> torch.Tensor:
+    """KL_alpha(student, teacher) over a served teacher's top-K tokens plus a tail bucket at each
+    position of these rows, ``[B, R]`` (``topk``: each row's ``(ids_RK, logprobs_RK)``; the teacher's
+    log-probs as the server gave them, the student's logits divided by ``temperature``)."""
+    B, R = mask_BR.shape
+    K = topk[0][0].shape[-1]
+    ids_BRK = torch.zeros((B, R, K), dtype=torch.long)
+    lp_BRK = torch.full((B, R, K), -1e4)
+    for b, (ids_RK, lp_RK) in enumerate(topk):
+        ids_BRK[b, :len(ids_RK)], lp_BRK[b, :len(lp_RK)] = ids_RK, lp_RK
+    ids_BRK, lp_BRK = ids_BRK.to(student_BRX.device), lp_BRK.to(student_BRX.device)
+    if chunk:
+        with amp():
+            return losses.kl_alpha_teacher_topk_chunked_per_token(student_BRX, head_VH, ids_BRK, lp_BRK, mask_BR,
+                                                                  algo.distill_alpha, chunk, temperature)
+    return losses.kl_alpha_teacher_topk_per_token(student_BRX, ids_BRK, lp_BRK, algo.distill_alpha, temperature)
 
 
 def _engine_logprobs(gens: list, like_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +201,7 @@ class StepBatch:
     pending_old: bool = False  # old_BT (and what comes from it) still to be filled by the first epoch's forwards
     adv_inputs: object = None  # pending: the AdvantageInputs of row-local advantages formed per micro-batch (None: adv_BT is final)
     rollout_metrics: dict | None = None  # the rollout correction's metrics (pending: filled after the first epoch)
+    teacher_topk: list | None = None  # a served teacher's (ids_RK, logprobs_RK) per row (None: a local teacher)
 
 
 def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp, st: StepBatch, idx: list[int]):
@@ -172,9 +219,14 @@ def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp
         batch.divergence_BT = torch.zeros_like(lp_BT)
         if rows:
             Rm = max(len(R_[k]) for k in rows)
-            batch.divergence_BT[rows, :Rm] = _divergence_BR(
-                cfg.algo, teacher, out_BRX[rows, :Rm], head_VH, chunk, [st.teacher_prompts[idx[k]] for k in rows],
-                [R_[k] for k in rows], tm_BT[rows, :Rm], amp, T)
+            if st.teacher_topk is not None:
+                batch.divergence_BT[rows, :Rm] = _served_divergence_BR(
+                    cfg.algo, [st.teacher_topk[idx[k]] for k in rows], out_BRX[rows, :Rm], head_VH, chunk,
+                    tm_BT[rows, :Rm], amp, T)
+            else:
+                batch.divergence_BT[rows, :Rm] = _divergence_BR(
+                    cfg.algo, teacher, out_BRX[rows, :Rm], head_VH, chunk, [st.teacher_prompts[idx[k]] for k in rows],
+                    [R_[k] for k in rows], tm_BT[rows, :Rm], amp, T)
     loss, metrics = objectives.loss(cfg.algo, batch)
     if not loss.requires_grad and distributed.world() > 1:  # every rank's backward takes part in the reduction
         loss = loss + 0.0 * lp_BT.nan_to_num().sum()
@@ -255,10 +307,37 @@ def _weighted_rows(cfg: TrainConfig, st: StepBatch, idx: list[int]) -> tuple[lis
     return [b for b in idx if st.teacher_mask_B[b] > 0], [b for b in idx if st.teacher_mask_B[b] == 0]
 
 
-def score(cfg: TrainConfig, model, teacher, ref, amp, rows: TurnRows, teacher_prompts):
+@dataclass
+class Scores:
+    """3. What scoring gives the update: ``[B, T]`` log-probs of the same response ids under the
+    student (None: the update's own forward gives them, :func:`old_from_update`), the teacher (on
+    rows with a teacher prompt) and the reference (None: no reference KL); the response mask; a
+    served teacher's top-K per row (None: a local teacher, scored in the update); and the rows whose
+    teacher failed (a served teacher's per-sample errors: no signal, masked)."""
+
+    ls_BT: torch.Tensor | None
+    mask_BT: torch.Tensor
+    lt_BT: torch.Tensor
+    ref_BT: torch.Tensor | None
+    teacher_topk: list | None = None
+    teacher_failed: list[int] = field(default_factory=list)
+
+
+def _served_scores(teacher, teacher_prompts, resp_ids, scored: list[int], teacher_lp: list):
+    """A served teacher's log-probs of rows ``scored`` into ``teacher_lp``: ``(top-K per row, failed rows)``."""
+    topk, failed = [None] * len(resp_ids), []
+    for b, got in zip(scored, teacher.score([teacher_prompts[b] for b in scored], [resp_ids[b] for b in scored])):
+        if got is None or len(got.logprobs_R) != len(resp_ids[b]) or not torch.isfinite(got.logprobs_R).all():
+            failed.append(b)
+            continue
+        teacher_lp[b] = got.logprobs_R.float().cpu()
+        topk[b] = (got.topk_ids_RK.cpu(), got.topk_logprobs_RK.float().cpu())
+    return topk, failed
+
+
+def score(cfg: TrainConfig, model, teacher, ref, amp, rows: TurnRows, teacher_prompts) -> Scores:
     """3. The student's, teacher's (on rows with a teacher prompt) and reference's log-probs of the
-    same response ids, no grad: ``(ls_BT, mask_BT, lt_BT, ref_BT or None)``; ``ls_BT`` None where
-    the update's own forward gives the old log-probs (:func:`old_from_update`: no student forward here)."""
+    same response ids, no grad (:class:`Scores`)."""
     T = learner_temperature(cfg.sampling)
     resp_ids = [g.response_ids for g in rows.turns]
     student_prompts = rows.prompt_ids
@@ -268,11 +347,14 @@ def score(cfg: TrainConfig, model, teacher, ref, amp, rows: TurnRows, teacher_pr
             return sequence_logprobs(scorer, prompts, responses, micro_batch=cfg.optim.micro_batch,
                                      chunk=cfg.optim.logits_chunk, temperature=T, share_prefix=cfg.optim.share_prompts)[0]
 
+    topk, failed = None, []
     with torch.no_grad(), amp():
         student_lp = None if old_from_update(cfg, model) else score(model, student_prompts, resp_ids)
         scored = [b for b, tp in enumerate(teacher_prompts) if tp is not None]
         teacher_lp = [torch.zeros(len(r)) for r in resp_ids]
-        if scored:
+        if scored and is_served(teacher):
+            topk, failed = _served_scores(teacher, teacher_prompts, resp_ids, scored, teacher_lp)
+        elif scored:
             got = score(teacher.model_for_scoring(), [teacher_prompts[b] for b in scored], [resp_ids[b] for b in scored])
             for b, lp in zip(scored, got):
                 teacher_lp[b] = lp.float().cpu()
@@ -280,7 +362,12 @@ def score(cfg: TrainConfig, model, teacher, ref, amp, rows: TurnRows, teacher_pr
     mask_BT = pad_BT([[0.0] * len(r) for r in resp_ids])[1]
     ls_BT = pad_BT([lp.float().cpu() for lp in student_lp])[0] if student_lp is not None else None
     ref_BT = pad_BT([r.float().cpu() for r in ref_lp])[0] if ref else None
-    return ls_BT, mask_BT, pad_BT(teacher_lp)[0], ref_BT
+    return Scores(ls_BT, mask_BT, pad_BT(teacher_lp)[0], ref_BT, topk, failed)
+
+
+def is_served(teacher) -> bool:
+    """Whether the teacher answers from a server (log-probs and its top-K, no model here)."""
+    return teacher.mode == "served"
 
 
 def update(cfg: TrainConfig, model, opt, teacher, head_VH, chunk: int, amp, st: StepBatch):
@@ -290,7 +377,8 @@ def update(cfg: TrainConfig, model, opt, teacher, head_VH, chunk: int, amp, st: 
     B, W = len(st.response_ids), distributed.world()
     loss_sum, sums = 0.0, {"distill_loss": 0.0, "clipfrac": 0.0}
     starts = range(0, B, cfg.optim.micro_batch)
-    divergence_teacher = teacher.model_for_scoring() if "divergence" in objectives.needs(cfg.algo) else None
+    divergence_teacher = (teacher.model_for_scoring() if "divergence" in objectives.needs(cfg.algo)
+                          and not is_served(teacher) else None)
     with distributed.gathered(divergence_teacher):  # FSDP: the teacher's forwards need no collective
         for _ in range(cfg.optim.epochs_per_batch):
             opt.zero_grad(set_to_none=True)
@@ -325,7 +413,7 @@ def _idle_loss(model, amp) -> torch.Tensor:
         return 0.0 * response_logits(model, [[0]], [[0]]).float().sum()
 
 
-def step_inputs(cfg: TrainConfig, rows: TurnRows, teacher_prompts, scores) -> tuple[StepBatch, dict]:
+def step_inputs(cfg: TrainConfig, rows: TurnRows, teacher_prompts, scores: Scores) -> tuple[StepBatch, dict]:
     """4. Advantages (judge errors and empty responses carry no gradient; reward-based estimators
     see each episode once, with its episode reward) and the rollout correction, packed for the
     update: ``(StepBatch, rollout metrics)``. Without the student's scores (``ls_BT`` None, see
@@ -333,7 +421,9 @@ def step_inputs(cfg: TrainConfig, rows: TurnRows, teacher_prompts, scores) -> tu
     left to the update's first epoch, which fills the returned metrics dict in place."""
     from agentopd.rl import advantages
 
-    ls_BT, mask_BT, lt_BT, ref_BT = scores
+    ls_BT, mask_BT, lt_BT, ref_BT = scores.ls_BT, scores.mask_BT, scores.lt_BT, scores.ref_BT
+    failed = set(scores.teacher_failed)  # a served teacher's errors: no signal
+    teacher_prompts = [None if b in failed else tp for b, tp in enumerate(teacher_prompts)]
     pending = ls_BT is None
     ls_BT = torch.zeros_like(mask_BT) if pending else ls_BT
     rewards_B = torch.tensor(rows.rewards, dtype=torch.float32)
@@ -349,7 +439,9 @@ def step_inputs(cfg: TrainConfig, rows: TurnRows, teacher_prompts, scores) -> tu
     st = StepBatch(rows.prompt_ids, [g.response_ids for g in rows.turns], teacher_prompts, ls_BT,
                    lt_BT, adv_BT, mask_BT, teacher_mask_B, rollout_BT, ref_BT, distributed.all_sum(mask_BT.sum()).clamp(min=1),
                    distributed.all_sum((mask_BT * teacher_mask_B[:, None]).sum()).clamp(min=1),  # all ranks' tokens
-                   engine_BT, engine_mask_BT * mask_BT, pending, inputs if row_adv else None, rollout_metrics)
+                   engine_BT, engine_mask_BT * mask_BT, pending, inputs if row_adv else None, rollout_metrics,
+                   scores.teacher_topk)
+    rollout_metrics["teacher_errors"] = len(failed)
     return st, rollout_metrics
 
 

@@ -16,6 +16,12 @@ log-probs of the sampled tokens (``"teacher_logprobs"``).
 - ``sdpo_token``: the sampled-token form of TRL's SDPOTrainer (``distillation_mode="sampled_token"``):
   ``(ls - lt).detach() * ls`` times the same importance weight; reverse KL only (alpha 1), as there.
 - ``mix``: ``(1 - w) * pg + w * sdpo`` with ``w = algo.distill_weight`` (TRL's convex blend).
+- ``opd``: on-policy distillation (gamma = 0: no credit through later tokens): at every sampled
+  state the divergence to the teacher (reverse KL at ``distill_alpha = 1``) times the detached
+  ``min(pi_theta / pi_old, is_clip)``, plus ``algo.trust_region`` times the k3 estimate of the
+  forward KL to the policy before the update, ``KL(pi_old || pi_theta)``, at the sampled token
+  (``r - 1 - log r`` with ``r = pi_theta / pi_old``: its gradient is the forward KL's in expectation
+  over the old policy's samples).
 
 Distillation terms average over the tokens of samples with a teacher signal, policy terms over all
 masked tokens.
@@ -30,7 +36,7 @@ import torch
 from agentopd.rl.losses import ppo_per_token
 
 LOG_RATIO_BOUND = 20.0  # both references clamp the log importance ratio to [-20, 20] before exp
-TEACHER_ROWS_ONLY = frozenset({"sdpo", "sdpo_token"})  # objectives whose every term is weighted by teacher_weight_BT
+TEACHER_ROWS_ONLY = frozenset({"sdpo", "sdpo_token", "opd"})  # objectives whose every term is weighted by teacher_weight_BT
 
 
 @dataclass
@@ -164,3 +170,16 @@ def mix(b: TokenBatch, algo) -> Terms:
     w = algo.distill_weight
     (pg_t, pg_m), (sd_t, sd_m) = _scaled(_pg_terms(b, algo), 1 - w), _scaled(sdpo(b, algo), w)
     return {**pg_t, **sd_t}, {**pg_m, **sd_m}
+
+
+@register("opd", needs=_divergence)
+def opd(b: TokenBatch, algo) -> Terms:
+    """On-policy distillation: the importance-weighted divergence to the teacher plus
+    ``trust_region`` x ``KL(pi_old || pi_theta)`` (k3, at the sampled tokens), both on the
+    teacher-signal tokens."""
+    terms, metrics = _distill_terms(b, b.divergence_BT, algo.is_clip)
+    if algo.trust_region:
+        log_r_BT = (b.logprobs_BT - b.old_logprobs_BT).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        k3_BT = log_r_BT.exp() - 1 - log_r_BT
+        terms["trust"] = _weighted(algo.trust_region * k3_BT, b.teacher_weight_BT)
+    return terms, metrics

@@ -1,6 +1,12 @@
-"""The self-teacher: its context (prompt + critique [+ a successful sibling]), the scorer that reads
-the student's SAME response ids under that context, and the teacher's weights (ema, frozen, live,
-trust_region)."""
+"""The teacher: what it sees (its context, built from the privileged information a config names) and
+which model it is (the student itself in one of its modes, a separate frozen model, or a model behind
+a server), and the scorer that reads the student's SAME response ids under that context.
+
+What it sees (``teacher.context``, a list of :data:`CONTEXT_SOURCES`): ``feedback`` (the judge's
+critique of this turn, for a failed turn), ``demonstration`` (a successful sibling's final answer),
+``reference`` (the problem's reference solution, ``Problem.privileged["solution"]``: OPSD/SDFT), or
+the empty list: the student's own prompt ids, nothing added (vanilla on-policy distillation from a
+separate teacher model)."""
 from __future__ import annotations
 
 import copy
@@ -14,31 +20,50 @@ from agentopd.inference.base import apply_chat
 from agentopd.rl.logprobs import sequence_logprobs
 
 TEACHER_MODES = ("ema", "frozen", "live", "trust_region")
+CONTEXT_SOURCES = ("feedback", "demonstration", "reference")
+"""What a teacher context may show, in the order the template shows it (``reference`` first)."""
 _THINK = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
 
 
 @dataclass
 class TeacherTemplate:
     """How the teacher's user message is built (the shape of lasgroup/SDPO's reprompt):
-    ``prompt + demonstration block + feedback block + instruction``. A block is left out when its
-    text is None."""
+    ``prompt + reference block + demonstration block + feedback block + instruction``. A block is
+    left out when its text is None. The reference block reads like the demonstration block: both
+    show a correct answer (the micro model's warm start was taught that block)."""
 
+    reference: str = "\n\nCorrect solution:\n\n{reference}"
     demonstration: str = "\n\nCorrect solution:\n\n{demonstration}"
     feedback: str = "\n\nThe following is feedback from your unsuccessful earlier attempt:\n\n{critique}"
     instruction: str = "\n\nCorrectly solve the original question.\n"
     system: str | None = None
 
-    def render(self, prompt: str, critique: str | None, demonstration: str | None) -> str:
+    def render(self, prompt: str, critique: str | None, demonstration: str | None, reference: str | None = None) -> str:
         text = prompt
+        if reference is not None:
+            text += self.reference.format(reference=reference)
         if demonstration is not None:
             text += self.demonstration.format(demonstration=demonstration)
         if critique is not None:
             text += self.feedback.format(critique=critique)
         return text + self.instruction
 
-    def messages(self, prompt: str, critique: str | None, demonstration: str | None) -> list[dict]:
+    def messages(self, prompt: str, critique: str | None, demonstration: str | None,
+                 reference: str | None = None) -> list[dict]:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
-        return msgs + [{"role": "user", "content": self.render(prompt, critique, demonstration)}]
+        return msgs + [{"role": "user", "content": self.render(prompt, critique, demonstration, reference)}]
+
+
+def reference_text(privileged: dict | None, kind: str = "") -> str | None:
+    """The reference answer a teacher is shown: ``privileged["solution"]``, fenced as a chat model
+    writes code (```` ```python ````) when the problem is code and the solution is not fenced yet;
+    None when the problem has none."""
+    solution = (privileged or {}).get("solution")
+    if not solution:
+        return None
+    if kind == "code" and "```" not in solution:
+        return f"```python\n{solution.strip()}\n```"
+    return solution
 
 
 def _truncate(tokenizer, text: str | None, n_tokens: int) -> str | None:
@@ -48,34 +73,36 @@ def _truncate(tokenizer, text: str | None, n_tokens: int) -> str | None:
     return text if len(ids) <= n_tokens else tokenizer.decode(ids[:max(n_tokens, 0)])
 
 
+def _shares(need: list[int], budget: int) -> list[int]:
+    """Split ``budget`` tokens among texts needing ``need[i]``: equal shares, what one text does not
+    need going to the others (water-filling)."""
+    keep, left = [0] * len(need), sorted(range(len(need)), key=lambda i: need[i])
+    for k, i in enumerate(left):
+        keep[i] = min(need[i], max(budget, 0) // (len(left) - k))
+        budget -= keep[i]
+    return keep
+
+
 def build_teacher_context(tokenizer, prompt: str, critique: str | None, demonstration: str | None,
-                          template: TeacherTemplate | None = None,
-                          max_tokens: int = 4096) -> list[int] | None:
-    """The teacher PROMPT ids (chat template applied, assistant header at the end), or None when there
-    is neither critique nor demonstration (no signal: the sample is masked) or when even empty
-    critique/demonstration blocks do not fit ``max_tokens``. Only the critique and demonstration texts
-    are cut to fit, never the prompt, the template or the assistant header."""
+                          template: TeacherTemplate | None = None, max_tokens: int = 4096,
+                          reference: str | None = None) -> list[int] | None:
+    """The teacher PROMPT ids (chat template applied, assistant header at the end), or None when no
+    block has a text (no signal: the sample is masked) or when even empty blocks do not fit
+    ``max_tokens``. Only the critique, demonstration and reference texts are cut to fit (equal
+    shares of what is left, :func:`_shares`), never the prompt, the template or the assistant header."""
     template = template or TeacherTemplate()
-    critique = critique or None
-    if critique is None and demonstration is None:
+    texts = [critique or None, demonstration, reference]
+    if all(t is None for t in texts):
         return None
-    ids = apply_chat(tokenizer, template.messages(prompt, critique, demonstration))
+    ids = apply_chat(tokenizer, template.messages(prompt, *texts))
     if len(ids) <= max_tokens:
         return ids
-    base = len(apply_chat(tokenizer, template.messages(prompt, None if critique is None else "",
-                                                         None if demonstration is None else "")))
+    base = len(apply_chat(tokenizer, template.messages(prompt, *(None if t is None else "" for t in texts))))
     budget = max_tokens - base
-    if budget < 0:
-        return None
-    n_demo = 0 if demonstration is None else len(tokenizer.encode(demonstration, add_special_tokens=False))
-    n_crit = 0 if critique is None else len(tokenizer.encode(critique, add_special_tokens=False))
+    need = [0 if t is None else len(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
     while budget >= 0:
-        # split the budget evenly; what one text does not need goes to the other
-        half = budget // 2 if (critique and demonstration) else budget
-        keep_crit = min(n_crit, max(half, budget - n_demo))
-        keep_demo = min(n_demo, budget - keep_crit)
-        ids = apply_chat(tokenizer, template.messages(prompt, _truncate(tokenizer, critique, keep_crit),
-                                                      _truncate(tokenizer, demonstration, keep_demo)))
+        cut = [_truncate(tokenizer, t, n) for t, n in zip(texts, _shares(need, budget))]
+        ids = apply_chat(tokenizer, template.messages(prompt, *cut))
         if len(ids) <= max_tokens:
             return ids
         budget -= len(ids) - max_tokens  # BPE merges across the cut: shrink by the excess and retry
@@ -99,49 +126,59 @@ def strip_think(text: str) -> str:
 @dataclass
 class ContextRow:
     """One row's teacher context: its ids (None: no teacher signal, the row is masked), the
-    demonstration shown and whether the critique was shown."""
+    demonstration shown, whether the critique was shown and whether the reference was."""
 
     ids: list[int] | None
     demonstration: str | None
     critique_shown: bool
+    reference_shown: bool = False
 
 
 def teacher_contexts(tokenizer, prompts: list[str], samples: list, judgements: list, group_size: int,
-                     cfg, template: TeacherTemplate | None = None) -> list[list[int] | None]:
+                     cfg, template: TeacherTemplate | None = None, references: list[str | None] | None = None,
+                     prompt_ids: list[list[int]] | None = None) -> list[list[int] | None]:
     """The teacher prompt ids of every sample of a single-turn step, exactly as training builds them:
     sample ``b`` answers ``prompts[b // group_size]``; ``samples[b]`` has ``.text`` and
     ``.response_ids``; ``judgements[b]`` its Judgement. See :func:`context_rows`."""
-    return [r.ids for r in context_rows(tokenizer, prompts, samples, judgements, group_size, cfg, template)]
+    return [r.ids for r in context_rows(tokenizer, prompts, samples, judgements, group_size, cfg, template,
+                                        references=references, prompt_ids=prompt_ids)]
 
 
 def context_rows(tokenizer, prompts: list[str], samples: list, judgements: list, group_size: int, cfg,
                  template: TeacherTemplate | None = None, episode_of: list[int] | None = None,
-                 finals: list[tuple[str, bool]] | None = None) -> list[ContextRow]:
-    """Each row's teacher context. Row ``b`` is a turn of episode ``episode_of[b]`` (default: ``b``,
-    one turn each), which answers ``prompts[episode // group_size]``. A failed turn gets the critique
-    that followed it (``cfg.use_critique``: hindsight), any turn the final answer of the first other
-    successful episode of its group as demonstration (``finals[e]``: episode ``e``'s last answer and
-    success; ``cfg.use_demonstration``; with ``cfg.self_demonstration`` the first successful one,
-    itself included), without its ``<think>`` blocks with ``cfg.strip_think``;
-    ``cfg.drop_critique_with_demo`` leaves the critique out where there is a demonstration. No
-    signal (neither text, an empty response or a judge error): ``ids`` None. ``cfg``: a ``TeacherConfig``."""
+                 finals: list[tuple[str, bool]] | None = None, references: list[str | None] | None = None,
+                 prompt_ids: list[list[int]] | None = None) -> list[ContextRow]:
+    """Each row's teacher context, from the sources ``cfg.context`` names. Row ``b`` is a turn of
+    episode ``episode_of[b]`` (default: ``b``, one turn each), which answers ``prompts[episode //
+    group_size]``. ``feedback``: a failed turn gets the critique that followed it (hindsight).
+    ``demonstration``: any turn gets the final answer of the first other successful episode of its
+    group (``finals[e]``: episode ``e``'s last answer and success; with ``cfg.self_demonstration`` the
+    first successful one, itself included), without its ``<think>`` blocks with ``cfg.strip_think``;
+    ``cfg.drop_critique_with_demo`` leaves the critique out where there is a demonstration.
+    ``reference``: ``references[group]``, the problem's reference answer (:func:`reference_text`).
+    An empty ``cfg.context``: the row's own prompt ids ``prompt_ids[b]`` as they are (a separate
+    teacher model reads what the student read). No signal (no block with a text, an empty response
+    or a judge error): ``ids`` None. ``cfg``: a ``TeacherConfig``."""
     ok = [j.verdict.status == "ok" for j in judgements]
     episode_of = list(range(len(samples))) if episode_of is None else episode_of
     finals = [(g.text, s) for g, s in zip(samples, ok)] if finals is None else finals
+    show = set(cfg.context)
     out = []
     for b, (g, j) in enumerate(zip(samples, judgements)):
         e = episode_of[b]
         i = e // group_size
         group = finals[i * group_size:(i + 1) * group_size]
         demo = (pick_demonstration(group, e - i * group_size, cfg.self_demonstration)
-                if cfg.use_demonstration else None)
+                if "demonstration" in show else None)
         if demo is not None and cfg.strip_think:
             demo = strip_think(demo)
         dropped = demo is not None and cfg.drop_critique_with_demo
-        crit = j.critique if cfg.use_critique and not ok[b] and not dropped else None
-        ids = build_teacher_context(tokenizer, prompts[i], crit, demo, template, cfg.max_tokens)
+        crit = j.critique if "feedback" in show and not ok[b] and not dropped else None
+        ref = references[i] if "reference" in show and references else None
+        ids = (list(prompt_ids[b]) if not show else
+               build_teacher_context(tokenizer, prompts[i], crit, demo, template, cfg.max_tokens, ref))
         usable = ids is not None and len(g.response_ids) > 0 and j.verdict.status != "judge_error"
-        out.append(ContextRow(ids if usable else None, demo, usable and crit is not None))
+        out.append(ContextRow(ids if usable else None, demo, usable and bool(crit), usable and ref is not None))
     return out
 
 
@@ -239,3 +276,51 @@ class Teacher:
             raise ValueError(f"teacher tensors differ: {sorted(set(state['model']) ^ set(mine))[:5]}")
         for name, p in mine.items():
             p.copy_(state["model"][name])
+
+
+class ModelTeacher:
+    """A separate frozen teacher model (vanilla on-policy distillation): loaded once, never trained,
+    no LoRA; it shares only the tokenizer with the student. The same interface as :class:`Teacher`
+    (``copy`` is the model, so the distributed wrapper shards it as it shards a teacher copy)."""
+
+    mode = "model"
+    tau = mix = 0.0
+
+    def __init__(self, model):
+        self.copy = model.eval()
+        for p in self.copy.parameters():
+            p.requires_grad_(False)
+
+    def model_for_scoring(self):
+        return self.copy
+
+    def score(self, teacher_prompt_ids, response_ids, micro_batch: int = 8, topk: int = 0, temperature: float = 1.0):
+        return score(self.copy, teacher_prompt_ids, response_ids, micro_batch, topk, temperature)
+
+    def update(self, student_model=None) -> None:
+        """Nothing: the teacher model never changes."""
+
+    def own_parameters(self) -> dict[str, torch.Tensor]:
+        return {}  # reloaded from its path on resume, not checkpointed
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "tau": 0.0, "mix": 0.0, "model": None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["mode"] != self.mode:
+            raise ValueError(f"checkpoint teacher mode {state['mode']!r} != {self.mode!r}")
+
+
+def tokenizer_mismatch(student_tok, teacher_tok) -> str | None:
+    """What differs between two tokenizers for token-level distillation (the vocabulary, added
+    special tokens included, or the begin/end tokens' ids; padding never reaches a score), in a few
+    words; None when they match."""
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv != tv:
+        differ = sum(tv.get(t) != i for t, i in sv.items()) + len(set(tv) - set(sv))
+        return f"vocabularies differ ({len(sv)} vs {len(tv)} tokens, {differ} differ)"
+    for name in ("bos_token_id", "eos_token_id"):
+        a, b = getattr(student_tok, name, None), getattr(teacher_tok, name, None)
+        if a != b:
+            return f"{name} differs ({a} vs {b})"
+    return None
