@@ -190,6 +190,18 @@ def cmd_micro_pretrain(a) -> int:
     return 0
 
 
+def cmd_micro_teacher(a) -> int:
+    from agentopd.testbed.micro import TEACHER_DIR
+    from agentopd.testbed.teacher import TeacherRecipe, build_teacher
+
+    recipe = TeacherRecipe(seed=a.seed, **({"steps": a.steps} if a.steps else {}))
+    summary = build_teacher(a.out or TEACHER_DIR, recipe, progress=not a.quiet)
+    print(f"micro teacher saved to {a.out or TEACHER_DIR} in {summary['seconds']:.0f} s; held-out pass@1 code "
+          f"{summary['heldout_pass1']['code']:.3f}", file=sys.stderr)
+    print(json.dumps(summary["heldout_pass1"]))
+    return 0
+
+
 def _config_command(subparsers, name: str, help: str, example: str, func):
     """A subcommand run from a YAML config plus ``key.sub=value`` overrides; returns its parser."""
     c = subparsers.add_parser(name, help=help)
@@ -252,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--steps", type=int, default=0, help="supervised steps (default: MicroConfig.steps)")
     mp.add_argument("--quiet", action="store_true", help="no progress bar")
     mp.set_defaults(func=cmd_micro_pretrain)
+    mt = misub.add_parser("teacher", help="build the stronger micro teacher (GRPO from the micro model on training "
+                          "problems; what teacher.model=micro-teacher loads)")
+    mt.add_argument("--out", default=None, help="checkpoint dir (default: the shipped agentopd/testbed/micro_teacher)")
+    mt.add_argument("--seed", type=int, default=100)
+    mt.add_argument("--steps", type=int, default=0, help="GRPO steps (default: TeacherRecipe.steps)")
+    mt.add_argument("--quiet", action="store_true", help="no progress bar")
+    mt.set_defaults(func=cmd_micro_teacher)
 
     j = sub.add_parser("judges", help="list the judges a config can name")
     j.set_defaults(func=cmd_judges)

@@ -1,12 +1,14 @@
-"""``agentopd diagnose teacher``: can the self-teacher teach?
+"""``agentopd diagnose teacher``: can the teacher teach, and from which source?
 
 On a config's held-out problems: G answers per problem from the plain prompt, judged; then, for each
-context kind (``critique`` only, ``demonstration`` only, ``both`` as training builds it), every
-sample's teacher prompt from :func:`agentopd.rl.teacher.teacher_contexts` and
+teacher source the config can use (:func:`sources`: the self-teacher shown the ``feedback``, a
+``demonstration``, both, or the problem's ``reference`` solution; a separate teacher ``model`` with
+its ``teacher.context``), every sample's teacher prompt as training builds it and
 
-- ``pass1``: the success rate of one answer *sampled* from each teacher context (``pass1_wrong``:
-  over the contexts of wrong samples only, the repair rate), against ``student_pass1_same``, the
-  plain-prompt pass@1 of the same problems weighted the same way (``gap`` = the difference);
+- ``pass1``: the success rate of one answer *sampled* from each teacher context by the source's
+  model (``pass1_wrong``: over the contexts of wrong samples only, the repair rate), against
+  ``student_pass1_same``, the plain-prompt pass@1 of the same problems weighted the same way
+  (``gap`` = the difference);
 - ``auc`` / ``auc_mean``: how well the sequence log-ratio ``sum_t (lt_t - ls_t)`` (its per-token
   mean) of the student's SAME response ids separates correct from wrong samples;
 - ``ratio_correct`` / ``ratio_wrong``: the mean per-token log-ratio over the tokens of correct and of
@@ -14,11 +16,15 @@ sample's teacher prompt from :func:`agentopd.rl.teacher.teacher_contexts` and
 - ``blame_in_wrong`` / ``blame_at_divergence``: where a reference answer is known, whether a wrong
   sample's lowest-ratio token lies where the answer is actually wrong.
 
-At the start of training the teacher's weights are the student's in every teacher mode (ema and
+It ends with a recommendation (:func:`recommend`): distil from the best source when its teacher is
+clearly better than the student and its log-ratio separates right from wrong; a blend with GRPO
+when the teacher is better but weakly; GRPO when no source is better than the student.
+
+At the start of training the self-teacher's weights are the student's in every teacher mode (ema and
 frozen copy them, trust_region mixes two equal models), so the model scores both sides here.
 
-The ``critique`` kind differs from training in one way: training gives a correct sample no
-critique (only wrong samples get a teacher signal from it), so that the AUC is defined this kind
+The ``feedback`` source differs from training in one way: training gives a correct sample no
+critique (only wrong samples get a teacher signal from it), so that the AUC is defined this source
 gives correct samples their own judge critique ("Correct: 42.", "All 5 tests passed."). That critique
 states the verdict, so this AUC is an upper bound on what the critique can tell apart.
 
@@ -35,8 +41,13 @@ import sys
 
 import torch
 
-KINDS = {"critique": ["feedback"], "demonstration": ["demonstration"], "both": ["feedback", "demonstration"]}
-"""Context kind -> the teacher's ``context`` sources."""
+SELF_SOURCES = {"self+feedback": ["feedback"], "self+demonstration": ["demonstration"],
+                "self+feedback+demonstration": ["feedback", "demonstration"], "self+reference": ["reference"]}
+"""The self-teacher's sources: name -> its ``teacher.context``."""
+GAP_TO_DISTIL = 0.10
+"""A teacher whose sampled pass@1 beats the student's by at least this much (and whose log-ratio
+separates right from wrong, ``AUC_TO_DISTIL``) is worth distilling from alone."""
+AUC_TO_DISTIL = 0.6
 DEFAULT_PROBLEMS = 50
 """Held-out problems when the config's run.eval_problems is 0."""
 
@@ -246,16 +257,42 @@ def _sample_plain(cfg, problems, tok, model, engine, judge, seed: int) -> _Plain
     return _Plain(problems, prompt_ids, gens, judgements, ls)
 
 
-def _contexts(kind: str, plain: _Plain, tok, cfg, template) -> list:
-    """Each plain sample's teacher prompt ids for this kind (None: no context), built by
-    :func:`agentopd.rl.teacher.teacher_contexts`; the ``critique`` kind also gives each correct sample its
-    own critique (see the module's docstring)."""
-    from agentopd.rl.teacher import build_teacher_context, teacher_contexts
+@dataclasses.dataclass
+class Source:
+    """One teacher source: its name, what its teacher sees (``teacher.context``), the model that
+    scores the student's answers under it and the engine that samples from it."""
 
-    tcfg = dataclasses.replace(cfg.teacher, context=KINDS[kind])
+    name: str
+    context: list
+    model: object
+    engine: object
+
+
+def sources(cfg, problems, model, engine, teacher_model=None, teacher_engine=None) -> list[Source]:
+    """The sources a config can use: the self-teacher with each of :data:`SELF_SOURCES`
+    (``self+reference`` only where some problem has a reference solution), and the separate
+    ``teacher.model`` with ``teacher.context`` when the config names one."""
+    has_ref = any((p.privileged or {}).get("solution") for p in problems)
+    out = [Source(name, ctx, model, engine) for name, ctx in SELF_SOURCES.items()
+           if has_ref or "reference" not in ctx]
+    if teacher_model is not None:
+        name = "+".join(["model", *cfg.teacher.context])
+        out.append(Source(name, list(cfg.teacher.context), teacher_model, teacher_engine))
+    return out
+
+
+def _contexts(source: Source, plain: _Plain, tok, cfg, template) -> list:
+    """Each plain sample's teacher prompt ids for this source (None: no context), built by
+    :func:`agentopd.rl.teacher.teacher_contexts`; the feedback-only source also gives each correct
+    sample its own critique (see the module's docstring)."""
+    from agentopd.rl.teacher import build_teacher_context, reference_text, teacher_contexts
+
+    tcfg = dataclasses.replace(cfg.teacher, context=source.context)
     G = cfg.sampling.group_size
-    ctx = teacher_contexts(tok, [p.prompt for p in plain.problems], plain.gens, plain.judgements, G, tcfg, template)
-    if kind == "critique":
+    refs = [reference_text(p.privileged, p.kind) for p in plain.problems]
+    ctx = teacher_contexts(tok, [p.prompt for p in plain.problems], plain.gens, plain.judgements, G, tcfg, template,
+                           refs, [plain.prompt_ids[b // G] for b in range(len(plain.gens))])
+    if source.context == ["feedback"]:
         for b, g in enumerate(plain.gens):
             if plain.success(b) and g.response_ids:
                 ctx[b] = build_teacher_context(tok, plain.problems[b // G].prompt, plain.judgements[b].critique,
@@ -274,19 +311,20 @@ def _blames(plain: _Plain, rows: list[int], ls: list, lt: list, tok, cfg) -> lis
     return out
 
 
-def _kind(kind: str, plain: _Plain, tok, model, engine, judge, cfg, template, seed: int) -> dict:
-    """The figures of one context kind (see :func:`kind_stats`)."""
+def _source(source: Source, plain: _Plain, tok, judge, cfg, template, seed: int) -> dict:
+    """The figures of one teacher source (see :func:`kind_stats`)."""
     from agentopd.rl.learner import pad_BT
 
     G = cfg.sampling.group_size
-    ctx = _contexts(kind, plain, tok, cfg, template)
+    ctx = _contexts(source, plain, tok, cfg, template)
     rows = [b for b, c in enumerate(ctx) if c is not None]
     prompts = [ctx[b] for b in rows]
-    lt = _logprobs(model, prompts, [plain.gens[b].response_ids for b in rows], cfg, f"{kind}: teacher scores")
+    lt = _logprobs(source.model, prompts, [plain.gens[b].response_ids for b in rows], cfg,
+                   f"{source.name}: teacher scores")
     ls = [plain.ls[b] for b in rows]
     ls_BT, mask_BT = pad_BT(ls)
     lt_BT, _ = pad_BT(lt)
-    gens = _generate(engine, prompts, 1, cfg, seed, f"{kind}: teacher samples")
+    gens = _generate(source.engine, prompts, 1, cfg, seed, f"{source.name}: teacher samples")
     verdicts = [j.verdict.status for j in judge.judge_many([(plain.problems[b // G], g.text)
                                                              for b, g in zip(rows, gens)])]
     teacher_ok = [None if v == "judge_error" else v == "ok" for v in verdicts]
@@ -300,10 +338,40 @@ def _kind(kind: str, plain: _Plain, tok, model, engine, judge, cfg, template, se
                       _blames(plain, rows, ls, lt, tok, cfg))
 
 
+def recommend(contexts: dict) -> dict:
+    """The objective the figures support: ``distil`` (``algo.loss: opd``) from the source with the
+    largest gap when its teacher beats the student by :data:`GAP_TO_DISTIL` and its log-ratio
+    separates right from wrong (AUC at least :data:`AUC_TO_DISTIL`); ``blend`` (GRPO plus the
+    source's per-token credit, ``algo.advantage: hybrid``) when the best teacher is better but
+    weakly; ``grpo`` when no source's teacher beats the student."""
+    scored = {k: c for k, c in contexts.items() if c.get("gap") is not None}
+    if not scored:
+        return {"objective": "grpo", "source": None, "why": "no source's teacher could be measured"}
+    name, best = max(scored.items(), key=lambda kv: kv[1]["gap"])
+    fig = f"teacher pass@1 {best['pass1']:.3f} vs student {best['student_pass1_same']:.3f}, AUC " + (
+        "-" if best["auc"] is None else f"{best['auc']:.2f}")
+    if best["gap"] >= GAP_TO_DISTIL and (best["auc"] or 0.0) >= AUC_TO_DISTIL:
+        return {"objective": "distil", "loss": "opd", "source": name, "why": f"{name} is clearly better ({fig})"}
+    if best["gap"] > 0:
+        return {"objective": "blend", "advantage": "hybrid", "source": name,
+                "why": f"{name} is better, but weakly ({fig})"}
+    return {"objective": "grpo", "source": None, "why": f"no source's teacher beats the student (best: {name}, {fig})"}
+
+
+def _teacher_parts(cfg, tok, device, engine_cls):
+    """The separate teacher model and an engine around it, or (None, None)."""
+    if not cfg.teacher.model:
+        return None, None
+    from agentopd.rl.learner import load_teacher
+
+    teacher = load_teacher(cfg, None, device).model_for_scoring()
+    return teacher, engine_cls(teacher, tok, device=next(teacher.parameters()).device)
+
+
 def diagnose_teacher(cfg, engine=None, judge=None) -> dict:
     """Run the diagnostic of a ``TrainConfig`` (module docstring); returns the report, also written
     to ``<run.out>/diagnose.json`` (and its table to ``summary.md``). ``engine`` / ``judge``: as in
-    :func:`agentopd.train.train`."""
+    :func:`agentopd.train.train`. A served teacher (``teacher.base_url``) is not diagnosed here."""
     from agentopd.envs.procedural import HELDOUT_SEED
     from agentopd.inference.hf import HFEngine
     from agentopd.rl.learner import autocast, load_model, pick_device, precision
@@ -312,28 +380,31 @@ def diagnose_teacher(cfg, engine=None, judge=None) -> dict:
     cfg, problems, judge = _setup(cfg, judge)
     torch.manual_seed(cfg.run.seed)
     device = pick_device(cfg)
+    engine_cls = engine or HFEngine
     try:
         model, tok = load_model(cfg, device)
         model.eval()
-        engine = (engine or HFEngine)(model, tok, device=device)
+        engine = engine_cls(model, tok, device=device)
         seed = cfg.run.seed * 1_000_003 + HELDOUT_SEED
         with torch.no_grad(), autocast(precision(cfg), device)():
             plain = _sample_plain(cfg, problems, tok, model, engine, judge, seed)
-            contexts = {kind: _kind(kind, plain, tok, model, engine, judge, cfg, TeacherTemplate(),
-                                    seed + 7919 * (k + 1)) for k, kind in enumerate(KINDS)}
+            srcs = sources(cfg, problems, model, engine, *_teacher_parts(cfg, tok, device, engine_cls))
+            contexts = {src.name: _source(src, plain, tok, judge, cfg, TeacherTemplate(), seed + 7919 * (k + 1))
+                        for k, src in enumerate(srcs)}
     finally:
         if hasattr(judge, "close"):
             judge.close()
     ok = [j.verdict.status == "ok" for j in plain.judgements if j.verdict.status != "judge_error"]
-    report = {"model": cfg.model.path, "problems": len(problems), "group_size": cfg.sampling.group_size,
-              "samples": len(plain.gens), "judge_errors": len(plain.judgements) - len(ok),
-              "student_pass1": _mean([float(x) for x in ok]), "contexts": contexts}
+    report = {"model": cfg.model.path, "teacher_model": cfg.teacher.model or None, "problems": len(problems),
+              "group_size": cfg.sampling.group_size, "samples": len(plain.gens),
+              "judge_errors": len(plain.judgements) - len(ok), "student_pass1": _mean([float(x) for x in ok]),
+              "contexts": contexts, "recommendation": recommend(contexts)}
     _write(cfg.run.out, report)
     return report
 
 
 def table(report: dict) -> str:
-    """The report as a markdown table: one row per figure, one column per context kind."""
+    """The report as a markdown table: one row per figure, one column per teacher source; then the recommendation."""
     def fmt(v):
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -343,7 +414,10 @@ def table(report: dict) -> str:
             f"{report['group_size']} samples ({report['model']})\n\n")
     lines = ["| figure | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     lines += [f"| {k} | " + " | ".join(fmt(report["contexts"][c][k]) for c in kinds) + " |" for k in keys]
-    return head + "\n".join(lines) + "\n"
+    rec = report.get("recommendation")
+    tail = f"\nrecommendation: {rec['objective']}" + (f" from {rec['source']}" if rec["source"] else "") + \
+        f": {rec['why']}\n" if rec else ""
+    return head + "\n".join(lines) + "\n" + tail
 
 
 def _write(out: str, report: dict) -> None:

@@ -231,6 +231,9 @@ class RunConfig:
     """Held-out problems for pass@1 before training, every ``eval_every`` steps and at the end (0: off)."""
     eval_every: int = 0
     """Steps between held-out evaluations (0: only before and after)."""
+    eval_dense_steps: int = 0
+    """Also evaluate after each of the first this many steps (rollouts to a target resolved to one
+    step early in a run, where distillation gets there)."""
     samples_every: int = 5
     """Write a few rollouts token by token to ``out/samples.jsonl`` every this many steps, at each
     held-out evaluation and at the last step, for ``agentopd report`` (agentopd.samples); 0: off."""
@@ -647,6 +650,11 @@ def _evaluate(cfg: TrainConfig, k: _Parts) -> dict:
     return distributed.broadcast(got)
 
 
+def _eval_due(run: RunConfig, step: int, last: bool) -> bool:
+    """Whether the held-out evaluation runs after ``step`` (1-based)."""
+    return last or step <= run.eval_dense_steps or bool(run.eval_every) and step % run.eval_every == 0
+
+
 def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
     """Run ``cfg.run.steps`` steps; returns the metrics rows (also appended to metrics.jsonl).
     ``engine`` / ``judge``: use these instead of the ones the config names (an engine is built
@@ -689,7 +697,7 @@ def train(cfg: TrainConfig, engine=None, judge=None) -> list[dict]:
         row, episodes, trows, ctx, st = _step(cfg, k, step, starts)
         data_pos += cfg.sampling.prompts_per_step
         last = step + 1 == cfg.run.steps
-        if k.heldout is not None and (last or cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0):
+        if k.heldout is not None and _eval_due(cfg.run, step + 1, last):
             row |= _evaluate(cfg, k)
         if distributed.is_main():
             sample_log.record(cfg, step + 1, last, "heldout_pass1" in row, k.tok, episodes, trows, ctx, st)

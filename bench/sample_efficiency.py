@@ -1,22 +1,28 @@
-"""Sample efficiency on the micro tasks: GRPO vs the reference SDPO objective vs sd_token vs hybrid on
-the same rollout budget, for code (functions from examples, judged by sandboxed tests) or math
-(column arithmetic, judged by math-verify with critiques that name the expected answer).
+"""Sample efficiency on the micro tasks, for every kind of teacher: GRPO, the self-teacher from
+critiques (the reference SDPO objective, sd_token, hybrid), on-policy distillation from a stronger
+teacher model (``opd``: the shipped micro teacher, plain prompt) and from the self-teacher shown the
+reference solution (``opsd``), on the same rollout budget, for code (functions from examples, judged
+by sandboxed tests) or math (column arithmetic, judged by math-verify with critiques that name the
+expected answer).
 
 Every run starts from the same warm-start checkpoint (``agentopd micro pretrain``; created first when
-missing) and trains with the method's config (``METHODS``) and the setting's data (``SETTINGS``);
-only the method and the seed differ. The in-context RLEF baseline (no gradient: the critique goes
-back into the conversation) runs once on the same model and held-out problems, as a line. The
+missing) and trains with the method's config (``METHODS``, each at its own setting: the distillation
+arms sample one answer per prompt, the others a group) and the setting's data (``SETTINGS``); only
+the method and the seed differ. A rollout is one sampled answer, whatever the grouping, and every
+method gets the same number (``--budget``). The in-context RLEF baseline (no gradient: the critique
+goes back into the conversation) runs once on the same model and held-out problems, as a line. The
 held-out pass@1 (unseen problems, ``n`` samples each at the sampling temperature) is measured before
-training and every ``--eval-every`` steps. The budgets and the target are fixed by the arguments
-below, before any result is seen:
+training, after every step up to ``--dense`` rollouts, then every ``--eval-every`` rollouts; each
+teacher model's own pass@1 on the same problems is measured too (OPD's ceiling). The budgets and
+the target are fixed by the arguments below, before any result is seen:
 
     target = warm-start pass@1 + --target-gain        (absolute, default +0.10)
 
 Reported per method: rollouts to reach the target (mean and spread over the seeds that reach it; a
-seed that never does counts as not reached), final pass@1, and the ratio of each method's rollouts to
-GRPO's. Writes ``<out>.json``, ``<out>.svg`` (a learning curve per method, mean ± std over seeds, drawn by
-``agentopd.report.line_chart_svg``, the report's chart code) and the PNG of it (``docs/``; by headless
-Chromium, else matplotlib).
+seed that never does counts as not reached), final pass@1 (at the same budget: equal rollouts), and
+the ratio of each method's rollouts to GRPO's. Writes ``<out>.json``, ``<out>.svg`` (a learning curve
+per method, mean ± std over seeds, drawn by ``agentopd.report.line_chart_svg``, the report's chart
+code) and the PNG of it (``docs/``; by headless Chromium, else matplotlib).
 
     python3 bench/sample_efficiency.py --quick --setting code   # 3 seeds per method, the small budget
     python3 bench/sample_efficiency.py --setting math            # the full budget
@@ -34,7 +40,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 METHODS = {"grpo": "micro-grpo.yaml", "sdpo": "micro-sdpo-ref.yaml", "sd_token": "micro-sdpo.yaml",
-           "hybrid": "micro-hybrid.yaml"}
+           "hybrid": "micro-hybrid.yaml", "opd": "micro-opd.yaml", "opsd": "micro-opsd.yaml"}
+"""Each method at its own setting (its config): the distillation arms sample one answer per prompt
+(no group baseline to form), GRPO and the self-distillation arms a group of 4."""
 SETTINGS = {
     "code": ["data.env=code", "data.problems=functions", "data.judge={}"],
     "math": ["data.env=math", "data.problems=micro", "data.levels=[1, 2, 3]",
@@ -43,20 +51,56 @@ SETTINGS = {
 """The data of each setting, as overrides of the method configs (the shipped configs are code)."""
 
 
-def run_one(method: str, seed: int, args) -> list[tuple[int, float]]:
-    """[(rollouts, held-out pass@1)] for one training run, the first point at 0 rollouts."""
+def _config(method: str, seed: int, args, *more: str):
     from agentopd.config import load
-    from agentopd.train import TrainConfig, train
+    from agentopd.train import TrainConfig
 
-    overrides = [f"run.steps={args.steps}", f"run.seed={seed}", "run.progress=false", "run.checkpoint_every=0",
-                 f"run.eval_every={args.eval_every}", f"run.eval_problems={args.eval_problems}",
-                 f"run.eval_samples={args.eval_samples}", f"model.path={args.model}", *SETTINGS[args.setting]]
+    overrides = [f"run.seed={seed}", "run.progress=false", "run.checkpoint_every=0",
+                 f"run.eval_problems={args.eval_problems}", f"run.eval_samples={args.eval_samples}",
+                 f"model.path={args.model}", *SETTINGS[args.setting], *more]
+    return load(TrainConfig, os.path.join(args.configs, METHODS[method]), overrides)
+
+
+def run_one(method: str, seed: int, args) -> list[tuple[int, float]]:
+    """[(rollouts, held-out pass@1)] for one training run, the first point at 0 rollouts: the same
+    rollout budget for every method (steps = budget / the method's rollouts per step), held-out
+    pass@1 after every step up to ``--dense`` rollouts, then every ``--eval-every`` rollouts."""
+    from agentopd.train import train
+
+    probe = _config(method, seed, args)
+    per_step = probe.sampling.prompts_per_step * probe.sampling.group_size
     with tempfile.TemporaryDirectory() as out:
-        cfg = load(TrainConfig, os.path.join(args.configs, METHODS[method]),
-                          overrides + [f"run.out={out}"])
+        cfg = _config(method, seed, args, f"run.steps={args.budget // per_step}",
+                      f"run.eval_every={max(args.eval_every // per_step, 1)}",
+                      f"run.eval_dense_steps={args.dense // per_step}", f"run.out={out}")
         rows = train(cfg)
-    per_step = cfg.sampling.prompts_per_step * cfg.sampling.group_size
     return [(r["step"] * per_step, r["heldout_pass1"]) for r in rows if "heldout_pass1" in r]
+
+
+def teacher_pass1(args) -> dict[str, float]:
+    """The held-out pass@1 of each separate teacher model a method distils from (OPD's ceiling),
+    measured as training measures the student: the same problems, samples and seed."""
+    from agentopd.envs.procedural import HELDOUT_SEED
+    from agentopd.eval.heldout import heldout_pass1
+    from agentopd.inference import load_pretrained
+    from agentopd.inference.hf import HFEngine
+    from agentopd.judges import make_judge
+    from agentopd.testbed.micro import heldout_problems
+
+    out = {}
+    for method in args.methods.split(","):
+        cfg = _config(method, 0, args)
+        if not cfg.teacher.model or cfg.teacher.model in out:
+            continue
+        model, tok = load_pretrained(cfg.teacher.model)
+        judge = make_judge("math" if args.setting == "math" else "tests")
+        try:
+            out[cfg.teacher.model] = heldout_pass1(HFEngine(model.eval(), tok), tok,
+                                                   heldout_problems(args.setting, args.eval_problems), judge,
+                                                   args.eval_samples, cfg.sampling, HELDOUT_SEED)
+        finally:
+            judge.close()
+    return out
 
 
 def rlef_line(args) -> list[float]:
@@ -154,15 +198,18 @@ def plot(curves, target: float, svg: str, png: str, setting: str, rlef_pass: lis
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the small budget (within ~10 minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="the small budget")
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="code")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 "
                     "(pilot runs that choose settings use other seeds than the reported ones)")
     ap.add_argument("--no-rlef", action="store_true", help="skip the in-context RLEF line")
-    ap.add_argument("--steps", type=int, help="training steps per run (default: 40 quick, 120 full)")
-    ap.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: 5 quick, 10 full)")
+    ap.add_argument("--budget", type=int, help="rollouts (sampled answers) per run (default: 1280 quick, 3840 full)")
+    ap.add_argument("--eval-every", type=int, help="rollouts between held-out evaluations after --dense "
+                    "(default: 160 quick, 320 full)")
+    ap.add_argument("--dense", type=int, help="evaluate after every step up to this many rollouts "
+                    "(default: 320 quick, 640 full)")
     ap.add_argument("--eval-problems", type=int, default=100)
     ap.add_argument("--eval-samples", type=int, default=2)
     ap.add_argument("--target-gain", type=float, default=0.10, help="target = warm-start pass@1 + this")
@@ -177,14 +224,18 @@ def main() -> None:
     name = f"sample_efficiency_{args.setting}" + ("_quick" if args.quick else "")
     ap_out = args.out
     args.out = args.out or os.path.join(os.path.dirname(__file__), "results", name)
-    args.steps = args.steps or (40 if args.quick else 120)
-    args.eval_every = args.eval_every or (5 if args.quick else 10)
+    args.budget = args.budget or (1280 if args.quick else 3840)
+    args.eval_every = args.eval_every or (160 if args.quick else 320)
+    args.dense = args.dense or (320 if args.quick else 640)
 
     from agentopd.testbed import micro
 
     if args.model == "micro":
         micro.ensure()
     t0 = time.perf_counter()
+    teachers = teacher_pass1(args)
+    for path, p1 in teachers.items():
+        print(f"teacher {path}: held-out pass@1 {p1:.3f}", flush=True)
     curves: dict[str, list] = {}
     for method in args.methods.split(","):
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -198,8 +249,8 @@ def main() -> None:
     start = statistics.mean(c[0][1] for runs in curves.values() for c in runs)
     target = start + args.target_gain
     summary = summarise(curves, target)
-    print(f"\nwarm start pass@1 {start:.3f}; target {target:.3f}; budget {curves[next(iter(curves))][0][-1][0]} "
-          f"rollouts per run; {time.perf_counter() - t0:.0f} s in all\n")
+    print(f"\nwarm start pass@1 {start:.3f}; target {target:.3f}; budget {args.budget} rollouts per run; "
+          f"{time.perf_counter() - t0:.0f} s in all\n")
     print(f"{'method':10s} {'reached':>8s} {'rollouts to target':>22s} {'vs grpo':>8s} {'final pass@1':>16s}")
     for method, s in summary.items():
         r = "-" if s["rollouts_mean"] is None else f"{s['rollouts_mean']:.0f} ± {s['rollouts_std']:.0f}"
@@ -208,7 +259,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w", encoding="utf-8") as f:
         json.dump({"args": vars(args), "warm_start": start, "target": target, "curves": curves,
-                   "summary": summary, "rlef_pass_after_turn": rlef_pass}, f, indent=2)
+                   "summary": summary, "teacher_pass1": teachers, "rlef_pass_after_turn": rlef_pass}, f, indent=2)
     png = os.path.join(os.path.dirname(__file__), "..", "docs", name + ".png") if not ap_out else args.out + ".png"
     written = plot(curves, target, args.out + ".svg", png, args.setting, rlef_pass)
     print(f"\nwrote {args.out}.json, " + " and ".join(written))

@@ -221,11 +221,15 @@ def test_diagnose_counts_contexts_and_teacher_samples_exactly(tmp_path):
         assert c["student_pass1_same"] == pytest.approx(2 / 3) and c["gap"] == pytest.approx(1 / 3)
         assert 0.0 <= c["auc"] <= 1.0 and 0.0 <= c["auc_mean"] <= 1.0
         assert c["n_blame"] == P and c["blame_in_wrong"] is not None and isinstance(c["ratio_at_divergence"], float)
-    crit, demo, both = (Scripted.teacher_prompts[k * P * G:(k + 1) * P * G] for k in range(3))
+    assert list(report["contexts"]) == ["self+feedback", "self+demonstration", "self+feedback+demonstration",
+                                        "self+reference"]  # micro problems have reference answers
+    crit, demo, both, ref = (Scripted.teacher_prompts[k * P * G:(k + 1) * P * G] for k in range(4))
     assert sum("Correct: " in t for t in crit) == 2 * P and sum(" is incorrect." in t for t in crit) == P
     assert not any("Correct solution:" in t for t in crit)
     assert all("Correct solution:" in t and "feedback" not in t for t in demo)
     assert all("Correct solution:" in t for t in both) and sum("feedback" in t for t in both) == P
+    assert all(micro_solution(p) in t for t, p in zip(ref[::G], Scripted.problems))
+    assert report["recommendation"]["objective"] == "distil"  # every teacher repairs every answer: gap 1/3
     assert "| auc |" in (tmp_path / "summary.md").read_text()
 
 
@@ -240,22 +244,30 @@ def cli(*args, timeout=120):
 
 
 def test_cli_writes_diagnose_json_with_every_key(tmp_path):
+    from agentopd.testbed.tiny import build_tiny
+
+    build_tiny(tmp_path / "teacher", hidden=96, layers=3, seed=0)  # the student's tokenizer, other weights
     r = cli("diagnose", "teacher", "--config", ROOT / "configs" / "micro-sdpo.yaml", *TINY, "run.eval_problems=0",
-            "sampling.group_size=2", "sampling.max_new_tokens=4", "--out", tmp_path / "d")
+            "sampling.group_size=2", "sampling.max_new_tokens=4", f"teacher.model={tmp_path / 'teacher'}",
+            "teacher.context=[]", "--out", tmp_path / "d")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert json.loads((tmp_path / "d" / "diagnose.json").read_text()) == report
     assert "run.eval_problems is 0: diagnosing on 50 held-out problems" in r.stderr
     assert report["problems"] == 50 and report["samples"] == 100 and report["group_size"] == 2
     assert 0.0 <= report["student_pass1"] <= 1.0
-    assert set(report["contexts"]) == {"critique", "demonstration", "both"}
+    assert list(report["contexts"]) == ["self+feedback", "self+demonstration", "self+feedback+demonstration",
+                                        "self+reference", "model"]
     for c in report["contexts"].values():
         assert set(c) == KIND_KEYS
-    crit = report["contexts"]["critique"]
+    assert report["contexts"]["model"]["n"] == 100  # the plain prompt: every sample has a teacher context
+    assert report["recommendation"]["objective"] in ("distil", "blend", "grpo")
+    crit = report["contexts"]["self+feedback"]
     assert crit["n"] > 0 and crit["n"] == crit["n_correct"] + crit["n_wrong"]
     assert crit["n_blame"] == crit["n_wrong"]  # the untrained model departs from every reference
     assert math.isfinite(crit["ratio_wrong"])
-    assert "| figure | critique | demonstration | both |" in r.stderr and "| ratio_wrong |" in r.stderr
+    assert "| figure | self+feedback | self+demonstration |" in r.stderr and "| ratio_wrong |" in r.stderr
+    assert "recommendation: " in r.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -297,3 +309,18 @@ def test_train_logs_teacher_auc_and_ratios_each_step(tmp_path):
         assert r["ratio_wrong"] == pytest.approx(-r["kl_teacher"], abs=1e-6)  # every teacher token is a wrong sample's
     for r in _train(tmp_path / "mixed", EveryThirdWrong()):  # correct samples have a correct sibling: both classes
         assert 0.0 <= r["teacher_auc"] <= 1.0 and math.isfinite(r["ratio_correct"]) and math.isfinite(r["ratio_wrong"])
+
+
+@pytest.mark.parametrize("gaps, aucs, objective, source", [
+    ({"self+feedback": 0.02, "model": 0.30}, {"self+feedback": 0.9, "model": 0.8}, "distil", "model"),
+    ({"self+feedback": 0.02, "model": 0.30}, {"self+feedback": 0.9, "model": 0.5}, "blend", "model"),  # no separation
+    ({"self+feedback": 0.05, "self+reference": 0.04}, {"self+feedback": 0.9, "self+reference": 0.9}, "blend",
+     "self+feedback"),
+    ({"self+feedback": -0.05, "model": 0.0}, {"self+feedback": 0.9, "model": 0.9}, "grpo", None),
+])
+def test_the_recommendation_follows_the_rule(gaps, aucs, objective, source):
+    from agentopd.diagnose import recommend
+
+    contexts = {k: {"gap": g, "auc": aucs[k], "pass1": 0.3 + g, "student_pass1_same": 0.3} for k, g in gaps.items()}
+    got = recommend(contexts)
+    assert got["objective"] == objective and got["source"] == source and got["why"]

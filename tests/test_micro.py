@@ -146,6 +146,40 @@ def test_the_shipped_micro_model_is_what_micro_loads_and_matches_the_defaults():
     assert tok.tokenize("1234") == ["1", "2", "3", "4"] and tok.chat_template
 
 
+def test_the_teacher_command_builds_a_teacher_with_the_students_tokenizer(tmp_path, micro_dir):
+    """`agentopd micro teacher` at a test budget (2 GRPO steps from the test micro model): a
+    save_pretrained directory with the base's tokenizer, other weights, and its held-out pass@1."""
+    from agentopd.inference import load_pretrained
+    from agentopd.rl.teacher import tokenizer_mismatch
+    from agentopd.testbed.teacher import TeacherRecipe, build_teacher
+
+    summary = build_teacher(str(tmp_path / "t"), TeacherRecipe(steps=2, lr=0.01, heldout=4), base=str(micro_dir),
+                            progress=False)
+    assert json.loads((tmp_path / "t" / "teacher.json").read_text()) == summary
+    assert 0.0 <= summary["heldout_pass1"]["code"] <= 1.0 and summary["recipe"]["steps"] == 2
+    teacher, ttok = load_pretrained(str(tmp_path / "t"))
+    base, btok = load_pretrained(str(micro_dir))
+    assert tokenizer_mismatch(btok, ttok) is None
+    b = base.state_dict()
+    assert any(not torch.equal(v, b[k]) for k, v in teacher.state_dict().items())
+
+
+def test_the_shipped_micro_teacher_is_what_micro_teacher_loads_and_beats_the_student():
+    from dataclasses import asdict
+
+    from agentopd.inference import load_pretrained, load_tokenizer
+    from agentopd.rl.teacher import tokenizer_mismatch
+    from agentopd.testbed.micro import SHIPPED_DIR, TEACHER_DIR
+    from agentopd.testbed.teacher import TeacherRecipe
+
+    summary = json.loads((Path(TEACHER_DIR) / "teacher.json").read_text())
+    assert summary["recipe"] == asdict(TeacherRecipe()) and summary["base"] == "micro"  # the command's defaults
+    student = json.loads((Path(SHIPPED_DIR) / "micro.json").read_text())["heldout_pass1"]["code"]
+    assert summary["heldout_pass1"]["code"] > student + 0.1
+    model, tok = load_pretrained("micro-teacher")
+    assert tokenizer_mismatch(load_tokenizer("micro"), tok) is None and model.config.model_type == "llama"
+
+
 def test_warm_start_is_deterministic_in_its_seed(tmp_path, micro_dir):
     from agentopd.testbed.micro import pretrain
 

@@ -41,7 +41,7 @@ SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "micro_model")
 """The warm-started micro model shipped with the package (``MicroConfig()``'s defaults, seed 0:
 ``agentopd micro pretrain --out agentopd/testbed/micro_model`` rebuilds it); what ``model.path: micro`` loads."""
 TEACHER_DIR = os.path.join(os.path.dirname(__file__), "micro_teacher")
-"""The shipped stronger micro teacher (same tokenizer; see :func:`build_teacher`): what
+"""The shipped stronger micro teacher (same tokenizer; see :func:`agentopd.testbed.teacher.build_teacher`): what
 ``teacher.model: micro-teacher`` loads."""
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "agentopd", "micro")
 """Where ``agentopd micro pretrain`` writes by default, and what ``micro`` falls back to (built
@@ -318,3 +318,4 @@ def ensure(path: str | None = None, progress: bool = True) -> str:
     if not os.path.exists(os.path.join(path, "micro.json")):
         pretrain(path, progress=progress)
     return path
+
