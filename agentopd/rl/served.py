@@ -79,9 +79,10 @@ def parse_row(prompt_logprobs, prompt: list[int], response: list[int], topk: int
     if len(prompt_logprobs) != len(prompt) + len(response):
         raise MalformedReply(f"{len(prompt_logprobs)} positions, {len(prompt) + len(response)} sent")
     positions = [parse_position(e, t, topk) for e, t in zip(prompt_logprobs[len(prompt):], response)]
+    R = len(positions)
     return RowScores(logprobs_R=torch.tensor([p[0] for p in positions], dtype=torch.float32),
-                     topk_ids_RK=torch.tensor([p[1] for p in positions], dtype=torch.int64).view(-1, topk),
-                     topk_logprobs_RK=torch.tensor([p[2] for p in positions], dtype=torch.float32).view(-1, topk))
+                     topk_ids_RK=torch.tensor([p[1] for p in positions], dtype=torch.int64).reshape(R, topk),
+                     topk_logprobs_RK=torch.tensor([p[2] for p in positions], dtype=torch.float32).reshape(R, topk))
 
 
 def _prompt_logprobs(reply):
@@ -122,10 +123,10 @@ class ServedTeacher:
             raise ImportError("the served teacher needs the openai client: pip install 'agentopd[llm]'") from None
         if topk < 0:
             raise ValueError(f"topk must be >= 0, got {topk}")
-        self.client = OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout,
-                             max_retries=max_retries)
-        self.base_url, self.model, self.topk = base_url, model, topk
         self.max_retries, self.concurrency = max(0, max_retries), max(1, concurrency)
+        self.client = OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout,
+                             max_retries=self.max_retries)
+        self.base_url, self.model, self.topk = base_url, model, topk
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[RowScores | None]:
         """One entry per row; None where the server failed for that row (timeout, HTTP error after the
