@@ -83,6 +83,16 @@ def test_scores_equal_the_in_process_teacher(tiny, served):
         assert r["headers"]["authorization"] == "Bearer sekrit"
 
 
+def test_topk_zero_gives_the_token_logprobs_only(tiny, served):
+    model, tok = tiny
+    prompts, responses = rows(tok)
+    got = ServedTeacher(served().url, "tiny", topk=0).score(prompts, responses)
+    lps, _ = score(model, prompts, responses)
+    for g, lp in zip(got, lps):
+        assert g.topk_ids_RK.shape == g.topk_logprobs_RK.shape == (len(lp), 0)
+        torch.testing.assert_close(g.logprobs_R, lp.float(), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("fault", [("status", 500), ("garbage",), ("short", 1), ("slow", 20)],
                          ids=["http500", "garbage", "short", "timeout"])
 def test_failed_rows_are_none_and_the_others_scored(tiny, served, fault):
