@@ -7,8 +7,10 @@ the response ids (a list of ints, tokenized nowhere), ``max_tokens: 1`` and the 
 parameter ``prompt_logprobs: K``. vLLM answers each choice with ``prompt_logprobs``: one entry per
 prompt token, the first ``null``, each other a dict keyed by token id (a string in JSON) whose
 values are ``{"logprob", "rank", "decoded_token"}``; it holds the actual token at that position
-(whatever its rank) and the K most likely tokens, so K or K + 1 entries, in no promised order.
-The last R entries are the response positions.
+(whatever its rank) and the K most likely tokens, so K or K + 1 entries, in no promised order
+(vLLM inserts the actual token first). A log-prob of -inf arrives as -9999.0 (vLLM's clamp) and is
+kept so. The last R entries are the response positions; the reply must have exactly one entry per
+id sent, and each response position must hold its response token.
 
 Temperature: vLLM computes prompt log-probs from the raw logits (temperature 1), whatever the
 request's temperature. The scores are those of the teacher at temperature 1; nothing here
@@ -47,7 +49,7 @@ class MalformedReply(ValueError):
 
 
 def _logprob(entry) -> float:
-    value = entry["logprob"] if isinstance(entry, dict) else entry  # some servers give bare floats
+    value = entry["logprob"] if isinstance(entry, dict) else entry  # a bare number is taken as the log-prob
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise MalformedReply(f"not a log-prob: {value!r}")
     return float(value)
