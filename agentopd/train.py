@@ -340,6 +340,15 @@ def _check_teacher(cfg: TrainConfig) -> None:
                           "teacher.model (or teacher.base_url), or a context source")
     if t.model:
         _check_teacher_tokenizer(cfg.model.path, t.model, cfg.run.seed)
+    if t.base_url:  # the server's /tokenize against the student's tokenizer (a warning where it has none)
+        from agentopd.inference import load_tokenizer
+        from agentopd.rl.served import ServedTeacher
+
+        try:
+            ServedTeacher(t.base_url, t.served_model, timeout=t.timeout).check_tokenizer(
+                load_tokenizer(cfg.model.path, cfg.run.seed))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _check_teacher_tokenizer(student: str, teacher: str, seed: int) -> None:

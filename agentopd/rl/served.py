@@ -115,7 +115,11 @@ class ServedTeacher:
     ``(max_retries + 1) ** 2`` requests. ``concurrency``: rows in flight at once, one request each.
     ``api_key``: sent as a bearer token (vLLM's ``--api-key``); default none.
 
-    The scores are of the raw logits (temperature 1): see the module's docstring."""
+    The scores are of the raw logits (temperature 1): see the module's docstring. As a learner's
+    teacher (``mode`` "served") it has nothing to update or checkpoint."""
+
+    mode = "served"
+    tau = mix = 0.0
 
     def __init__(self, base_url: str, model: str, topk: int = 20, timeout: float = 60.0,
                  max_retries: int = 2, concurrency: int = 4, api_key: str | None = None):
@@ -129,6 +133,19 @@ class ServedTeacher:
         self.client = OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout,
                              max_retries=self.max_retries)
         self.base_url, self.model, self.topk = base_url, model, topk
+
+    def update(self, student_model=None) -> None:
+        """Nothing: the served teacher never changes."""
+
+    def own_parameters(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "tau": 0.0, "mix": 0.0, "model": None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["mode"] != self.mode:
+            raise ValueError(f"checkpoint teacher mode {state['mode']!r} != {self.mode!r}")
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[RowScores | None]:
         """One entry per row; None where the server failed for that row (timeout, HTTP error after the
