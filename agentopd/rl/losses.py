@@ -371,7 +371,7 @@ def kl_alpha_teacher_topk_chunked_per_token(
     _check_alpha(alpha)
     weight_VH = lm_head_weight_VH.to(_product_dtype(student_hidden_BTH))  # cast once, not once per chunk
     return _masked_over_chunks(_chunk_teacher_topk_divergence, chunk, mask_BT,
-                               (student_hidden_BTH, teacher_ids_BTK, teacher_logprobs_BTK.detach()), weight_VH, alpha,
+                               (student_hidden_BTH, teacher_ids_BTK, teacher_logprobs_BTK), weight_VH, alpha,
                                temperature)
 
 
