@@ -1,6 +1,6 @@
 """Losses against numbers worked out by hand; top-K and chunked KL against the full KL; chunked
-token log-probs against gathered full ones; and memory checks (tensor sizes, not timings) for the
-chunked KL and log-probs."""
+top-K (the student's or the teacher's) against the unchunked forms; chunked token log-probs against
+gathered full ones; and memory checks (tensor sizes, not timings) for the chunked KL and log-probs."""
 from __future__ import annotations
 
 import math
@@ -18,7 +18,12 @@ from agentopd.rl.losses import (
     get_loss,
     kl_alpha,
     kl_alpha_chunked,
+    kl_alpha_per_token,
+    kl_alpha_teacher_topk_chunked_per_token,
+    kl_alpha_teacher_topk_per_token,
     kl_alpha_topk,
+    kl_alpha_topk_chunked_per_token,
+    kl_alpha_topk_per_token,
     policy_loss,
     ref_kl_k3,
     token_logprobs_chunked,
@@ -162,6 +167,43 @@ def test_kl_topk_uses_the_students_top_tokens():
     assert kl_alpha_topk(s, q, ONE, 1.0, k=1).item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_teacher_topk_by_hand_uses_the_teachers_top_tokens():
+    # s = [.5, .3, .2], q = [.1, .2, .7]: the teacher's top token is 2, the student's least likely.
+    # K = 1 over the teacher's support: {2, tail}, student [.2, .8], teacher [.7, .3].
+    s = t([[[0.5, 0.3, 0.2]]]).log()
+    ids, lps = torch.tensor([[[2]]]), t([[[0.7]]]).log()
+    got = kl_alpha_teacher_topk_per_token(s, ids, lps, 1.0)
+    assert got.item() == pytest.approx(0.2 * math.log(0.2 / 0.7) + 0.8 * math.log(0.8 / 0.3), abs=1e-6)  # .5341108
+    got = kl_alpha_teacher_topk_per_token(s, ids, lps, 0.0)
+    assert got.item() == pytest.approx(0.7 * math.log(0.7 / 0.2) + 0.3 * math.log(0.3 / 0.8), abs=1e-6)  # .5826852
+    # K = 2 (tokens 2, 1): the tail is token 0 on both sides, so it is the full KL
+    ids, lps = torch.tensor([[[2, 1]]]), t([[[0.7, 0.2]]]).log()
+    q = t([[[0.1, 0.2, 0.7]]]).log()
+    for alpha in (0.0, 0.5, 1.0):
+        torch.testing.assert_close(kl_alpha_teacher_topk_per_token(s, ids, lps, alpha), kl_alpha_per_token(s, q, alpha))
+
+
+def teacher_topk_of(teacher_logits, k):
+    """A teacher server's answer: its top-k ids and their (full-vocabulary) log-probs."""
+    lps, ids = F.log_softmax(teacher_logits, -1).topk(k, -1)
+    return ids, lps
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_teacher_topk_with_k_equal_v_is_full_kl(alpha):
+    gen = torch.Generator().manual_seed(6)
+    s = (2 * torch.randn(2, 4, 11, generator=gen, dtype=torch.float64)).requires_grad_()
+    te = 2 * torch.randn(2, 4, 11, generator=gen, dtype=torch.float64)
+    ids, lps = teacher_topk_of(te, 11)
+    got = kl_alpha_teacher_topk_per_token(s, ids, lps, alpha)
+    want = kl_alpha_per_token(s, te, alpha)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), s)[0], torch.autograd.grad(want.sum(), s)[0],
+                               atol=1e-6, rtol=0)
+    # K < V is not the full KL: the check above can tell them apart
+    assert not torch.allclose(kl_alpha_teacher_topk_per_token(s, *teacher_topk_of(te, 3), alpha), want, atol=1e-3)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_kl_topk_with_k_equal_v_is_full_kl(alpha):
     gen = torch.Generator().manual_seed(2)
@@ -187,11 +229,11 @@ def test_kl_topk_is_finite_when_the_student_is_peaked():
 # ---------------------------------------------------------------- chunked
 
 
-def chunked_setup(seed=3, B=2, T=6, H=4, V=64):
+def chunked_setup(seed=3, B=2, T=6, H=4, V=64, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, H, generator=gen, requires_grad=True)
-    teacher_hidden = torch.randn(B, T, H, generator=gen)
-    weight = torch.randn(V, H, generator=gen, requires_grad=True)
+    hidden = torch.randn(B, T, H, generator=gen, dtype=dtype, requires_grad=True)
+    teacher_hidden = torch.randn(B, T, H, generator=gen, dtype=dtype)
+    weight = torch.randn(V, H, generator=gen, dtype=dtype, requires_grad=True)
     mask = t([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
     return hidden, teacher_hidden, weight, mask
 
@@ -237,6 +279,105 @@ def test_chunked_bf16_inputs_use_float32_math():
     torch.testing.assert_close(got, ref)
 
 
+# ---------------------------------------------------------------- chunked top-K
+
+
+def assert_close_1e6(got, want):
+    torch.testing.assert_close(got.to(want.dtype), want, atol=1e-6, rtol=0)
+
+
+def assert_same_grads(got, want, inputs):
+    for g, w in zip(torch.autograd.grad(got.sum(), inputs), torch.autograd.grad(want.sum(), inputs)):
+        assert w.abs().max() > 1e-3
+        assert_close_1e6(g, w)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 100])  # 10 masked positions: 3 and 4 leave a short last chunk
+def test_topk_chunked_equals_unchunked_value_and_gradient(alpha, chunk):
+    hidden, teacher_hidden, weight, mask = chunked_setup(dtype=torch.float64)
+    teacher_hidden.requires_grad_()  # must get no gradient
+    want_BT = kl_alpha_topk_per_token(hidden @ weight.T, teacher_hidden @ weight.T, alpha, k=5) * mask
+    got_BT = kl_alpha_topk_chunked_per_token(hidden, teacher_hidden, weight, mask, alpha, k=5, chunk=chunk)
+    assert got_BT.dtype == torch.float32 and (got_BT[mask.bool()] > 1e-3).all()
+    assert_close_1e6(got_BT, want_BT)
+    full_BT = kl_alpha_per_token(hidden @ weight.T, teacher_hidden @ weight.T, alpha) * mask
+    assert not torch.allclose(want_BT, full_BT, atol=1e-3)  # 5 of 64 tokens + a tail is not the full KL
+    assert_same_grads(got_BT, want_BT, [hidden, weight])
+    kl_alpha_topk_chunked_per_token(hidden, teacher_hidden, weight, mask, alpha, k=5, chunk=chunk).sum().backward()
+    assert teacher_hidden.grad is None and weight.grad is not None
+
+
+def test_topk_chunked_with_a_separate_teacher_head_and_a_temperature():
+    hidden, _, weight, mask = chunked_setup(dtype=torch.float64)
+    gen = torch.Generator().manual_seed(8)
+    teacher_hidden = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64)  # a teacher of another hidden size
+    teacher_weight = torch.randn(64, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    want_BT = kl_alpha_topk_per_token(hidden @ weight.T, teacher_hidden @ teacher_weight.T, 0.5, 5, temperature=0.7)
+    got_BT = kl_alpha_topk_chunked_per_token(hidden, teacher_hidden, weight, mask, 0.5, 5, chunk=4,
+                                             teacher_lm_head_weight_VH=teacher_weight, temperature=0.7)
+    assert_close_1e6(got_BT, want_BT * mask)
+    untempered_BT = kl_alpha_topk_chunked_per_token(hidden, teacher_hidden, weight, mask, 0.5, 5, chunk=4,
+                                                    teacher_lm_head_weight_VH=teacher_weight)
+    assert not torch.allclose(got_BT, untempered_BT, atol=1e-3)
+    got_BT.sum().backward()
+    assert teacher_weight.grad is None and weight.grad is not None
+
+
+def padded_teacher_topk(teacher_logits_BTV, mask_BT, k):
+    """The teacher's top-k ids and log-probs, and the same with a server's padding outside
+    ``mask_BT`` (id 0, log-prob -inf); the padded log-probs a leaf that asks for a gradient."""
+    with torch.no_grad():
+        ids_BTK, lps_BTK = teacher_topk_of(teacher_logits_BTV, k)
+    pad_BT1 = ~mask_BT.bool()[..., None]
+    padded_lps_BTK = lps_BTK.masked_fill(pad_BT1, -math.inf).requires_grad_()
+    return ids_BTK, lps_BTK, ids_BTK.masked_fill(pad_BT1, 0), padded_lps_BTK
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 100])
+def test_teacher_topk_chunked_equals_unchunked_value_and_gradient(alpha, chunk):
+    hidden, teacher_hidden, weight, mask = chunked_setup(dtype=torch.float64)
+    ids_BTK, lps_BTK, padded_ids_BTK, padded_lps_BTK = padded_teacher_topk(teacher_hidden @ weight.T, mask, 5)
+    want_BT = kl_alpha_teacher_topk_per_token(hidden @ weight.T, ids_BTK, lps_BTK, alpha) * mask
+    got_BT = kl_alpha_teacher_topk_chunked_per_token(hidden, weight, padded_ids_BTK, padded_lps_BTK, mask, alpha,
+                                                     chunk=chunk)
+    assert got_BT.dtype == torch.float32 and (got_BT[mask.bool()] > 1e-3).all()
+    assert_close_1e6(got_BT, want_BT)  # the padding is never read: no nan, no inf
+    assert_same_grads(got_BT, want_BT, [hidden, weight])
+    kl_alpha_teacher_topk_chunked_per_token(hidden, weight, padded_ids_BTK, padded_lps_BTK, mask, alpha,
+                                            chunk=chunk).sum().backward()
+    assert padded_lps_BTK.grad is None and torch.isfinite(hidden.grad).all()
+
+
+def test_teacher_topk_temperature_divides_the_student_only():
+    hidden, teacher_hidden, weight, mask = chunked_setup(dtype=torch.float64)
+    ids_BTK, lps_BTK, _, _ = padded_teacher_topk(teacher_hidden @ weight.T, mask, 5)
+    logits_BTV = hidden @ weight.T
+    want_BT = kl_alpha_teacher_topk_per_token(logits_BTV / 0.7, ids_BTK, lps_BTK, 0.5)
+    assert_close_1e6(kl_alpha_teacher_topk_per_token(logits_BTV, ids_BTK, lps_BTK, 0.5, temperature=0.7), want_BT)
+    got_BT = kl_alpha_teacher_topk_chunked_per_token(hidden, weight, ids_BTK, lps_BTK, mask, 0.5, chunk=4,
+                                                     temperature=0.7)
+    assert_close_1e6(got_BT, want_BT * mask)
+    assert not torch.allclose(want_BT, kl_alpha_teacher_topk_per_token(logits_BTV, ids_BTK, lps_BTK, 0.5), atol=1e-3)
+    assert_same_grads(got_BT, want_BT * mask, [hidden, weight])
+
+
+def test_topk_chunked_with_nothing_masked_in_is_zero_and_backpropagates():
+    hidden, teacher_hidden, weight, mask = chunked_setup()
+    ids_BTK, lps_BTK, _, _ = padded_teacher_topk(teacher_hidden @ weight.T, mask, 5)
+    none_BT = torch.zeros_like(mask)
+    for got_BT in (kl_alpha_topk_chunked_per_token(hidden, teacher_hidden, weight, none_BT, 0.5, 5),
+                   kl_alpha_teacher_topk_chunked_per_token(hidden, weight, ids_BTK, lps_BTK, none_BT, 0.5)):
+        assert torch.equal(got_BT, torch.zeros(2, 6))
+        (grad,) = torch.autograd.grad(got_BT.sum(), hidden)
+        assert torch.equal(grad, torch.zeros_like(hidden))
+    with pytest.raises(ValueError):
+        kl_alpha_teacher_topk_chunked_per_token(hidden, weight, ids_BTK, lps_BTK, none_BT, 1.5)
+    with pytest.raises(ValueError):
+        kl_alpha_topk_chunked_per_token(hidden, teacher_hidden, weight, none_BT, -0.1, 5)
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest tensor any op produces (forward, recomputation and backward)."""
 
@@ -272,13 +413,31 @@ def memory_footprint(fn, inputs):
     return sum(saved.values()), produced.largest
 
 
-def test_chunked_never_holds_a_full_BTV_tensor(monkeypatch):
+def chunked_kl(kind, hidden, teacher_hidden, weight, mask, chunk=3):
+    """A function of no arguments: a token-mean loss from one of the chunked divergences (``kind``:
+    kl, topk, teacher_topk); the teacher's top-K (for teacher_topk) is taken here, not in it."""
+    with torch.no_grad():
+        ids_BTK, lps_BTK = teacher_topk_of(teacher_hidden @ weight.T, 5)
+
+    def loss():
+        if kind == "kl":
+            return kl_alpha_chunked(hidden, teacher_hidden, weight, mask, 0.5, chunk=chunk)
+        if kind == "topk":
+            per_token_BT = kl_alpha_topk_chunked_per_token(hidden, teacher_hidden, weight, mask, 0.5, 5, chunk=chunk)
+        else:
+            per_token_BT = kl_alpha_teacher_topk_chunked_per_token(hidden, weight, ids_BTK, lps_BTK, mask, 0.5, chunk)
+        return per_token_BT.sum() / mask.sum()
+
+    return loss
+
+
+@pytest.mark.parametrize("kind", ["kl", "topk", "teacher_topk"])
+def test_chunked_never_holds_a_full_BTV_tensor(monkeypatch, kind):
     B, T, H, V = 2, 6, 4, 64
     hidden, teacher_hidden, weight, mask = chunked_setup(B=B, T=T, H=H, V=V)
     full = B * T * V
 
-    def chunked():
-        return kl_alpha_chunked(hidden, teacher_hidden, weight, mask, 0.5, chunk=3)
+    chunked = chunked_kl(kind, hidden, teacher_hidden, weight, mask)
 
     inputs = (hidden, teacher_hidden, weight, mask)
     saved, produced = memory_footprint(lambda: unchunked(hidden, teacher_hidden, weight, mask, 0.5), inputs)
@@ -291,7 +450,7 @@ def test_chunked_never_holds_a_full_BTV_tensor(monkeypatch):
     # Without the checkpointing, every chunk's logits would stay saved until backward.
     monkeypatch.setattr(losses, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
     saved, _ = memory_footprint(chunked, inputs)
-    assert saved >= full
+    assert saved >= mask.sum() * V
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 100])
@@ -345,16 +504,17 @@ class HeadOps(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("kind", ["logprobs", "kl"])
+@pytest.mark.parametrize("kind", ["logprobs", "kl", "topk", "teacher_topk"])
 def test_chunked_head_product_runs_in_the_autocast_dtype_with_float32_log_softmax(kind):
     B, T, H, V = 2, 6, 4, 64
     hidden, teacher_hidden, weight, mask = chunked_setup(B=B, T=T, H=H, V=V)
     target_N = torch.arange(B * T) % V
 
     def run():
-        if kind == "kl":
-            return kl_alpha_chunked(hidden, teacher_hidden, weight, mask, 0.5, chunk=3)
         return token_logprobs_chunked(hidden.reshape(-1, H), weight, target_N, chunk=3)[0].sum()
+
+    if kind != "logprobs":
+        run = chunked_kl(kind, hidden, teacher_hidden, weight, mask)
 
     ref = run()
     with HeadOps(V, H) as fp32:
@@ -363,7 +523,7 @@ def test_chunked_head_product_runs_in_the_autocast_dtype_with_float32_log_softma
     with HeadOps(V, H) as ops, torch.autocast("cpu", dtype=torch.bfloat16):
         got = run()
     assert ops.products == {torch.bfloat16} and ops.log_softmax == {torch.float32}
-    assert ops.head_copies == (2 if kind == "kl" else 1)  # the head cast once (per side), not once per chunk
+    assert ops.head_copies == (2 if kind in ("kl", "topk") else 1)  # the head cast once (per side), not per chunk
     assert got.dtype == torch.float32 and got != ref
     torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
     got.backward()

@@ -105,10 +105,14 @@ def _kl(logp_NV: torch.Tensor, logq_NV: torch.Tensor) -> torch.Tensor:
     return (logp_NV.exp() * (logp_NV - logq_NV)).sum(-1)
 
 
-def alpha_divergence(student_logp_NV: torch.Tensor, teacher_logp_NV: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Per-position ``KL_alpha`` from normalised log-probabilities (see the module docstring)."""
+def _check_alpha(alpha: float) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+
+def alpha_divergence(student_logp_NV: torch.Tensor, teacher_logp_NV: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-position ``KL_alpha`` from normalised log-probabilities (see the module docstring)."""
+    _check_alpha(alpha)
     if alpha == 0.0:
         return _kl(teacher_logp_NV, student_logp_NV)
     if alpha == 1.0:
@@ -133,6 +137,81 @@ def kl_alpha(
     return _masked_mean(kl_alpha_per_token(student_logits_BTV, teacher_logits_BTV, alpha, temperature), mask_BT)
 
 
+# ---------------------------------------------------------------- top-K: K categories plus a tail bucket
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends; ``x`` is clamped just below 0 so
+    the result stays finite (an empty tail gets probability ~1e-12, not 0)."""
+    x = x.clamp(max=-1e-12)
+    near_zero = x > -math.log(2)
+    from_expm1 = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -1.0))))
+    from_log1p = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -1.0), x)))
+    return torch.where(near_zero, from_expm1, from_log1p)
+
+
+def _with_tail(logp_NK: torch.Tensor) -> torch.Tensor:
+    """K log-probabilities and, as a (K+1)-th category, the rest of the mass: ``log(1 - sum p)``."""
+    return torch.cat([logp_NK, _log1mexp(logp_NK.logsumexp(-1, keepdim=True))], -1)
+
+
+def _student_topk(student_logp_NV: torch.Tensor, teacher_logp_NV: torch.Tensor,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both distributions over the student's top-``k`` tokens plus a tail bucket, ``[N, K + 1]`` each."""
+    index_NK = student_logp_NV.detach().topk(min(k, student_logp_NV.shape[-1]), dim=-1).indices
+    return _with_tail(student_logp_NV.gather(-1, index_NK)), _with_tail(teacher_logp_NV.gather(-1, index_NK))
+
+
+def _teacher_topk(student_logp_NV: torch.Tensor, teacher_ids_NK: torch.Tensor,
+                  teacher_logp_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both distributions over the teacher's top-K tokens ``teacher_ids_NK`` (given with their
+    log-probs ``teacher_logp_NK``) plus a tail bucket, ``[N, K + 1]`` each; the teacher side detached."""
+    student_logp_NK = student_logp_NV.gather(-1, teacher_ids_NK)
+    return _with_tail(student_logp_NK), _with_tail(_float(teacher_logp_NK.detach()))
+
+
+def kl_alpha_topk_per_token(student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, alpha: float,
+                            k: int, temperature: float = 1.0) -> torch.Tensor:
+    """``KL_alpha`` at each position, ``[B, T]``, over K+1 categories: the student's top-``k`` tokens,
+    plus a tail bucket holding the rest of the mass (``log(1 - sum p_topk)``, for both distributions);
+    both sides' logits divided by ``temperature``. With ``k = V`` (or ``V - 1``) it equals
+    :func:`kl_alpha_per_token`."""
+    student_logp_BTV = tempered_logp(student_logits_BTV, temperature)
+    teacher_logp_BTV = tempered_logp(teacher_logits_BTV.detach(), temperature)
+    return alpha_divergence(*_student_topk(student_logp_BTV, teacher_logp_BTV, k), alpha)
+
+
+def kl_alpha_topk(
+    student_logits_BTV: torch.Tensor,
+    teacher_logits_BTV: torch.Tensor,
+    mask_BT: torch.Tensor,
+    alpha: float,
+    k: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Token-mean of :func:`kl_alpha_topk_per_token`."""
+    return _masked_mean(kl_alpha_topk_per_token(student_logits_BTV, teacher_logits_BTV, alpha, k, temperature), mask_BT)
+
+
+def kl_alpha_teacher_topk_per_token(student_logits_BTV: torch.Tensor, teacher_ids_BTK: torch.Tensor,
+                                    teacher_logprobs_BTK: torch.Tensor, alpha: float,
+                                    temperature: float = 1.0) -> torch.Tensor:
+    """``KL_alpha`` at each position, ``[B, T]``, over the TEACHER's top-K tokens plus a tail bucket:
+    the teacher gives, per position, its K (distinct) token ids ``teacher_ids_BTK`` and their
+    log-probs ``teacher_logprobs_BTK`` (as a server returns them, e.g. vLLM's ``prompt_logprobs``);
+    the student's log-probs are read at those ids; each side gets the tail ``log(1 - sum p)``.
+    TRL's ``topk_logits`` mode with a teacher server and ``distillation_add_tail``. The teacher's
+    log-probs are used as given (normalised over the full vocabulary, detached):
+    ``temperature`` divides the student's logits only, so ask the teacher for log-probs at the same
+    temperature. With K = V it equals :func:`kl_alpha_per_token`. Every position is computed: give
+    finite log-probs where the result is read (the chunked form reads only masked positions)."""
+    student_logp_BTV = tempered_logp(student_logits_BTV, temperature)
+    return alpha_divergence(*_teacher_topk(student_logp_BTV, teacher_ids_BTK, teacher_logprobs_BTK), alpha)
+
+
+# ---------------------------------------------------------------- chunked: from final hidden states and the LM head
+
+
 def _product_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype of the LM-head product: autocast's where autocast is on, else float32 (float64 kept)."""
     if torch.is_autocast_enabled(x.device.type):
@@ -154,6 +233,19 @@ def _over_chunks(fn: Callable, chunk: int, rows: tuple[torch.Tensor, ...], *shar
     run = (lambda *a: checkpoint(fn, *a, use_reentrant=False)) if torch.is_grad_enabled() else fn
     return [run(*(x[s : s + chunk] for x in rows), *shared) for s in range(0, rows[0].shape[0], chunk)]
 
+def _masked_over_chunks(fn: Callable, chunk: int, mask_BT: torch.Tensor, rows_BTX: tuple[torch.Tensor, ...],
+                        *shared) -> torch.Tensor:
+    """``[B, T]`` float32: :func:`_over_chunks` of ``fn`` over the masked positions of ``rows_BTX``
+    (``fn`` returns one value per position), 0 elsewhere. ``rows_BTX[0]`` is the student's: when
+    nothing is masked in, the zeros still backpropagate into it."""
+    mask_BT = mask_BT.bool()
+    rows_N = tuple(x[mask_BT] for x in rows_BTX)
+    parts = _over_chunks(fn, chunk, rows_N, *shared)
+    out_BT = torch.zeros(mask_BT.shape, dtype=torch.float32, device=rows_N[0].device)
+    if not parts:
+        return out_BT + _float(rows_N[0]).sum() * 0.0
+    return out_BT.index_put((mask_BT,), torch.cat(parts).to(out_BT.dtype))
+
 
 def _chunk_divergence(
     student_hidden_NH: torch.Tensor,
@@ -162,10 +254,44 @@ def _chunk_divergence(
     teacher_weight_VH: torch.Tensor,
     alpha: float,
     temperature: float,
+    k: int | None,
 ) -> torch.Tensor:
+    """``KL_alpha`` of a chunk of positions from both sides' hidden states and heads: over the full
+    vocabulary (``k`` None), or over the student's top-``k`` tokens plus a tail bucket."""
     student_logp_NV = _head_logp(student_hidden_NH, weight_VH, temperature)
     teacher_logp_NV = _head_logp(teacher_hidden_NH, teacher_weight_VH, temperature)
+    if k is not None:
+        return alpha_divergence(*_student_topk(student_logp_NV, teacher_logp_NV, k), alpha)
     return alpha_divergence(student_logp_NV, teacher_logp_NV, alpha)
+
+
+def _chunk_teacher_topk_divergence(student_hidden_NH: torch.Tensor, teacher_ids_NK: torch.Tensor,
+                                   teacher_logp_NK: torch.Tensor, weight_VH: torch.Tensor, alpha: float,
+                                   temperature: float) -> torch.Tensor:
+    """``KL_alpha`` of a chunk of positions over the teacher's top-K tokens plus a tail bucket."""
+    student_logp_NV = _head_logp(student_hidden_NH, weight_VH, temperature)
+    return alpha_divergence(*_teacher_topk(student_logp_NV, teacher_ids_NK, teacher_logp_NK), alpha)
+
+
+def _kl_alpha_heads_chunked(
+    student_hidden_BTH: torch.Tensor,
+    teacher_hidden_BTH: torch.Tensor,
+    lm_head_weight_VH: torch.Tensor,
+    mask_BT: torch.Tensor,
+    alpha: float,
+    chunk: int,
+    teacher_lm_head_weight_VH: torch.Tensor | None,
+    temperature: float,
+    k: int | None,
+) -> torch.Tensor:
+    """:func:`kl_alpha_chunked_per_token` (``k`` None) or :func:`kl_alpha_topk_chunked_per_token`."""
+    _check_alpha(alpha)  # before any chunk runs: with nothing masked in, none does
+    if teacher_lm_head_weight_VH is None:
+        teacher_lm_head_weight_VH = lm_head_weight_VH
+    dtype = _product_dtype(student_hidden_BTH)  # the [V, H] heads cast once, not once per chunk
+    return _masked_over_chunks(_chunk_divergence, chunk, mask_BT, (student_hidden_BTH, teacher_hidden_BTH.detach()),
+                               lm_head_weight_VH.to(dtype), teacher_lm_head_weight_VH.detach().to(dtype), alpha,
+                               temperature, k)
 
 
 def kl_alpha_chunked_per_token(
@@ -180,25 +306,14 @@ def kl_alpha_chunked_per_token(
 ) -> torch.Tensor:
     """:func:`kl_alpha_per_token` of ``hidden @ weight.T / temperature`` logits at the masked
     positions (0 elsewhere), ``[B, T]`` float32, the logits formed ``chunk`` masked positions at a
-    time (the product in the autocast dtype under autocast, else float32; log-softmax float32) and recomputed in backward (``torch.utils.checkpoint``), so no ``[B, T, V]`` tensor is ever
+    time (the product in the autocast dtype under autocast, else float32; log-softmax float32) and
+    recomputed in backward (``torch.utils.checkpoint``), so no ``[B, T, V]`` tensor is ever
     held. Gradients reach ``student_hidden_BTH`` and ``lm_head_weight_VH``; the teacher side (hidden
     states, and ``teacher_lm_head_weight_VH``, default: the student's weight) is detached. The
     teacher's hidden size may differ from the student's (it only meets its own weight). ``mask_BT``
     is read as boolean."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    mask_BT = mask_BT.bool()
-    student_hidden_NH = student_hidden_BTH[mask_BT]
-    teacher_hidden_NH = teacher_hidden_BTH.detach()[mask_BT]
-    if teacher_lm_head_weight_VH is None:
-        teacher_lm_head_weight_VH = lm_head_weight_VH
-    dtype = _product_dtype(student_hidden_NH)  # the [V, H] heads cast once, not once per chunk
-    parts = _over_chunks(_chunk_divergence, chunk, (student_hidden_NH, teacher_hidden_NH),
-                         lm_head_weight_VH.to(dtype), teacher_lm_head_weight_VH.detach().to(dtype), alpha, temperature)
-    out_BT = torch.zeros(mask_BT.shape, dtype=torch.float32, device=student_hidden_BTH.device)
-    if not parts:  # nothing masked in: a zero that still backpropagates
-        return out_BT + _float(student_hidden_NH).sum() * 0.0
-    return out_BT.index_put((mask_BT,), torch.cat(parts).to(out_BT.dtype))
+    return _kl_alpha_heads_chunked(student_hidden_BTH, teacher_hidden_BTH, lm_head_weight_VH, mask_BT, alpha, chunk,
+                                   teacher_lm_head_weight_VH, temperature, None)
 
 
 def kl_alpha_chunked(
@@ -216,6 +331,48 @@ def kl_alpha_chunked(
     per_token_BT = kl_alpha_chunked_per_token(student_hidden_BTH, teacher_hidden_BTH, lm_head_weight_VH, mask_BT,
                                               alpha, chunk, teacher_lm_head_weight_VH, temperature)
     return _masked_mean(per_token_BT, mask_BT.bool())
+
+
+def kl_alpha_topk_chunked_per_token(
+    student_hidden_BTH: torch.Tensor,
+    teacher_hidden_BTH: torch.Tensor,
+    lm_head_weight_VH: torch.Tensor,
+    mask_BT: torch.Tensor,
+    alpha: float,
+    k: int,
+    chunk: int = 128,
+    teacher_lm_head_weight_VH: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """:func:`kl_alpha_topk_per_token` of ``hidden @ weight.T`` logits (the student's top-``k``
+    tokens plus a tail bucket) at the masked positions, 0 elsewhere, ``[B, T]`` float32, computed as
+    :func:`kl_alpha_chunked_per_token` is: the logits formed ``chunk`` masked positions at a time and
+    recomputed in backward, gradients to ``student_hidden_BTH`` and ``lm_head_weight_VH`` only."""
+    return _kl_alpha_heads_chunked(student_hidden_BTH, teacher_hidden_BTH, lm_head_weight_VH, mask_BT, alpha, chunk,
+                                   teacher_lm_head_weight_VH, temperature, k)
+
+
+def kl_alpha_teacher_topk_chunked_per_token(
+    student_hidden_BTH: torch.Tensor,
+    lm_head_weight_VH: torch.Tensor,
+    teacher_ids_BTK: torch.Tensor,
+    teacher_logprobs_BTK: torch.Tensor,
+    mask_BT: torch.Tensor,
+    alpha: float,
+    chunk: int = 128,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """:func:`kl_alpha_teacher_topk_per_token` of ``hidden @ weight.T`` logits at the masked
+    positions, 0 elsewhere, ``[B, T]`` float32: the student's logits formed ``chunk`` masked
+    positions at a time and recomputed in backward (as in :func:`kl_alpha_chunked_per_token`).
+    ``temperature`` divides the student's logits only; the teacher's log-probs are used as given
+    and detached, and are read only at masked positions (padding there may hold anything, e.g.
+    ``-inf``). Gradients reach ``student_hidden_BTH`` and ``lm_head_weight_VH``."""
+    _check_alpha(alpha)
+    weight_VH = lm_head_weight_VH.to(_product_dtype(student_hidden_BTH))  # cast once, not once per chunk
+    return _masked_over_chunks(_chunk_teacher_topk_divergence, chunk, mask_BT,
+                               (student_hidden_BTH, teacher_ids_BTK, teacher_logprobs_BTK), weight_VH, alpha,
+                               temperature)
 
 
 def _chunk_logprobs(hidden_NH: torch.Tensor, target_N: torch.Tensor, weight_VH: torch.Tensor, topk: int,
@@ -241,44 +398,6 @@ def token_logprobs_chunked(
         return empty, ((empty.new_zeros(0, topk), target_N.new_zeros(0, topk)) if topk else None)
     lp_N, *top = (torch.cat(x) for x in zip(*parts))
     return lp_N, (tuple(top) if topk else None)
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends; ``x`` is clamped just below 0 so
-    the result stays finite (an empty tail gets probability ~1e-12, not 0)."""
-    x = x.clamp(max=-1e-12)
-    near_zero = x > -math.log(2)
-    from_expm1 = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -1.0))))
-    from_log1p = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -1.0), x)))
-    return torch.where(near_zero, from_expm1, from_log1p)
-
-
-def kl_alpha_topk_per_token(student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, alpha: float,
-                            k: int, temperature: float = 1.0) -> torch.Tensor:
-    """``KL_alpha`` at each position, ``[B, T]``, over K+1 categories: the student's top-``k`` tokens,
-    plus a tail bucket holding the rest of the mass (``log(1 - sum p_topk)``, for both distributions);
-    both sides' logits divided by ``temperature``. With ``k = V`` (or ``V - 1``) it equals
-    :func:`kl_alpha_per_token`."""
-    student_logp_BTV = tempered_logp(student_logits_BTV, temperature)
-    teacher_logp_BTV = tempered_logp(teacher_logits_BTV.detach(), temperature)
-    index_BTK = student_logp_BTV.detach().topk(min(k, student_logp_BTV.shape[-1]), dim=-1).indices
-    student_logp_BTK = student_logp_BTV.gather(-1, index_BTK)
-    teacher_logp_BTK = teacher_logp_BTV.gather(-1, index_BTK)
-    student_cat_BTK1 = torch.cat([student_logp_BTK, _log1mexp(student_logp_BTK.logsumexp(-1, keepdim=True))], -1)
-    teacher_cat_BTK1 = torch.cat([teacher_logp_BTK, _log1mexp(teacher_logp_BTK.logsumexp(-1, keepdim=True))], -1)
-    return alpha_divergence(student_cat_BTK1, teacher_cat_BTK1, alpha)
-
-
-def kl_alpha_topk(
-    student_logits_BTV: torch.Tensor,
-    teacher_logits_BTV: torch.Tensor,
-    mask_BT: torch.Tensor,
-    alpha: float,
-    k: int,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Token-mean of :func:`kl_alpha_topk_per_token`."""
-    return _masked_mean(kl_alpha_topk_per_token(student_logits_BTV, teacher_logits_BTV, alpha, k, temperature), mask_BT)
 
 
 # ---------------------------------------------------------------- registry
