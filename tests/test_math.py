@@ -15,15 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
-import agentopd.envs  # noqa: F401  (registers the environments)
 import gymnasium as gym
 import pytest
-from agentopd.envs.data import DataError, load_math_problems
+from envcheck import check_env_cleanly
+
+import agentopd.envs  # noqa: F401  (registers the environments)
+from agentopd.envs.data import DataError, load_math_problems, load_problems
 from agentopd.envs.math import MathEnv
 from agentopd.envs.procedural import arithmetic_problems
 from agentopd.judges.math import MathJudge, extract_answer
-from envcheck import check_env_cleanly
-
 from agentopd.types import Problem
 
 TIMEOUT_S = 4.0
@@ -502,7 +502,7 @@ def test_eval_passk_on_a_math_file(tmp_path):
     out = tmp_path / "report.json"
     r = subprocess.run([sys.executable, "-m", "agentopd.cli", "eval", "passk", "--dataset", str(ds), "--samples",
                         str(s), "--k", "1,2", "--json", str(out), "--quiet"], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert json.loads(r.stdout) == report
@@ -516,3 +516,64 @@ def test_eval_passk_on_a_math_file(tmp_path):
     assert [x["passed"] for x in results] == [True, True, True, False, False, False]
     assert [x["result"] for x in results] == ["passed"] * 3 + ["failed: wrong_answer"] * 2 + ["failed: format_error"]
     assert all(x["completion"] == c for x, (_, c) in zip(results, samples))
+
+
+# ------------------------------------------------------- reference solutions (privileged)
+
+GSM8K = [  # openai/gsm8k's columns: the answer holds the rationale, then "#### <answer>"
+    {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips to her "
+                 "friends in May. How many clips did Natalia sell altogether in April and May?",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+               "altogether in April and May.\n#### 72"},
+    {"question": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How "
+                 "much did she earn?",
+     "answer": "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = "
+               "$<<0.2*50=10>>10.\n#### 10"}]
+
+
+def test_gsm8k_answer_follows_the_marks_and_the_rationale_is_the_reference(judge):
+    ps = load_math_problems(GSM8K)
+    assert [p.payload["answer"] for p in ps] == ["72", "10"]
+    assert [p.privileged for p in ps] == [{"solution": r["answer"].split("\n#### ")[0]} for r in GSM8K]
+    assert ps[0].privileged["solution"].endswith("72 clips altogether in April and May.")
+    got = judge.judge_many([(ps[0], boxed("72")), (ps[1], boxed("10")), (ps[0], boxed("24")), (ps[1], boxed("0.2"))])
+    assert [j.verdict.status for j in got] == ["ok", "ok", "wrong_answer", "wrong_answer"]
+
+
+MATH_ROWS = [  # hendrycks competition_math's columns: no answer column, the solution boxes it
+    {"problem": "If $x = 2$ and $y = 5$, then what is the value of $\\frac{x^4+2y^2}{6}$ ?", "level": "Level 1",
+     "type": "Algebra", "solution": "We have  \\[\\frac{x^4 + 2y^2}{6} = \\frac{2^4 + 2(5^2)}{6} = \\frac{16+2(25)}{6} "
+                                    "= \\frac{16+50}{6} = \\frac{66}{6} = \\boxed{11}.\\]"},
+    {"problem": "Compute $\\sin 60^\\circ \\cdot \\cos 0^\\circ$.", "level": "Level 1", "type": "Precalculus",
+     "solution": "First, $\\cos 0^\\circ = \\boxed{1}$. So the product is $\\sin 60^\\circ = "
+                 "\\boxed{\\frac{\\sqrt{3}}{2}}$."}]
+
+
+def test_math_answer_is_the_last_boxed_and_the_whole_solution_the_reference(judge):
+    ps = load_math_problems(MATH_ROWS)
+    assert [p.prompt for p in ps] == [r["problem"] for r in MATH_ROWS]
+    assert [p.payload["answer"] for p in ps] == ["11", "\\frac{\\sqrt{3}}{2}"]
+    assert [p.privileged for p in ps] == [{"solution": r["solution"]} for r in MATH_ROWS]
+    got = judge.judge_many([(p, p.privileged["solution"]) for p in ps] + [(ps[1], boxed("1"))])
+    assert [j.verdict.status for j in got] == ["ok", "ok", "wrong_answer"]
+    assert [p.payload for p in load_problems(MATH_ROWS)] == [p.payload for p in ps]  # told apart as math rows
+    # MATH-500's columns: an answer column, and the solution as the reference
+    (m500,) = load_math_problems([{**MATH_ROWS[0], "answer": "11", "subject": "Algebra", "unique_id": "test/1.json"}])
+    assert m500.payload["answer"] == "11" and m500.privileged == {"solution": MATH_ROWS[0]["solution"]}
+    with pytest.raises(DataError, match="no answer"):
+        load_math_problems([{"problem": "p", "solution": "It is 11."}])
+
+
+def test_solution_column_is_configurable(judge, tmp_path):
+    aqua = {"question": "A car goes 60 km in 1.5 hours. What is its speed in km/h?",
+            "options": ["A)30", "B)40", "C)45", "D)50", "E)90"], "rationale": "Speed = 60 / 1.5 = 40 km/h. Answer: B",
+            "correct": "B"}
+    (p,) = load_math_problems([aqua], answer_key="correct")
+    assert p.payload["answer"] == "B" and p.privileged == {"solution": aqua["rationale"]}
+    rows = [{"id": "w", "q": "What is 6 * 7?", "a": "42", "worked": "6 * 7 = 42", "solution": "not this one"},
+            {"id": "x", "q": "What is 1 + 1?", "a": "2"}]
+    f = tmp_path / "m.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = MathEnv(problems=str(f), question_key="q", answer_key="a", solution_key="worked", judge=_Shared(judge))
+    assert [p.privileged for p in env.problems] == [{"solution": "6 * 7 = 42"}, {}]
+    assert [p.privileged for p in load_math_problems(str(f), "q", "a")] == [{"solution": "not this one"}, {}]

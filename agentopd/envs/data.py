@@ -17,8 +17,8 @@ Rows are normalised to :class:`agentopd.types.Problem`. Recognised row shapes:
 
 A problem's ``privileged["solution"]`` is the row's reference solution, the answer a teacher may
 see: HumanEval's whole function (``prompt + canonical_solution``), MBPP's ``code``, a stdin/stdout
-row's ``solution`` or its first Python 3 ``solutions`` program (:func:`first_solution`). A row
-without one has no ``"solution"`` key.
+row's ``solution`` or its first Python 3 ``solutions`` program (:func:`first_solution`), a math
+row's worked solution (:func:`math_problem`). A row without one has no ``"solution"`` key.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from agentopd.judges.math import extract_answer
 from agentopd.types import Problem
 
 HUMANEVAL_SHA256 = "1d49078ba3e2b196b9344535bef34a43021f038fad9561d6ee7c53450609a6a2"  # decompressed
@@ -233,38 +234,74 @@ def load_humaneval(check_sha: bool = True) -> list[Problem]:
     return [code_problem(r, f"{HUMAN_EVAL}:{i + 1}") for i, r in enumerate(rows)]
 
 
-def math_problem(row: dict, where: str = "row", question_key: str = "question", answer_key: str = "answer") -> Problem:
-    """Normalise one math row (``question``/``answer`` by default; also ``problem``/``prompt``)."""
+SOLUTION_KEYS = ("solution", "rationale")
+"""The columns a math row's worked solution is looked for in, in order, unless one is named."""
+
+
+def math_reference(row: dict, answer_key: str = "answer", solution_key: str | None = None) -> tuple:
+    """``(answer, solution)`` of a math row, each None where the row has none.
+
+    - the answer: column ``answer_key``; in GSM8K's form ``"<rationale>\\n#### <answer>"`` the
+      answer is what follows ``####`` and the rationale before it is the solution
+    - the solution: column ``solution_key`` (by default the first of :data:`SOLUTION_KEYS` the row
+      fills), else GSM8K's rationale
+    - a row without an answer column (MATH: ``problem``, ``solution``): the answer is the
+      solution's last ``\\boxed{}`` expression; the solution stays whole
+    """
+    keys = (solution_key,) if solution_key else SOLUTION_KEYS
+    solution = next((row[k] for k in keys if isinstance(row.get(k), str) and row[k].strip()), None)
+    answer = None if row.get(answer_key) in (None, "") else str(row[answer_key])
+    if answer is not None and "####" in answer:
+        rationale, answer = (part.strip() for part in answer.rsplit("####", 1))
+        solution = solution or rationale or None
+    if answer is None and solution is not None:
+        answer = extract_answer(solution, pattern=None)
+    return answer or None, solution
+
+
+def math_problem(row: dict, where: str = "row", question_key: str = "question", answer_key: str = "answer",
+                 solution_key: str | None = None) -> Problem:
+    """Normalise one math row (``question``/``answer`` by default; also ``problem``/``prompt``); the
+    answer and the reference solution (``privileged["solution"]``) as :func:`math_reference` finds
+    them."""
     q = row.get(question_key)
     if q is None and question_key == "question":
         q = row.get("problem", row.get("prompt"))
     if not isinstance(q, str) or not q.strip():
         raise DataError(f"{where}: no question (column '{question_key}'); keys: {sorted(row)}")
-    if answer_key not in row or row[answer_key] in (None, ""):
-        raise DataError(f"{where}: no answer (column '{answer_key}'); keys: {sorted(row)}")
+    answer, solution = math_reference(row, answer_key, solution_key)
+    if answer is None:
+        raise DataError(f"{where}: no answer (column '{answer_key}', nor a \\boxed{{}} one in a solution); "
+                        f"keys: {sorted(row)}")
     pid = str(row.get("id", row.get("task_id", where)))
-    payload = {"answer": str(row[answer_key])}
+    payload = {"answer": answer}
     for key in ("answer_format", "expression"):  # "answer_format": "number": an expression is wrong
         if row.get(key):
             payload[key] = str(row[key])
-    return Problem(pid, q, "math", payload)
+    return Problem(pid, q, "math", payload, reference(solution))
 
 
-def load_math_problems(source, question_key: str = "question", answer_key: str = "answer") -> list[Problem]:
-    """Math problems from a JSONL path, a ``datasets`` dataset, or an iterable of dicts/Problems."""
+def load_math_problems(source, question_key: str = "question", answer_key: str = "answer",
+                       solution_key: str | None = None) -> list[Problem]:
+    """Math problems from a JSONL path, a ``datasets`` dataset, or an iterable of dicts/Problems
+    (the columns as in :func:`math_problem`)."""
+    keys = (question_key, answer_key, solution_key)
     if isinstance(source, str):
-        return unique_ids([math_problem(r, f"{source}:{n}", question_key, answer_key) for n, r in read_jsonl(source)],
-                          source)
-    return unique_ids([r if isinstance(r, Problem) else math_problem(dict(r), f"row {i}", question_key, answer_key)
+        return unique_ids([math_problem(r, f"{source}:{n}", *keys) for n, r in read_jsonl(source)], source)
+    return unique_ids([r if isinstance(r, Problem) else math_problem(dict(r), f"row {i}", *keys)
                        for i, r in enumerate(source)], "the problems")
 
 
 def _is_math_row(row: dict) -> bool:
-    return "answer" in row and not any(k in row for k in ("test", "tests", "test_list", "input_output"))
+    """No tests, and an answer column or a MATH-style solution with a boxed answer."""
+    if any(k in row for k in ("test", "tests", "test_list", "input_output", "private_tests")):
+        return False
+    return "answer" in row or "\\boxed" in str(row.get("solution", ""))
 
 
 def load_problems(source) -> list[Problem]:
-    """Code or math problems, told apart row by row (math rows have an answer and no tests)."""
+    """Code or math problems, told apart row by row (math rows have no tests, and an answer or a
+    boxed one in their solution)."""
     if isinstance(source, str) and source.lower() == "humaneval":
         return load_humaneval()
     rows = read_jsonl(source) if isinstance(source, str) else enumerate(source)
