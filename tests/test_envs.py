@@ -440,3 +440,12 @@ def test_native_rows_keep_their_solution():
     row = {"id": "n", "prompt": "p", "tests": ["assert f() == 1"]}
     assert code_problem({**row, "solution": "def f():\n    return 1"}).privileged == {"solution": "def f():\n    return 1"}
     assert code_problem(row).privileged == {} and code_problem({**row, "solution": "  "}).privileged == {}
+
+
+def test_function_generator_references_pass_their_tests(judge):
+    from agentopd.envs.procedural import function_problems, function_solution
+
+    ps = function_problems(9, seed=4)
+    assert all(p.privileged["solution"].startswith("def f(") for p in ps)  # the raw def, not fenced
+    assert _statuses(judge, [(p, function_solution(p)) for p in ps]) == ["ok"] * len(ps)
+    assert "ok" not in _statuses(judge, _shifted(ps[:3:2]))  # an affine map and a list operation

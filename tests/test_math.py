@@ -4,6 +4,7 @@ reasoning-gym problems, and ``agentopd eval passk`` on a math file."""
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import math
 import operator
@@ -577,3 +578,47 @@ def test_solution_column_is_configurable(judge, tmp_path):
     env = MathEnv(problems=str(f), question_key="q", answer_key="a", solution_key="worked", judge=_Shared(judge))
     assert [p.privileged for p in env.problems] == [{"solution": "6 * 7 = 42"}, {}]
     assert [p.privileged for p in load_math_problems(str(f), "q", "a")] == [{"solution": "not this one"}, {}]
+
+
+def test_generated_references_are_judged_correct(judge):
+    from agentopd.envs.procedural import micro_problems, micro_solution
+
+    arith = [p for lv in (1, 2, 3, 4, 5) for p in arithmetic_problems(4, levels=(lv,), seed=lv)]
+    micro = micro_problems(9, seed=2)
+    assert all(p.privileged == {"solution": micro_solution(p)} for p in micro)
+    assert [p.privileged["solution"] for p in arithmetic_problems(5, seed=3)] == [
+        "40 + 85 = 125. \\boxed{125}", "57 * 79 = 4503. \\boxed{4503}",
+        "(70 + 90) + 84 = 160 + 84 = 244. \\boxed{244}", "6x = 80 - 20 = 60, x = 60 / 6 = 10. \\boxed{10}",
+        "4/5 - 8/9 = 36/45 - 40/45 = -4/45. \\boxed{-4/45}"]
+    refs = [(p, p.privileged["solution"]) for p in arith + micro]
+    assert [j.verdict.status for j in judge.judge_many(refs)] == ["ok"] * len(refs)
+    shifted = [(p, q.privileged["solution"]) for p, q in zip(arith + micro, (arith + micro)[1:])]
+    assert "ok" not in [j.verdict.status for j in judge.judge_many(shifted)]
+
+
+def test_reasoning_gym_reference_is_its_answer(judge):
+    pytest.importorskip("reasoning_gym")
+    from agentopd.envs.procedural import reasoning_gym_problems
+
+    probs = reasoning_gym_problems("basic_arithmetic", n=4, seed=3)
+    assert all(p.privileged == {"solution": p.payload["answer"]} for p in probs)
+    assert [judge.judge(p, boxed(p.privileged["solution"])).verdict.status for p in probs] == ["ok"] * 4
+
+
+GENERATED_SHA256 = {  # of the problems' ids, prompts, kinds and payloads before references were added
+    ("arithmetic", 0): "aa1fcb03aa722391c5ee9a81a47e94ce1a6569f8e22b58ad1ee362d268a6050a",
+    ("arithmetic", 10_007): "2c4660120be350401b0d568c935e6eaca294298ed8b62dd3fba7abe770339a4f",
+    ("micro", 0): "350058438b1497cca073b070f7f32a0a0f9fb91ded288f407f44d26b30bfa104",
+    ("micro", 10_007): "fdb218c7bfee5343fb9400a6396430419799c55ab6615c837b157943919389f6",
+    ("functions", 0): "623a5caa9108d39af4100fa11af99e50db464bee5ab830e9b390f29702c9a60c",
+    ("functions", 10_007): "0fe14e6bdd149bb2e291fb476317242439c3621e5db64ca790575dba525e2496"}
+
+
+@pytest.mark.parametrize("name, seed", sorted(GENERATED_SHA256))
+def test_generated_problems_are_unchanged(name, seed):
+    """The shipped micro model and the benchmarks depend on the generated problems themselves."""
+    from agentopd.envs.procedural import generated_problems
+
+    levels = {"arithmetic": (1, 2, 3, 4, 5), "micro": (1, 2, 3), "functions": (1, 2)}[name]
+    rows = [[p.id, p.prompt, p.kind, p.payload] for p in generated_problems(name, 300, levels, seed)]
+    assert hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest() == GENERATED_SHA256[name, seed]
