@@ -13,6 +13,7 @@ from sandbox_probe import bwrap_or_skip
 
 import agentopd.envs  # noqa: F401  (registers the environments)
 from agentopd.envs import data as envdata
+from agentopd.envs.base import JudgedVectorEnv
 from agentopd.envs.code import CodeEnv, HumanEvalEnv
 from agentopd.envs.data import (
     DataError,
@@ -449,3 +450,25 @@ def test_function_generator_references_pass_their_tests(judge):
     assert all(p.privileged["solution"].startswith("def f(") for p in ps)  # the raw def, not fenced
     assert _statuses(judge, [(p, function_solution(p)) for p in ps]) == ["ok"] * len(ps)
     assert "ok" not in _statuses(judge, _shifted(ps[:3:2]))  # an affine map and a list operation
+
+
+# ----------------------------------------------------------------- privileged in the reset info
+
+
+@needs_samples
+def test_reset_info_carries_the_privileged_dict(judge):
+    env = CodeEnv(problems=str(MBPP), judge=judge)
+    _, info = env.reset(options={"index": 4})
+    assert info["privileged"] == {"solution": env.problems[4].privileged["solution"]}
+    again = env.reset(options={"index": 4})[1]["privileged"]
+    assert again == info["privileged"] and again is not info["privileged"]  # a fresh dict each time
+    assert CodeEnv(problems=str(CONTESTS), judge=judge).reset(seed=0)[1]["privileged"] == {}
+    venv = JudgedVectorEnv(env, 3, owner=False)
+    _, infos = venv.reset(options={"index": [0, 1, 2]})
+    assert list(infos["privileged"]["solution"]) == [p.privileged["solution"] for p in env.problems[:3]]
+    # an ended episode's slot is reset by the next step, and its info carries the new problem's
+    right = [fenced(p.privileged["solution"]) for p in env.problems[:3]]
+    venv.step(right)
+    _, _, _, _, infos = venv.step(right)
+    assert infos["_privileged"].all() and list(infos["turn"]) == [0, 0, 0]
+    assert list(infos["privileged"]["solution"]) == [venv._slots[i].privileged["solution"] for i in range(3)]

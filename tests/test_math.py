@@ -622,3 +622,20 @@ def test_generated_problems_are_unchanged(name, seed):
     levels = {"arithmetic": (1, 2, 3, 4, 5), "micro": (1, 2, 3), "functions": (1, 2)}[name]
     rows = [[p.id, p.prompt, p.kind, p.payload] for p in generated_problems(name, 300, levels, seed)]
     assert hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest() == GENERATED_SHA256[name, seed]
+
+
+def test_reset_info_carries_the_privileged_dict(judge):
+    from agentopd.envs.math import math_vector_env
+    from agentopd.envs.procedural import micro_solution
+
+    env = MathEnv(problems="micro", n=6, levels=(1, 2, 3), judge=_Shared(judge))
+    _, info = env.reset(options={"index": 2})
+    assert info["privileged"] == {"solution": micro_solution(env.problems[2])}
+    assert MathEnv(problems=GSM8K[:1], judge=_Shared(judge)).reset(seed=0)[1]["privileged"] == {
+        "solution": GSM8K[0]["answer"].split("\n#### ")[0]}
+    assert MathEnv(problems=[{"question": "1+1?", "answer": "2"}], judge=_Shared(judge)).reset(seed=0)[1][
+        "privileged"] == {}
+    venv = math_vector_env(2, problems=GSM8K, judge=_Shared(judge))
+    _, infos = venv.reset(options={"index": [1, 0]})
+    assert list(infos["privileged"]["solution"]) == [venv.problems[1].privileged["solution"],
+                                                     venv.problems[0].privileged["solution"]]
