@@ -4,6 +4,7 @@ reasoning-gym problems, and ``agentopd eval passk`` on a math file."""
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import math
 import operator
@@ -15,15 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
-import agentopd.envs  # noqa: F401  (registers the environments)
 import gymnasium as gym
 import pytest
-from agentopd.envs.data import DataError, load_math_problems
+from envcheck import check_env_cleanly
+
+import agentopd.envs  # noqa: F401  (registers the environments)
+from agentopd.envs.data import DataError, load_math_problems, load_problems
 from agentopd.envs.math import MathEnv
 from agentopd.envs.procedural import arithmetic_problems
 from agentopd.judges.math import MathJudge, extract_answer
-from envcheck import check_env_cleanly
-
 from agentopd.types import Problem
 
 TIMEOUT_S = 4.0
@@ -502,7 +503,7 @@ def test_eval_passk_on_a_math_file(tmp_path):
     out = tmp_path / "report.json"
     r = subprocess.run([sys.executable, "-m", "agentopd.cli", "eval", "passk", "--dataset", str(ds), "--samples",
                         str(s), "--k", "1,2", "--json", str(out), "--quiet"], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert json.loads(r.stdout) == report
@@ -516,3 +517,125 @@ def test_eval_passk_on_a_math_file(tmp_path):
     assert [x["passed"] for x in results] == [True, True, True, False, False, False]
     assert [x["result"] for x in results] == ["passed"] * 3 + ["failed: wrong_answer"] * 2 + ["failed: format_error"]
     assert all(x["completion"] == c for x, (_, c) in zip(results, samples))
+
+
+# ------------------------------------------------------- reference solutions (privileged)
+
+GSM8K = [  # openai/gsm8k's columns: the answer holds the rationale, then "#### <answer>"
+    {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips to her "
+                 "friends in May. How many clips did Natalia sell altogether in April and May?",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+               "altogether in April and May.\n#### 72"},
+    {"question": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How "
+                 "much did she earn?",
+     "answer": "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = "
+               "$<<0.2*50=10>>10.\n#### 10"}]
+
+
+def test_gsm8k_answer_follows_the_marks_and_the_rationale_is_the_reference(judge):
+    ps = load_math_problems(GSM8K)
+    assert [p.payload["answer"] for p in ps] == ["72", "10"]
+    assert [p.privileged for p in ps] == [{"solution": r["answer"].split("\n#### ")[0]} for r in GSM8K]
+    assert ps[0].privileged["solution"].endswith("72 clips altogether in April and May.")
+    got = judge.judge_many([(ps[0], boxed("72")), (ps[1], boxed("10")), (ps[0], boxed("24")), (ps[1], boxed("0.2"))])
+    assert [j.verdict.status for j in got] == ["ok", "ok", "wrong_answer", "wrong_answer"]
+
+
+MATH_ROWS = [  # hendrycks competition_math's columns: no answer column, the solution boxes it
+    {"problem": "If $x = 2$ and $y = 5$, then what is the value of $\\frac{x^4+2y^2}{6}$ ?", "level": "Level 1",
+     "type": "Algebra", "solution": "We have  \\[\\frac{x^4 + 2y^2}{6} = \\frac{2^4 + 2(5^2)}{6} = \\frac{16+2(25)}{6} "
+                                    "= \\frac{16+50}{6} = \\frac{66}{6} = \\boxed{11}.\\]"},
+    {"problem": "Compute $\\sin 60^\\circ \\cdot \\cos 0^\\circ$.", "level": "Level 1", "type": "Precalculus",
+     "solution": "First, $\\cos 0^\\circ = \\boxed{1}$. So the product is $\\sin 60^\\circ = "
+                 "\\boxed{\\frac{\\sqrt{3}}{2}}$."}]
+
+
+def test_math_answer_is_the_last_boxed_and_the_whole_solution_the_reference(judge):
+    ps = load_math_problems(MATH_ROWS)
+    assert [p.prompt for p in ps] == [r["problem"] for r in MATH_ROWS]
+    assert [p.payload["answer"] for p in ps] == ["11", "\\frac{\\sqrt{3}}{2}"]
+    assert [p.privileged for p in ps] == [{"solution": r["solution"]} for r in MATH_ROWS]
+    got = judge.judge_many([(p, p.privileged["solution"]) for p in ps] + [(ps[1], boxed("1"))])
+    assert [j.verdict.status for j in got] == ["ok", "ok", "wrong_answer"]
+    assert [p.payload for p in load_problems(MATH_ROWS)] == [p.payload for p in ps]  # told apart as math rows
+    # MATH-500's columns: an answer column, and the solution as the reference
+    (m500,) = load_math_problems([{**MATH_ROWS[0], "answer": "11", "subject": "Algebra", "unique_id": "test/1.json"}])
+    assert m500.payload["answer"] == "11" and m500.privileged == {"solution": MATH_ROWS[0]["solution"]}
+    with pytest.raises(DataError, match="no answer"):
+        load_math_problems([{"problem": "p", "solution": "It is 11."}])
+
+
+def test_solution_column_is_configurable(judge, tmp_path):
+    aqua = {"question": "A car goes 60 km in 1.5 hours. What is its speed in km/h?",
+            "options": ["A)30", "B)40", "C)45", "D)50", "E)90"], "rationale": "Speed = 60 / 1.5 = 40 km/h. Answer: B",
+            "correct": "B"}
+    (p,) = load_math_problems([aqua], answer_key="correct")
+    assert p.payload["answer"] == "B" and p.privileged == {"solution": aqua["rationale"]}
+    rows = [{"id": "w", "q": "What is 6 * 7?", "a": "42", "worked": "6 * 7 = 42", "solution": "not this one"},
+            {"id": "x", "q": "What is 1 + 1?", "a": "2"}]
+    f = tmp_path / "m.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = MathEnv(problems=str(f), question_key="q", answer_key="a", solution_key="worked", judge=_Shared(judge))
+    assert [p.privileged for p in env.problems] == [{"solution": "6 * 7 = 42"}, {}]
+    assert [p.privileged for p in load_math_problems(str(f), "q", "a")] == [{"solution": "not this one"}, {}]
+
+
+def test_generated_references_are_judged_correct(judge):
+    from agentopd.envs.procedural import micro_problems, micro_solution
+
+    arith = [p for lv in (1, 2, 3, 4, 5) for p in arithmetic_problems(4, levels=(lv,), seed=lv)]
+    micro = micro_problems(9, seed=2)
+    assert all(p.privileged == {"solution": micro_solution(p)} for p in micro)
+    assert [p.privileged["solution"] for p in arithmetic_problems(5, seed=3)] == [
+        "40 + 85 = 125. \\boxed{125}", "57 * 79 = 4503. \\boxed{4503}",
+        "(70 + 90) + 84 = 160 + 84 = 244. \\boxed{244}", "6x = 80 - 20 = 60, x = 60 / 6 = 10. \\boxed{10}",
+        "4/5 - 8/9 = 36/45 - 40/45 = -4/45. \\boxed{-4/45}"]
+    refs = [(p, p.privileged["solution"]) for p in arith + micro]
+    assert [j.verdict.status for j in judge.judge_many(refs)] == ["ok"] * len(refs)
+    shifted = [(p, q.privileged["solution"]) for p, q in zip(arith + micro, (arith + micro)[1:])]
+    assert "ok" not in [j.verdict.status for j in judge.judge_many(shifted)]
+
+
+def test_reasoning_gym_reference_is_its_answer(judge):
+    pytest.importorskip("reasoning_gym")
+    from agentopd.envs.procedural import reasoning_gym_problems
+
+    probs = reasoning_gym_problems("basic_arithmetic", n=4, seed=3)
+    assert all(p.privileged == {"solution": p.payload["answer"]} for p in probs)
+    assert [judge.judge(p, boxed(p.privileged["solution"])).verdict.status for p in probs] == ["ok"] * 4
+
+
+GENERATED_SHA256 = {  # of the problems' ids, prompts, kinds and payloads before references were added
+    ("arithmetic", 0): "aa1fcb03aa722391c5ee9a81a47e94ce1a6569f8e22b58ad1ee362d268a6050a",
+    ("arithmetic", 10_007): "2c4660120be350401b0d568c935e6eaca294298ed8b62dd3fba7abe770339a4f",
+    ("micro", 0): "350058438b1497cca073b070f7f32a0a0f9fb91ded288f407f44d26b30bfa104",
+    ("micro", 10_007): "fdb218c7bfee5343fb9400a6396430419799c55ab6615c837b157943919389f6",
+    ("functions", 0): "623a5caa9108d39af4100fa11af99e50db464bee5ab830e9b390f29702c9a60c",
+    ("functions", 10_007): "0fe14e6bdd149bb2e291fb476317242439c3621e5db64ca790575dba525e2496"}
+
+
+@pytest.mark.parametrize("name, seed", sorted(GENERATED_SHA256))
+def test_generated_problems_are_unchanged(name, seed):
+    """The shipped micro model and the benchmarks depend on the generated problems themselves."""
+    from agentopd.envs.procedural import generated_problems
+
+    levels = {"arithmetic": (1, 2, 3, 4, 5), "micro": (1, 2, 3), "functions": (1, 2)}[name]
+    rows = [[p.id, p.prompt, p.kind, p.payload] for p in generated_problems(name, 300, levels, seed)]
+    assert hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest() == GENERATED_SHA256[name, seed]
+
+
+def test_reset_info_carries_the_privileged_dict(judge):
+    from agentopd.envs.math import math_vector_env
+    from agentopd.envs.procedural import micro_solution
+
+    env = MathEnv(problems="micro", n=6, levels=(1, 2, 3), judge=_Shared(judge))
+    _, info = env.reset(options={"index": 2})
+    assert info["privileged"] == {"solution": micro_solution(env.problems[2])}
+    assert MathEnv(problems=GSM8K[:1], judge=_Shared(judge)).reset(seed=0)[1]["privileged"] == {
+        "solution": GSM8K[0]["answer"].split("\n#### ")[0]}
+    assert MathEnv(problems=[{"question": "1+1?", "answer": "2"}], judge=_Shared(judge)).reset(seed=0)[1][
+        "privileged"] == {}
+    venv = math_vector_env(2, problems=GSM8K, judge=_Shared(judge))
+    _, infos = venv.reset(options={"index": [1, 0]})
+    assert list(infos["privileged"]["solution"]) == [venv.problems[1].privileged["solution"],
+                                                     venv.problems[0].privileged["solution"]]

@@ -7,6 +7,10 @@ goes on until success or the turn limit (both terminate it: the turn budget is p
 ``info["verdict"]`` tells which). A ``judge_error`` (the judge failed, not the answer) gives reward
 NaN and truncates the episode: it must be dropped, never counted as 0.
 
+The reset info holds the problem's id, turn 0, and ``info["privileged"]``: what only a teacher may
+see (``Problem.privileged``, e.g. the reference solution), for the rollout loop to record; the
+student sees only the observations.
+
 ``public_tests > 0`` (code): the critique and the end of the episode come from the problem's public
 tests, the reward from its held-out tests (RLEF's protocol; :func:`agentopd.envs.data.split_tests`).
 
@@ -16,8 +20,11 @@ registered ids): ``gymnasium.make_vec(id, num_envs)`` steps all slots with one b
 """
 from __future__ import annotations
 
-import numpy as np
+import copy
+from typing import ClassVar
+
 import gymnasium as gym
+import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 
@@ -48,6 +55,13 @@ def judge_turns(judge, views: list[tuple[Problem, Problem]], actions: list[str])
     return list(zip(public, held))
 
 
+def reset_info(problem: Problem) -> dict:
+    """The info of an episode's start: the problem's id, turn 0, and a copy of what only a teacher
+    may see (``privileged``: the rollout loop records it for the teacher; the student sees only
+    the observation). A fresh copy each time: an info must share no object with an earlier one."""
+    return {"problem_id": problem.id, "turn": 0, "privileged": copy.deepcopy(problem.privileged)}
+
+
 def outcome(problem: Problem, turn: int, max_turns: int, public: Judgement, held: Judgement):
     """``(observation, reward, terminated, truncated, info)`` after turn ``turn`` (1-based)."""
     v = held.verdict
@@ -61,7 +75,7 @@ def outcome(problem: Problem, turn: int, max_turns: int, public: Judgement, held
 
 
 class JudgedEnv(gym.Env):
-    metadata = {"render_modes": ["ansi"], "render_fps": 1}
+    metadata: ClassVar[dict] = {"render_modes": ["ansi"], "render_fps": 1}
 
     def __init__(self, problems: list[Problem], judge, max_turns: int = 1, max_length: int = 1 << 20,
                  render_mode: str | None = None, public_tests: int = 0):
@@ -94,7 +108,7 @@ class JudgedEnv(gym.Env):
         self.problem = self.pick(self.np_random, options)
         self.turn = 0
         self._last = self.problem.prompt
-        return self.problem.prompt, {"problem_id": self.problem.id, "turn": 0}
+        return self.problem.prompt, reset_info(self.problem)
 
     def step(self, action: str):
         if self.problem is None:
@@ -120,7 +134,7 @@ class JudgedVectorEnv(VectorEnv):
     [i, ...]})`` picks each slot's problem by index (else by its seed). Autoreset: a slot whose
     episode ended is reset by the next ``step`` (its action ignored), as Gymnasium's vector envs do."""
 
-    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
+    metadata: ClassVar[dict] = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
 
     def __init__(self, env: JudgedEnv, num_envs: int, owner: bool = True):
         """``owner``: closing this vector env closes ``env`` (and its judge); false where several
@@ -153,7 +167,7 @@ class JudgedVectorEnv(VectorEnv):
         obs = tuple(self._reset_slot(i, None if index is None else index[i]) for i in range(self.num_envs))
         infos = {}
         for i, p in enumerate(self._slots):
-            infos = self._add_info(infos, {"problem_id": p.id, "turn": 0}, i)
+            infos = self._add_info(infos, reset_info(p), i)
         return obs, infos
 
     def step(self, actions):
@@ -164,7 +178,7 @@ class JudgedVectorEnv(VectorEnv):
         for i in range(self.num_envs):
             if self._ended[i]:
                 obs[i] = self._reset_slot(i)
-                infos = self._add_info(infos, {"problem_id": self._slots[i].id, "turn": 0}, i)
+                infos = self._add_info(infos, reset_info(self._slots[i]), i)
         for i, (public, held) in zip(live, judged):
             self._turns[i] += 1
             obs[i], rewards[i], terms[i], truncs[i], info = outcome(self._slots[i], self._turns[i], self.env.max_turns,

@@ -7,9 +7,18 @@ Rows are normalised to :class:`agentopd.types.Problem`. Recognised row shapes:
   tests whose failures are shown as feedback; ``tests`` are then the held-out ones, see
   :func:`split_tests`)
 - HumanEval: ``{"task_id", "prompt", "test", "entry_point", "canonical_solution"?}``
-- MBPP:    ``{"text"|"content", "test_list", "code"|"canonical_solution"?, "test_setup_code"?}``
+- MBPP:    ``{"text"|"content"|"prompt", "test_list", "code"|"canonical_solution"?,
+  "test_setup_code"?, "test_imports"?}`` (the original and the sanitized column sets)
 - CodeContests/SandboxFusion: ``{"content", "test": [{"input": {"stdin"}, "output": {"stdout"}}]}``
   (``test`` may be a JSON string)
+- CodeContests (deepmind/code_contests): ``{"description", "public_tests", "private_tests",
+  "generated_tests", "solutions"?}``, each test column ``{"input": [...], "output": [...]}``
+- TACO/APPS: ``{"question", "input_output": {"inputs", "outputs"}, "solutions"?}`` (JSON strings)
+
+A problem's ``privileged["solution"]`` is the row's reference solution, the answer a teacher may
+see: HumanEval's whole function (``prompt + canonical_solution``), MBPP's ``code``, a stdin/stdout
+row's ``solution`` or its first Python 3 ``solutions`` program (:func:`first_solution`), a math
+row's worked solution (:func:`math_problem`). A row without one has no ``"solution"`` key.
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from agentopd.judges.math import extract_answer
 from agentopd.types import Problem
 
 HUMANEVAL_SHA256 = "1d49078ba3e2b196b9344535bef34a43021f038fad9561d6ee7c53450609a6a2"  # decompressed
@@ -99,25 +109,82 @@ def _call_tests(tests: Any, where: str, key: str) -> list[str]:
     return list(tests)
 
 
+def reference(solution) -> dict:
+    """A problem's ``privileged`` dict: ``{"solution": solution}``, or ``{}`` where the row gives no
+    reference (none, or blank)."""
+    return {"solution": solution} if isinstance(solution, str) and solution.strip() else {}
+
+
+PYTHON3 = (3, "PYTHON3")
+"""CodeContests's code for Python 3 in ``solutions["language"]`` (1 is Python 2, 2 C++, 4 Java), as
+a number or as the ``datasets`` class label's name."""
+
+
+def first_solution(solutions, where: str = "row") -> str | None:
+    """The first Python 3 program of a ``solutions`` column, or None: CodeContests's ``{"language":
+    [codes], "solution": [programs]}`` (only :data:`PYTHON3` programs count), or TACO's and APPS's
+    list of Python programs (a JSON string there)."""
+    if isinstance(solutions, str):
+        try:
+            solutions = json.loads(solutions) if solutions.strip() else []
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: 'solutions' is a string but not JSON") from None
+    if isinstance(solutions, dict):
+        pairs = zip(solutions.get("language") or [], solutions.get("solution") or [])
+        solutions = [s for lang, s in pairs if lang in PYTHON3]
+    if not isinstance(solutions, list):
+        return None
+    return next((s for s in solutions if isinstance(s, str) and s.strip()), None)
+
+
+def _humaneval_problem(row: dict, where: str) -> Problem:
+    """HumanEval's columns; the reference is the whole function (``prompt + canonical_solution``)."""
+    pid = str(row.get("task_id", row.get("id", where)))
+    body = row.get("canonical_solution")
+    return Problem(pid, row["prompt"], "code",
+                   {"style": "call", "tests": [row["test"] + f"\ncheck({row['entry_point']})\n"],
+                    "prefix": row["prompt"], "entry_point": row["entry_point"]},
+                   reference(row["prompt"] + body if body else None))
+
+
+def _mbpp_problem(row: dict, where: str) -> Problem:
+    """The original MBPP columns (``text``, ``code``, ``test_setup_code``), the sanitized ones
+    (``prompt``, ``code``, ``test_imports``) and SandboxFusion's (``content``,
+    ``canonical_solution``, ``labels.test_setup_code``)."""
+    text = row.get("text") or row.get("content") or row.get("prompt")
+    if not text:
+        raise DataError(f"{where}: MBPP row without 'text'/'content'/'prompt'")
+    labels = row.get("labels") if isinstance(row.get("labels"), dict) else {}
+    setup = row.get("test_setup_code") or labels.get("test_setup_code") or ""
+    setup = "\n".join([setup, *(row.get("test_imports") or [])]).strip("\n")
+    tests = _call_tests(row["test_list"], where, "test_list")
+    prompt = f"{text}\nYour code should pass these tests:\n\n" + "\n".join(tests)
+    return Problem(str(row.get("task_id", row.get("id", where))), prompt, "code",
+                   {"style": "call", "tests": tests, "setup": setup},
+                   reference(row.get("code") or row.get("canonical_solution")))
+
+
+def _contests_row(row: dict) -> dict:
+    """A deepmind/code_contests row (``description``; tests in ``public_tests``, ``private_tests``
+    and ``generated_tests``, each ``{"input": [...], "output": [...]}``) in the native shape: the
+    public tests are shown as feedback and the private and generated ones held out (the public
+    ones are all the tests where there are no others)."""
+    def pairs(*keys):
+        cols = [row.get(k) or {} for k in keys]
+        return [{"input": i, "output": o} for c in cols for i, o in zip(c.get("input", []), c.get("output", []))]
+
+    public, held = pairs("public_tests"), pairs("private_tests", "generated_tests")
+    return {**row, "prompt": row["description"], "tests": held or public, "public_tests": public if held else None}
+
+
 def code_problem(row: dict, where: str = "row") -> Problem:
     """Normalise one code-problem row (any recognised shape) to a Problem."""
-    if "test" in row and "entry_point" in row and "prompt" in row:  # HumanEval
-        pid = str(row.get("task_id", row.get("id", where)))
-        return Problem(pid, row["prompt"], "code",
-                       {"style": "call", "tests": [row["test"] + f"\ncheck({row['entry_point']})\n"],
-                        "prefix": row["prompt"], "entry_point": row["entry_point"]},
-                       {"solution": row.get("canonical_solution", "")})
-    if "test_list" in row:  # MBPP
-        text = row.get("text") or row.get("content") or row.get("prompt")
-        if not text:
-            raise DataError(f"{where}: MBPP row without 'text'/'content'")
-        labels = row.get("labels") if isinstance(row.get("labels"), dict) else {}
-        setup = row.get("test_setup_code") or labels.get("test_setup_code") or ""
-        tests = _call_tests(row["test_list"], where, "test_list")
-        prompt = f"{text}\nYour code should pass these tests:\n\n" + "\n".join(tests)
-        return Problem(str(row.get("task_id", row.get("id", where))), prompt, "code",
-                       {"style": "call", "tests": tests, "setup": setup},
-                       {"solution": row.get("code") or row.get("canonical_solution") or ""})
+    if "test" in row and "entry_point" in row and "prompt" in row:
+        return _humaneval_problem(row, where)
+    if "test_list" in row:
+        return _mbpp_problem(row, where)
+    if "description" in row and "private_tests" in row:
+        row = _contests_row(row)
     prompt = row.get("prompt") or row.get("content") or row.get("question")
     tests = row.get("tests", row.get("test", row.get("input_output")))
     if not prompt:
@@ -138,7 +205,8 @@ def code_problem(row: dict, where: str = "row") -> Problem:
             payload["public_tests"] = _io_tests(public, where)
     if row.get("prefix"):
         payload["prefix"] = row["prefix"]
-    return Problem(pid, prompt, "code", payload, {"solution": row.get("solution", "")})
+    return Problem(pid, prompt, "code", payload,
+                   reference(row.get("solution") or first_solution(row.get("solutions"), where)))
 
 
 def load_code_problems(source) -> list[Problem]:
@@ -166,38 +234,74 @@ def load_humaneval(check_sha: bool = True) -> list[Problem]:
     return [code_problem(r, f"{HUMAN_EVAL}:{i + 1}") for i, r in enumerate(rows)]
 
 
-def math_problem(row: dict, where: str = "row", question_key: str = "question", answer_key: str = "answer") -> Problem:
-    """Normalise one math row (``question``/``answer`` by default; also ``problem``/``prompt``)."""
+SOLUTION_KEYS = ("solution", "rationale")
+"""The columns a math row's worked solution is looked for in, in order, unless one is named."""
+
+
+def math_reference(row: dict, answer_key: str = "answer", solution_key: str | None = None) -> tuple:
+    """``(answer, solution)`` of a math row, each None where the row has none.
+
+    - the answer: column ``answer_key``; in GSM8K's form ``"<rationale>\\n#### <answer>"`` the
+      answer is what follows ``####`` and the rationale before it is the solution
+    - the solution: column ``solution_key`` (by default the first of :data:`SOLUTION_KEYS` the row
+      fills), else GSM8K's rationale
+    - a row without an answer column (MATH: ``problem``, ``solution``): the answer is the
+      solution's last ``\\boxed{}`` expression; the solution stays whole
+    """
+    keys = (solution_key,) if solution_key else SOLUTION_KEYS
+    solution = next((row[k] for k in keys if isinstance(row.get(k), str) and row[k].strip()), None)
+    answer = None if row.get(answer_key) in (None, "") else str(row[answer_key])
+    if answer is not None and "####" in answer:
+        rationale, answer = (part.strip() for part in answer.rsplit("####", 1))
+        solution = solution or rationale or None
+    if answer is None and solution is not None:
+        answer = extract_answer(solution, pattern=None)
+    return answer or None, solution
+
+
+def math_problem(row: dict, where: str = "row", question_key: str = "question", answer_key: str = "answer",
+                 solution_key: str | None = None) -> Problem:
+    """Normalise one math row (``question``/``answer`` by default; also ``problem``/``prompt``); the
+    answer and the reference solution (``privileged["solution"]``) as :func:`math_reference` finds
+    them."""
     q = row.get(question_key)
     if q is None and question_key == "question":
         q = row.get("problem", row.get("prompt"))
     if not isinstance(q, str) or not q.strip():
         raise DataError(f"{where}: no question (column '{question_key}'); keys: {sorted(row)}")
-    if answer_key not in row or row[answer_key] in (None, ""):
-        raise DataError(f"{where}: no answer (column '{answer_key}'); keys: {sorted(row)}")
+    answer, solution = math_reference(row, answer_key, solution_key)
+    if answer is None:
+        raise DataError(f"{where}: no answer (column '{answer_key}', nor a \\boxed{{}} one in a solution); "
+                        f"keys: {sorted(row)}")
     pid = str(row.get("id", row.get("task_id", where)))
-    payload = {"answer": str(row[answer_key])}
+    payload = {"answer": answer}
     for key in ("answer_format", "expression"):  # "answer_format": "number": an expression is wrong
         if row.get(key):
             payload[key] = str(row[key])
-    return Problem(pid, q, "math", payload)
+    return Problem(pid, q, "math", payload, reference(solution))
 
 
-def load_math_problems(source, question_key: str = "question", answer_key: str = "answer") -> list[Problem]:
-    """Math problems from a JSONL path, a ``datasets`` dataset, or an iterable of dicts/Problems."""
+def load_math_problems(source, question_key: str = "question", answer_key: str = "answer",
+                       solution_key: str | None = None) -> list[Problem]:
+    """Math problems from a JSONL path, a ``datasets`` dataset, or an iterable of dicts/Problems
+    (the columns as in :func:`math_problem`)."""
+    keys = (question_key, answer_key, solution_key)
     if isinstance(source, str):
-        return unique_ids([math_problem(r, f"{source}:{n}", question_key, answer_key) for n, r in read_jsonl(source)],
-                          source)
-    return unique_ids([r if isinstance(r, Problem) else math_problem(dict(r), f"row {i}", question_key, answer_key)
+        return unique_ids([math_problem(r, f"{source}:{n}", *keys) for n, r in read_jsonl(source)], source)
+    return unique_ids([r if isinstance(r, Problem) else math_problem(dict(r), f"row {i}", *keys)
                        for i, r in enumerate(source)], "the problems")
 
 
 def _is_math_row(row: dict) -> bool:
-    return "answer" in row and not any(k in row for k in ("test", "tests", "test_list", "input_output"))
+    """No tests, and an answer column or a MATH-style solution with a boxed answer."""
+    if any(k in row for k in ("test", "tests", "test_list", "input_output", "private_tests")):
+        return False
+    return "answer" in row or "\\boxed" in str(row.get("solution", ""))
 
 
 def load_problems(source) -> list[Problem]:
-    """Code or math problems, told apart row by row (math rows have an answer and no tests)."""
+    """Code or math problems, told apart row by row (math rows have no tests, and an answer or a
+    boxed one in their solution)."""
     if isinstance(source, str) and source.lower() == "humaneval":
         return load_humaneval()
     rows = read_jsonl(source) if isinstance(source, str) else enumerate(source)

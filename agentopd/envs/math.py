@@ -16,12 +16,15 @@ class MathEnv(JudgedEnv):
     def __init__(self, problems="arithmetic", max_turns: int = 1, judge=None, question_key: str = "question",
                  answer_key: str = "answer", reveal_answer: bool = False, timeout_s: float = 5.0,
                  n: int = 1000, levels=(1, 2, 3, 4, 5), seed: int = 0, max_length: int = 1 << 20,
-                 render_mode: str | None = None, split: str = "train", heldout_n: int = 0):
+                 render_mode: str | None = None, split: str = "train", heldout_n: int = 0,
+                 solution_key: str | None = None):
         """``problems``: a generator ("arithmetic", "micro": ``n``, ``levels``, ``seed``, ``split``,
         ``heldout_n`` as in :func:`agentopd.envs.procedural.problem_set`), a JSONL path, a dataset or
-        rows. ``judge``: a judge or a judge spec (default: the math judge). ``reveal_answer``: the
-        default judge's critique may state the expected answer."""
-        load = partial(load_math_problems, question_key=question_key, answer_key=answer_key)
+        rows (columns ``question_key``, ``answer_key`` and ``solution_key``, see
+        :func:`agentopd.envs.data.math_problem`). ``judge``: a judge or a judge spec (default: the
+        math judge). ``reveal_answer``: the default judge's critique may state the expected answer."""
+        load = partial(load_math_problems, question_key=question_key, answer_key=answer_key,
+                       solution_key=solution_key)
         problems = problem_set(problems, "math", load, n, levels, seed, split, heldout_n)
         if judge is None or isinstance(judge, (str, dict)):
             from agentopd.judges import make_judge

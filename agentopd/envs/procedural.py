@@ -10,16 +10,20 @@ at five difficulty levels (same seed, same problems):
 ``micro_problems(n, levels, seed)``: multi-digit addition and one-digit multiplication whose reference
 answers (``micro_solution``) work column by column; ``function_problems(n, seed)``: "write f from
 these examples" code problems with unit tests. Both feed the micro testbed (``agentopd.testbed.micro``);
-``generated_problems(name, ...)`` picks a generator by name.
+``generated_problems(name, ...)`` picks a generator by name. Every generated problem carries a
+reference solution in ``privileged["solution"]`` (what a teacher may see): the worked arithmetic,
+``micro_solution``'s scratchpad, or the plain ``def f`` of a function problem.
 
 ``reasoning_gym_problems(name, n, seed)`` draws from a ``reasoning-gym`` generator (optional extra
 ``agentopd[reasoning-gym]``); its answers are scored by that dataset's own scorer.
 """
 from __future__ import annotations
 
+import math
 import random
 from fractions import Fraction
 
+from agentopd.envs.data import reference
 from agentopd.types import Problem
 
 INSTRUCTION = "Put the final answer in \\boxed{}."
@@ -28,40 +32,50 @@ INSTRUCTION = "Put the final answer in \\boxed{}."
 def _level1(r):
     a, b = r.randint(10, 99), r.randint(10, 99)
     op = r.choice("+-")
-    return f"{a} {op} {b}", a + b if op == "+" else a - b
+    task = f"{a} {op} {b}"
+    return task, a + b if op == "+" else a - b, task
 
 
 def _level2(r):
     a, b = r.randint(10, 99), r.randint(2, 99)
-    return f"{a} * {b}", a * b
+    task = f"{a} * {b}"
+    return task, a * b, task
 
 
 def _level3(r):
     a, b, c = (r.randint(10, 99) for _ in range(3))
     o1, o2 = r.choice("+-*"), r.choice("+-")
     expr = f"({a} {o1} {b}) {o2} {c}"
-    return expr, eval(expr)  # our own digits and operators only
+    return expr, eval(expr), f"{expr} = {eval(f'{a} {o1} {b}')} {o2} {c}"  # our own digits and operators only
 
 
 def _level4(r):
     x, a, b = r.randint(-20, 20), r.randint(2, 12), r.randint(-50, 50)
     c = a * x + b
     sign = "+" if b >= 0 else "-"
-    return f"Solve for x: {a}x {sign} {abs(b)} = {c}.", x
+    work = f"{a}x = {c} {'-' if b >= 0 else '+'} {abs(b)} = {c - b}, x = {c - b} / {a}"
+    return f"Solve for x: {a}x {sign} {abs(b)} = {c}.", x, work
 
 
 def _level5(r):
     f, g = Fraction(r.randint(1, 9), r.randint(2, 9)), Fraction(r.randint(1, 9), r.randint(2, 9))
     op = r.choice("+-")
     v = f + g if op == "+" else f - g
-    return f"{f.numerator}/{f.denominator} {op} {g.numerator}/{g.denominator}", v
+    task = f"{f.numerator}/{f.denominator} {op} {g.numerator}/{g.denominator}"
+    d = f.denominator * g.denominator // math.gcd(f.denominator, g.denominator)
+    common = f"{f.numerator * d // f.denominator}/{d} {op} {g.numerator * d // g.denominator}/{d}"
+    return task, v, task if common == task else f"{task} = {common}"
 
 
 LEVELS = {1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5}
+"""Each level draws ``(task, answer, work)``: ``work`` is the reference solution up to its last
+``= answer``."""
 
 
 def arithmetic_problems(n: int = 1000, levels=(1, 2, 3, 4, 5), seed: int = 0) -> list[Problem]:
-    """``n`` problems spread evenly over ``levels``, deterministic in ``seed``."""
+    """``n`` problems spread evenly over ``levels``, deterministic in ``seed``. The reference
+    solution (``privileged["solution"]``) works the task out and boxes the answer:
+    ``"(12 * 3) - 40 = 36 - 40 = -4. \\boxed{-4}"``."""
     bad = [lv for lv in levels if lv not in LEVELS]
     if bad:
         raise ValueError(f"unknown arithmetic levels {bad}; choose from {sorted(LEVELS)}")
@@ -69,12 +83,13 @@ def arithmetic_problems(n: int = 1000, levels=(1, 2, 3, 4, 5), seed: int = 0) ->
     out = []
     for i in range(n):
         level = levels[i % len(levels)]
-        task, ans = LEVELS[level](r)
+        task, ans, work = LEVELS[level](r)
         q = task if task.startswith("Solve") else f"Compute {task}."
         answer = str(ans) if not isinstance(ans, Fraction) or ans.denominator != 1 else str(ans.numerator)
         out.append(Problem(f"arith-{seed}-{i}", f"{q} {INSTRUCTION}", "math",
                            {"answer": answer, "level": level, "answer_format": "number",
-                            **({} if task.startswith("Solve") else {"expression": task})}))
+                            **({} if task.startswith("Solve") else {"expression": task})},
+                           {"solution": f"{work} = {answer}. \\boxed{{{answer}}}"}))
     return out
 
 
@@ -105,8 +120,8 @@ def _mul_steps(a: int, b: int) -> str:
 def micro_problems(n: int, levels=(1, 2, 3), seed: int = 0) -> list[Problem]:
     """Multi-digit arithmetic for the micro model (deterministic in ``seed``):
     1: two-digit + two-digit, 2: three-digit + two/three-digit, 3: two-digit * one-digit.
-    The reference answer works column by column (``micro_solution``), a scratchpad a few-million-
-    parameter model can learn in minutes."""
+    The reference answer works column by column (``micro_solution``, also the problem's
+    ``privileged["solution"]``), a scratchpad a few-million-parameter model can learn in minutes."""
     r, out = random.Random(seed), []
     for i in range(n):
         level = levels[i % len(levels)]
@@ -122,6 +137,7 @@ def micro_problems(n: int, levels=(1, 2, 3), seed: int = 0) -> list[Problem]:
         out.append(Problem(f"micro-{seed}-{i}", f"Compute {a} {op} {b}. {INSTRUCTION}", "math",
                            {"answer": str(value), "level": level, "a": a, "b": b, "op": op,
                             "answer_format": "number", "expression": f"{a} {op} {b}"}))
+        out[-1].privileged["solution"] = micro_solution(out[-1])
     return out
 
 
@@ -225,7 +241,8 @@ def generated_problems(name: str, n: int, levels=(1, 2), seed: int = 0) -> list[
 
 
 def reasoning_gym_problems(name: str, n: int = 100, seed: int = 0, **config) -> list[Problem]:
-    """Problems from reasoning-gym's generator ``name``, scored by its own ``score_answer``."""
+    """Problems from reasoning-gym's generator ``name``, scored by its own ``score_answer``; the
+    reference solution (``privileged["solution"]``) is the entry's answer as reasoning-gym gives it."""
     try:
         import reasoning_gym
     except ImportError:
@@ -235,7 +252,8 @@ def reasoning_gym_problems(name: str, n: int = 100, seed: int = 0, **config) -> 
     for i, entry in enumerate(ds):
         out.append(Problem(f"{name}-{seed}-{i}", f"{entry['question']} {INSTRUCTION}", "math",
                            {"answer": str(entry["answer"]),
-                            "scorer": lambda ans, e=entry: ds.score_answer(ans, e)}))
+                            "scorer": lambda ans, e=entry: ds.score_answer(ans, e)},
+                           reference(None if entry["answer"] is None else str(entry["answer"]))))
     return out
 
 
