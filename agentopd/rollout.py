@@ -62,9 +62,15 @@ def continuation_ids(tokenizer, history: list[dict], new_messages: list[dict], r
 
 
 def _info(infos: dict, key: str, i: int, default=None):
-    """Slot ``i``'s ``key`` in a vector env's info dict (Gymnasium's ``_key`` mask says who has it)."""
+    """Slot ``i``'s ``key`` in a vector env's info dict (Gymnasium's ``_key`` mask says who has it; a
+    dict-valued info is stored as a dict of such arrays, read back here as slot ``i``'s dict)."""
     mask = infos.get(f"_{key}")
-    return infos[key][i] if mask is not None and mask[i] else default
+    if mask is None or not mask[i]:
+        return default
+    value = infos[key]
+    if isinstance(value, dict):
+        return {k: _info(value, k, i) for k in value if not k.startswith("_") and value.get(f"_{k}", mask)[i]}
+    return value[i]
 
 
 def _judgement(infos: dict, i: int, reward: float, ended: bool) -> Judgement:

@@ -202,7 +202,7 @@ class OptimConfig:
     """Response positions per chunk of logits: the update and the scoring form the logits from the
     final hidden states this many positions at a time (recomputed in backward), never as a whole
     [B, R, V] tensor, for the policy log-probs and full-vocabulary distillation. 0: full [B, R, V]
-    logits per micro-batch (more memory). Top-K distillation always uses full logits."""
+    logits per micro-batch (more memory)."""
 
 
 @dataclass
@@ -624,10 +624,7 @@ def _setup(cfg: TrainConfig, engine, judge) -> _Parts:
         _close(venvs, heldout)
         raise
     head_VH = lm_head_weight(model)
-    needs = objectives.needs(cfg.algo)
-    # hidden states and logits formed chunk by chunk in the update, unless top-K distillation needs logits
-    chunk = (cfg.optim.logits_chunk if head_VH is not None and not ("divergence" in needs and cfg.algo.distill_topk)
-             else 0)
+    chunk = cfg.optim.logits_chunk if head_VH is not None else 0  # hidden states, logits chunk by chunk
     teacher = load_teacher(cfg, model, device)
     ref = Teacher(model, "frozen") if cfg.algo.ref_kl else None
     distributed.wrap(cfg, model, teacher, ref, device)  # torchrun: FSDP2 or DDP (the optimizer sees the shards)

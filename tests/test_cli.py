@@ -124,7 +124,7 @@ def test_exec_missing_file(tmp_path):
 
 
 def test_eval_passk_humaneval(he, tmp_path):
-    rows = [{"task_id": p.id, "completion": p.privileged["solution"]} for p in he[:3]]
+    rows = [{"task_id": p.id, "completion": p.privileged["solution"][len(p.prompt):]} for p in he[:3]]
     rows += [{"task_id": p.id, "completion": "    return None\n"} for p in he[:3]]
     s = _write_samples(tmp_path / "samples.jsonl", rows)
     out = tmp_path / "report.json"
@@ -212,7 +212,7 @@ def test_commands_do_not_import_torch_or_transformers(he, tmp_path):
     f = tmp_path / "hello.py"
     f.write_text("print('hi')\n")
     assert _heavy_imports(f"agentopd.cli.main(['exec', {str(f)!r}])", env) == ["0", "False", "False"]
-    s = _write_samples(tmp_path / "samples.jsonl", [{"task_id": he[0].id, "completion": he[0].privileged["solution"]}])
+    s = _write_samples(tmp_path / "samples.jsonl", [{"task_id": he[0].id, "completion": he[0].privileged["solution"][len(he[0].prompt):]}])
     args = ["eval", "passk", "--samples", str(s), "--k", "1", "--quiet"]
     assert _heavy_imports(f"agentopd.cli.main({args!r})", env) == ["0", "False", "False"]
 

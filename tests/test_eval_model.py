@@ -144,7 +144,7 @@ def test_completion_format_on_humaneval(tmp_path, serve):
     from agentopd.envs.data import load_humaneval
 
     he = load_humaneval()[:3]
-    solutions = {p.prompt: p.privileged["solution"] for p in he}
+    solutions = {p.prompt: p.privileged["solution"][len(p.prompt):] for p in he}  # the canonical completion
     # this server ignores stop strings: the text is cut at the first one by the evaluator
     s = serve(lambda body, i: solutions[body["prompt"]] + "\ndef unrelated(:\n")
     cfg = write_config(tmp_path, s, engine={"endpoint": "completions"},
@@ -157,7 +157,7 @@ def test_completion_format_on_humaneval(tmp_path, serve):
     assert [q["path"] for q in s.requests] == ["/v1/completions"] * 3
     assert all(q["body"]["stop"] == ["\ndef "] for q in s.requests)
     rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert [x["completion"] for x in rows] == [p.privileged["solution"] for p in he for _ in range(2)]
+    assert [x["completion"] for x in rows] == [solutions[p.prompt] for p in he for _ in range(2)]
 
 
 def test_errors_are_one_line(tmp_path, serve):

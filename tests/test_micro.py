@@ -146,19 +146,19 @@ def test_the_shipped_micro_model_is_what_micro_loads_and_matches_the_defaults():
     assert tok.tokenize("1234") == ["1", "2", "3", "4"] and tok.chat_template
 
 
-def test_the_teacher_command_builds_a_teacher_with_the_students_tokenizer(tmp_path, micro_dir):
-    """`agentopd micro teacher` at a test budget (2 GRPO steps from the test micro model): a
+def test_the_teacher_command_builds_a_teacher_with_the_students_tokenizer(tmp_path):
+    """`agentopd micro teacher` at a test budget (2 GRPO steps from the micro model): a
     save_pretrained directory with the base's tokenizer, other weights, and its held-out pass@1."""
     from agentopd.inference import load_pretrained
     from agentopd.rl.teacher import tokenizer_mismatch
     from agentopd.testbed.teacher import TeacherRecipe, build_teacher
 
-    summary = build_teacher(str(tmp_path / "t"), TeacherRecipe(steps=2, lr=0.01, heldout=4), base=str(micro_dir),
-                            progress=False)
+    summary = build_teacher(str(tmp_path / "t"), TeacherRecipe(steps=2, lr=0.01, heldout=4), base="micro",
+                            progress=False)  # the shipped micro model: it solves some problems, so GRPO moves it
     assert json.loads((tmp_path / "t" / "teacher.json").read_text()) == summary
     assert 0.0 <= summary["heldout_pass1"]["code"] <= 1.0 and summary["recipe"]["steps"] == 2
     teacher, ttok = load_pretrained(str(tmp_path / "t"))
-    base, btok = load_pretrained(str(micro_dir))
+    base, btok = load_pretrained("micro")
     assert tokenizer_mismatch(btok, ttok) is None
     b = base.state_dict()
     assert any(not torch.equal(v, b[k]) for k, v in teacher.state_dict().items())
@@ -242,14 +242,18 @@ TRAIN_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("micro-*.yaml") i
 
 def test_every_shipped_micro_training_config_is_run_below():
     assert {"micro-sdpo.yaml", "micro-grpo.yaml", "micro-hybrid.yaml", "micro-sdpo-ref.yaml",
-            "micro-sdpo-token.yaml", "micro-mix.yaml"} <= set(TRAIN_CONFIGS)
+            "micro-sdpo-token.yaml", "micro-mix.yaml", "micro-opd.yaml", "micro-opsd.yaml"} <= set(TRAIN_CONFIGS)
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
 def test_shipped_micro_configs_run_two_steps_with_held_out_pass1(tmp_path, micro_dir, name):
+    import yaml
+
+    teacher = (yaml.safe_load((ROOT / "configs" / name).read_text()).get("teacher") or {}).get("model")
     r = subprocess.run([sys.executable, "-m", "agentopd.cli", "train", "--config", str(ROOT / "configs" / name),
                         "run.steps=2", f"run.out={tmp_path}", "run.progress=false", f"model.path={micro_dir}",
-                        "run.eval_problems=4", "sampling.prompts_per_step=2"],
+                        "run.eval_problems=4", "sampling.prompts_per_step=2",
+                        *([f"teacher.model={micro_dir}"] if teacher else [])],  # a teacher with this model's tokenizer
                        capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

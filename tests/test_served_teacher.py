@@ -204,8 +204,8 @@ def test_training_from_the_served_teacher_equals_the_in_process_teacher_model(tm
     """The same teacher (a wider tiny model with the student's tokenizer, plain prompt) in process and behind the loopback
     server: the same student after a step (a later step samples from it: a rounding difference could
     flip a sampled token). sdpo_token reads the teacher's log-probs of the sampled
-    tokens (exact either way); opd's divergence runs over the served top-K plus a tail bucket, which
-    differs from the full-vocabulary one, so there only the direction is compared."""
+    tokens; opd's divergence runs over the served top-K plus a tail bucket, here K = the whole
+    vocabulary, so it equals the in-process full-vocabulary divergence."""
     from agentopd.train import train
 
     teacher = build_tiny(tmp_path / "teacher", hidden=96, layers=3, seed=0)  # served, and on disk for the local run
@@ -214,25 +214,21 @@ def test_training_from_the_served_teacher_equals_the_in_process_teacher_model(tm
         train(_train_cfg(tmp_path, "local", f"teacher.model={tmp_path / 'teacher'}", "run.steps=1", "optim.lr=0.001",
                          *loss))
         rows = train(_train_cfg(tmp_path, "served", f"teacher.base_url={server.url}", "teacher.served_model=tiny",
-                                "teacher.served_topk=20", "run.steps=1", "optim.lr=0.001", *loss))
+                                f"teacher.served_topk={len(teacher[1])}", "run.steps=1", "optim.lr=0.001", *loss))
     finally:
         server.close()
     assert all(r["teacher_errors"] == 0 and r["teacher_signal_frac"] == 1.0 for r in rows)
     assert len([r for r in server.requests if r["path"].endswith("/completions")]) == 4  # every sample
     local, remote = _final(tmp_path, "local"), _final(tmp_path, "served")
     start = tiny[0].state_dict()
-    if loss[0] == "algo.loss=sdpo_token":  # Adam's step is lr-sized wherever the gradient is not ~0: within half of it
-        import json
+    import json
 
-        first = [json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0]) for n in ("local", "served")]
-        for key in ("loss", "grad_norm", "kl_teacher"):
-            assert first[1][key] == pytest.approx(first[0][key], rel=1e-5, abs=1e-7)
-        for k in local:
-            torch.testing.assert_close(remote[k], local[k], atol=5e-4, rtol=0)
-    moved = [(remote[k] - start[k]).flatten() for k in start]
-    expect = [(local[k] - start[k]).flatten() for k in start]
-    cos = torch.nn.functional.cosine_similarity(torch.cat(moved), torch.cat(expect), dim=0)
-    assert cos > 0.9 and any(m.abs().max() > 0 for m in moved)
+    first = [json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0]) for n in ("local", "served")]
+    for key in ("loss", "grad_norm", "kl_teacher"):
+        assert first[1][key] == pytest.approx(first[0][key], rel=1e-4, abs=1e-6)
+    for k in local:  # Adam's step is lr-sized wherever the gradient is not ~0: within half of it
+        torch.testing.assert_close(remote[k], local[k], atol=5e-4, rtol=0)
+    assert any(not torch.equal(remote[k], start[k]) for k in start)
 
 
 def test_a_failing_server_masks_its_rows_and_the_step_goes_on(tmp_path, tiny, served):
@@ -240,7 +236,7 @@ def test_a_failing_server_masks_its_rows_and_the_step_goes_on(tmp_path, tiny, se
     signal and are counted in teacher_errors; training completes, never a crashed step."""
     from agentopd.train import train
 
-    server = served(fault=lambda prompt, attempt: ("status", 500) if len(prompt) % 2 else None)
+    server = served(fault=lambda prompt, attempt: ("status", 500) if sum(prompt) % 2 else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the served teacher's per-call warning about the failed rows
         rows = train(_train_cfg(tmp_path, "run", f"teacher.base_url={server.url}", "teacher.served_model=tiny",

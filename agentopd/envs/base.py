@@ -56,10 +56,10 @@ def judge_turns(judge, views: list[tuple[Problem, Problem]], actions: list[str])
 
 
 def reset_info(problem: Problem) -> dict:
-    """The info of an episode's start: the problem's id, turn 0, and a copy of what only a teacher
-    may see (``privileged``: the rollout loop records it for the teacher; the student sees only
-    the observation). A fresh copy each time: an info must share no object with an earlier one."""
-    return {"problem_id": problem.id, "turn": 0, "privileged": copy.deepcopy(problem.privileged)}
+    """The info of an episode's start: the problem's id and kind, turn 0, and a copy of what only a
+    teacher may see (``privileged``: the rollout loop records it for the teacher; the student sees
+    only the observation). A fresh copy each time: an info must share no object with an earlier one."""
+    return {"problem_id": problem.id, "kind": problem.kind, "turn": 0, "privileged": copy.deepcopy(problem.privileged)}
 
 
 def outcome(problem: Problem, turn: int, max_turns: int, public: Judgement, held: Judgement):
