@@ -804,3 +804,49 @@ def test_shared_prompt_forwards_train_as_the_plain_forwards(tmp_path):
     for r, s in zip(shared, plain):
         for k in ("loss", "kl_teacher", "rollout_logprob_diff", "teacher_signal_frac", "grad_norm"):
             assert (r[k] is None and s[k] is None) or r[k] == pytest.approx(s[k], rel=1e-3, abs=1e-5), k
+
+
+@pytest.mark.parametrize("share", ["true", "false"])
+def test_the_grpo_update_steps_on_the_policy_gradient_of_group_normalised_rewards(tmp_path, monkeypatch, share):
+    # the gradient the optimizer steps on is -(1/N) sum_i A_i sum_t grad log p(y_it | x_i): N the batch's
+    # response tokens, A_i = (R_i - mean_g R) / (std_g R + 1e-6) formed here by hand from the judged
+    # rewards, log p from one plain full-logits forward per row (no estimator, logit chunks, shared
+    # prompt or fused old-log-prob path in between); row i's whole response, end token included
+    import agentopd.train as T
+
+    seen = {}
+    real_inputs, real_update = T.step_inputs, T.update
+
+    def step_inputs(cfg, rows, *a):
+        seen["rewards"], seen["groups"] = list(rows.rewards), list(rows.groups)
+        return real_inputs(cfg, rows, *a)
+
+    def update(cfg, model, opt, teacher, head_VH, chunk, amp, st):
+        real_step = opt.step
+
+        def step(*a, **kw):
+            params = [p for p in model.parameters() if p.grad is not None]
+            seen["got"] = torch.cat([p.grad.flatten() for p in params])
+            r = torch.tensor(seen["rewards"])
+            g = torch.tensor(seen["groups"])
+            adv = torch.zeros_like(r)
+            for k in g.unique():
+                m = g == k
+                adv[m] = (r[m] - r[m].mean()) / (r[m].std(unbiased=False) + 1e-6)
+            n_tok = sum(len(x) for x in st.response_ids)
+            total = 0.0
+            for a_i, p, y in zip(adv.tolist(), st.prompt_ids, st.response_ids):
+                logp = model(input_ids=torch.tensor([p + y])).logits[0, len(p) - 1:-1].float().log_softmax(-1)
+                total = total - a_i * logp.gather(-1, torch.tensor(y)[:, None]).sum() / n_tok
+            seen["want"] = torch.cat([x.flatten() for x in torch.autograd.grad(total, params)])
+            return real_step(*a, **kw)
+
+        opt.step = step
+        return real_update(cfg, model, opt, teacher, head_VH, chunk, amp, st)
+
+    monkeypatch.setattr(T, "step_inputs", step_inputs)
+    monkeypatch.setattr(T, "update", update)
+    train(_cfg(tmp_path, "run.steps=1", "algo.loss=pg", "algo.advantage=grpo", "algo.advantage_kwargs={std_normalize: true}",
+               "optim.grad_clip=1e9", "optim.micro_batch=4", f"optim.share_prompts={share}"), judge=ParityJudge())
+    assert len(set(seen["rewards"])) == 2 and seen["want"].norm() > 0  # a batch with a learning signal
+    assert torch.allclose(seen["got"], seen["want"], rtol=1e-4, atol=1e-7)
