@@ -99,10 +99,10 @@ def cmd_judges(a) -> int:
 
 def cmd_train(a) -> int:
     from agentopd.config import load
-    from agentopd.train import TrainConfig, train
+    from agentopd.train import train
 
     try:
-        cfg = load(TrainConfig, a.config, a.overrides)
+        cfg = load(a.config, a.overrides)
         rows = train(cfg)
     except _user_errors() as e:
         return _fail(str(e))
@@ -122,47 +122,41 @@ def _user_errors() -> tuple:
     return ConfigError, DataError, SandboxUnavailable, EngineError, ImportError, ValueError
 
 
-def _run_config(cls, run, a, out_dir=lambda cfg: cfg.eval.out) -> int:
-    """Load a config (YAML + overrides), run it, print the summary table (``out_dir(cfg)/summary.md``,
+def _run_config(run, a) -> int:
+    """Load the config (YAML + overrides), run it, print the summary table (``run.out/summary.md``,
     stderr) and the report (JSON, stdout); a bad config, dataset, engine or missing extra is one line
     on stderr."""
-    import os
-
     from agentopd.config import load
 
     try:
-        cfg = load(cls, a.config, a.overrides)
+        cfg = load(a.config, a.overrides)
         report = run(cfg)
     except _user_errors() as e:
         return _fail(str(e))
-    with open(os.path.join(out_dir(cfg), "summary.md"), encoding="utf-8") as f:
+    with open(os.path.join(cfg.run.out, "summary.md"), encoding="utf-8") as f:
         print(f.read(), file=sys.stderr, end="", flush=True)
     print(json.dumps(report, indent=2))
     return 0
 
 
 def cmd_eval_model(a) -> int:
-    from agentopd.eval.model import EvalConfig, eval_model
+    from agentopd.eval.model import eval_model
 
-    return _run_config(EvalConfig, eval_model, a)
+    return _run_config(eval_model, a)
 
 
 def cmd_rlef(a) -> int:
-    from agentopd.eval.rlef import RLEFConfig, rlef
+    from agentopd.eval.rlef import rlef
 
-    return _run_config(RLEFConfig, rlef, a)
+    return _run_config(rlef, a)
 
 
 def cmd_diagnose_teacher(a) -> int:
     from agentopd.diagnose import diagnose_teacher
-    from agentopd.train import TrainConfig
 
-    def run(cfg):
-        if a.out:
-            cfg.run.out = a.out
-        return diagnose_teacher(cfg)
-
-    return _run_config(TrainConfig, run, a, out_dir=lambda cfg: cfg.run.out)
+    if a.out:
+        a.overrides = [*a.overrides, f"run.out={a.out}"]
+    return _run_config(diagnose_teacher, a)
 
 
 def cmd_report(a) -> int:
@@ -202,13 +196,22 @@ def cmd_micro_teacher(a) -> int:
     return 0
 
 
-def _config_command(subparsers, name: str, help: str, example: str, func):
-    """A subcommand run from a YAML config plus ``key.sub=value`` overrides; returns its parser."""
-    c = subparsers.add_parser(name, help=help)
+def _config_command(subparsers, name: str, help: str, example: str, func, sections: tuple[str, ...]):
+    """A subcommand run from a YAML config plus ``key.sub=value`` overrides; its ``--help`` lists every
+    option of the config sections it reads. Returns its parser."""
+    from agentopd.config import help_text
+
+    epilog = f"options (in the YAML file, or as key.sub=value overrides):\n\n{help_text(sections)}"
+    c = subparsers.add_parser(name, help=help, description=help, epilog=epilog,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--config", required=True, help="configs/X.yaml")
     c.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {example}")
     c.set_defaults(func=func)
     return c
+
+
+TRAIN_SECTIONS = ("model", "env", "sampling", "engine", "teacher", "algo", "optim", "run", "eval")
+EVAL_SECTIONS = ("model", "env", "sampling", "engine", "run", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,17 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
     pk.add_argument("--quiet", action="store_true", help="no progress bar")
     pk.set_defaults(func=cmd_eval_passk)
-    _config_command(evsub, "model", "sample from an engine, judge, report pass@k (resumable)", "sampling.n=10",
-                    cmd_eval_model)
-    _config_command(sub, "train", "train a policy (GRPO / self-distillation) from a YAML config", "run.steps=2",
-                    cmd_train)
-    _config_command(sub, "rlef", "the in-context RLEF baseline: public-test feedback between turns", "rlef.turns=3",
-                    cmd_rlef)
+    _config_command(evsub, "model", "sample from an engine, judge, report pass@k (resumable)", "eval.samples=10",
+                    cmd_eval_model, EVAL_SECTIONS)
+    _config_command(sub, "train", "train a policy (GRPO, self-distillation, on-policy distillation) from a YAML "
+                    "config", "run.steps=2", cmd_train, TRAIN_SECTIONS)
+    _config_command(sub, "rlef", "the in-context RLEF baseline: public-test feedback between turns", "env.max_turns=3",
+                    cmd_rlef, EVAL_SECTIONS)
 
     di = sub.add_parser("diagnose", help="diagnostics of a training config")
     disub = di.add_subparsers(dest="what", required=True)
-    dt = _config_command(disub, "teacher", "can the self-teacher teach? teacher pass@1, log-ratio AUC and credit "
-                         "on held-out problems, per context kind", "sampling.group_size=8", cmd_diagnose_teacher)
+    dt = _config_command(disub, "teacher", "can the teacher teach? teacher pass@1, log-ratio AUC and credit on "
+                         "held-out problems, per teacher source, and a recommendation", "sampling.group_size=8",
+                         cmd_diagnose_teacher, TRAIN_SECTIONS)
     dt.add_argument("--out", default=None, help="where diagnose.json and summary.md go (default: run.out)")
 
     rp = sub.add_parser("report", help="one self-contained HTML page of a run: learning curves, tokens coloured "

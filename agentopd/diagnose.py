@@ -204,18 +204,16 @@ def _setup(cfg, judge):
     from agentopd.rl.learner import precision
     from agentopd.rollout import env_specs, make_envs
 
-    if cfg.run.eval_problems <= 0:
-        print(f"note: run.eval_problems is 0: diagnosing on {DEFAULT_PROBLEMS} held-out problems", file=sys.stderr)
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, eval_problems=DEFAULT_PROBLEMS))
-    if cfg.sampling.group_size < 1:
-        raise ConfigError(f"sampling.group_size must be at least 1, got {cfg.sampling.group_size}")
+    if cfg.eval.problems <= 0:
+        print(f"note: eval.problems is 0: diagnosing on {DEFAULT_PROBLEMS} held-out problems", file=sys.stderr)
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"problems": DEFAULT_PROBLEMS})})
     precision(cfg)
     env_id, _, held_kw = env_specs(cfg)
     venv = make_envs(env_id, held_kw if judge is None else {**held_kw, "judge": judge}, [1])[0]
     if not hasattr(venv, "env"):
         venv.close()
         raise ConfigError(f"diagnose needs one of agentopd's envs (their problems and judge), not {env_id}")
-    return cfg, venv.problems[:cfg.run.eval_problems], venv.env.judge
+    return cfg, venv.problems[:cfg.eval.problems], venv.env.judge
 
 
 def _generate(engine, prompt_ids, n, cfg, seed: int, desc: str) -> list:
@@ -287,7 +285,7 @@ def _contexts(source: Source, plain: _Plain, tok, cfg, template) -> list:
     sample its own critique (see the module's docstring)."""
     from agentopd.rl.teacher import build_teacher_context, reference_text, teacher_contexts
 
-    tcfg = dataclasses.replace(cfg.teacher, context=source.context)
+    tcfg = cfg.teacher.model_copy(update={"context": source.context})
     G = cfg.sampling.group_size
     refs = [reference_text(p.privileged, p.kind) for p in plain.problems]
     ctx = teacher_contexts(tok, [p.prompt for p in plain.problems], plain.gens, plain.judgements, G, tcfg, template,
@@ -304,7 +302,7 @@ def _blames(plain: _Plain, rows: list[int], ls: list, lt: list, tok, cfg) -> lis
     """:func:`blame` of every wrong row whose problem has a reference answer that it departs from."""
     out = []
     for b, ls_T, lt_T in zip(rows, ls, lt):
-        ref = reference_answer(plain.problems[b // cfg.sampling.group_size], cfg.data.problems)
+        ref = reference_answer(plain.problems[b // cfg.sampling.group_size], cfg.env.kwargs.get("problems"))
         d = None if plain.success(b) or ref is None else divergence(plain.gens[b].text, ref)
         if d is not None:
             out.append(blame(lt_T - ls_T, token_spans(tok, plain.gens[b].response_ids), d))
@@ -369,7 +367,7 @@ def _teacher_parts(cfg, tok, device, engine_cls):
 
 
 def diagnose_teacher(cfg, engine=None, judge=None) -> dict:
-    """Run the diagnostic of a ``TrainConfig`` (module docstring); returns the report, also written
+    """Run the diagnostic of a :class:`agentopd.config.Config` (module docstring); returns the report, also written
     to ``<run.out>/diagnose.json`` (and its table to ``summary.md``). ``engine`` / ``judge``: as in
     :func:`agentopd.train.train`. A served teacher (``teacher.base_url``) is not diagnosed here."""
     from agentopd.envs.procedural import HELDOUT_SEED

@@ -15,11 +15,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from agentopd.config import DEFAULT_FEEDBACK
 from agentopd.inference.base import apply_chat, derive_seed, sample_chat, sample_text
 from agentopd.types import Episode, Judgement, Turn, Verdict
 
-DEFAULT_FEEDBACK = ("Your answer was checked and it is not correct yet.\n\nFeedback:\n{critique}\n\n"
-                    "Reply with a corrected, complete answer.")
 _SENTINEL = "\u2063agentopd-turn\u2063"
 
 
@@ -229,35 +228,32 @@ def _advance(ep: Episode, prompts: list, i: int, g, obs: str, reward: float, end
 
 
 def env_specs(cfg) -> tuple[str, dict, dict | None]:
-    """``(env id, training env kwargs, held-out env kwargs or None)`` of a ``TrainConfig``: from its
-    ``env`` section (or, with ``env.id`` empty, from the older ``data`` section)."""
+    """``(env id, training env kwargs, held-out env kwargs or None)`` of a config's ``env`` section:
+    agentopd's envs also get ``max_turns`` and (generated problems) the seed ``run.seed + 1`` unless
+    ``env.kwargs`` names one; held-out problems when ``eval.problems`` asks for them."""
     from agentopd.config import ConfigError
     from agentopd.envs.procedural import GENERATORS
 
-    e, d = cfg.env, cfg.data
-    if e.id:
-        env_id, kw = e.id, dict(e.kwargs)
-    else:
-        if d.env not in ("math", "code"):
-            raise ConfigError(f"data.env: {d.env!r}; choices: math, code (or name an env: env.id, env.kwargs)")
-        if d.problems in GENERATORS and GENERATORS[d.problems] != d.env:
-            raise ConfigError(f"data.problems={d.problems!r} makes {GENERATORS[d.problems]} problems, but data.env is {d.env!r}")
-        env_id = "agentopd/Math-v0" if d.env == "math" else "agentopd/Code-v0"
-        kw = {"problems": d.problems, "n": d.n, "levels": list(d.levels), "seed": cfg.run.seed + 1,
-              **({"judge": d.judge} if d.judge else {})}
+    e = cfg.env
+    env_id, kw = e.id, dict(e.kwargs)
     ours = env_id.startswith("agentopd/")
+    kind = {"agentopd/Math-v0": "math"}.get(env_id, "code")
+    if ours and GENERATORS.get(kw.get("problems"), kind) != kind:
+        raise ConfigError(f"env.kwargs.problems={kw['problems']!r} makes {GENERATORS[kw['problems']]} problems, but "
+                          f"env.id is {env_id}")
     if ours:
         kw.setdefault("max_turns", e.max_turns)
-    if not cfg.run.eval_problems:
+        kw.setdefault("seed", cfg.run.seed + 1)
+    if not cfg.eval.problems:
         return env_id, kw, None
     generated = ours and kw.get("problems") in GENERATORS
-    held = dict(e.heldout_kwargs) or ({"problems": d.heldout} if not e.id and d.heldout else {})
+    held = dict(e.heldout_kwargs)
     if generated and not held:
-        kw.setdefault("heldout_n", cfg.run.eval_problems)
-        held = {"split": "heldout", "n": cfg.run.eval_problems}
+        kw.setdefault("heldout_n", cfg.eval.problems)
+        held = {"split": "heldout", "n": cfg.eval.problems}
     if not held:
-        raise ConfigError("run.eval_problems needs held-out problems: env.heldout_kwargs (e.g. {problems: "
-                          "heldout.jsonl}) or data.heldout, unless the problems are generated")
+        raise ConfigError("eval.problems needs held-out problems: env.heldout_kwargs (e.g. {problems: "
+                          "heldout.jsonl}), unless the problems are generated")
     return env_id, kw, {k: v for k, v in {**kw, **held}.items() if k != "heldout_n"}
 
 

@@ -70,7 +70,7 @@ def rows(step: int, tok, episodes, trows, contexts, st, k: int, max_tokens: int)
 
 def record(cfg, step: int, last: bool, evaluated: bool, tok, episodes, trows, contexts, st) -> None:
     """Append step ``step``'s rows to ``<run.out>/samples.jsonl`` when it is due (``cfg``: the
-    ``TrainConfig``; the rest as in :func:`rows`)."""
+    ``Config``; the rest as in :func:`rows`)."""
     if not due(cfg.run, step, last, evaluated):
         return
     got = rows(step, tok, episodes, trows, contexts, st, cfg.run.samples_per_step, cfg.run.samples_max_tokens)

@@ -45,9 +45,9 @@ METHODS = {"grpo": "micro-grpo.yaml", "sdpo": "micro-sdpo-ref.yaml", "sd_token":
 """Each method at its own setting (its config): the distillation arms sample one answer per prompt
 (no group baseline to form), GRPO and the self-distillation arms a group of 4."""
 SETTINGS = {
-    "code": ["data.env=code", "data.problems=functions", "data.judge={}"],
-    "math": ["data.env=math", "data.problems=micro", "data.levels=[1, 2, 3]",
-             "data.judge={name: math, reveal_answer: true}", "optim.lr=3e-5"],
+    "code": ["env.id=agentopd/Code-v0", "env.kwargs.problems=functions", "env.kwargs.judge={}"],
+    "math": ["env.id=agentopd/Math-v0", "env.kwargs.problems=micro", "env.kwargs.levels=[1, 2, 3]",
+             "env.kwargs.judge={name: math, reveal_answer: true}", "optim.lr=3e-5"],
 }
 """The data of each setting, as overrides of the method configs (the shipped configs are code). Math
 trains every method at lr 3e-5: the warm start already solves 0.835 of it, so a step's gradient is
@@ -57,12 +57,11 @@ Adam's full-size steps on that noise wore the model down under every method (0.8
 
 def _config(method: str, seed: int, args, *more: str):
     from agentopd.config import load
-    from agentopd.train import TrainConfig
 
     overrides = [f"run.seed={seed}", "run.progress=false", "run.checkpoint_every=0",
-                 f"run.eval_problems={args.eval_problems}", f"run.eval_samples={args.eval_samples}",
+                 f"eval.problems={args.eval_problems}", f"eval.samples={args.eval_samples}",
                  f"model.path={args.model}", *SETTINGS[args.setting], *more]
-    return load(TrainConfig, os.path.join(args.configs, METHODS[method]), overrides)
+    return load(os.path.join(args.configs, METHODS[method]), overrides)
 
 
 def run_one(method: str, seed: int, args) -> list[tuple[int, float]]:
@@ -75,8 +74,8 @@ def run_one(method: str, seed: int, args) -> list[tuple[int, float]]:
     per_step = probe.sampling.prompts_per_step * probe.sampling.group_size
     with tempfile.TemporaryDirectory() as out:
         cfg = _config(method, seed, args, f"run.steps={args.budget // per_step}",
-                      f"run.eval_every={max(args.eval_every // per_step, 1)}",
-                      f"run.eval_dense_steps={args.dense // per_step}", f"run.out={out}")
+                      f"eval.every={max(args.eval_every // per_step, 1)}",
+                      f"eval.dense_steps={args.dense // per_step}", f"run.out={out}")
         rows = train(cfg)
     return [(r["step"] * per_step, r["heldout_pass1"]) for r in rows if "heldout_pass1" in r]
 
@@ -113,14 +112,14 @@ def rlef_line(args) -> list[float]:
     from agentopd.envs.procedural import HELDOUT_SEED
 
     from agentopd.config import load
-    from agentopd.eval.rlef import RLEFConfig, rlef
+    from agentopd.eval.rlef import rlef
 
-    data = [o for o in SETTINGS[args.setting] if not o.startswith("data.judge")]  # the default judges
-    with tempfile.TemporaryDirectory() as out:
-        cfg = load(RLEFConfig, os.path.join(args.configs, "micro-rlef.yaml"),
-                   [f"engine.model={args.model}", f"data.n={args.eval_problems}", f"sampling.n={args.eval_samples}",
-                    f"sampling.seed={HELDOUT_SEED}", "rlef.turns=3", "rlef.feedback='{critique}'",
-                    f"eval.out={out}", "eval.k=[1]", *data])
+    data = [o for o in SETTINGS[args.setting] if o.startswith(("env.id", "env.kwargs.problems", "env.kwargs.levels"))]
+    with tempfile.TemporaryDirectory() as out:  # the default judges; the held-out problems, sampled from their seed
+        cfg = load(os.path.join(args.configs, "micro-rlef.yaml"),
+                   [f"model.path={args.model}", f"env.kwargs.n={args.eval_problems}", f"eval.samples={args.eval_samples}",
+                    f"env.kwargs.seed={HELDOUT_SEED}", f"run.seed={HELDOUT_SEED}", "env.max_turns=3",
+                    "env.feedback='{critique}'", f"run.out={out}", "eval.k=[1]", "run.resume=false", *data])
         return rlef(cfg)["pass_after_turn"]
 
 

@@ -23,7 +23,7 @@ SCRIPT = ROOT / "tests" / "distributed_train.py"
 def measure(ranks: int, mode: str, steps: int, device: str, extra: list[str]) -> dict:
     """One launch; steps/s and tokens/s from the metrics rows' times after the first (warm-up) step."""
     with tempfile.TemporaryDirectory() as out:
-        overrides = [f"run.steps={steps}", "run.checkpoint_every=0", "run.eval_problems=0", "run.samples_every=0",
+        overrides = [f"run.steps={steps}", "run.checkpoint_every=0", "eval.problems=0", "run.samples_every=0",
                      f"run.device={device}", "sampling.prompts_per_step=8", "sampling.max_new_tokens=32", *extra]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                str(SCRIPT), out, mode, *overrides]

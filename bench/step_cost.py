@@ -65,7 +65,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SETTING = ["model.path=tiny", "data.env=math", "data.problems=arithmetic", "data.n=256", "data.levels=[1, 2]",
+SETTING = ["model.path=tiny", "env.id=agentopd/Math-v0", "env.kwargs.problems=arithmetic", "env.kwargs.n=256", "env.kwargs.levels=[1, 2]",
            "sampling.group_size=4", "sampling.prompts_per_step=4", "sampling.max_new_tokens=24",
            "teacher.mode=ema", "teacher.tau=0.05", "algo.advantage=sd_token", "algo.advantage_kwargs={clamp: 5.0}",
            "optim.lr=0.0001", "optim.micro_batch=8"]
@@ -95,7 +95,7 @@ def yes_no(ok: bool) -> str:
 def train_run(algo: str, model_path: str, steps: int, out_root: str, extra: tuple[str, ...] = ()) -> list[dict]:
     """One ``train`` run of the micro setting (``extra``: more config overrides); returns its metrics rows."""
     from agentopd.config import load
-    from agentopd.train import TrainConfig, train
+    from agentopd.train import train
 
     out = tempfile.mkdtemp(prefix=f"{algo}-", dir=out_root)
     overrides = ["run.progress=false", f"run.out={out}", f"run.steps={steps}", "run.checkpoint_every=0",
@@ -104,7 +104,7 @@ def train_run(algo: str, model_path: str, steps: int, out_root: str, extra: tupl
         overrides += ["algo.advantage=grpo", "algo.advantage_kwargs={}"]
     else:
         overrides += [f"algo.advantage={algo}"]  # keeps SETTING's advantage_kwargs (clamp: 5.0)
-    return train(load(TrainConfig, None, SETTING + overrides + list(extra)))
+    return train(load(None, SETTING + overrides + list(extra)))
 
 
 def bench_train(models: list[tuple[str, str]], steps: int, warmup: int, order: list[str], out_root: str) -> list[dict]:

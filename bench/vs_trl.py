@@ -15,7 +15,7 @@ The same setting on every arm (``SETTING``, fixed before the first full run):
 - the model: a Llama built from a config (``agentopd.testbed.tiny.build_tiny``: hidden 256,
   4 layers, 4 heads, seeded random weights, the tiny byte-level BPE tokenizer, V = 512), saved
   once and loaded from that directory by every arm (float32, CPU);
-- the prompts: generated arithmetic (``data.problems=arithmetic``, levels 1-2, 256 problems), in
+- the prompts: generated arithmetic (``env.kwargs.problems=arithmetic``, levels 1-2, 256 problems), in
   the order ``agentopd train`` draws them; TRL gets them in that order with ``shuffle_dataset=False``
   (the bench checks that both sides saw the same prompts, step by step);
 - 8 prompts x 4 samples (group size) = 32 generations per step, at most 32 new tokens, temperature
@@ -118,8 +118,8 @@ def peak_rss_bytes() -> int:
 
 def train_overrides(arm: str, model_dir: str, steps: int, out: str) -> list[str]:
     s = SETTING
-    common = [f"model.path={model_dir}", "data.env=math", f"data.problems={s['problems']['generator']}",
-              f"data.n={s['problems']['n']}", f"data.levels={s['problems']['levels']}",
+    common = [f"model.path={model_dir}", "env.id=agentopd/Math-v0", f"env.kwargs.problems={s['problems']['generator']}",
+              f"env.kwargs.n={s['problems']['n']}", f"env.kwargs.levels={s['problems']['levels']}",
               f"sampling.group_size={s['group_size']}", f"sampling.prompts_per_step={s['prompts_per_step']}",
               f"sampling.max_new_tokens={s['max_new_tokens']}", f"sampling.temperature={s['temperature']}",
               f"sampling.top_p={s['top_p']}", "teacher.mode=ema", f"teacher.tau={s['ema_rate']}",
@@ -127,7 +127,7 @@ def train_overrides(arm: str, model_dir: str, steps: int, out: str) -> list[str]
               f"optim.lr={s['lr']}", f"optim.grad_clip={s['grad_clip']}", "optim.weight_decay=0",
               f"optim.micro_batch={s['prompts_per_step'] * s['group_size']}", "optim.epochs_per_batch=1",
               "algo.ref_kl=0", f"run.steps={steps}", f"run.seed={s['seed']}", f"run.out={out}",
-              "run.checkpoint_every=0", "run.eval_problems=0", "run.samples_every=0", "run.progress=false",
+              "run.checkpoint_every=0", "eval.problems=0", "run.samples_every=0", "run.progress=false",
               "run.device=cpu", "run.precision=off"]
     if arm == "agentopd sdpo":
         return common + ["algo.loss=sdpo_token", "algo.distill_alpha=1.0", f"algo.is_clip={s['is_clip']}",
@@ -142,7 +142,7 @@ def run_agentopd(arm: str, model_dir: str, steps: int, out: str) -> dict:
 
     from agentopd.config import load
     from agentopd.inference.hf import HFEngine
-    from agentopd.train import TrainConfig, train
+    from agentopd.train import train
     from agentopd.types import Judgement, Verdict
 
     rec = {"step_starts": [], "tokens": [], "generate_s": [], "prompts": [], "rewards": []}
@@ -169,7 +169,7 @@ def run_agentopd(arm: str, model_dir: str, steps: int, out: str) -> dict:
             rec["rewards"].append(sum(j.verdict.score for j in got) / max(len(got), 1))
             return got
 
-    cfg = load(TrainConfig, None, train_overrides(arm, model_dir, steps, out))
+    cfg = load(None, train_overrides(arm, model_dir, steps, out))
     rows = train(cfg, engine=TimedEngine, judge=RewardJudge())
     rec["end"] = time.perf_counter()
     rec["teacher_signal_frac"] = [r["teacher_signal_frac"] for r in rows]
@@ -182,9 +182,8 @@ def trl_problems(model_dir: str, n_prompts: int) -> list:
 
     from agentopd.config import load
     from agentopd.rollout import env_specs, make_envs
-    from agentopd.train import TrainConfig
 
-    cfg = load(TrainConfig, None, train_overrides("agentopd sdpo", model_dir, 1, tempfile.gettempdir()))
+    cfg = load(None, train_overrides("agentopd sdpo", model_dir, 1, tempfile.gettempdir()))
     env_id, kw, _ = env_specs(cfg)
     venv = make_envs(env_id, kw, [1])[0]  # the env agentopd train draws from (its _envs, _starts)
     problems = list(venv.problems)

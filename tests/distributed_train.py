@@ -13,10 +13,10 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERRIDES = ["run.progress=false", "model.path=tiny", "data.env=math", "data.problems=arithmetic", "data.levels=[1,2]",
+OVERRIDES = ["run.progress=false", "model.path=tiny", "env.id=agentopd/Math-v0", "env.kwargs.problems=arithmetic", "env.kwargs.levels=[1,2]",
              "sampling.prompts_per_step=4", "sampling.group_size=2", "sampling.max_new_tokens=8", "optim.micro_batch=3",
              "optim.lr=0.0005", "algo.advantage_kwargs={}", "algo.ref_kl=0.1", "algo.distill_weight=0.1",
-             "algo.distill_topk=0", "run.eval_problems=2", "run.eval_samples=1", "run.steps=3",
+             "algo.distill_topk=0", "eval.problems=2", "eval.samples=1", "run.steps=3",
              "run.checkpoint_every=2", "run.samples_every=1",
              "optim.share_prompts=false"]  # the ranks' plain forwards, to 1e-6 (shared prompts: rounding apart)
 
@@ -45,11 +45,11 @@ class Scripted:
 
 def run(out: str, *overrides: str) -> list[dict]:
     from agentopd.config import load
-    from agentopd.train import TrainConfig, train
+    from agentopd.train import train
 
     import torch
 
-    cfg = load(TrainConfig, str(ROOT / "configs" / "micro-sdpo.yaml"), [*OVERRIDES, f"run.out={out}", *overrides])
+    cfg = load(str(ROOT / "configs" / "micro-sdpo.yaml"), [*OVERRIDES, f"run.out={out}", *overrides])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank of 2 on this host (agentopd.threads): the same float32 sums
     try:

@@ -261,11 +261,12 @@ def test_eval_passk_unreadable_files(tmp_path):
 
 
 @pytest.mark.parametrize("override, words", [
-    ("sampling.group_size=0", ["sampling.group_size", ">=1"]), ("run.steps=-3", ["run.steps", ">=1"]),
-    ("sampling.max_new_tokens=0", ["sampling.max_new_tokens", ">=1"]),
+    ("sampling.group_size=0", ["sampling.group_size", ">= 1"]), ("run.steps=-3", ["run.steps", ">= 1"]),
+    ("sampling.max_new_tokens=0", ["sampling.max_new_tokens", ">= 1"]),
     ("sampling.prompts_per_step=0", ["sampling.prompts_per_step"]), ("optim.micro_batch=0", ["optim.micro_batch"]),
-    ("data.env=maths", ["data.env", "math, code"]), ("data.judge={name: nosuchjudge}", ["data.judge", "nosuchjudge"]),
-    ("sampling.top_p=1.5", ["sampling.top_p", "(0,1]"]), ("optim.lr=0", ["optim.lr", ">0"]),
+    ("env.id=agentopd/Math-v0s", ["env.id", "did you mean 'agentopd/Math-v0'"]),
+    ("env.kwargs.judge={name: nosuchjudge}", ["env.kwargs.judge", "nosuchjudge"]), ("env.kwargs.judge=mth", ["mth"]),
+    ("sampling.top_p=1.5", ["sampling.top_p", "<= 1"]), ("optim.lr=0", ["optim.lr", "> 0"]),
 ])
 def test_train_bad_options_fail_before_the_model_loads(tmp_path, override, words):
     # no model could load from this path: an error about it would mean the options were checked too late

@@ -30,14 +30,14 @@ from agentopd.diagnose import (
     step_metrics,
     token_spans,
 )
-from agentopd.train import TrainConfig, train
+from agentopd.train import train
 from agentopd.types import Generation, Judgement, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 KIND_KEYS = {"n", "n_correct", "n_wrong", "pass1", "pass1_wrong", "student_pass1_same", "gap", "auc", "auc_mean",
              "ratio_correct", "ratio_wrong", "n_blame", "blame_in_wrong", "blame_at_divergence",
              "ratio_at_divergence", "ratio_other"}
-TINY = ["model.path=tiny", "run.progress=false", "data.env=math", "data.problems=micro", "data.levels=[1,2,3]",
+TINY = ["model.path=tiny", "run.progress=false", "env.id=agentopd/Math-v0", "env.kwargs.problems=micro", "env.kwargs.levels=[1,2,3]",
         "sampling.max_new_tokens=8"]
 
 
@@ -173,7 +173,7 @@ def test_kind_stats_on_hand_made_rows():
 
 
 def _heldout(n):
-    return generated_problems("micro", n, [1, 2, 3], HELDOUT_SEED)  # what run.eval_problems=n diagnoses
+    return generated_problems("micro", n, [1, 2, 3], HELDOUT_SEED)  # what eval.problems=n diagnoses
 
 
 class Scripted:
@@ -209,7 +209,7 @@ def test_diagnose_counts_contexts_and_teacher_samples_exactly(tmp_path):
 
     P, G = 3, 3
     Scripted.problems, Scripted.teacher_prompts = _heldout(P), []
-    cfg = load(TrainConfig, None, [*TINY, f"run.out={tmp_path}", f"run.eval_problems={P}", f"sampling.group_size={G}"])
+    cfg = load(None, [*TINY, f"run.out={tmp_path}", f"eval.problems={P}", f"sampling.group_size={G}"])
     report = diagnose_teacher(cfg, engine=Scripted)
     assert report["student_pass1"] == pytest.approx(2 / 3) and report["samples"] == P * G
     assert json.loads((tmp_path / "diagnose.json").read_text()) == report
@@ -250,13 +250,13 @@ def test_cli_writes_diagnose_json_with_every_key(tmp_path):
     from agentopd.testbed.tiny import build_tiny
 
     build_tiny(tmp_path / "teacher", hidden=96, layers=3, seed=0)  # the student's tokenizer, other weights
-    r = cli("diagnose", "teacher", "--config", ROOT / "configs" / "micro-sdpo.yaml", *TINY, "run.eval_problems=0",
+    r = cli("diagnose", "teacher", "--config", ROOT / "configs" / "micro-sdpo.yaml", *TINY, "eval.problems=0",
             "sampling.group_size=2", "sampling.max_new_tokens=4", f"teacher.model={tmp_path / 'teacher'}",
             "teacher.context=[]", "--out", tmp_path / "d")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert json.loads((tmp_path / "d" / "diagnose.json").read_text()) == report
-    assert "run.eval_problems is 0: diagnosing on 50 held-out problems" in r.stderr
+    assert "eval.problems is 0: diagnosing on 50 held-out problems" in r.stderr
     assert report["problems"] == 50 and report["samples"] == 100 and report["group_size"] == 2
     assert 0.0 <= report["student_pass1"] <= 1.0
     assert list(report["contexts"]) == ["self+feedback", "self+demonstration", "self+feedback+demonstration",
@@ -276,7 +276,7 @@ def test_cli_writes_diagnose_json_with_every_key(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["run.bogus=1"], "unknown config key 'run.bogus'"),
     # checked before the model loads: the missing checkpoint is never reached
-    (["data.problems=micro", "model.path=/nonexistent"], "data.problems='micro' makes math problems"),
+    (["env.kwargs.problems=micro", "model.path=/nonexistent"], "env.kwargs.problems='micro' makes math problems, but env.id is agentopd/Code-v0"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     r = cli("diagnose", "teacher", "--config", ROOT / "configs" / "micro-sdpo.yaml", f"run.out={tmp_path}", *args)
@@ -296,9 +296,9 @@ class EveryThirdWrong(BaseJudge):
 
 
 def _train(tmp_path, judge=None):
-    cfg = load(TrainConfig, str(ROOT / "configs" / "micro-sdpo.yaml"),
-               [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "data.env=math", "data.problems=arithmetic",
-                "data.levels=[1,2]", "run.eval_problems=0", "sampling.prompts_per_step=2",
+    cfg = load(str(ROOT / "configs" / "micro-sdpo.yaml"),
+               [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "env.id=agentopd/Math-v0", "env.kwargs.problems=arithmetic",
+                "env.kwargs.levels=[1,2]", "eval.problems=0", "sampling.prompts_per_step=2",
                 "sampling.group_size=3", "sampling.max_new_tokens=8", "run.steps=2", "run.checkpoint_every=0"])
     train(cfg, judge=judge)
     return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

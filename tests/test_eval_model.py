@@ -51,10 +51,10 @@ def bwrap_ok():
 def write_config(tmp_path, server, **sections) -> Path:
     problems = tmp_path / "problems.jsonl"
     problems.write_text(json.dumps(ADD) + "\n" + json.dumps(MUL) + "\n")
-    cfg = {"engine": {"name": "openai", "model": "fake", "base_url": server.url, "timeout_s": 5, "backoff_s": 0.01},
-           "data": {"env": "code", "problems": str(problems), "backend": "bwrap"},
-           "sampling": {"n": 3, "temperature": 0.8, "max_new_tokens": 128},
-           "eval": {"k": [1, 2, 3], "out": str(tmp_path / "out"), "progress": False}}
+    cfg = {"model": {"path": "fake"}, "engine": {"name": "openai", "base_url": server.url, "timeout_s": 5},
+           "env": {"id": "agentopd/Code-v0", "kwargs": {"problems": str(problems), "backend": "bwrap"}},
+           "sampling": {"temperature": 0.8, "max_new_tokens": 128},
+           "eval": {"samples": 3, "k": [1, 2, 3]}, "run": {"out": str(tmp_path / "out"), "progress": False, "resume": True}}
     for name, values in sections.items():
         cfg[name].update(values)
     path = tmp_path / "eval.yaml"
@@ -124,18 +124,18 @@ def test_eval_model_end_to_end_then_resume(tmp_path, serve):
     assert json.loads(r.stdout) == report  # the same answers, judged the same
 
     # more samples later: only the new ones
-    r = cli("eval", "model", "--config", cfg, "sampling.n=4", "eval.k=[1,4]")
+    r = cli("eval", "model", "--config", cfg, "eval.samples=4", "eval.k=[1,4]")
     assert r.returncode == 0, r.stderr
     assert [q["body"]["n"] for q in s.requests[3:]] == [1, 1] and json.loads(r.stdout)["samples"] == 8
 
     # another model (or data, or sampling) is not mixed into these results
-    r = cli("eval", "model", "--config", cfg, "engine.model=other", "sampling.temperature=0.2")
+    r = cli("eval", "model", "--config", cfg, "model.path=other", "sampling.temperature=0.2")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "another run (engine.model: 'fake' -> 'other')" in r.stderr and "eval.resume=false" in r.stderr
+    assert "another run (model.path: 'fake' -> 'other')" in r.stderr and "run.resume=false" in r.stderr
     assert len(s.requests) == 5
 
     # resume off: everything again
-    r = cli("eval", "model", "--config", cfg, "eval.resume=false")
+    r = cli("eval", "model", "--config", cfg, "run.resume=false")
     assert r.returncode == 0, r.stderr
     assert len(s.requests) == 7 and json.loads(r.stdout)["pass@1"] == pytest.approx(expected(1))
 
@@ -148,8 +148,8 @@ def test_completion_format_on_humaneval(tmp_path, serve):
     # this server ignores stop strings: the text is cut at the first one by the evaluator
     s = serve(lambda body, i: solutions[body["prompt"]] + "\ndef unrelated(:\n")
     cfg = write_config(tmp_path, s, engine={"endpoint": "completions"},
-                       data={"problems": "humaneval", "limit": 3, "format": "completion"},
-                       sampling={"n": 2, "stop": ["\ndef "]}, eval={"k": [1, 2]})
+                       env={"id": "agentopd/HumanEval-v0", "kwargs": {"backend": "bwrap"}},
+                       sampling={"stop": ["\ndef "]}, eval={"k": [1, 2], "samples": 2, "problems": 3, "format": "completion"})
     r = cli("eval", "model", "--config", cfg)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
@@ -163,10 +163,10 @@ def test_completion_format_on_humaneval(tmp_path, serve):
 def test_errors_are_one_line(tmp_path, serve):
     s = serve(["x"])
     cfg = write_config(tmp_path, s)
-    for over, words in ((["engine.name=bogus"], ["engine.name", "hf, openai, vllm"]),
-                        (["data.format=completion"], ["engine.endpoint: completions"]),
-                        (["engine.modle=x"], ["did you mean 'engine.model'"]),
-                        (["data.problems=/nonexistent.jsonl"], ["/nonexistent.jsonl"])):
+    for over, words in ((["engine.name=bogus"], ["engine.name", "'hf', 'vllm' or 'openai'"]),
+                        (["eval.format=completion"], ["engine.endpoint: completions"]),
+                        (["engine.endpiont=x"], ["did you mean 'engine.endpoint'"]),
+                        (["env.kwargs.problems=/nonexistent.jsonl"], ["/nonexistent.jsonl"])):
         r = cli("eval", "model", "--config", cfg, *over)
         assert r.returncode == 2 and r.stdout == "", (over, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
@@ -188,19 +188,18 @@ def test_missing_vllm_names_the_extra(tmp_path, serve):
     (fake / "vllm.py").write_text("raise ImportError('no vllm here')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")]))}
     cfg = write_config(tmp_path, serve(["x"]))
-    r = cli("eval", "model", "--config", cfg, "engine.name=vllm", "engine.model=some/model", env=env)
+    r = cli("eval", "model", "--config", cfg, "engine.name=vllm", "model.path=some/model", env=env)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "agentopd: error: the vllm engine needs vLLM: pip install 'agentopd[vllm]'"
 
 
 def test_eval_model_with_the_hf_engine_in_process(tmp_path):
     from agentopd.config import build
-    from agentopd.eval.model import EvalConfig, eval_model
+    from agentopd.eval.model import eval_model
 
-    cfg = build(EvalConfig, {"engine": {"name": "hf", "model": "tiny", "device": "cpu"},
-                             "data": {"env": "math", "problems": "arithmetic", "n": 2, "levels": [1]},
-                             "sampling": {"n": 2, "max_new_tokens": 8},
-                             "eval": {"k": [1, 2], "out": str(tmp_path / "hf"), "progress": False}})
+    cfg = build({"model": {"path": "tiny"}, "engine": {"name": "hf"}, "run": {"device": "cpu", "out": str(tmp_path / "hf"),
+                 "progress": False}, "env": {"id": "agentopd/Math-v0", "kwargs": {"problems": "arithmetic", "n": 2, "levels": [1]}},
+                 "sampling": {"max_new_tokens": 8}, "eval": {"samples": 2, "k": [1, 2]}})
     report = eval_model(cfg)
     assert report["problems"] == 2 and report["samples"] == 4 and {"pass@1", "pass@2"} <= set(report)
     rows = [json.loads(line) for line in (tmp_path / "hf" / "results.jsonl").read_text().splitlines()]
@@ -211,7 +210,7 @@ def test_judge_failures_are_redone_on_resume(tmp_path, serve):
     from agentopd.judges.base import judge_error
 
     from agentopd.config import build
-    from agentopd.eval.model import EvalConfig, eval_model
+    from agentopd.eval.model import eval_model
     from agentopd.types import Judgement, Verdict
 
     class FlakyJudge:  # fails on mul the first time it sees it
@@ -227,7 +226,7 @@ def test_judge_failures_are_redone_on_resume(tmp_path, serve):
             return out
 
     s = serve(answer)
-    cfg = build(EvalConfig, yaml.safe_load(write_config(tmp_path, s).read_text()))
+    cfg = build(yaml.safe_load(write_config(tmp_path, s).read_text()))
     judge = FlakyJudge()
     first = eval_model(cfg, judge=judge)
     assert first["judge_errors"] == 3 and first["samples"] == 3 and first["pass@1"] == 1.0
@@ -237,9 +236,9 @@ def test_judge_failures_are_redone_on_resume(tmp_path, serve):
 
 
 @pytest.mark.parametrize("override, words", [
-    ("eval.chunk=0", ["eval.chunk", ">=1"]), ("data.limit=-3", ["data.limit", ">=0"]),
-    ("sampling.n=0", ["sampling.n", ">=1"]), ("eval.k=[-1]", ["eval.k"]), ("data.timeout_s=0", ["data.timeout_s", ">0"]),
-    ("engine.concurrency=0", ["engine.concurrency", ">=1"]),
+    ("eval.chunk=0", ["eval.chunk", ">= 1"]), ("eval.problems=-3", ["eval.problems", ">= 0"]),
+    ("eval.samples=0", ["eval.samples", ">= 1"]), ("eval.k=[-1]", ["eval.k"]),
+    ("engine.concurrency=0", ["engine.concurrency", ">= 1"]),
 ])
 def test_options_out_of_range_are_one_line_before_any_request(tmp_path, serve, override, words):
     s = serve(["x"])
@@ -269,12 +268,12 @@ def test_a_torn_last_line_is_dropped_and_redone(tmp_path, serve):
 
 def _hf_config(out, chunk: int):
     from agentopd.config import build
-    from agentopd.eval.model import EvalConfig
 
-    return build(EvalConfig, {"engine": {"name": "hf", "model": "tiny", "device": "cpu", "batch_size": 4},
-                              "data": {"env": "math", "problems": "arithmetic", "n": 5, "levels": [1]},
-                              "sampling": {"n": 3, "max_new_tokens": 12, "temperature": 1.0, "seed": 7},
-                              "eval": {"k": [1, 2, 3], "out": str(out), "chunk": chunk, "progress": False}})
+    return build({"model": {"path": "tiny"}, "engine": {"name": "hf", "batch_size": 4},
+                  "env": {"id": "agentopd/Math-v0", "kwargs": {"problems": "arithmetic", "n": 5, "levels": [1]}},
+                  "sampling": {"max_new_tokens": 12, "temperature": 1.0}, "eval": {"samples": 3, "k": [1, 2, 3],
+                  "chunk": chunk}, "run": {"seed": 7, "device": "cpu", "out": str(out), "progress": False,
+                  "resume": True}})
 
 
 def test_a_resumed_eval_equals_an_uninterrupted_one(tmp_path):
@@ -285,7 +284,7 @@ def test_a_resumed_eval_equals_an_uninterrupted_one(tmp_path):
 
     from agentopd.eval.model import build_engine, eval_model
 
-    engine = build_engine(_hf_config(tmp_path, 1).engine, 7)
+    engine = build_engine(_hf_config(tmp_path, 1))
     whole = eval_model(_hf_config(tmp_path / "whole", 5), engine=engine, judge=TextJudge())
     want = rows_by_key(whole["results"])
     assert 0 < whole["pass@1"] < 1 and len({r["completion"] for r in want.values()}) > 5
@@ -309,7 +308,7 @@ def test_an_engine_without_per_sample_seeds_is_warned_about(tmp_path):
 
     from agentopd.eval.model import build_engine, eval_model
 
-    hf = build_engine(_hf_config(tmp_path, 1).engine, 7)
+    hf = build_engine(_hf_config(tmp_path, 1))
 
     class OldEngine:
         tokenizer = hf.tokenizer

@@ -23,7 +23,7 @@ from agentopd.inference.base import apply_chat
 from agentopd.inference.hf import HFEngine
 from agentopd.rl.logprobs import sequence_logprobs
 from agentopd.testbed.micro import MicroConfig, heldout_problems, warm_start_examples
-from agentopd.train import TrainConfig, train
+from agentopd.train import train
 from agentopd.types import Generation
 from tests.sandbox_probe import bwrap_or_skip
 
@@ -214,9 +214,9 @@ def test_rl_steps_raise_the_log_probability_of_the_rewarded_answer(tmp_path, mic
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({"id": "p", "question": problem.prompt, "answer": problem.payload["answer"]}) + "\n")
     Scripted.texts = (right, wrong)
-    cfg = load(TrainConfig, str(ROOT / "configs" / "micro-grpo.yaml"),
-               [f"model.path={micro_dir}", "data.env=math", f"data.problems={data}", f"run.out={tmp_path / 'run'}",
-                "run.progress=false", "run.eval_problems=0", "run.steps=3", "sampling.prompts_per_step=1",
+    cfg = load(str(ROOT / "configs" / "micro-grpo.yaml"),
+               [f"model.path={micro_dir}", "env.id=agentopd/Math-v0", f"env.kwargs.problems={data}", f"run.out={tmp_path / 'run'}",
+                "run.progress=false", "eval.problems=0", "run.steps=3", "sampling.prompts_per_step=1",
                 "sampling.group_size=4", "optim.lr=0.001", f"algo.advantage={advantage}", "algo.advantage_kwargs={}"])
     train(cfg, engine=Scripted)
 
@@ -252,7 +252,7 @@ def test_shipped_micro_configs_run_two_steps_with_held_out_pass1(tmp_path, micro
     teacher = (yaml.safe_load((ROOT / "configs" / name).read_text()).get("teacher") or {}).get("model")
     r = subprocess.run([sys.executable, "-m", "agentopd.cli", "train", "--config", str(ROOT / "configs" / name),
                         "run.steps=2", f"run.out={tmp_path}", "run.progress=false", f"model.path={micro_dir}",
-                        "run.eval_problems=4", "sampling.prompts_per_step=2",
+                        "eval.problems=4", "sampling.prompts_per_step=2",
                         *([f"teacher.model={micro_dir}"] if teacher else [])],  # a teacher with this model's tokenizer
                        capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -15,7 +15,7 @@ import pytest
 
 from agentopd import report
 from agentopd.config import load
-from agentopd.train import TrainConfig, train
+from agentopd.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
@@ -29,9 +29,9 @@ PROBE = ("<script>window.addEventListener('load', function () { document.body.se
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = load(TrainConfig, str(ROOT / "configs" / "micro-sdpo.yaml"),
-               [f"run.out={out}", "run.progress=false", "model.path=tiny", "data.env=math", "data.problems=arithmetic",
-                "run.eval_problems=2", "run.eval_every=1", "run.eval_samples=1", "sampling.prompts_per_step=2",
+    cfg = load(str(ROOT / "configs" / "micro-sdpo.yaml"),
+               [f"run.out={out}", "run.progress=false", "model.path=tiny", "env.id=agentopd/Math-v0", "env.kwargs.problems=arithmetic",
+                "eval.problems=2", "eval.every=1", "eval.samples=1", "sampling.prompts_per_step=2",
                 "sampling.group_size=2", "sampling.max_new_tokens=10", "run.steps=2", "run.samples_every=1",
                 "run.samples_per_step=3", "run.samples_max_tokens=8", "run.checkpoint_every=0"])
     train(cfg)
@@ -117,12 +117,12 @@ def test_the_report_of_a_real_run_in_chromium(run_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def rlef_dir(tmp_path_factory):
-    from agentopd.eval.rlef import RLEFConfig, rlef
+    from agentopd.eval.rlef import rlef
 
     out = tmp_path_factory.mktemp("rlef")
-    rlef(load(RLEFConfig, str(ROOT / "configs" / "micro-rlef.yaml"),
-              ["engine.model=tiny", "data.n=2", "sampling.n=2", "rlef.turns=2", "sampling.max_new_tokens=12",
-               f"eval.out={out}", "eval.progress=false"]))
+    rlef(load(str(ROOT / "configs" / "micro-rlef.yaml"),
+              ["model.path=tiny", "env.kwargs.n=2", "eval.samples=2", "env.max_turns=2", "sampling.max_new_tokens=12",
+               f"run.out={out}", "run.progress=false"]))
     return out
 
 

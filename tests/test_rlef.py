@@ -16,7 +16,7 @@ from sandbox_probe import bwrap_or_skip
 from agentopd.config import build
 from agentopd.envs.data import code_problem, load_humaneval, split_tests
 from agentopd.judges.tests import TestJudge as Judge  # (a Test* name would be collected by pytest)
-from agentopd.eval.rlef import RLEFConfig, rlef
+from agentopd.eval.rlef import rlef
 from agentopd.types import Problem
 
 pytest.importorskip("openai")
@@ -42,16 +42,16 @@ def problems_file(tmp_path, rows) -> str:
     return str(path)
 
 
-def config(tmp_path, server, problems, **over) -> RLEFConfig:
-    data = {"engine": {"name": "openai", "model": "fake", "base_url": server.url, "timeout_s": 5, "backoff_s": 0.01},
-            "data": {"env": "code", "problems": problems, "format": "chat"},
-            "sampling": {"n": 2, "temperature": 0.5, "max_new_tokens": 64},
-            "rlef": {"turns": 3},
-            "eval": {"k": [1, 2], "out": str(tmp_path / "out"), "progress": False}}
+def config(tmp_path, server, problems, **over):
+    data = {"model": {"path": "fake"}, "engine": {"name": "openai", "base_url": server.url, "timeout_s": 5},
+            "env": {"id": "agentopd/Code-v0", "kwargs": {"problems": problems}, "max_turns": 3},
+            "sampling": {"temperature": 0.5, "max_new_tokens": 64},
+            "eval": {"samples": 2, "k": [1, 2], "format": "chat"},
+            "run": {"out": str(tmp_path / "out"), "progress": False, "resume": True}}
     for key, value in over.items():
         section, _, name = key.partition("__")
         data[section][name] = value
-    return build(RLEFConfig, data)
+    return build(data)
 
 
 def fixes_after_feedback(body, i):
@@ -104,7 +104,7 @@ def test_held_out_tests_decide_success(tmp_path, serve, judge):
 
 def test_the_turn_limit_holds(tmp_path, serve, judge):
     s = serve([WRONG])
-    report = rlef(config(tmp_path, s, problems_file(tmp_path, [ADD]), rlef__turns=2, sampling__n=1), judge=judge)
+    report = rlef(config(tmp_path, s, problems_file(tmp_path, [ADD]), env__max_turns=2, eval__samples=1), judge=judge)
     assert len(s.requests) == 2 and report["pass_after_turn"] == [0.0, 0.0] and report["mean_turns"] == 2.0
     last = s.requests[-1]["body"]["messages"]
     assert len(last) == 3 and "Wrong answer on test 1" in last[-1]["content"]
@@ -112,7 +112,7 @@ def test_the_turn_limit_holds(tmp_path, serve, judge):
 
 def test_one_turn_success_sends_one_request(tmp_path, serve, judge):
     s = serve([RIGHT])
-    report = rlef(config(tmp_path, s, problems_file(tmp_path, [ADD]), sampling__n=3), judge=judge)
+    report = rlef(config(tmp_path, s, problems_file(tmp_path, [ADD]), eval__samples=3), judge=judge)
     assert [r["body"].get("n", 1) for r in s.requests] == [3]  # the 3 attempts' first turn in one request
     assert report["pass_after_turn"] == [1.0, 1.0, 1.0] and report["mean_turns"] == 1.0
 
@@ -120,7 +120,7 @@ def test_one_turn_success_sends_one_request(tmp_path, serve, judge):
 def test_dataset_public_tests_are_used_as_given(tmp_path, serve, judge):
     row = dict(ADD, tests=["assert add(5, 5) == 10"], public_tests=["assert add(1, 2) == 3"])
     s = serve(lambda body, i: RIGHT if "Wrong answer" in messages_text(body) else CHEAT)
-    report = rlef(config(tmp_path, s, problems_file(tmp_path, [row]), sampling__n=1), judge=judge)
+    report = rlef(config(tmp_path, s, problems_file(tmp_path, [row]), eval__samples=1), judge=judge)
     assert len(s.requests) == 1 and report["pass_after_turn"][0] == 0.0  # CHEAT passes the public test
 
 
@@ -133,7 +133,7 @@ def test_humaneval_check_split_in_the_loop(tmp_path, serve, judge):
     src = problems_file(tmp_path, [read_problems()["HumanEval/53"]])
     for answer, passed in ((cheat, 0.0), (right, 1.0)):
         s = serve([answer])
-        report = rlef(config(tmp_path, s, src, sampling__n=1, eval__resume=False), judge=judge)
+        report = rlef(config(tmp_path, s, src, eval__samples=1, run__resume=False), judge=judge)
         assert len(s.requests) == 1 and report["pass_after_turn"][0] == passed
 
 
@@ -144,7 +144,7 @@ def test_resume_does_not_redo_attempts(tmp_path, serve, judge):
     assert len(s.requests) == 3  # turn 1: one request for both attempts; turn 2: one each
     again = rlef(cfg, judge=judge)
     assert len(s.requests) == 3 and again == first
-    more = rlef(config(tmp_path, s, problems_file(tmp_path, [ADD]), sampling__n=3), judge=judge)
+    more = rlef(config(tmp_path, s, problems_file(tmp_path, [ADD]), eval__samples=3), judge=judge)
     assert len(s.requests) == 5 and more["attempts"] == 3  # only the new attempt was played (2 turns)
 
 
@@ -152,7 +152,7 @@ def test_math_rlef_with_the_math_judge_critique(tmp_path, serve):
     src = problems_file(tmp_path, [{"id": "m1", "question": "Compute 2 + 3. Put the final answer in \\boxed{}.",
                                     "answer": "5"}])
     s = serve(lambda body, i: "\\boxed{5}" if "incorrect" in messages_text(body) else "\\boxed{4}")
-    report = rlef(config(tmp_path, s, src, data__env="math", sampling__n=1))
+    report = rlef(config(tmp_path, s, src, env__id="agentopd/Math-v0", eval__samples=1))
     assert len(s.requests) == 2 and report["pass_after_turn"] == [0.0, 1.0, 1.0]
     assert "Your final answer 4 is incorrect." in s.requests[1]["body"]["messages"][-1]["content"]
 
@@ -161,8 +161,8 @@ def test_rlef_needs_chat_format(tmp_path, serve):
     from agentopd.config import ConfigError
 
     s = serve(["x"])
-    with pytest.raises(ConfigError, match="data.format: chat"):
-        rlef(config(tmp_path, s, problems_file(tmp_path, [ADD]), data__format="completion"))
+    with pytest.raises(ConfigError, match="eval.format: chat"):
+        rlef(config(tmp_path, s, problems_file(tmp_path, [ADD]), eval__format="completion"))
     assert s.requests == []
 
 
@@ -212,8 +212,8 @@ def test_canonical_humaneval_solutions_pass_both_halves(judge):
 def test_micro_rlef_config_runs_on_cpu(tmp_path, micro_dir):
     out = tmp_path / "micro"
     r = subprocess.run([sys.executable, "-m", "agentopd.cli", "rlef", "--config", str(ROOT / "configs" / "micro-rlef.yaml"),
-                        f"eval.out={out}", "eval.progress=false", "data.n=2", "sampling.n=2",
-                        f"engine.model={micro_dir}"],
+                        f"run.out={out}", "run.progress=false", "env.kwargs.n=2", "eval.samples=2",
+                        f"model.path={micro_dir}"],
                        check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
@@ -227,11 +227,12 @@ def test_micro_rlef_config_runs_on_cpu(tmp_path, micro_dir):
 # ------------------------------------------------------------------ resume is exact
 
 
-def _hf_config(out, chunk: int) -> RLEFConfig:
-    return build(RLEFConfig, {"engine": {"name": "hf", "model": "tiny", "device": "cpu", "batch_size": 4},
-                              "data": {"env": "math", "problems": "arithmetic", "n": 4, "levels": [1]},
-                              "sampling": {"n": 2, "max_new_tokens": 10, "seed": 3}, "rlef": {"turns": 3},
-                              "eval": {"k": [1, 2], "out": str(out), "chunk": chunk, "progress": False}})
+def _hf_config(out, chunk: int):
+    return build({"model": {"path": "tiny"}, "engine": {"name": "hf", "batch_size": 4},
+                  "env": {"id": "agentopd/Math-v0", "kwargs": {"problems": "arithmetic", "n": 4, "levels": [1]},
+                          "max_turns": 3},
+                  "sampling": {"max_new_tokens": 10}, "eval": {"samples": 2, "k": [1, 2], "chunk": chunk},
+                  "run": {"seed": 3, "device": "cpu", "out": str(out), "progress": False, "resume": True}})
 
 
 def test_a_resumed_rlef_equals_an_uninterrupted_one(tmp_path):
@@ -242,7 +243,7 @@ def test_a_resumed_rlef_equals_an_uninterrupted_one(tmp_path):
 
     from agentopd.eval.model import build_engine
 
-    engine = build_engine(_hf_config(tmp_path, 1).engine, 3)
+    engine = build_engine(_hf_config(tmp_path, 1))
     whole = rlef(_hf_config(tmp_path / "whole", 4), engine=engine, judge=TextJudge())
     want = rows_by_key(whole["results"])
     assert whole["mean_turns"] > 1 and len({r["completion"] for r in want.values()}) > 4

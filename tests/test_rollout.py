@@ -21,7 +21,8 @@ from agentopd.inference.base import apply_chat
 from agentopd.rl import advantages
 from agentopd.rl.teacher import TeacherTemplate, context_rows
 from agentopd.rollout import DEFAULT_FEEDBACK, continuation_ids, make_envs, rollout
-from agentopd.train import TeacherConfig, TrainConfig, train
+from agentopd.config import TeacherConfig
+from agentopd.train import train
 from agentopd.types import Generation
 from sandbox_probe import bwrap_or_skip
 
@@ -181,7 +182,7 @@ class GuessEnv(gym.Env):
 def test_a_users_own_env_trains_without_changes_to_agentopd(tmp_path):
     if "test/Guess-v0" not in gym.registry:
         gym.register("test/Guess-v0", entry_point=GuessEnv, disable_env_checker=True)
-    cfg = load(TrainConfig, None, [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "env.id=test/Guess-v0",
+    cfg = load(None, [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "env.id=test/Guess-v0",
                                    "env.max_turns=2", "algo.advantage=grpo", "sampling.prompts_per_step=2",
                                    "sampling.group_size=2", "sampling.max_new_tokens=6", "run.steps=2",
                                    "run.checkpoint_every=0"])
@@ -191,14 +192,15 @@ def test_a_users_own_env_trains_without_changes_to_agentopd(tmp_path):
     assert (tmp_path / "final" / "config.json").exists()
 
 
-def test_old_data_keys_and_env_keys_name_the_same_env(tmp_path):
+def test_env_specs_seed_generated_problems_from_the_run_and_hold_out_the_eval_problems():
     from agentopd.rollout import env_specs
 
-    old = load(TrainConfig, None, ["data.env=code", "data.problems=functions", "data.n=9", "run.eval_problems=3"])
-    new = load(TrainConfig, None, ["env.id=agentopd/Code-v0", "env.kwargs={problems: functions, n: 9, levels: [1, 2], seed: 1}",
-                                   "run.eval_problems=3"])
-    assert env_specs(old) == env_specs(new)
-    assert env_specs(old)[2]["split"] == "heldout" and env_specs(old)[1]["heldout_n"] == 3
+    cfg = load(None, ["env.id=agentopd/Code-v0", "env.kwargs.problems=functions", "env.kwargs.n=9", "eval.problems=3",
+                      "run.seed=4"])
+    env_id, kw, held = env_specs(cfg)
+    assert env_id == "agentopd/Code-v0" and kw["seed"] == 5 and kw["heldout_n"] == 3 and kw["max_turns"] == 1
+    assert held["split"] == "heldout" and held["n"] == 3 and "heldout_n" not in held
+    assert env_specs(load(None, ["env.kwargs={problems: functions, seed: 9}"]))[1]["seed"] == 9  # named: kept
 
 
 def test_make_envs_share_one_env_between_chunks():
@@ -214,7 +216,7 @@ def test_make_envs_share_one_env_between_chunks():
 def test_the_multi_turn_config_trains_two_steps_through_the_cli(tmp_path):
     bwrap_or_skip().close()
     r = subprocess.run([sys.executable, "-m", "agentopd.cli", "train", "--config", str(ROOT / "configs" / "micro-rlef-train.yaml"),
-                        f"run.out={tmp_path}", "run.steps=2", "run.eval_problems=4", "run.eval_samples=1",
+                        f"run.out={tmp_path}", "run.steps=2", "eval.problems=4", "eval.samples=1",
                         "sampling.prompts_per_step=2", "run.progress=false", "run.checkpoint_every=0"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -183,11 +183,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _train_cfg(tmp_path, name, *overrides):
     from agentopd.config import load
-    from agentopd.train import TrainConfig
 
-    return load(TrainConfig, str(ROOT / "configs" / "micro-sdpo.yaml"),
-                [f"run.out={tmp_path / name}", "run.progress=false", "model.path=tiny", "data.env=math",
-                 "data.problems=arithmetic", "data.levels=[1,2]", "run.eval_problems=0", "sampling.prompts_per_step=2",
+    return load(str(ROOT / "configs" / "micro-sdpo.yaml"),
+                [f"run.out={tmp_path / name}", "run.progress=false", "model.path=tiny", "env.id=agentopd/Math-v0",
+                 "env.kwargs.problems=arithmetic", "env.kwargs.levels=[1,2]", "eval.problems=0", "sampling.prompts_per_step=2",
                  "sampling.group_size=2", "sampling.max_new_tokens=8", "run.checkpoint_every=0", "run.steps=2",
                  "optim.lr=0.01", "teacher.context=[]", *overrides])
 

@@ -106,7 +106,7 @@ def test_strip_think():
 
 def _contexts(tok, **options):
     """A group of two: sample 0 right (with a <think> block), sample 1 wrong with a critique."""
-    from agentopd.train import TeacherConfig
+    from agentopd.config import TeacherConfig
     from agentopd.types import Generation, Judgement, Verdict
 
     texts = ["<think>17 + 25: 7 + 5 = 12, carry 1</think>\nThe answer is 42.", "The answer is 41."]

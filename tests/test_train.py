@@ -20,16 +20,16 @@ from torch.utils._pytree import tree_flatten
 
 from agentopd.config import load
 from agentopd.inference.hf import HFEngine
-from agentopd.train import TrainConfig, train
+from agentopd.train import train
 from agentopd.types import Judgement, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(tmp_path, *overrides):
-    return load(TrainConfig, str(ROOT / "configs" / "micro-sdpo.yaml"),
-                [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "data.env=math", "data.problems=arithmetic",
-                 "data.levels=[1,2]", "run.eval_problems=0", "sampling.prompts_per_step=2",
+    return load(str(ROOT / "configs" / "micro-sdpo.yaml"),
+                [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "env.id=agentopd/Math-v0", "env.kwargs.problems=arithmetic",
+                 "env.kwargs.levels=[1,2]", "eval.problems=0", "sampling.prompts_per_step=2",
                  "sampling.group_size=3", "sampling.max_new_tokens=12", *overrides])
 
 
@@ -97,9 +97,10 @@ def test_final_model_serves_eval_model_through_the_cli_and_trains_further(tmp_pa
     train(_cfg(tmp_path / "run", "run.steps=2"))
     final = tmp_path / "run" / "final"
     assert not (final / "trainer_state").exists() and (final / "chat_template.jinja").exists()
-    cfg = {"engine": {"name": "hf", "model": str(final), "device": "cpu"},
-           "data": {"env": "math", "problems": "arithmetic", "n": 2},
-           "sampling": {"n": 2, "max_new_tokens": 8}, "eval": {"out": str(tmp_path / "eval"), "progress": False}}
+    cfg = {"model": {"path": str(final)}, "engine": {"name": "hf"},
+           "env": {"id": "agentopd/Math-v0", "kwargs": {"problems": "arithmetic", "n": 2}},
+           "sampling": {"max_new_tokens": 8}, "eval": {"samples": 2},
+           "run": {"out": str(tmp_path / "eval"), "progress": False, "device": "cpu"}}
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
     r = subprocess.run([sys.executable, "-m", "agentopd.cli", "eval", "model", "--config", str(tmp_path / "eval.yaml")],
                        capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
@@ -321,7 +322,7 @@ class AutocastSeen(HFEngine):
 @pytest.mark.parametrize("precision", ["bf16", "off"])
 def test_rollouts_sample_under_the_same_autocast_as_evaluation(tmp_path, precision):
     AutocastSeen.seen = []
-    train(_cfg(tmp_path, "run.steps=1", f"run.precision={precision}", "run.eval_problems=2", "run.eval_samples=1"),
+    train(_cfg(tmp_path, "run.steps=1", f"run.precision={precision}", "eval.problems=2", "eval.samples=1"),
           engine=AutocastSeen)
     assert AutocastSeen.seen == [precision == "bf16"] * 3  # held-out before, the rollout, held-out after
 
@@ -357,7 +358,7 @@ def test_precision_auto_is_off_on_cpu_and_bad_values_are_refused(tmp_path):  # o
     for precision, on in [("auto", False), ("off", False), ("bf16", True)]:
         with autocast(precision, cpu)():
             assert torch.is_autocast_enabled("cpu") == on, precision
-    with pytest.raises(ConfigError, match="run.precision: 'fp8'"):
+    with pytest.raises(ConfigError, match="run.precision: input should be 'auto', 'bf16' or 'off' \\(got 'fp8'\\)"):
         train(_cfg(tmp_path, "run.precision=fp8"))
     with pytest.raises(ConfigError, match="run.precision: True"):
         train(_cfg(tmp_path, "run.precision=on"))
@@ -500,9 +501,9 @@ def test_learner_log_probs_use_the_sampling_temperature(tmp_path):
 
 @pytest.mark.parametrize("name", ["micro-sdpo-ref.yaml", "micro-sdpo-token.yaml", "micro-mix.yaml"])
 def test_new_objective_configs_train_two_steps_on_the_tiny_model(tmp_path, name):
-    cfg = load(TrainConfig, str(ROOT / "configs" / name),
-               [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "data.env=math", "data.problems=arithmetic",
-                "data.levels=[1,2]", "run.eval_problems=0", "sampling.prompts_per_step=2", "sampling.group_size=3",
+    cfg = load(str(ROOT / "configs" / name),
+               [f"run.out={tmp_path}", "run.progress=false", "model.path=tiny", "env.id=agentopd/Math-v0", "env.kwargs.problems=arithmetic",
+                "env.kwargs.levels=[1,2]", "eval.problems=0", "sampling.prompts_per_step=2", "sampling.group_size=3",
                 "sampling.max_new_tokens=12", "run.steps=2"])
     rows = train(cfg)
     assert [r["step"] for r in rows] == [1, 2]
@@ -593,7 +594,7 @@ class EveryOtherDown(BaseJudge):
 
 
 def test_heldout_judge_errors_are_in_the_metrics_row(tmp_path, capsys):
-    rows = train(_cfg(tmp_path, "run.steps=1", "run.eval_problems=2", "run.eval_samples=2"), judge=EveryOtherDown())
+    rows = train(_cfg(tmp_path, "run.steps=1", "eval.problems=2", "eval.samples=2"), judge=EveryOtherDown())
     evals = [r for r in rows if "heldout_pass1" in r]
     assert [r["step"] for r in evals] == [0, 1]
     assert all(r["heldout_judge_errors"] == 2 for r in evals)  # 2 of the 2 x 2 held-out samples
@@ -609,11 +610,11 @@ def test_a_bad_problems_file_fails_before_the_model_loads(tmp_path):
     bad.write_text('{"prompt": "1+1?", "answer": "2"}\n{not json\n')
     missing = tmp_path / "no-such-model"
     with pytest.raises(DataError, match=r"problems.jsonl:2: not valid JSON") as e:
-        train(_cfg(tmp_path / "run", f"data.problems={bad}", f"model.path={missing}"))
+        train(_cfg(tmp_path / "run", f"env.kwargs.problems={bad}", f"model.path={missing}"))
     assert "no-such-model" not in str(e.value)
     with pytest.raises(DataError, match=r"held.jsonl: no such file"):
-        train(_cfg(tmp_path / "run", "data.problems=arithmetic", f"data.heldout={tmp_path / 'held.jsonl'}",
-                   "run.eval_problems=2", f"model.path={missing}"))
+        train(_cfg(tmp_path / "run", "env.kwargs.problems=arithmetic", f"env.heldout_kwargs.problems={tmp_path / 'held.jsonl'}",
+                   "eval.problems=2", f"model.path={missing}"))
 
 
 # ------------------------------------------------- TensorBoard and wandb on resume

@@ -1,11 +1,11 @@
 """``agentopd rlef``: the in-context RLEF baseline (Gehring et al. 2024), feedback without gradients.
 
-Each problem gets ``sampling.n`` attempts. An attempt is a conversation of up to ``rlef.turns``
+Each problem gets ``eval.samples`` attempts. An attempt is a conversation of up to ``env.max_turns``
 turns: the model answers; the answer is judged on the public tests; if they fail, the critique
-goes back into the conversation (``rlef.feedback``) and the model tries again. The attempt ends
+goes back into the conversation (``env.feedback``) and the model tries again. The attempt ends
 when the public tests pass or the turns run out, and its last answer is its submission. Success is
 decided on the held-out tests (see :func:`agentopd.envs.data.split_tests`: the dataset's own split,
-else the first ``rlef.public_tests`` asserts public and the rest held out); math problems get the
+else the first ``env.kwargs.public_tests`` (default 1) asserts public and the rest held out); math problems get the
 math judge's critique and are decided by the same judge.
 
 Reported: the held-out pass rate after each turn (an attempt that ended earlier keeps its last
@@ -17,33 +17,7 @@ with the submission as ``completion``, plus the transcript) and the summary are 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import ClassVar
-
-from agentopd.config import ConfigError
-from agentopd.eval.model import EvalConfig, OutputConfig
-
-from agentopd.rollout import DEFAULT_FEEDBACK
-
-
-@dataclass
-class RLEFSection:
-    turns: int = 3
-    """Turns per attempt at most (1: plain sampling)."""
-    public_tests: int = 1
-    """When the dataset has no public/held-out split: how many of the first tests are public."""
-    feedback: str = DEFAULT_FEEDBACK
-    """The user message after a failed turn; {critique} is the public tests' critique."""
-
-
-@dataclass
-class RLEFConfig(EvalConfig):
-    """``agentopd eval model``'s config (``sampling.n``: attempts per problem) plus ``rlef``."""
-
-    rlef: RLEFSection = field(default_factory=RLEFSection)
-    eval: OutputConfig = field(default_factory=lambda: OutputConfig(out="runs/rlef"))
-
-    RANGES: ClassVar[dict[str, str]] = {**EvalConfig.RANGES, "rlef.turns": ">=1"}
+from agentopd.config import Config, ConfigError
 
 
 def _row(p, index: int, e, fmt: str) -> dict:
@@ -64,12 +38,16 @@ def _row(p, index: int, e, fmt: str) -> dict:
                        "transcript": transcript}, j)
 
 
-def report_of(rows: list[dict], cfg: RLEFConfig) -> dict:
+def public_tests(cfg: Config) -> int:
+    return int(cfg.env.kwargs.get("public_tests", 1))
+
+
+def report_of(rows: list[dict], cfg: Config) -> dict:
     """Pass rate after each turn and n@k over attempts (judge failures left out)."""
-    from agentopd.eval.model import outcome
+    from agentopd.eval.model import dataset_name, outcome
     from agentopd.eval.passk import summarize
 
-    T = cfg.rlef.turns
+    T = cfg.env.max_turns
     judged = [r for r in rows if not r.get("judge_error")]
     base = summarize([outcome(r) for r in rows], cfg.eval.k)
     report = {f"{k}@{k * T}": base[f"pass@{k}"] for k in cfg.eval.k if f"pass@{k}" in base}
@@ -77,36 +55,36 @@ def report_of(rows: list[dict], cfg: RLEFConfig) -> dict:
                                  for t in range(T)]
     report["mean_turns"] = sum(r["turns"] for r in judged) / len(judged) if judged else math.nan
     report.update(problems=base["problems"], attempts=base["samples"], judge_errors=base["judge_errors"],
-                  turns=T, engine=cfg.engine.name, model=cfg.engine.model, dataset=cfg.data.problems)
+                  turns=T, engine=cfg.engine.name, model=cfg.model.path, dataset=dataset_name(cfg))
     return report
 
 
-def rlef(cfg: RLEFConfig, engine=None, judge=None) -> dict:
+def rlef(cfg: Config, engine=None, judge=None) -> dict:
     """Run the RLEF baseline; returns the report (also in ``summary.json``). ``engine`` /
     ``judge``: use these instead of the ones the config names."""
     from agentopd.eval.model import chunks, markdown_table, play, session, write_summary
 
-    if cfg.data.format != "chat":
-        raise ConfigError("rlef needs data.format: chat (feedback is a conversation)")
-    if cfg.rlef.turns < 1 or cfg.rlef.public_tests < 1:
-        raise ConfigError("rlef.turns and rlef.public_tests must be at least 1")
-    s = cfg.sampling
+    if cfg.eval.format != "chat":
+        raise ConfigError("rlef needs eval.format: chat (feedback is a conversation)")
+    if public_tests(cfg) < 1:
+        raise ConfigError("env.kwargs.public_tests must be at least 1 for rlef")
+    T, n = cfg.env.max_turns, cfg.eval.samples
     with session(cfg, engine, judge, "rlef") as run:
         for _, chunk in chunks(run.problems, run.todo, cfg.eval.chunk):
             for count in sorted({len(run.todo[p.id]) for p in chunk}):  # one call per number of attempts left
                 group = [p for p in chunk if len(run.todo[p.id]) == count]
-                episodes = play(run, cfg, group, count, cfg.rlef.turns, cfg.rlef.public_tests, cfg.rlef.feedback)
+                episodes = play(run, cfg, group, count, T, public_tests(cfg), cfg.env.feedback)
                 index = [(p, i) for p in group for i in run.todo[p.id]]
-                rows = [_row(p, i, e, cfg.data.format) for (p, i), e in zip(index, episodes)]
+                rows = [_row(p, i, e, cfg.eval.format) for (p, i), e in zip(index, episodes)]
                 for r in rows:  # an attempt that ended early keeps its last answer for the later turns
-                    r["passed_after_turn"] += [r["passed_after_turn"][-1]] * (cfg.rlef.turns - r["turns"])
+                    r["passed_after_turn"] += [r["passed_after_turn"][-1]] * (T - r["turns"])
                 run.results.add(rows)
                 run.bar.update(len(rows))
-    report = report_of(run.results.select(run.problems, s.n), cfg)
-    report.update(n=s.n, results=run.results.path)
+    report = report_of(run.results.select(run.problems, n), cfg)
+    report.update(n=n, results=run.results.path)
     rows = [(f"pass rate after turn {t + 1}", v) for t, v in enumerate(report["pass_after_turn"])]
-    rows += [(f"n@k {key}", report[key]) for key in (f"{k}@{k * cfg.rlef.turns}" for k in cfg.eval.k) if key in report]
+    rows += [(f"n@k {key}", report[key]) for key in (f"{k}@{k * T}" for k in cfg.eval.k) if key in report]
     rows += [("problems", report["problems"]), ("attempts", report["attempts"]), ("mean turns", report["mean_turns"]),
              ("judge errors", report["judge_errors"])]
-    write_summary(cfg.eval.out, report, markdown_table(("metric", "value"), rows))
+    write_summary(cfg.run.out, report, markdown_table(("metric", "value"), rows))
     return report

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+from agentopd.config import Config
 from agentopd.rl.logprobs import ROOTS, Scorer, causal_lm
-
-if TYPE_CHECKING:
-    from agentopd.train import TrainConfig
 
 MODES = ("fsdp", "ddp")
 _GATHERED: set[int] = set()  # FSDP modules inside a gathered() block (nested blocks gather once)
@@ -42,7 +39,7 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def setup(cfg: TrainConfig) -> None:
+def setup(cfg: Config) -> None:
     """Join torchrun's process group when it started this process (``WORLD_SIZE`` > 1), check that
     the config splits over the ranks, and turn the progress bar off on every rank but 0."""
     from agentopd.config import ConfigError
@@ -92,7 +89,7 @@ def barrier() -> None:
 # ------------------------------------------------------------------------------ wrapping
 
 
-def wrap(cfg: TrainConfig, model, teacher, ref, device: torch.device) -> None:
+def wrap(cfg: Config, model, teacher, ref, device: torch.device) -> None:
     """Make the model's forward passes distributed (in place): FSDP2 shards the model and the
     teacher's and reference's copies; DDP wraps the model for the update's forward (the copies are
     not trained: each rank keeps its own, identical on every rank)."""

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 
+from agentopd.config import AlgoConfig, Config, SamplingConfig
 from agentopd.rl import distributed, losses, objectives
 from agentopd.rl.logprobs import (
     can_share_prefix,
@@ -22,10 +21,6 @@ from agentopd.rl.logprobs import (
     sequence_logprobs,
     shared_prefix_hidden,
 )
-
-if TYPE_CHECKING:  # annotations only (the config names the learner, not the other way round)
-    from agentopd.config import SamplingConfig
-    from agentopd.train import AlgoConfig, TrainConfig
 
 
 def pad_BT(rows: list, value: float = 0.0, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +35,7 @@ def pad_BT(rows: list, value: float = 0.0, dtype=torch.float32) -> tuple[torch.T
     return out_BT, mask_BT
 
 
-def load_model(cfg: TrainConfig, device):
+def load_model(cfg: Config, device):
     from agentopd.inference import load_pretrained
 
     # float32 master weights whatever the stored dtype (bf16 autocast does the compute): AdamW's and the
@@ -60,7 +55,7 @@ def load_model(cfg: TrainConfig, device):
     return model.to(device), tok
 
 
-def load_teacher(cfg: TrainConfig, model, device: torch.device):
+def load_teacher(cfg: Config, model, device: torch.device):
     """The teacher ``cfg.teacher`` names: the self-teacher (:class:`agentopd.rl.teacher.Teacher`, in
     ``teacher.mode``), a separate frozen model (:class:`agentopd.rl.teacher.ModelTeacher`, on
     ``teacher.device`` in ``teacher.dtype``) or a served one (:class:`agentopd.rl.served.ServedTeacher`)."""
@@ -82,16 +77,16 @@ def load_teacher(cfg: TrainConfig, model, device: torch.device):
     return ModelTeacher(teacher_model.to(where))
 
 
-def pick_device(cfg: TrainConfig) -> torch.device:
+def pick_device(cfg: Config) -> torch.device:
     """``run.device``; 'auto': CUDA when available, else the CPU."""
     if cfg.run.device != "auto":
         return torch.device(cfg.run.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def precision(cfg: TrainConfig) -> str:
+def precision(cfg: Config) -> str:
     precision = "off" if cfg.run.precision is False else cfg.run.precision
-    if precision not in ("auto", "bf16", "off"):
+    if precision not in ("auto", "bf16", "off"):  # True, which the config's type lets through
         from agentopd.config import ConfigError
 
         raise ConfigError(f"run.precision: {cfg.run.precision!r}; choices: auto, bf16, off")
@@ -204,7 +199,7 @@ class StepBatch:
     teacher_topk: list | None = None  # a served teacher's (ids_RK, logprobs_RK) per row (None: a local teacher)
 
 
-def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp, st: StepBatch, idx: list[int]):
+def _micro_batch_loss(cfg: Config, model, teacher, head_VH, chunk: int, amp, st: StepBatch, idx: list[int]):
     """Samples ``idx``'s share of the whole batch's loss (``algo.loss``, plus the reference KL) and metrics."""
     T = learner_temperature(cfg.sampling)
     R_ = [st.response_ids[b] for b in idx]
@@ -235,7 +230,7 @@ def _micro_batch_loss(cfg: TrainConfig, model, teacher, head_VH, chunk: int, amp
     return loss, metrics
 
 
-def old_from_update(cfg: TrainConfig, model) -> bool:
+def old_from_update(cfg: Config, model) -> bool:
     """Whether the old log-probs ``ls_old`` come from the update's own forward, detached, instead of
     a separate no-grad student forward before it. Exact: the first optimizer step comes after every
     micro-batch of the first epoch is forwarded, so until then the model is the one that sampled
@@ -260,7 +255,7 @@ def _has_dropout(model) -> bool:
     return any(r > 0 for r in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
-def _old_from_forward(cfg: TrainConfig, st: StepBatch, idx: list[int], lp_BT: torch.Tensor) -> None:
+def _old_from_forward(cfg: Config, st: StepBatch, idx: list[int], lp_BT: torch.Tensor) -> None:
     """Rows ``idx``'s old log-probs from this first-epoch forward (detached) and what is formed from
     them: their row-local advantages and their rollout correction."""
     old_BT = lp_BT.detach().float().cpu()
@@ -271,7 +266,7 @@ def _old_from_forward(cfg: TrainConfig, st: StepBatch, idx: list[int], lp_BT: to
                                                     cfg.algo.rollout_is_clip)[0]
 
 
-def _settle_old(cfg: TrainConfig, st: StepBatch) -> None:
+def _settle_old(cfg: Config, st: StepBatch) -> None:
     """After the first epoch's forwards: the rollout metrics over the whole batch, from the old log-probs."""
     if st.pending_old:
         st.pending_old = False
@@ -279,7 +274,7 @@ def _settle_old(cfg: TrainConfig, st: StepBatch) -> None:
                                                              cfg.algo.rollout_is_clip)[1])
 
 
-def _forward(cfg: TrainConfig, model, head_VH, chunk: int, amp, st: StepBatch, idx: list[int]):
+def _forward(cfg: Config, model, head_VH, chunk: int, amp, st: StepBatch, idx: list[int]):
     """The student's forward over rows ``idx``: its final hidden states ``[B, R, H]`` (chunk > 0) or
     logits ``[B, R, V]``, the head, and the log-probs ``[B, T]``; in the first epoch also their old
     log-probs (:func:`_old_from_forward`)."""
@@ -297,7 +292,7 @@ def _forward(cfg: TrainConfig, model, head_VH, chunk: int, amp, st: StepBatch, i
     return out_BRX, head_VH, lp_BT
 
 
-def _weighted_rows(cfg: TrainConfig, st: StepBatch, idx: list[int]) -> tuple[list[int], list[int]]:
+def _weighted_rows(cfg: Config, st: StepBatch, idx: list[int]) -> tuple[list[int], list[int]]:
     """Rows ``idx`` as (those the loss weighs, the others): under a loss whose every term lives on the
     teacher-signal tokens (:data:`agentopd.rl.objectives.TEACHER_ROWS_ONLY`) and no reference KL, rows
     without a teacher signal have no gradient, so no backward; one rank only (FSDP: every rank runs
@@ -335,7 +330,7 @@ def _served_scores(teacher, teacher_prompts, resp_ids, scored: list[int], teache
     return topk, failed
 
 
-def score(cfg: TrainConfig, model, teacher, ref, amp, rows: TurnRows, teacher_prompts) -> Scores:
+def score(cfg: Config, model, teacher, ref, amp, rows: TurnRows, teacher_prompts) -> Scores:
     """3. The student's, teacher's (on rows with a teacher prompt) and reference's log-probs of the
     same response ids, no grad (:class:`Scores`)."""
     T = learner_temperature(cfg.sampling)
@@ -370,7 +365,7 @@ def is_served(teacher) -> bool:
     return teacher.mode == "served"
 
 
-def update(cfg: TrainConfig, model, opt, teacher, head_VH, chunk: int, amp, st: StepBatch):
+def update(cfg: Config, model, opt, teacher, head_VH, chunk: int, amp, st: StepBatch):
     """5. Micro-batches with gradient accumulation, ``optim.epochs_per_batch`` optimizer steps (the
     importance ratio corrects the later ones), then the teacher update: ``(loss, metric sums, grad norm)``."""
     model.train()
@@ -413,7 +408,7 @@ def _idle_loss(model, amp) -> torch.Tensor:
         return 0.0 * response_logits(model, [[0]], [[0]]).float().sum()
 
 
-def step_inputs(cfg: TrainConfig, rows: TurnRows, teacher_prompts, scores: Scores) -> tuple[StepBatch, dict]:
+def step_inputs(cfg: Config, rows: TurnRows, teacher_prompts, scores: Scores) -> tuple[StepBatch, dict]:
     """4. Advantages (judge errors and empty responses carry no gradient; reward-based estimators
     see each episode once, with its episode reward) and the rollout correction, packed for the
     update: ``(StepBatch, rollout metrics)``. Without the student's scores (``ls_BT`` None, see
@@ -445,7 +440,7 @@ def step_inputs(cfg: TrainConfig, rows: TurnRows, teacher_prompts, scores: Score
     return st, rollout_metrics
 
 
-def _advantages(cfg: TrainConfig, inputs, mask_BT: torch.Tensor) -> torch.Tensor:
+def _advantages(cfg: Config, inputs, mask_BT: torch.Tensor) -> torch.Tensor:
     """``algo.advantage`` on ``inputs``, 0 outside ``mask_BT`` (the loss mask: judge errors out)."""
     from agentopd.rl import advantages
 

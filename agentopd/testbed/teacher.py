@@ -41,15 +41,15 @@ def build_teacher(out: str, recipe: TeacherRecipe | None = None, base: str = "mi
     from agentopd.inference import load_pretrained
     from agentopd.inference.hf import HFEngine
     from agentopd.judges import make_judge
-    from agentopd.train import TrainConfig, train
+    from agentopd.train import train
 
     recipe = recipe or TeacherRecipe()
     t0 = time.perf_counter()
     configs = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
     with tempfile.TemporaryDirectory() as run:
-        cfg = load(TrainConfig, os.path.join(configs, recipe.config),
+        cfg = load(os.path.join(configs, recipe.config),
                    [f"model.path={base}", f"run.steps={recipe.steps}", f"run.seed={recipe.seed}",
-                    f"optim.lr={recipe.lr}", f"run.out={run}", "run.eval_problems=0", "run.checkpoint_every=0",
+                    f"optim.lr={recipe.lr}", f"run.out={run}", "eval.problems=0", "run.checkpoint_every=0",
                     f"run.progress={str(progress).lower()}"])
         train(cfg)
         shutil.rmtree(out, ignore_errors=True)
