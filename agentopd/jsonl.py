@@ -86,6 +86,7 @@ def _row(line: str) -> dict:
 
 
 def _rows(path: str, skip_torn_last: bool, skip_unreadable: bool) -> list[tuple[int, dict]]:
+    """:func:`numbered`'s answer; its warnings name the line that called :func:`read` or :func:`numbered`."""
     lines = _lines(path)
     last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
     rows, dropped = [], []
