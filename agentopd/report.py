@@ -17,6 +17,8 @@ import json
 import math
 import os
 
+from agentopd import jsonl
+
 CHARTS = [
     ("reward", ["reward_mean"]),
     ("held-out pass@1", ["heldout_pass1"]),
@@ -39,10 +41,9 @@ class ReportError(Exception):
 
 def _jsonl(path: str) -> list[dict]:
     try:
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
-        raise ReportError(f"{path}: {e}") from None
+        return jsonl.read(path)
+    except jsonl.JSONLError as e:
+        raise ReportError(str(e)) from None
 
 
 def _json(path: str):

@@ -9,10 +9,10 @@ context's demonstration (None where the sample had none).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
+from agentopd import jsonl
 from agentopd.diagnose import token_spans
 
 
@@ -74,5 +74,4 @@ def record(cfg, step: int, last: bool, evaluated: bool, tok, episodes, trows, co
     if not due(cfg.run, step, last, evaluated):
         return
     got = rows(step, tok, episodes, trows, contexts, st, cfg.run.samples_per_step, cfg.run.samples_max_tokens)
-    with open(os.path.join(cfg.run.out, "samples.jsonl"), "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in got)
+    jsonl.append(os.path.join(cfg.run.out, "samples.jsonl"), got)

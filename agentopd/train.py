@@ -430,6 +430,7 @@ def train(cfg: Config, engine=None, judge=None) -> list[dict]:
     around the model by ``engine(model, tokenizer, device)`` when it is a callable class)."""
     from tqdm import tqdm
 
+    from agentopd import jsonl
     from agentopd import samples as sample_log
     from agentopd.rl import checkpoints
     from agentopd.threads import configure_torch
@@ -452,8 +453,7 @@ def train(cfg: Config, engine=None, judge=None) -> list[dict]:
         rows.append(row)
         if not distributed.is_main():
             return
-        with open(os.path.join(cfg.run.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        jsonl.append(os.path.join(cfg.run.out, "metrics.jsonl"), [row])
         for sink, _ in sinks:
             sink(row)
 

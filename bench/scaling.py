@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from agentopd import jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_train.py"
 
@@ -31,7 +33,7 @@ def measure(ranks: int, mode: str, steps: int, device: str, extra: list[str]) ->
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
                        stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
-        rows = [json.loads(x) for x in Path(out, mode, "metrics.jsonl").read_text().splitlines()][1:]
+        rows = jsonl.read(os.path.join(out, mode, "metrics.jsonl"))[1:]
     seconds = sum(r["time_score"] + r["time_update"] + r["time_generate"] + r["time_execute"] for r in rows)
     tokens = sum(r["response_len"] * r["judged"] for r in rows) * ranks  # a row holds rank 0's share
     return {"ranks": ranks, "mode": mode, "steps_timed": len(rows), "steps_per_s": len(rows) / seconds,

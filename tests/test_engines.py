@@ -181,6 +181,24 @@ def test_a_reply_without_choices_is_retried(serve):
     assert g.text == "ok" and len(s.requests) == 2
 
 
+@pytest.mark.parametrize("body", [("text/html", "<html><h1>502 Bad Gateway</h1></html>"),
+                                  ("application/json", '{"choices": [{"message": '),
+                                  ("application/json", [1, 2, 3]),
+                                  ("application/json", {"object": "chat.completion", "choices": None})],
+                         ids=["html", "invalid_json", "json_list", "choices_null"])
+def test_a_malformed_http_200_is_asked_again_then_an_engine_error(serve, body):
+    s = serve([("raw", 200, *body)])
+    with pytest.raises(EngineError, match="no answer after 3 attempts; last: the reply") as e:
+        openai(s, max_retries=2).generate_chat(CONVS[:1])
+    assert "\n" not in str(e.value) and len(s.requests) == 3
+
+
+def test_a_malformed_http_200_then_a_good_reply(serve):
+    s = serve([("raw", 200, "text/html", "<html>busy</html>"), "ok"])
+    [[g]] = openai(s, max_retries=1).generate_chat(CONVS[:1])
+    assert g.text == "ok" and len(s.requests) == 2
+
+
 def test_a_bad_request_is_not_retried(serve):
     s = serve([("status", 400)])
     with pytest.raises(EngineError, match="HTTP 400"):

@@ -111,7 +111,17 @@ def test_http_errors_every_time_are_a_judge_error(serve, judges):
     s = serve([("status", 503)])
     out = judges(s, max_retries=1).judge(PROBLEM, "x")
     assert out.verdict.status == "judge_error" and "503" in out.verdict.details[0].error
-    assert len(s.requests) == 2
+    assert "2 attempts" in out.verdict.details[0].error
+    assert len(s.requests) == 2  # the client's retry only: a status it retried is not asked again here
+
+
+@pytest.mark.parametrize("code", [400, 401, 404])
+def test_a_request_the_client_does_not_retry_is_one_attempt(serve, judges, code):
+    s = serve([("status", code), reply(1.0)])
+    out = judges(s, max_retries=3).judge(PROBLEM, "x")
+    assert out.verdict.status == "judge_error" and math.isnan(out.verdict.score)
+    assert f"Error code: {code}" in out.verdict.details[0].error and "attempts" not in out.verdict.details[0].error
+    assert len(s.requests) == 1
 
 
 @pytest.mark.parametrize("content", [

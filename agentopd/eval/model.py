@@ -98,34 +98,16 @@ def _first_difference(old, new, where=""):
     return None if old == new else f"{where}: {old!r} -> {new!r}"
 
 
-def _complete_rows(path: str) -> list[dict]:
-    """The rows of a results file; a torn last line (the run was killed while writing it) is
-    dropped with a warning, to be redone. A bad line before the last is an error."""
-    import warnings
-
-    from agentopd.envs.data import read_jsonl
-
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rstrip(b"\n").rfind(b"\n") + 1
-    last = data[end:].strip()
-    try:
-        json.loads(last or b"{}")
-    except ValueError:
-        warnings.warn(f"{path}: the last line is incomplete (a run stopped while writing it); it is redone",
-                      stacklevel=3)
-        with open(path, "wb") as f:
-            f.write(data[:end])
-    return [r for _, r in read_jsonl(path)]
-
-
 class Results:
     """``<out>/results.jsonl``: one JSON row per judged sample, keyed by (task_id, sample_index),
     and ``<out>/run.json``, what the samples depend on (:func:`run_identity`). Opening it with
-    ``resume`` keeps the rows judged before (a judge failure is dropped, to be redone) and refuses
-    a run that differs from the one that wrote them; without, it starts empty."""
+    ``resume`` keeps the rows judged before (a judge failure is dropped, to be redone, and so is a
+    torn last line, which a run stopped while writing it left) and refuses a run that differs from
+    the one that wrote them; without, it starts empty."""
 
     def __init__(self, out: str, resume: bool, identity: dict):
+        from agentopd import jsonl
+
         os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, "results.jsonl")
         self.rows: dict[tuple[str, int], dict] = {}
@@ -139,12 +121,9 @@ class Results:
         with open(id_path, "w", encoding="utf-8") as f:
             json.dump(identity, f, indent=2)
         if resume and os.path.exists(self.path):
-            kept = [r for r in _complete_rows(self.path) if not r.get("judge_error")]
+            kept = [r for r in jsonl.read(self.path, skip_torn_last=True) if not r.get("judge_error")]
             self.rows = {(str(r["task_id"]), int(r["sample_index"])): r for r in kept}
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows.values())
-        os.replace(tmp, self.path)
+        jsonl.write(self.path, list(self.rows.values()))
 
     def missing(self, problems, n: int) -> dict[str, list[int]]:
         """Sample indices still to do, per problem id (problems with none left are left out)."""
@@ -152,10 +131,11 @@ class Results:
         return {pid: idx for pid, idx in todo.items() if idx}
 
     def add(self, rows: list[dict]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            for r in rows:
-                self.rows[(str(r["task_id"]), int(r["sample_index"]))] = r
-                f.write(json.dumps(r) + "\n")
+        """Record judged rows; they are appended to the file in one write."""
+        from agentopd import jsonl
+
+        jsonl.append(self.path, rows)
+        self.rows.update({(str(r["task_id"]), int(r["sample_index"])): r for r in rows})
 
     def select(self, problems, n: int) -> list[dict]:
         """The rows of these problems' first ``n`` samples, in problem order."""

@@ -5,11 +5,11 @@ samples as ``<samples>_results.jsonl`` with ``result`` and ``passed`` added, as 
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
 import numpy as np
 
+from agentopd import jsonl
 from agentopd.types import Judgement, Problem
 
 
@@ -67,8 +67,7 @@ def evaluate(problems: list[Problem], samples_path: str, judge, ks=(1, 10, 100),
                                   progress=bar.update)
     bar.close()
     out_path = out_path or samples_path + "_results.jsonl"
-    with open(out_path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(result_row(s, j)) + "\n" for s, j in zip(samples, judgements))
+    jsonl.write(out_path, [result_row(s, j) for s, j in zip(samples, judgements)])
     report = summarize([(str(s["task_id"]), j.verdict.status) for s, j in zip(samples, judgements)], ks)
     report.update(missing_problems=len(by_id) - report["problems"], results=out_path)
     return report

@@ -5,11 +5,14 @@ server, a hosted API) through the ``openai`` client (extra ``agentopd[llm]``).
 ``endpoint="completions"`` sends raw text or token ids to ``/completions`` (:meth:`generate_text`,
 :meth:`generate`). Each prompt is one request for ``n`` samples; a server that returns fewer
 choices than asked (llama.cpp ignores ``n``) is asked again for the rest. ``concurrency`` bounds the
-requests in flight. A timeout, a connection error, HTTP 408/409/429 or 5xx, or a reply without
-choices is retried with exponential backoff (``backoff_s``, doubling); other HTTP errors (a bad
-request, a wrong key) fail at once. When the retries run out the call raises
-:class:`~agentopd.inference.EngineError`. The API key is read from the environment variable named by
-``api_key_env``.
+requests in flight. The ``openai`` client retries a timeout, a connection error and HTTP
+408/409/429 or 5xx itself, at most ``max_retries`` times, with its own backoff (0.5 s doubling, at
+most 8 s, or the server's ``Retry-After``); other HTTP errors (a bad request, a wrong key) fail at
+once. What the client does not retry, an HTTP 200 reply without choices or whose body is not JSON,
+is asked again here, at most ``max_retries`` more times, after ``backoff_s`` (doubling); so a
+request costs at most ``(max_retries + 1) ** 2`` HTTP requests. When the retries run out the call
+raises :class:`~agentopd.inference.EngineError`. The API key is read from the environment variable
+named by ``api_key_env``.
 
 A server works on text: ``Generation.text`` is always set; ``logprobs`` (with ``logprobs=True``)
 and ``response_ids`` are filled only when the server returns them (token ids: vLLM's
@@ -27,6 +30,7 @@ honours it; hosted APIs say "mostly deterministic").
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +38,15 @@ from concurrent.futures import ThreadPoolExecutor
 from agentopd.inference.base import EngineError, derive_seed
 from agentopd.types import Generation
 
-RETRY_STATUS = (408, 409, 429)
+
+def requests_made(error) -> int:
+    """How many HTTP requests the ``openai`` client made for a call before it raised ``error``
+    (an ``openai.APIError``): it numbers its retries in each request's ``x-stainless-retry-count``
+    header. 1 where the error names no request."""
+    try:
+        return int(error.request.headers.get("x-stainless-retry-count", 0)) + 1
+    except (AttributeError, ValueError):
+        return 1
 
 
 class OpenAIEngine:
@@ -48,9 +60,8 @@ class OpenAIEngine:
             from openai import OpenAI
         except ImportError:
             raise ImportError("the openai engine needs the openai client: pip install 'agentopd[llm]'") from None
-        # the client's own retries are off: ours cover replies without choices too, with one backoff
         self.client = OpenAI(base_url=base_url or None, api_key=os.environ.get(api_key_env) or "EMPTY",
-                             timeout=timeout_s, max_retries=0)
+                             timeout=timeout_s, max_retries=max_retries)
         self.model, self.endpoint, self.api_key_env = model, endpoint, api_key_env
         self.concurrency, self.max_retries, self.backoff_s = max(1, concurrency), max_retries, backoff_s
         self.logprobs, self.extra_body = logprobs, dict(extra_body or {})
@@ -128,10 +139,11 @@ class OpenAIEngine:
             got = list(pool.map(one, jobs))
         if len(jobs) == len(requests):
             return got
-        return [sum(got[i * n:(i + 1) * n], []) for i in range(len(requests))]
+        return [[g for gs in got[i * n:(i + 1) * n] for g in gs] for i in range(len(requests))]
 
     def _create(self, **kw):
-        """One request with retries; the reply's choices (never empty)."""
+        """One request; the reply's choices (never empty). A reply without choices, or whose body is
+        not JSON, is asked again (see the module's docstring)."""
         import openai
 
         create = self.client.chat.completions.create if self.endpoint == "chat" else self.client.completions.create
@@ -141,19 +153,25 @@ class OpenAIEngine:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 reply = create(model=self.model, **kw)
-            except openai.APIStatusError as e:
-                if e.status_code < 500 and e.status_code not in RETRY_STATUS:
-                    hint = f" (is ${self.api_key_env} set?)" if e.status_code in (401, 403) else ""
-                    raise EngineError(f"{self.client.base_url}: HTTP {e.status_code}{hint}: {e}"[:800]) from None
-                last = f"HTTP {e.status_code}: {e}"
+            except openai.APIStatusError as e:  # after the client's retries, if it retries this status
+                hint = f" (is ${self.api_key_env} set?)" if e.status_code in (401, 403) else ""
+                raise self._failed(requests_made(e), f"HTTP {e.status_code}{hint}: {e}") from None
+            except openai.APIConnectionError as e:  # timeouts included; after the client's retries
+                raise self._failed(requests_made(e), f"{type(e).__name__}: {e}") from None
+            except json.JSONDecodeError as e:
+                last = f"the reply is not JSON ({e.msg})"
                 continue
-            except openai.APIConnectionError as e:  # timeouts included
-                last = f"{type(e).__name__}: {e}"
-                continue
-            if reply.choices:
-                return sorted(reply.choices, key=lambda c: c.index or 0)
+            choices = getattr(reply, "choices", None)  # an HTML page or a JSON list is no completion
+            if isinstance(choices, list) and choices:
+                return sorted(choices, key=lambda c: c.index or 0)
             last = "the reply had no choices"
-        raise EngineError(f"{self.client.base_url}: no answer after {self.max_retries + 1} attempts; last: {last}"[:800])
+        raise self._failed(self.max_retries + 1, last)
+
+    def _failed(self, attempts: int, last: str) -> EngineError:
+        """The one-line error of a request that got no answer after ``attempts`` HTTP requests."""
+        if attempts == 1:
+            return EngineError(f"{self.client.base_url}: {last}"[:800])
+        return EngineError(f"{self.client.base_url}: no answer after {attempts} attempts; last: {last}"[:800])
 
     def _generation(self, choice) -> Generation:
         lp = getattr(choice, "logprobs", None)

@@ -1,9 +1,12 @@
 """The LLM judge: an OpenAI-compatible chat model scores a response against a rubric.
 
 The model must reply with a JSON object ``{"score": <0..1>, "critique": "<text>"}`` (a fenced
-block or surrounding prose is tolerated). The reply is validated; a timeout, an HTTP error, or a
-malformed reply is retried with exponential backoff, and when the retries run out the verdict is
-``judge_error`` (score NaN: excluded from statistics and updates, never a 0). ``concurrency``
+block or surrounding prose is tolerated). The ``openai`` client retries a timeout, a connection
+error and HTTP 408/409/429 or 5xx itself, at most ``max_retries`` times with its own backoff; other
+HTTP errors are not retried. What the client does not retry, an HTTP 200 reply that is malformed
+(no choices, not JSON, a score missing or out of range), is asked again here, at most
+``max_retries`` more times, after ``backoff_s`` (doubling). When the retries run out the verdict
+is ``judge_error`` (score NaN: excluded from statistics and updates, never a 0). ``concurrency``
 bounds the requests in flight. The API key is read from the environment variable named by
 ``api_key_env``.
 """
@@ -14,8 +17,8 @@ import os
 import re
 import time
 
+from agentopd.inference.openai import requests_made
 from agentopd.judges.base import BaseJudge, judge_error
-
 from agentopd.types import Judgement, Problem, Verdict
 
 DEFAULT_RUBRIC = """You are grading an answer to a task.
@@ -65,9 +68,8 @@ class LLMJudge(BaseJudge):
             from openai import OpenAI
         except ImportError:
             raise ImportError("the llm judge needs the openai client: pip install 'agentopd[llm]'") from None
-        # the client's own retries are off: ours also cover malformed replies, with one backoff
         self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
-                             timeout=timeout_s, max_retries=0)
+                             timeout=timeout_s, max_retries=max_retries)
         self.model, self.rubric, self.system = model, rubric, system
         self.max_retries, self.backoff_s = max_retries, backoff_s
         self.workers = concurrency
@@ -92,6 +94,8 @@ class LLMJudge(BaseJudge):
         return parse_reply(getattr(message, "content", None) if message is not None else None)
 
     def judge(self, problem: Problem, response: str) -> Judgement:
+        import openai
+
         messages = self._messages(problem, response)
         last = ""
         for attempt in range(self.max_retries + 1):
@@ -99,13 +103,19 @@ class LLMJudge(BaseJudge):
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 score, critique = self._ask(messages)
-            except Exception as e:  # noqa: BLE001 -- HTTP errors, timeouts, HTML pages, bad JSON, null fields
-                last = f"{type(e).__name__}: {e}"[:500]
+            except (openai.APIStatusError, openai.APIConnectionError) as e:  # after the client's retries
+                return self._failed(requests_made(e), f"{type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001 -- an HTTP 200 that is an HTML page, bad JSON, null fields
+                last = f"{type(e).__name__}: {e}"
                 continue
             ok = score >= self.pass_threshold
             return Judgement(Verdict(score, int(ok), 1, "ok" if ok else "wrong_answer"), critique)
-        return judge_error(f"llm judge ({self.model} at {self.client.base_url}) failed after "
-                           f"{self.max_retries + 1} attempts: {last}")
+        return self._failed(self.max_retries + 1, last)
+
+    def _failed(self, attempts: int, last: str) -> Judgement:
+        """The judge_error verdict of a sample that got no usable reply after ``attempts`` requests."""
+        after = f" after {attempts} attempts" if attempts > 1 else ""
+        return judge_error(f"llm judge ({self.model} at {self.client.base_url}) failed{after}: {last[:500]}")
 
     def close(self):
         self.client.close()

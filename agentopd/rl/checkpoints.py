@@ -34,6 +34,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from agentopd import jsonl
 from agentopd.rl import distributed
 
 STATE = "trainer_state"
@@ -273,23 +274,9 @@ def resume(ckpt_dir: str, model, opt, teacher, device=None) -> tuple[int, int] |
 
 def cut_rows(path: str, step: int) -> None:
     """Keep the rows of JSONL file ``path`` whose ``step`` is at most ``step`` (the rows after it
-    came from work a resume redoes); a torn line (a crash mid-write) is dropped with a warning. Rank 0."""
+    came from work a resume redoes); a line that is not a JSON object (torn by a crash mid-write) is
+    dropped with a warning. The file is replaced atomically. Rank 0."""
     if not os.path.isfile(path) or not distributed.is_main():
         return
-    kept, torn = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict) or not line.endswith("\n"):
-                torn += 1
-            elif row.get("step", 0) <= step:
-                kept.append(line)
-    if torn:
-        warnings.warn(f"{path}: {torn} unreadable line(s) dropped", stacklevel=2)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    rows = jsonl.read(path, skip_unreadable=True)
+    jsonl.write(path, [r for r in rows if r.get("step", 0) <= step])

@@ -399,20 +399,3 @@ def token_logprobs_chunked(
     lp_N, *top = (torch.cat(x) for x in zip(*parts))
     return lp_N, (tuple(top) if topk else None)
 
-
-# ---------------------------------------------------------------- registry
-
-LOSSES: dict[str, Callable[..., torch.Tensor | tuple[torch.Tensor, dict[str, float]]]] = {
-    "ppo": policy_loss,
-    "kl_full": kl_alpha,
-    "kl_full_chunked": kl_alpha_chunked,
-    "kl_topk": kl_alpha_topk,
-    "ref_kl": ref_kl_k3,
-    "entropy": entropy_from_logits,
-}
-
-
-def get_loss(name: str) -> Callable[..., torch.Tensor | tuple[torch.Tensor, dict[str, float]]]:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choices: {sorted(LOSSES)}")
-    return LOSSES[name]
