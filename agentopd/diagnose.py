@@ -201,13 +201,13 @@ def _setup(cfg, judge):
     """The config with its held-out count, the held-out problems and the judge; every check that
     needs no model."""
     from agentopd.config import ConfigError
-    from agentopd.rl.learner import precision
+    from agentopd.rl.models import precision
     from agentopd.rollout import env_specs, make_envs
 
     if cfg.eval.problems <= 0:
         print(f"note: eval.problems is 0: diagnosing on {DEFAULT_PROBLEMS} held-out problems", file=sys.stderr)
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"problems": DEFAULT_PROBLEMS})})
-    precision(cfg)
+    precision(cfg.run.precision)
     env_id, _, held_kw = env_specs(cfg)
     venv = make_envs(env_id, held_kw if judge is None else {**held_kw, "judge": judge}, [1])[0]
     if not hasattr(venv, "env"):
@@ -360,9 +360,9 @@ def _teacher_parts(cfg, tok, device, engine_cls):
     """The separate teacher model and an engine around it, or (None, None)."""
     if not cfg.teacher.model:
         return None, None
-    from agentopd.rl.learner import load_teacher
+    from agentopd.rl.models import load_teacher
 
-    teacher = load_teacher(cfg, None, device).model_for_scoring()
+    teacher = load_teacher(cfg.teacher, None, device, cfg.run.seed, cfg.run.progress).model_for_scoring()
     return teacher, engine_cls(teacher, tok, device=next(teacher.parameters()).device)
 
 
@@ -372,19 +372,19 @@ def diagnose_teacher(cfg, engine=None, judge=None) -> dict:
     :func:`agentopd.train.train`. A served teacher (``teacher.base_url``) is not diagnosed here."""
     from agentopd.envs.procedural import HELDOUT_SEED
     from agentopd.inference.hf import HFEngine
-    from agentopd.rl.learner import autocast, load_model, pick_device, precision
+    from agentopd.rl.models import autocast, load_model, pick_device, precision
     from agentopd.rl.teacher import TeacherTemplate
 
     cfg, problems, judge = _setup(cfg, judge)
     torch.manual_seed(cfg.run.seed)
-    device = pick_device(cfg)
+    device = pick_device(cfg.run.device)
     engine_cls = engine or HFEngine
     try:
-        model, tok = load_model(cfg, device)
+        model, tok = load_model(cfg.model, cfg.run, device)
         model.eval()
         engine = engine_cls(model, tok, device=device)
         seed = cfg.run.seed * 1_000_003 + HELDOUT_SEED
-        with torch.no_grad(), autocast(precision(cfg), device)():
+        with torch.no_grad(), autocast(precision(cfg.run.precision), device)():
             plain = _sample_plain(cfg, problems, tok, model, engine, judge, seed)
             srcs = sources(cfg, problems, model, engine, *_teacher_parts(cfg, tok, device, engine_cls))
             contexts = {src.name: _source(src, plain, tok, judge, cfg, TeacherTemplate(), seed + 7919 * (k + 1))

@@ -42,10 +42,10 @@ def _floats(values) -> list[float | None]:
     return [round(float(v), 4) if math.isfinite(float(v)) else None for v in values]
 
 
-def rows(step: int, tok, episodes, trows, contexts, st, k: int, max_tokens: int) -> list[dict]:
-    """The sample rows of one step: ``episodes`` its episodes, ``trows`` their turns as learner rows
-    (``agentopd.rl.learner.TurnRows``), ``contexts`` each row's teacher context (None: no teacher),
-    ``st`` the step's ``agentopd.rl.learner.StepBatch``."""
+def rows(step: int, tok, got, k: int, max_tokens: int) -> list[dict]:
+    """The sample rows of one step: ``got`` the step (``agentopd.train.StepResult``: its episodes, their
+    turns as learner rows, each row's teacher context, the batch and what the update computed)."""
+    episodes, trows, contexts, st, upd = got.episodes, got.rows, got.contexts, got.batch, got.update
     judgements = [t.judgement for t in trows.turns]
     success = [j.verdict.status == "ok" for j in judgements]
     out = []
@@ -59,19 +59,19 @@ def rows(step: int, tok, episodes, trows, contexts, st, k: int, max_tokens: int)
             "step": step, "sample": b, "episode": trows.episodes[b], "turn": trows.turn_index[b] + 1,
             "turns": len(ep.turns), "prompt": ep.prompt, "response": g.text,
             "tokens": token_strings(tok, ids[:n]), "n_tokens": len(ids),
-            "student_lp": _floats(st.old_BT[b, :n]),
+            "student_lp": _floats(upd.old_BT[b, :n]),
             "teacher_lp": _floats(st.teacher_BT[b, :n]) if has_teacher else None,
-            "advantage": _floats(st.adv_BT[b, :n]),
+            "advantage": _floats(upd.adv_BT[b, :n]),
             "status": v.status, "score": v.score if math.isfinite(v.score) else None, "correct": success[b],
             "critique": judgements[b].critique, "critique_in_context": bool(c and c.critique_shown),
             "demonstration": c.demonstration if c else None})
     return out
 
 
-def record(cfg, step: int, last: bool, evaluated: bool, tok, episodes, trows, contexts, st) -> None:
-    """Append step ``step``'s rows to ``<run.out>/samples.jsonl`` when it is due (``cfg``: the
-    ``Config``; the rest as in :func:`rows`)."""
-    if not due(cfg.run, step, last, evaluated):
+def record(run, step: int, last: bool, evaluated: bool, tok, got) -> None:
+    """Append step ``step``'s rows to ``<run.out>/samples.jsonl`` when it is due (``run``: the config's
+    run section; ``got`` as in :func:`rows`)."""
+    if not due(run, step, last, evaluated):
         return
-    got = rows(step, tok, episodes, trows, contexts, st, cfg.run.samples_per_step, cfg.run.samples_max_tokens)
-    jsonl.append(os.path.join(cfg.run.out, "samples.jsonl"), got)
+    jsonl.append(os.path.join(run.out, "samples.jsonl"), rows(step, tok, got, run.samples_per_step,
+                                                                 run.samples_max_tokens))

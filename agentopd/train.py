@@ -12,8 +12,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,21 +23,24 @@ from agentopd.eval.heldout import heldout_eval
 from agentopd.inference.hf import HFEngine
 from agentopd.rl import distributed, objectives
 from agentopd.rl.learner import (
-    StepBatch,
+    Batch,
     TurnRows,
+    Update,
+    learner_temperature,
+    make_batch,
+    score,
+    update,
+)
+from agentopd.rl.logprobs import lm_head_weight
+from agentopd.rl.models import (
     autocast,
     load_model,
     load_teacher,
     pick_device,
     precision,
-    score,
-    step_inputs,
-    update,
 )
-from agentopd.rl.logprobs import lm_head_weight
 from agentopd.rl.teacher import Teacher
 from agentopd.rollout import Sampling, env_specs, make_envs, rollout_chunks
-
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -280,19 +282,18 @@ def _close(venvs: list, heldout) -> None:
         v.close()
 
 
-def _row(step: int, episodes: list, rows: TurnRows, st: StepBatch, t: dict, update: tuple, rollout_metrics: dict) -> dict:
+def _row(step: int, episodes: list, rows: TurnRows, batch: Batch, upd: Update, t: dict) -> dict:
     """The step's metrics row (before any held-out evaluation): rewards and pass rate per episode
     (its last turn), the rest per turn."""
     from agentopd.judges import reward_stats
 
     success_B = torch.tensor(rows.success)
-    loss_sum, sums, gnorm = update
-    resp_ids, mask_BT, adv_BT = st.response_ids, st.mask_BT, st.adv_BT
-    ls_BT, lt_BT, tmask_B = st.old_BT, st.teacher_BT, st.teacher_mask_B
+    resp_ids, mask_BT, adv_BT = batch.response_ids, batch.mask_BT, upd.adv_BT
+    ls_BT, lt_BT, tmask_B = upd.old_BT, batch.teacher_BT, batch.teacher_mask_B
     n_resp = sum(len(r) for r in resp_ids)
     m = mask_BT.bool()
-    row = {"step": step, **reward_stats([e.turns[-1].judgement for e in episodes]), "loss": loss_sum, **sums,
-           **rollout_metrics, "grad_norm": gnorm,
+    row = {"step": step, **reward_stats([e.turns[-1].judgement for e in episodes]), "loss": upd.loss, **upd.metrics,
+           "teacher_errors": batch.teacher_errors, **upd.rollout_metrics, "grad_norm": upd.grad_norm,
            "adv_mean": float(adv_BT[m].mean()) if m.any() else 0.0,
            "adv_std": float(adv_BT[m].std()) if m.sum() > 1 else 0.0,
            "kl_teacher": float(((ls_BT - lt_BT) * mask_BT * tmask_B[:, None]).sum()
@@ -326,7 +327,7 @@ def _contexts(cfg: Config, tok, episodes: list, rows: TurnRows) -> list | None:
     ContextRows, or None where the algorithm needs no teacher (grpo / rloo)."""
     from agentopd.rl.teacher import TeacherTemplate, context_rows, reference_text
 
-    if not (cfg.algo.advantage in ("sd_token", "sd_to_go", "hybrid") or objectives.needs(cfg.algo)):
+    if not objectives.needs_teacher(cfg.algo):
         return None
     first = {e.group: e for e in reversed(episodes)}  # each group's first episode
     groups = [first[g] for g in sorted(first)]
@@ -336,28 +337,42 @@ def _contexts(cfg: Config, tok, episodes: list, rows: TurnRows) -> list | None:
                         [reference_text(e.privileged, e.kind) for e in groups], rows.prompt_ids)
 
 
-def _step(cfg: Config, k: _Parts, step: int, starts: list) -> tuple[dict, list, TurnRows, list | None, StepBatch]:
-    """One training step on the problems ``starts``: ``(metrics row, episodes, rows, contexts, batch)``."""
-    t = {"generate": 0.0, "execute": 0.0, "execute_total": 0.0, "score": 0.0, "update": 0.0}
+@dataclass
+class StepResult:
+    """One training step: its metrics row, episodes, their learner rows, each row's teacher context
+    (None: no teacher), the batch the update read and what it computed."""
+
+    row: dict
+    episodes: list
+    rows: TurnRows
+    contexts: list | None
+    batch: Batch
+    update: Update
+
+
+def _step(cfg: Config, k: _Parts, step: int, starts: list) -> StepResult:
+    """One training step on the problems ``starts``: rollouts, teacher contexts, scoring, the batch,
+    the update, the teacher's own update and the engine's sync with the new weights."""
+    t = {"generate": 0.0, "execute": 0.0, "execute_total": 0.0, "score": 0.0, "update": 0.0, "sync": 0.0}
     k.model.eval()
     episodes = _rollouts(cfg, k.engine, k.tok, k.venvs, starts, step, k.amp, t)
     rows = TurnRows.of(episodes, cfg.env.discount)
-    t0 = time.perf_counter()  # 3. self-teacher: critique (+ a successful sibling), the same ids re-scored
+    t0 = time.perf_counter()  # 3. the teacher: its context, the same ids re-scored
     ctx = _contexts(cfg, k.tok, episodes, rows)
     teacher_prompts = [c.ids for c in ctx] if ctx else [None] * len(rows.turns)
-    scores = score(cfg, k.model, k.teacher, k.ref, k.amp, rows, teacher_prompts)
+    T = learner_temperature(cfg.sampling)
+    scores = score(cfg.algo, cfg.optim, T, k.model, k.teacher, k.ref, k.amp, rows, teacher_prompts)
     t["score"] = time.perf_counter() - t0
-    st, rollout_metrics = step_inputs(cfg, rows, teacher_prompts, scores)
-    if hasattr(k.engine, "sleep"):  # vllm: its weights and KV cache freed for the update
-        k.engine.sleep()
+    batch = make_batch(cfg.algo, rows, teacher_prompts, scores)
+    k.engine.sleep()  # vllm: its weights and KV cache freed for the update
     t0 = time.perf_counter()
-    upd = update(cfg, k.model, k.opt, k.teacher, k.head_VH, k.chunk, k.amp, st)
+    upd = update(cfg.algo, cfg.optim, T, k.model, k.opt, k.teacher, k.head_VH, k.chunk, k.amp, batch)
+    k.teacher.update(k.model)  # ema: one step toward the new weights
     t["update"] = time.perf_counter() - t0
-    if hasattr(k.engine, "sync"):  # vllm: awake with the new weights, once per step (not in time_generate)
-        t0 = time.perf_counter()
-        k.engine.sync(k.model)
-        t["sync"] = time.perf_counter() - t0
-    return _row(step + 1, episodes, rows, st, t, upd, rollout_metrics), episodes, rows, ctx, st
+    t0 = time.perf_counter()
+    k.engine.sync(k.model)  # vllm: awake with the new weights, once per step (not in time_generate)
+    t["sync"] = time.perf_counter() - t0
+    return StepResult(_row(step + 1, episodes, rows, batch, upd, t), episodes, rows, ctx, batch, upd)
 
 
 def _resume(cfg: Config, ckpt_dir: str, model, opt, teacher, device) -> tuple[int, int]:
@@ -379,22 +394,26 @@ def _setup(cfg: Config, engine, judge) -> _Parts:
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
-    device = pick_device(cfg)
+    device = pick_device(cfg.run.device)
     venvs, heldout = _envs(cfg, judge)  # a bad problems file fails before the model loads
     try:
-        model, tok = load_model(cfg, device)
+        model, tok = load_model(cfg.model, cfg.run, device)
     except BaseException:
         _close(venvs, heldout)
         raise
     head_VH = lm_head_weight(model)
     chunk = cfg.optim.logits_chunk if head_VH is not None else 0  # hidden states, logits chunk by chunk
-    teacher = load_teacher(cfg, model, device)
+    teacher = load_teacher(cfg.teacher, model, device, cfg.run.seed, cfg.run.progress)
     ref = Teacher(model, "frozen") if cfg.algo.ref_kl else None
     distributed.wrap(cfg, model, teacher, ref, device)  # torchrun: FSDP2 or DDP (the optimizer sees the shards)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                             weight_decay=cfg.optim.weight_decay)
     engine = distributed.engine((engine or _engine(cfg))(model, tok, device=device), model)
-    return _Parts(model, tok, opt, teacher, ref, engine, venvs, heldout, autocast(precision(cfg), device), head_VH, chunk)
+    lacks = [m for m in ("generate", "sleep", "wake", "sync") if not callable(getattr(engine, m, None))]
+    if lacks:
+        raise ConfigError(f"the engine {type(engine).__name__} lacks {', '.join(lacks)}: subclass "
+                          "agentopd.inference.base.Engine (sleep, wake and sync do nothing there)")
+    return _Parts(model, tok, opt, teacher, ref, engine, venvs, heldout, autocast(precision(cfg.run.precision), device), head_VH, chunk)
 
 
 def _starts(cfg: Config, venv, data_pos: int) -> list:
@@ -444,7 +463,7 @@ def train(cfg: Config, engine=None, judge=None) -> list[dict]:
     configure_torch(getattr(shared, "workers", 1) if cfg.sampling.generate_chunk else 0)  # agentopd.threads
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
     start, data_pos = _resume(cfg, ckpt_dir, k.model, k.opt, k.teacher, next(k.model.parameters()).device)
-    if start and hasattr(k.engine, "sync"):  # vllm: the resumed weights
+    if start:  # vllm: the resumed weights
         k.engine.sync(k.model)
     sinks = open_sinks(start)
     rows = []
@@ -463,13 +482,14 @@ def train(cfg: Config, engine=None, judge=None) -> list[dict]:
                disable=not cfg.run.progress)
     for step in bar:
         starts = distributed.rank_share(_starts(cfg, k.venvs[0], data_pos))  # torchrun: this rank's (whole groups)
-        row, episodes, trows, ctx, st = _step(cfg, k, step, starts)
+        got = _step(cfg, k, step, starts)
+        row = got.row
         data_pos += cfg.sampling.prompts_per_step
         last = step + 1 == cfg.run.steps
         if k.heldout is not None and _eval_due(cfg.eval, step + 1, last):
             row |= _evaluate(cfg, k)
         if distributed.is_main():
-            sample_log.record(cfg, step + 1, last, "heldout_pass1" in row, k.tok, episodes, trows, ctx, st)
+            sample_log.record(cfg.run, step + 1, last, "heldout_pass1" in row, k.tok, got)
         log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 or last:

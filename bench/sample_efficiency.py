@@ -20,8 +20,9 @@ the target are fixed by the arguments below, before any result is seen:
                                                        whose warm start is at 0.835)
 
 Reported per method: rollouts to reach the target (mean and spread over the seeds that reach it; a
-seed that never does counts as not reached), final pass@1 (at the same budget: equal rollouts), and
-the ratio of each method's rollouts to GRPO's. Writes ``<out>.json``, ``<out>.svg`` (a learning curve
+seed that never does counts as not reached), the rollouts from which every later evaluation stays at
+or above it (``rollouts_to_stay``: a first crossing can be noise), final pass@1 (at the same budget:
+equal rollouts), and the ratio of each method's rollouts to GRPO's. Writes ``<out>.json``, ``<out>.svg`` (a learning curve
 per method, mean ± std over seeds, drawn by ``agentopd.report.line_chart_svg``, the report's chart
 code) and the PNG of it (``docs/``; by headless Chromium, else matplotlib).
 
@@ -127,13 +128,21 @@ def rollouts_to(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((n for n, p in curve if p >= target - 1e-9), None)  # 0.315 + 0.10 is 0.41500000000000004
 
 
+def rollouts_to_stay(curve: list[tuple[int, float]], target: float) -> int | None:
+    """The rollouts from which every later evaluation is at or above the target (None: never)."""
+    return next((n for i, (n, _) in enumerate(curve) if all(p >= target - 1e-9 for _, p in curve[i:])), None)
+
+
 def summarise(curves: dict[str, list[list[tuple[int, float]]]], target: float) -> dict:
     out = {}
     for method, runs in curves.items():
         reach = [rollouts_to(c, target) for c in runs]
         got = [n for n in reach if n is not None]
         finals = [c[-1][1] for c in runs]
+        stay = [rollouts_to_stay(c, target) for c in runs]
         out[method] = {"rollouts_to_target": reach,
+                       "rollouts_to_stay": stay,
+                       "stay_mean": statistics.mean(stay) if None not in stay else None,
                        "reached": f"{len(got)}/{len(runs)}",
                        "rollouts_mean": statistics.mean(got) if got else None,
                        "rollouts_std": statistics.pstdev(got) if len(got) > 1 else 0.0 if got else None,
@@ -256,11 +265,13 @@ def main() -> None:
     summary = summarise(curves, target)
     print(f"\nwarm start pass@1 {start:.3f}; target {target:.3f}; budget {args.budget} rollouts per run; "
           f"{time.perf_counter() - t0:.0f} s in all\n")
-    print(f"{'method':10s} {'reached':>8s} {'rollouts to target':>22s} {'vs grpo':>8s} {'final pass@1':>16s}")
+    print(f"{'method':10s} {'reached':>8s} {'rollouts to target':>22s} {'vs grpo':>8s} {'stays above from':>17s} "
+          f"{'final pass@1':>16s}")
     for method, s in summary.items():
         r = "-" if s["rollouts_mean"] is None else f"{s['rollouts_mean']:.0f} ± {s['rollouts_std']:.0f}"
         v = "-" if s["rollouts_vs_grpo"] is None else f"{s['rollouts_vs_grpo']:.2f}x"
-        print(f"{method:10s} {s['reached']:>8s} {r:>22s} {v:>8s} {s['final_mean']:>9.3f} ± {s['final_std']:.3f}")
+        st = "-" if s["stay_mean"] is None else f"{s['stay_mean']:.0f}"
+        print(f"{method:10s} {s['reached']:>8s} {r:>22s} {v:>8s} {st:>17s} {s['final_mean']:>9.3f} ± {s['final_std']:.3f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w", encoding="utf-8") as f:
         json.dump({"args": vars(args), "warm_start": start, "target": target, "curves": curves,

@@ -12,6 +12,8 @@ import sys
 import zlib
 from pathlib import Path
 
+from agentopd.inference.base import Engine
+
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["run.progress=false", "model.path=tiny", "env.id=agentopd/Math-v0", "env.kwargs.problems=arithmetic", "env.kwargs.levels=[1,2]",
              "sampling.prompts_per_step=4", "sampling.group_size=2", "sampling.max_new_tokens=8", "optim.micro_batch=3",
@@ -21,7 +23,7 @@ OVERRIDES = ["run.progress=false", "model.path=tiny", "env.id=agentopd/Math-v0",
              "optim.share_prompts=false"]  # the ranks' plain forwards, to 1e-6 (shared prompts: rounding apart)
 
 
-class Scripted:
+class Scripted(Engine):
     """Responses drawn from each prompt's own ids (lengths 0..max_new_tokens, a few correct answers
     never needed: the critique gives the self-teacher its signal), with fixed sampling log-probs."""
 

@@ -28,10 +28,7 @@ def imports_of(path: Path, known: set[str]) -> set[str]:
     ``a.b.c`` where that is one, else ``a.b``)."""
     found = set()
     tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):  # annotations-only imports under `if TYPE_CHECKING:` never run
-        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
-            node.body = []
-    for node in ast.walk(tree):
+    for node in ast.walk(tree):  # every import counts: inside functions and under TYPE_CHECKING too
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name in known}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

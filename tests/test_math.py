@@ -639,3 +639,23 @@ def test_reset_info_carries_the_privileged_dict(judge):
     _, infos = venv.reset(options={"index": [1, 0]})
     assert list(infos["privileged"]["solution"]) == [venv.problems[1].privileged["solution"],
                                                      venv.problems[0].privileged["solution"]]
+
+
+def test_the_math_workers_import_agentopd_whatever_the_working_directory(tmp_path, monkeypatch):
+    """Started from a directory holding another ``agentopd/`` (a checkout, or anything by that name),
+    the math judge's workers still import the agentopd this process runs: never the one where the
+    user stands (``python -m`` puts the working directory first on the path)."""
+    from agentopd.judges.math import MathJudge
+
+    fake = tmp_path / "agentopd"
+    (fake / "judges").mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('the agentopd in the working directory')\n")
+    (fake / "judges" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    judge = MathJudge(workers=1)
+    try:
+        got = judge.judge_many([(Problem("p", "Compute 2 + 3.", "math", {"answer": "5"}), "\\boxed{5}"),
+                                (Problem("q", "Compute 2 + 2.", "math", {"answer": "4"}), "\\boxed{5}")])
+    finally:
+        judge.close()
+    assert [j.verdict.status for j in got] == ["ok", "wrong_answer"]

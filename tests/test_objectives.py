@@ -263,3 +263,12 @@ def test_opd_equals_the_formula_in_float64():
     torch.testing.assert_close(grad, expect_grad, rtol=1e-9, atol=1e-12)
     assert met["trust_loss"] > 0 and met["distill_loss"] > 0
     assert 0 < met["is_clipfrac"] < float(w.sum())  # the clip binds on some tokens, not all
+
+
+@pytest.mark.parametrize("loss, advantage, distill_weight, reads", [
+    ("pg", "grpo", 0.0, False), ("pg", "rloo", 0.0, False), ("pg", "sd_token", 0.0, True),
+    ("pg", "hybrid", 0.0, True), ("pg", "grpo", 0.5, True), ("sdpo", "grpo", 0.0, True),
+    ("sdpo_token", "grpo", 0.0, True), ("opd", "grpo", 0.0, True), ("mix", "grpo", 0.5, True),
+])
+def test_the_algorithm_declares_whether_it_reads_a_teacher(loss, advantage, distill_weight, reads):
+    assert objectives.needs_teacher(algo(loss=loss, advantage=advantage, distill_weight=distill_weight)) is reads

@@ -1,4 +1,4 @@
-"""The teacher's sources (agentopd.rl.teacher, agentopd.rl.learner.load_teacher): what it sees
+"""The teacher's sources (agentopd.rl.teacher, agentopd.rl.models.load_teacher): what it sees
 (``teacher.context``: feedback, demonstration, reference, or the student's own prompt) against
 hand-built contexts, and which model it is (a separate frozen teacher model with the student's
 tokenizer, never trained; another tokenizer refused in one line before any work)."""
@@ -156,13 +156,13 @@ def test_opd_from_a_separate_teacher_model_trains_the_student_and_never_the_teac
 
 
 def test_the_separate_teacher_scores_with_its_own_model_on_its_own_device_and_dtype(tmp_path):
-    from agentopd.rl.learner import load_teacher
+    from agentopd.rl.models import load_teacher
     from agentopd.testbed.tiny import build_tiny
 
     build_tiny(tmp_path / "teacher", hidden=96, layers=3, seed=0)  # the tokenizer of seed 0, other weights
     student, _ = build_tiny(seed=0)
     cfg = _cfg(tmp_path, f"teacher.model={tmp_path / 'teacher'}", "teacher.context=[]", "teacher.dtype=bfloat16")
-    teacher = load_teacher(cfg, student, torch.device("cpu"))
+    teacher = load_teacher(cfg.teacher, student, torch.device("cpu"))
     assert teacher.mode == "model" and teacher.state_dict()["model"] is None
     m = teacher.model_for_scoring()
     assert m is not student and m.config.hidden_size == 96

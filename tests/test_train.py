@@ -107,10 +107,10 @@ def test_final_model_serves_eval_model_through_the_cli_and_trains_further(tmp_pa
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["samples"] == 4
     # fine-tune further: the run starts from the final weights, not from the tiny model
-    from agentopd.rl.learner import load_model
+    from agentopd.rl.models import load_model
 
     more = _cfg(tmp_path / "more", "run.steps=1", f"model.path={final}")
-    loaded = load_model(more, torch.device("cpu"))[0].state_dict()
+    loaded = load_model(more.model, more.run, torch.device("cpu"))[0].state_dict()
     saved = _params(tmp_path / "run")
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert len(train(more)) == 1
@@ -330,7 +330,7 @@ def test_rollouts_sample_under_the_same_autocast_as_evaluation(tmp_path, precisi
 def test_a_bf16_checkpoint_trains_as_float32_master_weights(tmp_path):
     from safetensors.torch import load_file
 
-    from agentopd.rl.learner import load_model
+    from agentopd.rl.models import load_model
     from agentopd.testbed.tiny import build_tiny
 
     model, tok = build_tiny()
@@ -339,7 +339,7 @@ def test_a_bf16_checkpoint_trains_as_float32_master_weights(tmp_path):
     start = load_file(tmp_path / "bf16" / "model.safetensors")
     assert all(v.dtype == torch.bfloat16 for v in start.values())
     cfg = _cfg(tmp_path / "run", "run.steps=2", f"model.path={tmp_path / 'bf16'}", "optim.lr=1e-6", "algo.ref_kl=0.1")
-    assert all(p.dtype == torch.float32 for p in load_model(cfg, torch.device("cpu"))[0].parameters())
+    assert all(p.dtype == torch.float32 for p in load_model(cfg.model, cfg.run, torch.device("cpu"))[0].parameters())
     train(cfg)
     after = _params(tmp_path / "run")
     teacher = load_file(tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state" / "teacher.safetensors")
@@ -352,7 +352,7 @@ def test_a_bf16_checkpoint_trains_as_float32_master_weights(tmp_path):
 
 def test_precision_auto_is_off_on_cpu_and_bad_values_are_refused(tmp_path):  # off: see the bf16 test
     from agentopd.config import ConfigError
-    from agentopd.rl.learner import autocast
+    from agentopd.rl.models import autocast
 
     cpu = torch.device("cpu")
     for precision, on in [("auto", False), ("off", False), ("bf16", True)]:
@@ -717,8 +717,9 @@ def test_old_logprobs_from_the_update_forward_train_as_the_scoring_forward(tmp_p
 
     common = ["run.steps=2", "run.checkpoint_every=2", "optim.lr=0.001", "algo.advantage_kwargs={}", *setting]
     fused_cfg = _cfg(tmp_path / "fused", *common)
-    assert old_from_update(fused_cfg, _fresh_model()) and not old_from_update(
-        _cfg(tmp_path / "x", *common, "optim.score_old=true"), _fresh_model())
+    scored_cfg = _cfg(tmp_path / "x", *common, "optim.score_old=true")
+    assert old_from_update(fused_cfg.algo, fused_cfg.optim, _fresh_model()) and not old_from_update(
+        scored_cfg.algo, scored_cfg.optim, _fresh_model())
     fused = train(fused_cfg, judge=ParityJudge())
     scored = train(_cfg(tmp_path / "scored", *common, "optim.score_old=true"), judge=ParityJudge())
     a, b = _params(tmp_path / "fused"), _params(tmp_path / "scored")
@@ -755,9 +756,11 @@ def test_the_scoring_forward_stays_where_advantages_need_the_whole_batch(tmp_pat
 
     model = _fresh_model()
     for adv, kw in [("sd_token", "{center: true}"), ("sd_to_go", "{}"), ("hybrid", "{}")]:
-        assert not old_from_update(_cfg(tmp_path, f"algo.advantage={adv}", f"algo.advantage_kwargs={kw}"), model), adv
+        cfg = _cfg(tmp_path, f"algo.advantage={adv}", f"algo.advantage_kwargs={kw}")
+        assert not old_from_update(cfg.algo, cfg.optim, model), adv
     model.config.attention_dropout = 0.1  # a train-mode forward differs from the sampler's
-    assert not old_from_update(_cfg(tmp_path, "algo.advantage=grpo"), model)
+    cfg = _cfg(tmp_path, "algo.advantage=grpo")
+    assert not old_from_update(cfg.algo, cfg.optim, model)
 
 
 def test_grpo_without_a_scoring_forward_runs_none(tmp_path, monkeypatch):
@@ -816,13 +819,13 @@ def test_the_grpo_update_steps_on_the_policy_gradient_of_group_normalised_reward
     import agentopd.train as T
 
     seen = {}
-    real_inputs, real_update = T.step_inputs, T.update
+    real_inputs, real_update = T.make_batch, T.update
 
-    def step_inputs(cfg, rows, *a):
+    def make_batch(algo, rows, *a):
         seen["rewards"], seen["groups"] = list(rows.rewards), list(rows.groups)
-        return real_inputs(cfg, rows, *a)
+        return real_inputs(algo, rows, *a)
 
-    def update(cfg, model, opt, teacher, head_VH, chunk, amp, st):
+    def update(algo, optim, temperature, model, opt, teacher, head_VH, chunk, amp, st):
         real_step = opt.step
 
         def step(*a, **kw):
@@ -843,11 +846,35 @@ def test_the_grpo_update_steps_on_the_policy_gradient_of_group_normalised_reward
             return real_step(*a, **kw)
 
         opt.step = step
-        return real_update(cfg, model, opt, teacher, head_VH, chunk, amp, st)
+        return real_update(algo, optim, temperature, model, opt, teacher, head_VH, chunk, amp, st)
 
-    monkeypatch.setattr(T, "step_inputs", step_inputs)
+    monkeypatch.setattr(T, "make_batch", make_batch)
     monkeypatch.setattr(T, "update", update)
     train(_cfg(tmp_path, "run.steps=1", "algo.loss=pg", "algo.advantage=grpo", "algo.advantage_kwargs={std_normalize: true}",
                "optim.grad_clip=1e9", "optim.micro_batch=4", f"optim.share_prompts={share}"), judge=ParityJudge())
     assert len(set(seen["rewards"])) == 2 and seen["want"].norm() > 0  # a batch with a learning signal
     assert torch.allclose(seen["got"], seen["want"], rtol=1e-4, atol=1e-7)
+
+
+def test_the_update_returns_what_it_computes_and_leaves_its_batch_as_it_was(tmp_path, monkeypatch):
+    """The batch the update reads is not changed by it (the fused path's old log-probs, advantages and
+    rollout correction come back in the Update), and the metrics row reads the returned values."""
+    import agentopd.train as T
+
+    seen = {}
+    real = T.update
+
+    def update(algo, optim, temperature, model, opt, teacher, head_VH, chunk, amp, batch):
+        before = {k: v.clone() for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
+        got = real(algo, optim, temperature, model, opt, teacher, head_VH, chunk, amp, batch)
+        seen.update(batch=batch, got=got, same=all(torch.equal(before[k], getattr(batch, k)) for k in before))
+        return got
+
+    monkeypatch.setattr(T, "update", update)
+    rows = train(_cfg(tmp_path, "run.steps=1", "algo.advantage_kwargs={}"), judge=ParityJudge())
+    batch, got = seen["batch"], seen["got"]
+    assert seen["same"] and batch.old_BT is None and batch.adv_BT is None  # left to the update's first forward
+    m = batch.mask_BT.bool()
+    assert torch.isfinite(got.old_BT[m]).all() and (got.old_BT[m] < 0).all() and got.adv_BT[m].abs().sum() > 0
+    assert rows[0]["adv_mean"] == pytest.approx(float(got.adv_BT[m].mean()))
+    assert rows[0]["rollout_logprob_diff"] == pytest.approx(got.rollout_metrics["rollout_logprob_diff"])

@@ -227,9 +227,9 @@ def play(run: Session, cfg, problems: list, n: int, max_turns: int = 1, public_t
     :func:`agentopd.rollout.rollout` (problem-major), with the session's engine and judge. Sample
     ``i`` of problem ``p`` is drawn from the seed ``derive_seed(run.seed, p.id, i)`` alone:
     the same numbers whatever the chunking, the batch or the resume."""
+    from agentopd.config import DEFAULT_FEEDBACK
     from agentopd.envs.base import JudgedVectorEnv
     from agentopd.inference.base import derive_seed
-    from agentopd.config import DEFAULT_FEEDBACK
     from agentopd.rollout import Sampling, rollout
 
     s = cfg.sampling

@@ -17,6 +17,7 @@ with the submission as ``completion``, plus the transcript) and the summary are 
 from __future__ import annotations
 
 import math
+
 from agentopd.config import Config, ConfigError
 
 

@@ -1,9 +1,8 @@
-"""What every engine is: the ``Engine`` protocol (prompt token ids in, ``Generation`` samples out),
+"""What every engine is: the ``Engine`` base (prompt token ids in, ``Generation`` samples out; the
+learner's ``sleep``/``wake``/``sync`` no-ops unless an engine holds its own weights),
 its error, the chat template as token ids, and sampling at the message or text level from any engine
 (token engines through their tokenizer, server engines natively)."""
 from __future__ import annotations
-
-from typing import Protocol
 
 from agentopd.types import Generation
 
@@ -21,14 +20,28 @@ class EngineError(RuntimeError):
     """Sampling failed for good (e.g. a server still failing after its retries)."""
 
 
-class Engine(Protocol):
+class Engine:
+    """What the rollout loop and the learner call. Subclass it for an engine of your own: only
+    ``generate`` is required; the others do nothing unless the engine keeps weights of its own."""
+
     def generate(self, prompt_ids: list[list[int]], n: int = 1, max_new_tokens: int = 256,
                  temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | None = None,
                  seed: int | None = None, seeds: list[int] | None = None) -> list[list[Generation]]:
         """``n`` samples for each prompt: ``result[prompt][sample]``. ``seeds``: one per sample
         (``seeds[prompt * n + sample]``), each sample a function of its seed and prompt only (not of
         the other prompts in the call); else ``seed`` for the whole call."""
-        ...
+        raise NotImplementedError
+
+    def sleep(self) -> None:
+        """Before the learner's update: free what the engine holds apart from the learner (vLLM: its
+        weights and KV cache); nothing where that is nothing."""
+
+    def wake(self) -> None:
+        """Undo :meth:`sleep` without new weights."""
+
+    def sync(self, model) -> None:
+        """After the update: awake, with ``model``'s new weights (nothing where the engine samples from
+        the learner's own model)."""
 
 
 def apply_chat(tokenizer, messages: list[dict]) -> list[int]:

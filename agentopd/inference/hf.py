@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from agentopd.inference.base import Engine
 from agentopd.rl.logprobs import device_of, distinct_rows, kv_cache as _kv_cache, pad_left, positions
 from agentopd.types import Generation
 
@@ -34,7 +35,7 @@ def _draw(logp_BV: torch.Tensor, gen) -> torch.Tensor:
     return (logp_BV - (-u_BV.log()).log()).argmax(-1)  # u = 0: noise -inf, never picked
 
 
-class HFEngine:
+class HFEngine(Engine):
     """Batched sampling with a transformers causal LM: left padding, KV cache, a hand sampling loop
     (so the log-prob of each id is exactly that of the distribution it was drawn from); a prompt
     sampled ``n`` times is forwarded once (:meth:`_prefill`).

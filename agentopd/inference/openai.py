@@ -35,7 +35,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from agentopd.inference.base import EngineError, derive_seed
+from agentopd.inference.base import Engine, EngineError, derive_seed
 from agentopd.types import Generation
 
 
@@ -49,7 +49,7 @@ def requests_made(error) -> int:
         return 1
 
 
-class OpenAIEngine:
+class OpenAIEngine(Engine):
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  endpoint: str = "chat", concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 3,
                  backoff_s: float = 1.0, logprobs: bool = False, extra_body: dict | None = None,

@@ -34,6 +34,8 @@ import math
 import os
 import re
 
+from agentopd.inference.base import Engine
+
 MIN_VERSION = "0.10.2"  # as pyproject's extra: LLM.sleep/wake_up(tags=...), logprobs_mode
 GiB = 1024 ** 3
 
@@ -146,7 +148,7 @@ def gpu_budget(model, requested: float | None = None, headroom_gb: float | None 
 # ------------------------------------------------------------------------------------ engine
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     def __init__(self, model: str, seed: int = 0, colocate: bool = True,
                  logprobs_mode: str | None = "processed_logprobs", sleep_level: int = 0, **llm_kwargs):
         """``model``: a checkpoint dir or hub id; ``llm_kwargs`` go to ``vllm.LLM`` (e.g.
@@ -223,6 +225,12 @@ class VLLMEngine:
         if self.sleep_level and not self.asleep:
             self.llm.sleep(level=self.sleep_level)
             self.asleep = True
+
+    def wake(self) -> None:
+        """Awake again without new weights (its weights and KV cache back); a no-op when awake."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def sync(self, model) -> None:
         """After the update (once per step): awake again with ``model``'s weights (the weights'

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
 from agentopd.judges.base import BaseJudge, judge_error
 
-from agentopd.sandbox.workers import JsonWorker, WorkerPool
+from agentopd.sandbox.workers import WorkerPool, module_worker
 from agentopd.threads import worker_count
 from agentopd.types import Judgement, Problem, Verdict
 
@@ -96,7 +95,7 @@ class MathVerifier:
 
     @staticmethod
     def _start(slot, key):
-        return JsonWorker([sys.executable, "-m", "agentopd.judges.math_worker"], env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        return module_worker("agentopd.judges.math_worker", env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
     def equivalent(self, gold: str, pred: str) -> tuple[bool | None, str]:
         """(True/False, note), or (None, reason) when the verifier failed or ran out of time."""

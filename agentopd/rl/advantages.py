@@ -48,11 +48,17 @@ class AdvantageInputs:
 
 
 ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {}
+READS_TEACHER: set[str] = set()
+"""The estimators that read the teacher's log-probs (their rows need a teacher context)."""
 
 
-def register(name: str):
+def register(name: str, reads_teacher: bool = False):
+    """Register an estimator ``fn(inputs: AdvantageInputs, **kwargs) -> advantages [B, T]`` by name;
+    ``reads_teacher``: it reads ``inputs.teacher_logprobs_BT`` (the learner then builds teacher contexts)."""
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         ADVANTAGES[name] = fn
+        if reads_teacher:
+            READS_TEACHER.add(name)
         return fn
 
     return wrap
@@ -167,7 +173,7 @@ def rloo(inputs: AdvantageInputs) -> torch.Tensor:
     return _broadcast(advantages_B * valid_B, inputs.mask_BT)
 
 
-@register("sd_token")
+@register("sd_token", reads_teacher=True)
 def sd_token(inputs: AdvantageInputs, clamp: float | None = None, center: bool = False) -> torch.Tensor:
     """SDPO: ``lt_t - ls_t`` per token (biased: ignores the effect of y_t on later tokens; low
     variance). ``clamp`` bounds its absolute value. ``center`` subtracts the batch mean over the
@@ -184,7 +190,7 @@ def sd_token(inputs: AdvantageInputs, clamp: float | None = None, center: bool =
     return advantages_BT
 
 
-@register("sd_to_go")
+@register("sd_to_go", reads_teacher=True)
 def sd_to_go(inputs: AdvantageInputs, baseline: bool = False) -> torch.Tensor:
     """``A_t = sum_{t' >= t} (lt_t' - ls_t')`` over masked tokens: with it, the expected policy
     gradient equals the gradient of the sequence-level reverse KL(πθ || πT) (unbiased).
@@ -220,7 +226,7 @@ def _later_turns_B(inputs: AdvantageInputs, total_B: torch.Tensor) -> torch.Tens
     return (same_BB & later_BB).to(total_B.dtype) @ total_B
 
 
-@register("hybrid")
+@register("hybrid", reads_teacher=True)
 def hybrid(
     inputs: AdvantageInputs,
     mode: str = "sum",

@@ -1,14 +1,14 @@
-"""The learner step: score the sampled ids (student, self-teacher, reference), turn judgements into
-advantages and the rollout correction, and update the model by micro-batches over one
-algorithm-agnostic per-token loss (:mod:`agentopd.rl.objectives`). Also the model's loading, device
-and autocast, shared by training and the teacher diagnostic."""
+"""The learner step: score the sampled ids (student, teacher, reference), turn judgements into
+advantages and a :class:`Batch`, and update the model by micro-batches over one algorithm-agnostic
+per-token loss (:mod:`agentopd.rl.objectives`), returning what the update computed (:class:`Update`).
+Each function takes the config sections it reads (``algo``, ``optim``), never the whole config."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
+
 import torch
 
-from agentopd.config import AlgoConfig, Config, SamplingConfig
+from agentopd.config import AlgoConfig, OptimConfig, SamplingConfig
 from agentopd.rl import distributed, losses, objectives
 from agentopd.rl.logprobs import (
     can_share_prefix,
@@ -35,86 +35,10 @@ def pad_BT(rows: list, value: float = 0.0, dtype=torch.float32) -> tuple[torch.T
     return out_BT, mask_BT
 
 
-def load_model(cfg: Config, device):
-    from agentopd.inference import load_pretrained
-
-    # float32 master weights whatever the stored dtype (bf16 autocast does the compute): AdamW's and the
-    # EMA teacher's small updates would be lost below bf16's spacing; the teacher and reference copy these
-    model, tok = load_pretrained(cfg.model.path, seed=cfg.run.seed, progress=cfg.run.progress, dtype=torch.float32)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if cfg.model.lora_rank:
-        from peft import LoraConfig, get_peft_model
-
-        from agentopd.rl.checkpoints import lora_base
-
-        base = lora_base(cfg.model.path, model, tok, os.path.join(cfg.run.out, "base"))
-        model = get_peft_model(model, LoraConfig(r=cfg.model.lora_rank, lora_alpha=2 * cfg.model.lora_rank,
-                                                 target_modules="all-linear"))
-        model.peft_config["default"].base_model_name_or_path = base  # what the saved adapter names
-    return model.to(device), tok
-
-
-def load_teacher(cfg: Config, model, device: torch.device):
-    """The teacher ``cfg.teacher`` names: the self-teacher (:class:`agentopd.rl.teacher.Teacher`, in
-    ``teacher.mode``), a separate frozen model (:class:`agentopd.rl.teacher.ModelTeacher`, on
-    ``teacher.device`` in ``teacher.dtype``) or a served one (:class:`agentopd.rl.served.ServedTeacher`)."""
-    from agentopd.rl.teacher import ModelTeacher, Teacher
-
-    t = cfg.teacher
-    if t.base_url:
-        from agentopd.rl.served import ServedTeacher
-
-        return ServedTeacher(t.base_url, t.served_model, topk=t.served_topk, timeout=t.timeout)
-    if not t.model:
-        return Teacher(model, t.mode, tau=t.tau, mix=t.mix)
-    from agentopd.inference import load_pretrained
-
-    where = device if t.device == "auto" else torch.device(t.device)
-    dtype = {"auto": torch.bfloat16 if where.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[t.dtype]
-    teacher_model, _ = load_pretrained(t.model, seed=cfg.run.seed, progress=cfg.run.progress, dtype=dtype)
-    return ModelTeacher(teacher_model.to(where))
-
-
-def pick_device(cfg: Config) -> torch.device:
-    """``run.device``; 'auto': CUDA when available, else the CPU."""
-    if cfg.run.device != "auto":
-        return torch.device(cfg.run.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def precision(cfg: Config) -> str:
-    precision = "off" if cfg.run.precision is False else cfg.run.precision
-    if precision not in ("auto", "bf16", "off"):  # True, which the config's type lets through
-        from agentopd.config import ConfigError
-
-        raise ConfigError(f"run.precision: {cfg.run.precision!r}; choices: auto, bf16, off")
-    return precision
-
-
-def autocast(precision: str, device: torch.device):
-    """A factory of the forward passes' context: bf16 autocast under 'bf16', and under 'auto' on CUDA."""
-    on = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
-
-
 def learner_temperature(sampling: SamplingConfig) -> float:
     """What the learner divides its logits by: the sampling temperature (1 for greedy, whose engine
     log-probs are the untempered ones)."""
     return sampling.temperature if sampling.temperature > 0 else 1.0
-
-
-def _teacher_hidden(teacher, prompt_ids: list[list[int]], response_ids: list[list[int]]):
-    """The teacher's final hidden states ``[B, R, H']`` and head weight ``[V, H']`` whose product is
-    its logits. trust_region: both models side by side, ``(1 - mix) * frozen + mix * live`` logits
-    as one product ``[(1 - mix) h_frozen, mix h_live] @ [W_frozen, W_live].T``."""
-    if teacher.mode != "trust_region":
-        model = teacher.model_for_scoring()
-        return response_hidden(model, prompt_ids, response_ids), lm_head_weight(model)
-    parts = [(c * response_hidden(m, prompt_ids, response_ids), lm_head_weight(m))
-             for m, c in ((teacher.copy, 1 - teacher.mix), (teacher.student, teacher.mix))]
-    return torch.cat([h for h, _ in parts], -1), torch.cat([w for _, w in parts], -1)
 
 
 def _divergence_BR(algo: AlgoConfig, teacher, student_BRX, head_VH, chunk: int, prompt_ids, response_ids,
@@ -126,7 +50,7 @@ def _divergence_BR(algo: AlgoConfig, teacher, student_BRX, head_VH, chunk: int, 
     logits ``[B, R, V]``."""
     with torch.no_grad(), amp():
         if chunk:
-            teacher_BRH, teacher_head_VH = _teacher_hidden(teacher, prompt_ids, response_ids)
+            teacher_BRH, teacher_head_VH = teacher.hidden(prompt_ids, response_ids)
         else:
             teacher_BRV = response_logits(teacher.model_for_scoring(), prompt_ids, response_ids)
     device = student_BRX.device
@@ -174,132 +98,7 @@ def _engine_logprobs(gens: list, like_BT: torch.Tensor) -> tuple[torch.Tensor, t
     return lp_BT, have_BT
 
 
-@dataclass
-class StepBatch:
-    """What the update of one step reads: per sample ``b``, its prompt ids, response ids and teacher
-    prompt (None: no teacher signal); ``[B, T]`` tensors; the whole batch's token counts."""
-
-    prompt_ids: list
-    response_ids: list
-    teacher_prompts: list
-    old_BT: torch.Tensor
-    teacher_BT: torch.Tensor
-    adv_BT: torch.Tensor
-    mask_BT: torch.Tensor
-    teacher_mask_B: torch.Tensor
-    rollout_BT: torch.Tensor
-    ref_BT: torch.Tensor | None
-    n_tok: torch.Tensor
-    n_teacher_tok: torch.Tensor
-    engine_BT: torch.Tensor | None = None  # the engine's log-probs, on its tokens within the mask (engine_mask_BT)
-    engine_mask_BT: torch.Tensor | None = None
-    pending_old: bool = False  # old_BT (and what comes from it) still to be filled by the first epoch's forwards
-    adv_inputs: object = None  # pending: the AdvantageInputs of row-local advantages formed per micro-batch (None: adv_BT is final)
-    rollout_metrics: dict | None = None  # the rollout correction's metrics (pending: filled after the first epoch)
-    teacher_topk: list | None = None  # a served teacher's (ids_RK, logprobs_RK) per row (None: a local teacher)
-
-
-def _micro_batch_loss(cfg: Config, model, teacher, head_VH, chunk: int, amp, st: StepBatch, idx: list[int]):
-    """Samples ``idx``'s share of the whole batch's loss (``algo.loss``, plus the reference KL) and metrics."""
-    T = learner_temperature(cfg.sampling)
-    R_ = [st.response_ids[b] for b in idx]
-    out_BRX, head_VH, lp_BT = _forward(cfg, model, head_VH, chunk, amp, st, idx)
-    dev = lp_BT.device
-    m_BT = st.mask_BT[idx].to(dev)
-    tm_BT = m_BT * st.teacher_mask_B[idx, None].to(dev)
-    batch = objectives.TokenBatch(lp_BT, st.old_BT[idx].to(dev), st.adv_BT[idx].to(dev), m_BT / st.n_tok,
-                                  tm_BT / st.n_teacher_tok, st.rollout_BT[idx].to(dev), st.teacher_BT[idx].to(dev))
-    rows = [k for k, b in enumerate(idx) if st.teacher_prompts[b] is not None and len(R_[k])]
-    if "divergence" in objectives.needs(cfg.algo):
-        batch.divergence_BT = torch.zeros_like(lp_BT)
-        if rows:
-            Rm = max(len(R_[k]) for k in rows)
-            if st.teacher_topk is not None:
-                batch.divergence_BT[rows, :Rm] = _served_divergence_BR(
-                    cfg.algo, [st.teacher_topk[idx[k]] for k in rows], out_BRX[rows, :Rm], head_VH, chunk,
-                    tm_BT[rows, :Rm], amp, T)
-            else:
-                batch.divergence_BT[rows, :Rm] = _divergence_BR(
-                    cfg.algo, teacher, out_BRX[rows, :Rm], head_VH, chunk, [st.teacher_prompts[idx[k]] for k in rows],
-                    [R_[k] for k in rows], tm_BT[rows, :Rm], amp, T)
-    loss, metrics = objectives.loss(cfg.algo, batch)
-    if not loss.requires_grad and distributed.world() > 1:  # every rank's backward takes part in the reduction
-        loss = loss + 0.0 * lp_BT.nan_to_num().sum()
-    if st.ref_BT is not None:
-        loss = loss + cfg.algo.ref_kl * (m_BT.sum() / st.n_tok) * losses.ref_kl_k3(lp_BT, st.ref_BT[idx].to(dev), m_BT)
-    return loss, metrics
-
-
-def old_from_update(cfg: Config, model) -> bool:
-    """Whether the old log-probs ``ls_old`` come from the update's own forward, detached, instead of
-    a separate no-grad student forward before it. Exact: the first optimizer step comes after every
-    micro-batch of the first epoch is forwarded, so until then the model is the one that sampled
-    (as in TRL, which skips that forward on-policy). So unless ``optim.score_old``, where (1) the
-    advantages read the student's log-probs at most row by row
-    (:func:`agentopd.rl.advantages.student_logprobs_scope`; they are then formed per micro-batch) and
-    (2) the model applies no dropout (the update forwards in train mode, scoring in eval mode).
-    The scoring forward stays for the estimators that need the whole batch's student log-probs
-    before the update: ``sd_token`` with ``center`` (a batch mean), ``sd_to_go`` (later turns and a
-    group baseline), ``hybrid`` (group statistics) and any unknown one."""
-    from agentopd.rl import advantages
-
-    scope = advantages.student_logprobs_scope(cfg.algo.advantage, cfg.algo.advantage_kwargs)
-    return not cfg.optim.score_old and scope != "batch" and not _has_dropout(model)
-
-
-def _has_dropout(model) -> bool:
-    """Any dropout a train-mode forward would apply: a dropout module or a config rate above 0."""
-    config = getattr(causal_lm(model), "config", None)
-    rates = [v for k, v in (vars(config) if config is not None else {}).items()
-             if "dropout" in k and isinstance(v, (int, float))]
-    return any(r > 0 for r in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
-
-
-def _old_from_forward(cfg: Config, st: StepBatch, idx: list[int], lp_BT: torch.Tensor) -> None:
-    """Rows ``idx``'s old log-probs from this first-epoch forward (detached) and what is formed from
-    them: their row-local advantages and their rollout correction."""
-    old_BT = lp_BT.detach().float().cpu()
-    st.old_BT[idx] = old_BT
-    if st.adv_inputs is not None:
-        st.adv_BT[idx] = _advantages(cfg, st.adv_inputs.rows(idx, student_logprobs_BT=old_BT), st.mask_BT[idx])
-    st.rollout_BT[idx] = objectives.rollout_weights(old_BT, st.engine_BT[idx], st.engine_mask_BT[idx],
-                                                    cfg.algo.rollout_is_clip)[0]
-
-
-def _settle_old(cfg: Config, st: StepBatch) -> None:
-    """After the first epoch's forwards: the rollout metrics over the whole batch, from the old log-probs."""
-    if st.pending_old:
-        st.pending_old = False
-        st.rollout_metrics.update(objectives.rollout_weights(st.old_BT, st.engine_BT, st.engine_mask_BT,
-                                                             cfg.algo.rollout_is_clip)[1])
-
-
-def _forward(cfg: Config, model, head_VH, chunk: int, amp, st: StepBatch, idx: list[int]):
-    """The student's forward over rows ``idx``: its final hidden states ``[B, R, H]`` (chunk > 0) or
-    logits ``[B, R, V]``, the head, and the log-probs ``[B, T]``; in the first epoch also their old
-    log-probs (:func:`_old_from_forward`)."""
-    P_, R_ = [st.prompt_ids[b] for b in idx], [st.response_ids[b] for b in idx]
-    shared = cfg.optim.share_prompts and can_share_prefix(model, P_)
-    fwd = (shared_prefix_hidden if shared else response_hidden) if chunk else response_logits
-    with amp():  # the head in autocast too
-        out_BRX = fwd(model, P_, R_)  # a group's rows share their prompt: forwarded once
-        head_VH = lm_head_weight(model) if chunk else head_VH  # FSDP: the head this forward gathered
-        T = learner_temperature(cfg.sampling)
-        lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, chunk, temperature=T)[0] if chunk else
-                       gather_logprobs(out_BRX, R_, T), st.old_BT.shape[1])
-    if st.pending_old:
-        _old_from_forward(cfg, st, idx, lp_BT)
-    return out_BRX, head_VH, lp_BT
-
-
-def _weighted_rows(cfg: Config, st: StepBatch, idx: list[int]) -> tuple[list[int], list[int]]:
-    """Rows ``idx`` as (those the loss weighs, the others): under a loss whose every term lives on the
-    teacher-signal tokens (:data:`agentopd.rl.objectives.TEACHER_ROWS_ONLY`) and no reference KL, rows
-    without a teacher signal have no gradient, so no backward; one rank only (FSDP: every rank runs
-    the same forwards)."""
-    if not (cfg.algo.loss in objectives.TEACHER_ROWS_ONLY and st.ref_BT is None and distributed.world() == 1):
-        return idx, []
-    return [b for b in idx if st.teacher_mask_B[b] > 0], [b for b in idx if st.teacher_mask_B[b] == 0]
+# ------------------------------------------------------------------------------------ scoring
 
 
 @dataclass
@@ -318,6 +117,36 @@ class Scores:
     teacher_failed: list[int] = field(default_factory=list)
 
 
+def old_from_update(algo: AlgoConfig, optim: OptimConfig, model) -> bool:
+    """Whether the old log-probs ``ls_old`` come from the update's own forward, detached, instead of
+    a separate no-grad student forward before it. Exact: the first optimizer step comes after every
+    micro-batch of the first epoch is forwarded, so until then the model is the one that sampled
+    (as in TRL, which skips that forward on-policy). So unless ``optim.score_old``, where (1) the
+    advantages read the student's log-probs at most row by row
+    (:func:`agentopd.rl.advantages.student_logprobs_scope`; they are then formed per micro-batch) and
+    (2) the model applies no dropout (the update forwards in train mode, scoring in eval mode).
+    The scoring forward stays for the estimators that need the whole batch's student log-probs
+    before the update: ``sd_token`` with ``center`` (a batch mean), ``sd_to_go`` (later turns and a
+    group baseline), ``hybrid`` (group statistics) and any unknown one."""
+    from agentopd.rl import advantages
+
+    scope = advantages.student_logprobs_scope(algo.advantage, algo.advantage_kwargs)
+    return not optim.score_old and scope != "batch" and not _has_dropout(model)
+
+
+def _has_dropout(model) -> bool:
+    """Any dropout a train-mode forward would apply: a dropout module or a config rate above 0."""
+    config = getattr(causal_lm(model), "config", None)
+    rates = [v for k, v in (vars(config) if config is not None else {}).items()
+             if "dropout" in k and isinstance(v, (int, float))]
+    return any(r > 0 for r in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def is_served(teacher) -> bool:
+    """Whether the teacher answers from a server (log-probs and its top-K, no model here)."""
+    return teacher.mode == "served"
+
+
 def _served_scores(teacher, teacher_prompts, resp_ids, scored: list[int], teacher_lp: list):
     """A served teacher's log-probs of rows ``scored`` into ``teacher_lp``: ``(top-K per row, failed rows)``."""
     topk, failed = [None] * len(resp_ids), []
@@ -330,21 +159,21 @@ def _served_scores(teacher, teacher_prompts, resp_ids, scored: list[int], teache
     return topk, failed
 
 
-def score(cfg: Config, model, teacher, ref, amp, rows: TurnRows, teacher_prompts) -> Scores:
+def score(algo: AlgoConfig, optim: OptimConfig, temperature: float, model, teacher, ref, amp, rows: TurnRows,
+          teacher_prompts) -> Scores:
     """3. The student's, teacher's (on rows with a teacher prompt) and reference's log-probs of the
-    same response ids, no grad (:class:`Scores`)."""
-    T = learner_temperature(cfg.sampling)
+    same response ids at ``temperature``, no grad (:class:`Scores`)."""
     resp_ids = [g.response_ids for g in rows.turns]
     student_prompts = rows.prompt_ids
 
     def score(scorer, prompts, responses):  # repeated prompts forwarded once, as in the update (_forward)
         with distributed.gathered(scorer):  # FSDP: any number of forwards per rank
-            return sequence_logprobs(scorer, prompts, responses, micro_batch=cfg.optim.micro_batch,
-                                     chunk=cfg.optim.logits_chunk, temperature=T, share_prefix=cfg.optim.share_prompts)[0]
+            return sequence_logprobs(scorer, prompts, responses, micro_batch=optim.micro_batch, chunk=optim.logits_chunk,
+                                     temperature=temperature, share_prefix=optim.share_prompts)[0]
 
     topk, failed = None, []
     with torch.no_grad(), amp():
-        student_lp = None if old_from_update(cfg, model) else score(model, student_prompts, resp_ids)
+        student_lp = None if old_from_update(algo, optim, model) else score(model, student_prompts, resp_ids)
         scored = [b for b, tp in enumerate(teacher_prompts) if tp is not None]
         teacher_lp = [torch.zeros(len(r)) for r in resp_ids]
         if scored and is_served(teacher):
@@ -360,45 +189,223 @@ def score(cfg: Config, model, teacher, ref, amp, rows: TurnRows, teacher_prompts
     return Scores(ls_BT, mask_BT, pad_BT(teacher_lp)[0], ref_BT, topk, failed)
 
 
-def is_served(teacher) -> bool:
-    """Whether the teacher answers from a server (log-probs and its top-K, no model here)."""
-    return teacher.mode == "served"
+# ---------------------------------------------------------------------------------- the batch
 
 
-def update(cfg: Config, model, opt, teacher, head_VH, chunk: int, amp, st: StepBatch):
+@dataclass(frozen=True)
+class Batch:
+    """4. What the update reads, nothing of it changed by the update: per row ``b`` its prompt ids,
+    response ids and teacher prompt (None: no teacher signal); ``[B, T]`` tensors; the whole batch's
+    token counts (all ranks'). ``old_BT`` None: the old log-probs come from the update's first
+    forward (:func:`old_from_update`); ``adv_BT`` None: row-local advantages formed from them
+    (``adv_inputs``)."""
+
+    prompt_ids: list
+    response_ids: list
+    teacher_prompts: list
+    mask_BT: torch.Tensor  # the loss mask: the response tokens of rows with a judged reward
+    teacher_mask_B: torch.Tensor
+    teacher_BT: torch.Tensor
+    ref_BT: torch.Tensor | None
+    engine_BT: torch.Tensor  # the engine's sampling log-probs, on engine_mask_BT
+    engine_mask_BT: torch.Tensor
+    n_tok: torch.Tensor
+    n_teacher_tok: torch.Tensor
+    old_BT: torch.Tensor | None
+    adv_BT: torch.Tensor | None
+    adv_inputs: object = None
+    teacher_topk: list | None = None  # a served teacher's (ids_RK, logprobs_RK) per row (None: a local teacher)
+    teacher_errors: int = 0
+
+
+def make_batch(algo: AlgoConfig, rows: TurnRows, teacher_prompts, scores: Scores) -> Batch:
+    """4. Advantages (judge errors and empty responses carry no gradient; reward-based estimators
+    see each episode once, with its episode reward) packed with the scores for the update. Without
+    the student's scores (``scores.ls_BT`` None) the old log-probs and the row-local advantages are
+    left to the update's first forward."""
+    from agentopd.rl import advantages
+
+    mask_BT = scores.mask_BT
+    failed = set(scores.teacher_failed)  # a served teacher's errors: no signal
+    teacher_prompts = [None if b in failed else tp for b, tp in enumerate(teacher_prompts)]
+    pending = scores.ls_BT is None
+    ls_BT = torch.zeros_like(mask_BT) if pending else scores.ls_BT
+    rewards_B = torch.tensor(rows.rewards, dtype=torch.float32)
+    teacher_mask_B = torch.tensor([tp is not None for tp in teacher_prompts], dtype=torch.float32)
+    inputs = advantages.AdvantageInputs(rewards_B, torch.tensor(rows.groups), mask_BT, ls_BT, scores.lt_BT,
+                                        teacher_mask_B, torch.tensor(rows.success), torch.tensor(rows.episodes),
+                                        torch.tensor(rows.turn_index))
+    mask_BT = mask_BT * (~torch.isnan(rewards_B))[:, None]
+    row_adv = pending and advantages.student_logprobs_scope(algo.advantage, algo.advantage_kwargs) == "row"
+    engine_BT, engine_mask_BT = _engine_logprobs(rows.turns, mask_BT)
+    return Batch(rows.prompt_ids, [g.response_ids for g in rows.turns], teacher_prompts, mask_BT, teacher_mask_B,
+                 scores.lt_BT, scores.ref_BT, engine_BT, engine_mask_BT * mask_BT,
+                 n_tok=distributed.all_sum(mask_BT.sum()).clamp(min=1),
+                 n_teacher_tok=distributed.all_sum((mask_BT * teacher_mask_B[:, None]).sum()).clamp(min=1),
+                 old_BT=None if pending else ls_BT, adv_BT=None if row_adv else _advantages(algo, inputs, mask_BT),
+                 adv_inputs=inputs if row_adv else None, teacher_topk=scores.teacher_topk,
+                 teacher_errors=len(failed))
+
+
+def _advantages(algo: AlgoConfig, inputs, mask_BT: torch.Tensor) -> torch.Tensor:
+    """``algo.advantage`` on ``inputs``, 0 outside ``mask_BT`` (the loss mask: judge errors out)."""
+    from agentopd.rl import advantages
+
+    return torch.nan_to_num(advantages.compute(algo.advantage, inputs, **algo.advantage_kwargs)) * mask_BT
+
+
+# ---------------------------------------------------------------------------------- the update
+
+
+@dataclass
+class Update:
+    """5. What the update computed: the summed loss, the metric sums over micro-batches, the last
+    gradient norm, the old log-probs ``[B, T]`` (from scoring or the first forward), the advantages
+    it used, the rollout correction and its metrics (``rollout_logprob_diff``, ...)."""
+
+    loss: float
+    metrics: dict
+    grad_norm: float
+    old_BT: torch.Tensor
+    adv_BT: torch.Tensor
+    rollout_BT: torch.Tensor
+    rollout_metrics: dict
+
+
+@dataclass
+class _Pass:
+    """One update's fixed parts, shared by its micro-batches, and what its first forward fills in:
+    the old log-probs, the row-local advantages and the rollout correction (``pending`` until then)."""
+
+    algo: AlgoConfig
+    optim: OptimConfig
+    temperature: float
+    model: object
+    teacher: object
+    head_VH: object
+    chunk: int
+    amp: object
+    batch: Batch
+    old_BT: torch.Tensor
+    adv_BT: torch.Tensor
+    rollout_BT: torch.Tensor
+    pending: bool
+
+
+def update(algo: AlgoConfig, optim: OptimConfig, temperature: float, model, opt, teacher, head_VH, chunk: int, amp,
+           batch: Batch) -> Update:
     """5. Micro-batches with gradient accumulation, ``optim.epochs_per_batch`` optimizer steps (the
-    importance ratio corrects the later ones), then the teacher update: ``(loss, metric sums, grad norm)``."""
+    importance ratio corrects the later ones). The teacher's own update (its EMA step) is the caller's."""
     model.train()
-    B, W = len(st.response_ids), distributed.world()
+    pending = batch.old_BT is None
+    old_BT = torch.zeros_like(batch.mask_BT) if pending else batch.old_BT
+    p = _Pass(algo, optim, temperature, model, teacher, head_VH, chunk, amp, batch, old_BT.clone(),
+              torch.zeros_like(batch.mask_BT) if batch.adv_BT is None else batch.adv_BT.clone(),
+              torch.ones_like(batch.mask_BT) if pending else _rollout(algo, batch, old_BT)[0], pending)
+    B, W = len(batch.response_ids), distributed.world()
     loss_sum, sums = 0.0, {"distill_loss": 0.0, "clipfrac": 0.0}
-    starts = range(0, B, cfg.optim.micro_batch)
-    divergence_teacher = (teacher.model_for_scoring() if "divergence" in objectives.needs(cfg.algo)
+    starts = range(0, B, optim.micro_batch)
+    divergence_teacher = (teacher.model_for_scoring() if "divergence" in objectives.needs(algo)
                           and not is_served(teacher) else None)
     with distributed.gathered(divergence_teacher):  # FSDP: the teacher's forwards need no collective
-        for _ in range(cfg.optim.epochs_per_batch):
+        for _ in range(optim.epochs_per_batch):
             opt.zero_grad(set_to_none=True)
             for s in starts:
-                idx, rest = _weighted_rows(cfg, st, list(range(s, min(s + cfg.optim.micro_batch, B))))
-                if rest and st.pending_old and st.mask_BT[rest].sum() > 0:  # their old log-probs, for the metrics
-                    with torch.no_grad():
-                        _forward(cfg, model, head_VH, chunk, amp, st, rest)
-                empty = not idx or st.mask_BT[idx].sum() == 0
-                if empty and W == 1:
-                    continue
-                with distributed.grad_sync(model, s == starts[-1]):
-                    loss, met = (_idle_loss(model, amp), {}) if empty else _micro_batch_loss(
-                        cfg, model, teacher, head_VH, chunk, amp, st, idx)
-                    if loss.requires_grad:  # e.g. sdpo on a micro-batch with no teacher signal: nothing to learn
-                        (loss * W).backward()  # the ranks' gradients are averaged: their sum is the batch's
-                loss_sum += float(loss.detach())
+                loss, met = _accumulate(p, list(range(s, min(s + optim.micro_batch, B))), s == starts[-1], W)
+                loss_sum += loss
                 for k, v in met.items():
                     sums[k] = sums.get(k, 0.0) + v
-            _settle_old(cfg, st)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            p.pending = False
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             opt.step()
-    teacher.update(model)
     sums = distributed.sum_dicts({"loss": loss_sum, **sums})
-    return sums.pop("loss"), sums, float(distributed.full(gnorm))
+    rollout_metrics = _rollout(algo, batch, p.old_BT)[1]
+    return Update(sums.pop("loss"), sums, float(distributed.full(gnorm)), p.old_BT, p.adv_BT, p.rollout_BT,
+                  rollout_metrics)
+
+
+def _accumulate(p: _Pass, idx: list[int], last: bool, W: int) -> tuple[float, dict]:
+    """One micro-batch's forward and backward (gradients accumulate): its loss and metrics."""
+    idx, rest = _weighted_rows(p, idx)
+    if rest and p.pending and p.batch.mask_BT[rest].sum() > 0:  # their old log-probs, for the metrics
+        with torch.no_grad():
+            _forward(p, rest)
+    empty = not idx or p.batch.mask_BT[idx].sum() == 0
+    if empty and W == 1:
+        return 0.0, {}
+    with distributed.grad_sync(p.model, last):
+        loss, met = (_idle_loss(p.model, p.amp), {}) if empty else _micro_batch_loss(p, idx)
+        if loss.requires_grad:  # e.g. sdpo on a micro-batch with no teacher signal: nothing to learn
+            (loss * W).backward()  # the ranks' gradients are averaged: their sum is the batch's
+    return float(loss.detach()), met
+
+
+def _rollout(algo: AlgoConfig, batch: Batch, old_BT: torch.Tensor, idx=slice(None)):
+    """The rollout correction of rows ``idx`` from their old log-probs, and its metrics."""
+    return objectives.rollout_weights(old_BT[idx], batch.engine_BT[idx], batch.engine_mask_BT[idx], algo.rollout_is_clip)
+
+
+def _forward(p: _Pass, idx: list[int]):
+    """The student's forward over rows ``idx``: its final hidden states ``[B, R, H]`` (chunk > 0) or
+    logits ``[B, R, V]``, the head, and the log-probs ``[B, T]``; in the first epoch also their old
+    log-probs and what is formed from them (row-local advantages, the rollout correction)."""
+    b = p.batch
+    P_, R_ = [b.prompt_ids[i] for i in idx], [b.response_ids[i] for i in idx]
+    shared = p.optim.share_prompts and can_share_prefix(p.model, P_)
+    fwd = (shared_prefix_hidden if shared else response_hidden) if p.chunk else response_logits
+    with p.amp():  # the head in autocast too
+        out_BRX = fwd(p.model, P_, R_)  # a group's rows share their prompt: forwarded once
+        head_VH = lm_head_weight(p.model) if p.chunk else p.head_VH  # FSDP: the head this forward gathered
+        lp_BT = _stack(hidden_logprobs(out_BRX, head_VH, R_, p.chunk, temperature=p.temperature)[0] if p.chunk else
+                       gather_logprobs(out_BRX, R_, p.temperature), b.mask_BT.shape[1])
+    if p.pending:
+        old_BT = lp_BT.detach().float().cpu()
+        p.old_BT[idx] = old_BT
+        if b.adv_inputs is not None:
+            p.adv_BT[idx] = _advantages(p.algo, b.adv_inputs.rows(idx, student_logprobs_BT=old_BT), b.mask_BT[idx])
+        p.rollout_BT[idx] = _rollout(p.algo, b, p.old_BT, idx)[0]
+    return out_BRX, head_VH, lp_BT
+
+
+def _weighted_rows(p: _Pass, idx: list[int]) -> tuple[list[int], list[int]]:
+    """Rows ``idx`` as (those the loss weighs, the others): under a loss whose every term lives on the
+    teacher-signal tokens (:data:`agentopd.rl.objectives.TEACHER_ROWS_ONLY`) and no reference KL, rows
+    without a teacher signal have no gradient, so no backward; one rank only (FSDP: every rank runs
+    the same forwards)."""
+    if not (p.algo.loss in objectives.TEACHER_ROWS_ONLY and p.batch.ref_BT is None and distributed.world() == 1):
+        return idx, []
+    return [i for i in idx if p.batch.teacher_mask_B[i] > 0], [i for i in idx if p.batch.teacher_mask_B[i] == 0]
+
+
+def _micro_batch_loss(p: _Pass, idx: list[int]):
+    """Rows ``idx``'s share of the whole batch's loss (``algo.loss``, plus the reference KL) and metrics."""
+    b, algo = p.batch, p.algo
+    R_ = [b.response_ids[i] for i in idx]
+    out_BRX, head_VH, lp_BT = _forward(p, idx)
+    dev = lp_BT.device
+    m_BT = b.mask_BT[idx].to(dev)
+    tm_BT = m_BT * b.teacher_mask_B[idx, None].to(dev)
+    tb = objectives.TokenBatch(lp_BT, p.old_BT[idx].to(dev), p.adv_BT[idx].to(dev), m_BT / b.n_tok,
+                               tm_BT / b.n_teacher_tok, p.rollout_BT[idx].to(dev), b.teacher_BT[idx].to(dev))
+    rows = [k for k, i in enumerate(idx) if b.teacher_prompts[i] is not None and len(R_[k])]
+    if "divergence" in objectives.needs(algo):
+        tb.divergence_BT = torch.zeros_like(lp_BT)
+        if rows:
+            Rm = max(len(R_[k]) for k in rows)
+            if b.teacher_topk is not None:
+                tb.divergence_BT[rows, :Rm] = _served_divergence_BR(
+                    algo, [b.teacher_topk[idx[k]] for k in rows], out_BRX[rows, :Rm], head_VH, p.chunk,
+                    tm_BT[rows, :Rm], p.amp, p.temperature)
+            else:
+                tb.divergence_BT[rows, :Rm] = _divergence_BR(
+                    algo, p.teacher, out_BRX[rows, :Rm], head_VH, p.chunk, [b.teacher_prompts[idx[k]] for k in rows],
+                    [R_[k] for k in rows], tm_BT[rows, :Rm], p.amp, p.temperature)
+    loss, metrics = objectives.loss(algo, tb)
+    if not loss.requires_grad and distributed.world() > 1:  # every rank's backward takes part in the reduction
+        loss = loss + 0.0 * lp_BT.nan_to_num().sum()
+    if b.ref_BT is not None:
+        loss = loss + algo.ref_kl * (m_BT.sum() / b.n_tok) * losses.ref_kl_k3(lp_BT, b.ref_BT[idx].to(dev), m_BT)
+    return loss, metrics
 
 
 def _idle_loss(model, amp) -> torch.Tensor:
@@ -406,45 +413,6 @@ def _idle_loss(model, amp) -> torch.Tensor:
     in the gradient reduction."""
     with amp():
         return 0.0 * response_logits(model, [[0]], [[0]]).float().sum()
-
-
-def step_inputs(cfg: Config, rows: TurnRows, teacher_prompts, scores: Scores) -> tuple[StepBatch, dict]:
-    """4. Advantages (judge errors and empty responses carry no gradient; reward-based estimators
-    see each episode once, with its episode reward) and the rollout correction, packed for the
-    update: ``(StepBatch, rollout metrics)``. Without the student's scores (``ls_BT`` None, see
-    :func:`old_from_update`) the old log-probs, row-local advantages and the rollout correction are
-    left to the update's first epoch, which fills the returned metrics dict in place."""
-    from agentopd.rl import advantages
-
-    ls_BT, mask_BT, lt_BT, ref_BT = scores.ls_BT, scores.mask_BT, scores.lt_BT, scores.ref_BT
-    failed = set(scores.teacher_failed)  # a served teacher's errors: no signal
-    teacher_prompts = [None if b in failed else tp for b, tp in enumerate(teacher_prompts)]
-    pending = ls_BT is None
-    ls_BT = torch.zeros_like(mask_BT) if pending else ls_BT
-    rewards_B = torch.tensor(rows.rewards, dtype=torch.float32)
-    teacher_mask_B = torch.tensor([tp is not None for tp in teacher_prompts], dtype=torch.float32)
-    inputs = advantages.AdvantageInputs(rewards_B, torch.tensor(rows.groups), mask_BT, ls_BT, lt_BT, teacher_mask_B,
-                                        torch.tensor(rows.success), torch.tensor(rows.episodes), torch.tensor(rows.turn_index))
-    mask_BT = mask_BT * (~torch.isnan(rewards_B))[:, None]
-    row_adv = pending and advantages.student_logprobs_scope(cfg.algo.advantage, cfg.algo.advantage_kwargs) == "row"
-    adv_BT = torch.zeros_like(mask_BT) if row_adv else _advantages(cfg, inputs, mask_BT)
-    engine_BT, engine_mask_BT = _engine_logprobs(rows.turns, ls_BT)
-    rollout_BT, rollout_metrics = ((torch.ones_like(ls_BT), {}) if pending else objectives.rollout_weights(
-        ls_BT, engine_BT, engine_mask_BT * mask_BT, cfg.algo.rollout_is_clip))
-    st = StepBatch(rows.prompt_ids, [g.response_ids for g in rows.turns], teacher_prompts, ls_BT,
-                   lt_BT, adv_BT, mask_BT, teacher_mask_B, rollout_BT, ref_BT, distributed.all_sum(mask_BT.sum()).clamp(min=1),
-                   distributed.all_sum((mask_BT * teacher_mask_B[:, None]).sum()).clamp(min=1),  # all ranks' tokens
-                   engine_BT, engine_mask_BT * mask_BT, pending, inputs if row_adv else None, rollout_metrics,
-                   scores.teacher_topk)
-    rollout_metrics["teacher_errors"] = len(failed)
-    return st, rollout_metrics
-
-
-def _advantages(cfg: Config, inputs, mask_BT: torch.Tensor) -> torch.Tensor:
-    """``algo.advantage`` on ``inputs``, 0 outside ``mask_BT`` (the loss mask: judge errors out)."""
-    from agentopd.rl import advantages
-
-    return torch.nan_to_num(advantages.compute(cfg.algo.advantage, inputs, **cfg.algo.advantage_kwargs)) * mask_BT
 
 
 @dataclass

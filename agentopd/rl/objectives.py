@@ -60,14 +60,18 @@ Terms = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 class Objective:
     terms: Callable[[TokenBatch, object], Terms]
     needs: Callable[[object], frozenset]
+    uses_advantage: bool
 
 
 OBJECTIVES: dict[str, Objective] = {}
 
 
-def register(name: str, needs: Callable[[object], frozenset] = lambda algo: frozenset()):
+def register(name: str, needs: Callable[[object], frozenset] = lambda algo: frozenset(), uses_advantage: bool = False):
+    """Register an objective by name: ``needs(algo)`` says what the learner must compute for it
+    (``"divergence"``, ``"teacher_logprobs"``), ``uses_advantage`` whether it reads ``algo.advantage``'s
+    advantages (whose estimator may read the teacher too)."""
     def wrap(fn: Callable[[TokenBatch, object], Terms]):
-        OBJECTIVES[name] = Objective(fn, needs)
+        OBJECTIVES[name] = Objective(fn, needs, uses_advantage)
         return fn
 
     return wrap
@@ -76,6 +80,15 @@ def register(name: str, needs: Callable[[object], frozenset] = lambda algo: froz
 def needs(algo) -> frozenset:
     """What ``algo.loss`` needs beyond the learner's log-probs."""
     return OBJECTIVES[algo.loss].needs(algo)
+
+
+def needs_teacher(algo) -> bool:
+    """Whether the algorithm reads a teacher: its objective needs the teacher's log-probs or the
+    divergence to it, or reads advantages from an estimator that reads the teacher."""
+    from agentopd.rl.advantages import READS_TEACHER
+
+    objective = OBJECTIVES[algo.loss]
+    return bool(objective.needs(algo)) or (objective.uses_advantage and algo.advantage in READS_TEACHER)
 
 
 def loss(algo, batch: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -140,7 +153,7 @@ def _divergence(algo) -> frozenset:
     return frozenset({"divergence"})
 
 
-@register("pg", needs=lambda algo: _divergence(algo) if algo.distill_weight else frozenset())
+@register("pg", needs=lambda algo: _divergence(algo) if algo.distill_weight else frozenset(), uses_advantage=True)
 def pg(b: TokenBatch, algo) -> Terms:
     """PPO-clip on the advantages (+ ``distill_weight * KL_alpha``, no importance weight)."""
     terms, metrics = _pg_terms(b, algo)
@@ -164,7 +177,7 @@ def sdpo_token(b: TokenBatch, algo) -> Terms:
     return _distill_terms(b, per_token_BT, algo.is_clip)
 
 
-@register("mix", needs=_divergence)
+@register("mix", needs=_divergence, uses_advantage=True)
 def mix(b: TokenBatch, algo) -> Terms:
     """``(1 - w) * pg + w * sdpo``, ``w = algo.distill_weight``."""
     w = algo.distill_weight

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from agentopd.inference.base import apply_chat
-from agentopd.rl.logprobs import sequence_logprobs
+from agentopd.rl.logprobs import lm_head_weight, response_hidden, sequence_logprobs
 
 TEACHER_MODES = ("ema", "frozen", "live", "trust_region")
 CONTEXT_SOURCES = ("feedback", "demonstration", "reference")
@@ -192,7 +192,8 @@ def score(model, teacher_prompt_ids: list[list[int]], response_ids: list[list[in
 
 
 class _LogitMix(torch.nn.Module):
-    """Logits ``(1 - c) * frozen + c * live``: the trust-region teacher, as a model for scoring."""
+    """Logits ``(1 - c) * frozen + c * live``: the trust-region teacher, as a model for scoring (its
+    hidden-state form is :meth:`Teacher.hidden`)."""
 
     def __init__(self, frozen, live, c: float):
         super().__init__()
@@ -238,6 +239,18 @@ class Teacher:
 
     def score(self, teacher_prompt_ids, response_ids, micro_batch: int = 8, topk: int = 0, temperature: float = 1.0):
         return score(self.model_for_scoring(), teacher_prompt_ids, response_ids, micro_batch, topk, temperature)
+
+    def hidden(self, prompt_ids: list[list[int]], response_ids: list[list[int]]):
+        """The final hidden states ``[B, R, H']`` at the response positions and the head ``[V, H']`` whose
+        product is the teacher's logits (for divergences formed chunk by chunk). trust_region: both
+        models side by side, ``(1 - mix) * frozen + mix * live`` logits as one product
+        ``[(1 - mix) h_frozen, mix h_live] @ [W_frozen, W_live].T``."""
+        if self.mode != "trust_region":
+            model = self.model_for_scoring()
+            return response_hidden(model, prompt_ids, response_ids), lm_head_weight(model)
+        parts = [(c * response_hidden(m, prompt_ids, response_ids), lm_head_weight(m))
+                 for m, c in ((self.copy, 1 - self.mix), (self.student, self.mix))]
+        return torch.cat([h for h, _ in parts], -1), torch.cat([w for _, w in parts], -1)
 
     @torch.no_grad()
     def update(self, student_model=None):
@@ -296,6 +309,10 @@ class ModelTeacher:
 
     def score(self, teacher_prompt_ids, response_ids, micro_batch: int = 8, topk: int = 0, temperature: float = 1.0):
         return score(self.copy, teacher_prompt_ids, response_ids, micro_batch, topk, temperature)
+
+    def hidden(self, prompt_ids: list[list[int]], response_ids: list[list[int]]):
+        """As :meth:`Teacher.hidden`: the model's final hidden states and its head."""
+        return response_hidden(self.copy, prompt_ids, response_ids), lm_head_weight(self.copy)
 
     def update(self, student_model=None) -> None:
         """Nothing: the teacher model never changes."""

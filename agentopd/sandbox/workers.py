@@ -13,18 +13,30 @@ import queue
 import select
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable
 
 
+def module_worker(module: str, env: dict | None = None, **kw) -> JsonWorker:
+    """A :class:`JsonWorker` running ``python -m module`` from agentopd's own installation, whatever
+    the caller's working directory: it starts in the directory that holds this ``agentopd`` package
+    (``-m`` puts the working directory first on the path), so a checkout or any other ``agentopd/``
+    folder where the user stands is never imported instead."""
+    import agentopd
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(agentopd.__file__)))
+    return JsonWorker([sys.executable, "-m", module], env=env, cwd=root, **kw)
+
+
 class JsonWorker:
     def __init__(self, argv: list[str], env: dict | None = None, preexec_fn=None, key: Hashable = None,
-                 ready_timeout: float = 60.0):
-        """Start ``argv``; it must print one JSON line (e.g. ``{"ready": true}``) when ready."""
+                 ready_timeout: float = 60.0, cwd: str | None = None):
+        """Start ``argv`` (in ``cwd``); it must print one JSON line (e.g. ``{"ready": true}``) when ready."""
         self.key = key
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     env=env, preexec_fn=preexec_fn, start_new_session=True)
+                                     env=env, preexec_fn=preexec_fn, start_new_session=True, cwd=cwd)
         self.buf = b""
         if self._readline(time.monotonic() + ready_timeout) is None:
             self.kill()
