@@ -316,9 +316,11 @@ def test_train_logs_teacher_auc_and_ratios_each_step(tmp_path):
 
 @pytest.mark.parametrize("gaps, aucs, objective, source", [
     ({"self+feedback": 0.02, "model": 0.30}, {"self+feedback": 0.9, "model": 0.8}, "distil", "model"),
+    # a self-teacher shown the reference beats the model teacher on the gap: still the model (learnable)
+    ({"self+reference": 0.40, "model": 0.15}, {"self+reference": 0.95, "model": 0.7}, "distil", "model"),
     ({"self+feedback": 0.02, "model": 0.30}, {"self+feedback": 0.9, "model": 0.5}, "blend", "model"),  # no separation
-    ({"self+feedback": 0.05, "self+reference": 0.04}, {"self+feedback": 0.9, "self+reference": 0.9}, "blend",
-     "self+feedback"),
+    ({"self+feedback": 0.05, "self+reference": 0.20}, {"self+feedback": 0.9, "self+reference": 0.9}, "blend",
+     "self+reference"),  # no teacher model: a self-teacher only ever blends
     ({"self+feedback": -0.05, "model": 0.0}, {"self+feedback": 0.9, "model": 0.9}, "grpo", None),
 ])
 def test_the_recommendation_follows_the_rule(gaps, aucs, objective, source):
