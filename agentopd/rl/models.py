@@ -15,7 +15,7 @@ def load_model(m: ModelConfig, run: RunConfig, device: torch.device):
     stored dtype (bf16 autocast does the compute: AdamW's and the EMA teacher's small updates would be
     lost below bf16's spacing; the teacher and reference copy these), with gradient checkpointing and a
     LoRA adapter as ``m`` asks (its base saved under ``run.out/base`` for the adapter to name)."""
-    from agentopd.inference import load_pretrained
+    from agentopd.inference import load_pretrained, resolve_path
 
     model, tok = load_pretrained(m.path, seed=run.seed, progress=run.progress, dtype=torch.float32)
     if m.gradient_checkpointing:
@@ -25,7 +25,7 @@ def load_model(m: ModelConfig, run: RunConfig, device: torch.device):
 
         from agentopd.rl.checkpoints import lora_base
 
-        base = lora_base(m.path, model, tok, os.path.join(run.out, "base"))
+        base = lora_base(resolve_path(m.path, progress=False), model, tok, os.path.join(run.out, "base"))
         model = get_peft_model(model, LoraConfig(r=m.lora_rank, lora_alpha=2 * m.lora_rank, target_modules="all-linear"))
         model.peft_config["default"].base_model_name_or_path = base  # what the saved adapter names
     return model.to(device), tok
