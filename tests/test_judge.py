@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,7 @@ def test_runtime_error_status_and_listed_first(judge, remove_occ):
 
 @needs_samples
 def test_error_while_loading_is_not_reported_as_a_test(judge, remove_occ):
-    j = judge.judge(remove_occ, fenced("x = [][1]\ndef remove_Occ(s, ch):\n    return s"))
+    j = judge.judge(remove_occ, fenced("x = [][1]\ndef remove_Occ(s, ch):\n    return s * x"))
     assert j.verdict.status == "runtime_error" and j.verdict.passed == 0 and j.verdict.total == 3
     assert "while loading the program: IndexError: list index out of range" in j.critique
     assert "on test 1" not in j.critique
@@ -161,10 +162,11 @@ def test_no_code_is_a_format_error(judge, remove_occ, answer):
     ("```python\nprint(1)\n```", "print(1)\n"),
     ("Sure:\n```py\nprint(1)\n```\nDone.", "print(1)\n"),
     ("```\nprint(2)\n```", "print(2)\n"),
-    ("text\n```python\nprint(3)\nprint(4)", "print(3)\nprint(4)"),  # unclosed fence: to the end
+    ("text\n```python\nprint(3)\nprint(4)", "print(3)\nprint(4)\n"),  # unclosed fence: to the end
     ("```python\nprint(1)\n```\nor better\n```python\nprint(2)\n```", "print(2)\n"),
     ("```python\nprint(1)\n```\nOutput:\n```text\n1\n```", "print(1)\n"),  # last *python* block
-    ("```\nfirst\n```\n```\nsecond\n```", "second\n"),  # no python block: the last block
+    ("```\nprint(1)\n```\n```\nprint(2)\n```", "print(2)\n"),  # no python block: the last block of code
+    ("```\nfirst\n```\n```\nsecond\n```", None),  # bare words compile, but are not code
     ("def f(x):\n    return x + 1\n", "def f(x):\n    return x + 1\n"),  # plain code
     ("This is prose, not code.", None),
     ("", None),
@@ -342,7 +344,10 @@ def test_humaneval_canonical_still_passes_after_hacks(judges, he0):
 @needs_samples
 def test_mbpp_exit_hack_does_not_pass(judge, remove_occ):
     for hack in ("import sys\nprint('all tests passed')\nsys.exit(0)\n", "import os\nos._exit(0)\n"):
+        # at the top level the extractor drops it (the function is judged: wrong); in the function it runs
         j = judge.judge(remove_occ, fenced("def remove_Occ(s, ch):\n    return s\n" + hack))
+        assert j.verdict.status == "wrong_answer" and j.verdict.passed == 0
+        j = judge.judge(remove_occ, fenced("def remove_Occ(s, ch):\n" + textwrap.indent(hack, "    ") + "    return s\n"))
         assert j.verdict.status == "runtime_error" and j.verdict.passed == 0
 
 

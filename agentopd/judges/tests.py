@@ -15,13 +15,12 @@ out, crashed or hit a limit has that status whatever was reported before it.
 """
 from __future__ import annotations
 
-import ast
 import json
-import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from agentopd.judges.base import BaseJudge, guarded, judge_error
+from agentopd.judges.extract import extract_code, problem_code  # noqa: F401  (extract_code: this module's API too)
 
 from agentopd.sandbox import KNOWN_PROGRAMS, Limits, Sandbox, make_sandbox
 from agentopd.types import ExecResult, Judgement, Problem, TestResult, Verdict
@@ -42,26 +41,6 @@ def call_job(src: str, tests: list[str], setup: str = "") -> tuple[str, str]:
     is the program; stdin holds the solution, then the tests, which the driver reads only after
     the solution's process is forked off."""
     return _DRIVER, _frame({"src": src, "setup": setup}) + _frame({"tests": tests, "setup": setup})
-
-
-_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
-
-
-def extract_code(text: str) -> str | None:
-    """The program in a model's answer: the last ```python fenced block (else the last fenced
-    block; an unclosed fence runs to the end), else the whole text if it parses as Python."""
-    blocks = _FENCE.findall(text)
-    if blocks:
-        py = [b for lang, b in blocks if lang.lower() in ("python", "py", "python3")]
-        code = (py or [b for _, b in blocks])[-1]
-        return code if code.strip() else None
-    if not text.strip():
-        return None
-    try:
-        ast.parse(text)
-    except SyntaxError:
-        return None
-    return text
 
 
 def outputs_match(got: str, expected: str) -> bool:
@@ -100,7 +79,7 @@ def _last_error_line(stderr: str) -> str:
 class TestJudge(BaseJudge):
     """Judges code by running it against the problem's tests.
 
-    ``extract``: pull the code out of a model's answer (fenced block or plain code); with
+    ``extract``: pull the code out of a model's answer (:mod:`agentopd.judges.extract`); with
     ``extract=False`` the response is a completion that continues ``payload["prefix"]`` verbatim
     (HumanEval sample files). Score = fraction of tests passed; status ``ok`` only when all pass.
     """
@@ -124,7 +103,7 @@ class TestJudge(BaseJudge):
         prefix = problem.payload.get("prefix", "")
         if not self.extract:
             return prefix + response
-        code = extract_code(response)
+        code = problem_code(problem, response)
         if code is None:
             return None
         return prefix + "\n" + code if prefix else code
