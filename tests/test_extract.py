@@ -100,3 +100,10 @@ def test_every_canonical_humaneval_solution_survives_extraction(judge):
     verdicts = judge.judge_many(list(zip(problems + problems, answers)))
     failed = [(p.id, j.verdict.status) for p, j in zip(problems + problems, verdicts) if j.verdict.status != "ok"]
     assert failed == []
+
+
+def test_an_example_assignment_named_like_a_parameter_is_dropped():
+    code = ("def f(numbers, k):\n    total = 0\n    for x in numbers:\n        total += x * SCALE\n    return total\n"
+            "SCALE = 2\nnumbers = [1, 2]\ntotal = f(numbers, 3)\ndef g():\n    global count\n    count += 1\ncount = 0\n")
+    assert definitions(code) == ("def f(numbers, k):\n    total = 0\n    for x in numbers:\n        total += x * SCALE\n"
+                                 "    return total\nSCALE = 2\ndef g():\n    global count\n    count += 1\ncount = 0\n")

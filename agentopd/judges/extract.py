@@ -131,6 +131,18 @@ def _names(node: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
+def _reads(node: ast.AST) -> set[str]:
+    """The names ``node`` reads from outside: for a function, class or lambda, less its parameters and
+    the names it assigns, plus those it declares ``global``; scopes nested in it are not told apart."""
+    loads = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+        bound = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+        bound |= {a.arg for a in ast.walk(node) if isinstance(a, ast.arg)}
+        shared = {name for g in ast.walk(node) if isinstance(g, (ast.Global, ast.Nonlocal)) for name in g.names}
+        loads = (loads - bound) | shared
+    return loads
+
+
 def _lines(stmt: ast.stmt) -> tuple[int, int]:
     """The 1-based first and last line of a statement, its decorators included."""
     first = min([stmt.lineno] + [d.lineno for d in getattr(stmt, "decorator_list", [])])
@@ -143,7 +155,7 @@ def definitions(code: str, roots: set[str] = frozenset()) -> str:
     in their order."""
     tree = ast.parse(code)
     keep = [s for s in tree.body if isinstance(s, _DEFS)]
-    used = set(roots).union(*(_names(s) for s in keep))
+    used = set(roots).union(*(_reads(s) for s in keep))
     assigns = [s for s in tree.body if isinstance(s, (ast.Assign, ast.AnnAssign, ast.AugAssign))
                and getattr(s, "value", None) is not None]
     grew = True
@@ -151,7 +163,7 @@ def definitions(code: str, roots: set[str] = frozenset()) -> str:
         new = [s for s in assigns if s not in keep and used & set().union(
             *(_names(t) for t in getattr(s, "targets", [getattr(s, "target", None)])))]
         keep += new
-        used |= set().union(*(_names(s) for s in new))
+        used |= set().union(*(_reads(s) for s in new))
         grew = bool(new)
     lines = code.split("\n")
     spans = sorted(_lines(s) for s in keep)
