@@ -369,7 +369,8 @@ def bench_recipe(path: str, models: tuple[str, str], device: torch.device, tmp: 
 
     from agentopd import jsonl
 
-    eight = "--nproc-per-node 8" in open(path, encoding="utf-8").read()
+    with open(path, encoding="utf-8") as f:
+        eight = "--nproc-per-node 8" in f.read()
     ranks = max(1, min(torch.cuda.device_count(), 8)) if eight and device.type == "cuda" else 1
     run_out = tempfile.mkdtemp(prefix="recipe-", dir=tmp)
     over = recipe_overrides(path, *models, run_out, device, ranks)
