@@ -117,6 +117,18 @@ def test_each_recipe_dry_runs_with_tiny_models(path, problems, tiny_teacher):
 
 
 @needs_samples
+def test_dry_run_of_a_recipe_whose_models_are_not_here(problems):
+    """Without the models (nothing is downloaded), their published configs give the memory plan."""
+    path = ROOT / "configs" / "recipes" / "coder1.5b-opd7b-lora.yaml"
+    plan = dry_run(load(str(path), [f"env.kwargs.problems={problems}", f"env.heldout_kwargs.problems={problems}",
+                                    "env.kwargs.backend=bwrap"]))
+    assert plan["models"]["Qwen/Qwen2.5-Coder-7B-Instruct"]["params"] == 7_615_616_512
+    stated = float(re.search(r"peak ([\d.]+) GiB per GPU", path.read_text()).group(1))
+    assert plan["memory"]["peak_gib"] == pytest.approx(stated, abs=0.006)  # the sampling phase: no sequence length in it
+    assert any(n.startswith("vocabulary rows: student 151936, teacher 152064") for n in plan["notes"])
+
+
+@needs_samples
 def test_dry_run_from_the_command_line(problems, tiny_teacher):
     path = ROOT / "configs" / "recipes" / "coder1.5b-opd7b-lora.yaml"
     r = subprocess.run([sys.executable, "-m", "agentopd", "train", "--dry-run", "--gpu-gib", "40", "--config", str(path),
