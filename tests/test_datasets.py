@@ -9,9 +9,9 @@ import base64
 import json
 import pickle
 import zlib
-from pathlib import Path
 
 import pytest
+from contests_samples import CONTESTS, SAMPLES, TSHIRTS, contests_row
 from sandbox_probe import bwrap_or_skip
 
 from agentopd.envs.code import CodeEnv
@@ -24,9 +24,6 @@ from agentopd.envs.data import (
 from agentopd.envs.testcases import decode_cases
 from agentopd.judges import make_judge
 
-SAMPLES = next((d / "shared" / "data" / "sandboxfusion-samples" for d in Path(__file__).resolve().parents[1:]
-                if (d / "shared" / "data" / "sandboxfusion-samples").is_dir()), Path("/nonexistent"))
-CONTESTS = SAMPLES / "code_contests-20.jsonl"
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample data not found at {SAMPLES}")
 
 
@@ -125,29 +122,10 @@ def test_livecodebench_private_tests_are_decoded_without_running_pickled_code(tm
         code_problem({**LCB_CALL, "metadata": "{}"})
 
 
-def _contests(sample: dict, n_public: int = 2, n_private: int = 8) -> dict:
-    """A real sample problem in deepmind/code_contests's columns: its tests split into public,
-    private and generated ones."""
-    tests = json.loads(sample["test"])
-    cols = [tests[:n_public], tests[n_public:n_public + n_private], tests[n_public + n_private:]]
-    as_col = lambda ts: {"input": [t["input"]["stdin"] for t in ts], "output": [t["output"]["stdout"] for t in ts]}
-    return {"name": json.loads(sample["labels"])["name"], "description": sample["content"],
-            **{f"{k}_tests": as_col(ts) for k, ts in zip(("public", "private", "generated"), cols)},
-            "solutions": {"language": [3], "solution": [TSHIRTS]}, "source": 2, "difficulty": 7}
-
-
-TSHIRTS = """from collections import Counter
-n = int(input())
-a = Counter(input().strip() for _ in range(n))
-b = Counter(input().strip() for _ in range(n))
-print(n - sum((a & b).values()))
-"""
-
-
 @needs_samples
 def test_code_contests_judge_and_critique_sets(judge):
     sample = json.loads(CONTESTS.read_text().splitlines()[3])  # 1000_A. Codehorses T-shirts, 102 tests
-    row = _contests(sample)
+    row = contests_row(sample, TSHIRTS)
     every = [{"input": t["input"]["stdin"], "output": t["output"]["stdout"]} for t in json.loads(sample["test"])]
     (p,) = load_code_problems([row])
     assert p.id == "1000_A. Codehorses T-shirts" and p.privileged == {"solution": TSHIRTS}
@@ -166,7 +144,7 @@ def test_critique_from_public_tests_reward_from_hidden_ones(judge):
     """RLEF's protocol through env kwargs: the episode ends when the public tests pass; the reward
     is the private tests' score, and the critique never quotes a private test."""
     sample = json.loads(CONTESTS.read_text().splitlines()[3])
-    row = _contests(sample, n_public=1, n_private=6)
+    row = contests_row(sample, TSHIRTS, n_public=1, n_private=6)
     first = json.loads(sample["test"])[0]
     rigged = f"import sys\ndata = sys.stdin.read()\nprint({first['output']['stdout'].strip()!r} if data == {first['input']['stdin']!r} else -1)"
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from contests_samples import SAMPLES, TSHIRTS, contests_row, samples
 from sandbox_probe import bwrap_or_skip
 
 from agentopd import memory
@@ -19,25 +20,7 @@ from agentopd.plan import dry_run, render
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
-SAMPLES = next((d / "shared" / "data" / "sandboxfusion-samples" for d in Path(__file__).resolve().parents[1:]
-                if (d / "shared" / "data" / "sandboxfusion-samples").is_dir()), Path("/nonexistent"))
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample data not found at {SAMPLES}")
-
-TSHIRTS = """from collections import Counter
-n = int(input())
-a = Counter(input().strip() for _ in range(n))
-b = Counter(input().strip() for _ in range(n))
-print(n - sum((a & b).values()))
-"""
-
-
-def contests_row(sample: dict, solution: str | None) -> dict:
-    """A real sample problem in deepmind/code_contests's columns (2 public, 8 private, the rest generated)."""
-    tests = json.loads(sample["test"])
-    col = lambda ts: {"input": [t["input"]["stdin"] for t in ts], "output": [t["output"]["stdout"] for t in ts]}
-    return {"name": json.loads(sample["labels"])["name"], "description": sample["content"],
-            "public_tests": col(tests[:2]), "private_tests": col(tests[2:10]), "generated_tests": col(tests[10:]),
-            "solutions": {"language": [3] if solution else [], "solution": [solution] if solution else []}}
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +29,9 @@ def problems(tmp_path_factory) -> str:
     bwrap_or_skip(workers=1, warm=False).close()
     if not SAMPLES.is_dir():
         pytest.skip(f"sample data not found at {SAMPLES}")
-    samples = [json.loads(line) for line in (SAMPLES / "code_contests-20.jsonl").read_text().splitlines()]
+    rows = samples()
     path = tmp_path_factory.mktemp("cc") / "code_contests.jsonl"
-    rows = [contests_row(samples[3], TSHIRTS), contests_row(samples[0], None), contests_row(samples[9], None)]
+    rows = [contests_row(rows[3], TSHIRTS), contests_row(rows[0], None), contests_row(rows[9], None)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
