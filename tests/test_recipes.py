@@ -154,3 +154,22 @@ def test_dry_run_catches_broken_references_and_teachers_it_cannot_distil_from(pr
     assert dry_run(load(str(opd), [*swapped(opd, problems, str(padded))]))["notes"][0].startswith("vocabulary rows")
     with pytest.raises(ConfigError, match="set algo.distill_topk"):
         dry_run(load(str(opd), [*swapped(opd, problems, str(padded)), "algo.distill_topk=0"]))
+
+
+def test_opd_recipe_trains_from_a_teacher_with_more_vocabulary_rows(tmp_path):
+    """The OPD recipes' case (Qwen2.5-Coder-7B's head has 128 rows more than the 1.5B's): the
+    divergence over the student's top-K gathers the teacher's log-probs at the student's ids."""
+    from agentopd.testbed.tiny import build_tiny
+    from agentopd.train import train
+
+    model, tok = build_tiny(hidden=96)
+    model.resize_token_embeddings(len(tok) + 64)
+    model.save_pretrained(tmp_path / "padded")
+    tok.save_pretrained(tmp_path / "padded")
+    path = ROOT / "configs" / "recipes" / "coder1.5b-opd7b-lora.yaml"
+    rows = train(load(str(path), [
+        "model.path=tiny", f"teacher.model={tmp_path / 'padded'}", "engine.name=hf", "engine.kwargs={}",
+        "env.kwargs.problems=functions", "env.kwargs.n=32", "env.heldout_kwargs={}", "eval.problems=0",
+        "sampling.max_new_tokens=16", "sampling.prompts_per_step=2", "sampling.group_size=2", "run.steps=1",
+        f"run.out={tmp_path / 'run'}", "run.progress=false", "run.checkpoint_every=0", "run.device=cpu"]))
+    assert rows[-1]["loss"] > 0 and rows[-1]["kl_teacher"] != 0
