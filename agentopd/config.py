@@ -52,9 +52,12 @@ class EnvConfig(Section):
     user's ('package.module:Name-v0' imports the module first)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """The env's arguments. agentopd's: problems (a generator: functions, micro, arithmetic; humaneval;
-    a JSONL file), n, levels, seed (generated problems; default run.seed + 1 in training), judge (a
-    spec {name: ..., ...}), backend, timeout_s, public_tests (RLEF: the critique comes from that many
-    public tests, the verdict from the rest)."""
+    a JSONL file; a datasets dataset {dataset: NAME_OR_DIR, split: train, name: CONFIG, limit: N}), n,
+    levels, seed (generated problems; default run.seed + 1 in training), judge (a spec {name: ...,
+    ...}), backend, timeout_s, public_tests (RLEF: the critique comes from that many public tests, the
+    verdict from the rest); code rows with named test sets (CodeContests, LiveCodeBench): judge_tests
+    (the sets that give the reward, default [private, generated]), critique_tests (those that give the
+    critique, e.g. [public]), max_tests (the first N judging tests, 0: all)."""
     heldout_kwargs: dict[str, Any] = Field(default_factory=dict)
     """What the held-out env (eval.problems in training) changes in kwargs; for generated problems
     the default is {split: heldout, n: eval.problems}."""

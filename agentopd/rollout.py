@@ -238,7 +238,8 @@ def env_specs(cfg) -> tuple[str, dict, dict | None]:
     env_id, kw = e.id, dict(e.kwargs)
     ours = env_id.startswith("agentopd/")
     kind = {"agentopd/Math-v0": "math"}.get(env_id, "code")
-    if ours and GENERATORS.get(kw.get("problems"), kind) != kind:
+    named = kw.get("problems") if isinstance(kw.get("problems"), str) else None  # (else a file's rows, a dataset spec)
+    if ours and GENERATORS.get(named, kind) != kind:
         raise ConfigError(f"env.kwargs.problems={kw['problems']!r} makes {GENERATORS[kw['problems']]} problems, but "
                           f"env.id is {env_id}")
     if ours:
@@ -246,7 +247,7 @@ def env_specs(cfg) -> tuple[str, dict, dict | None]:
         kw.setdefault("seed", cfg.run.seed + 1)
     if not cfg.eval.problems:
         return env_id, kw, None
-    generated = ours and kw.get("problems") in GENERATORS
+    generated = ours and named in GENERATORS
     held = dict(e.heldout_kwargs)
     if generated and not held:
         kw.setdefault("heldout_n", cfg.eval.problems)

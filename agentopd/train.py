@@ -45,10 +45,11 @@ from agentopd.rollout import Sampling, env_specs, make_envs, rollout_chunks
 # ------------------------------------------------------------------------------------ helpers
 
 
-def check(cfg: Config) -> None:
+def check(cfg: Config, load: bool = True) -> None:
     """What the config's types and ranges cannot say, checked before any work: the estimator and
     its arguments, the objective, the teacher (a separate teacher's tokenizer against the student's),
-    the env and its judge, the engine."""
+    the env and its judge, the engine. ``load=False`` (the dry run, agentopd.plan) skips what needs
+    the tokenizers or vLLM installed."""
     import inspect
 
     from agentopd.rl import advantages
@@ -61,7 +62,7 @@ def check(cfg: Config) -> None:
     if bad:
         takes = [p for p in params if p != "inputs"]
         raise ConfigError(f"algo.advantage_kwargs: {cfg.algo.advantage} does not take {bad}; it takes {takes}")
-    _check_teacher(cfg)
+    _check_teacher(cfg, load)
     _check_loss(cfg.algo)
     check_env_id(cfg.env.id)
     env_specs(cfg)
@@ -69,7 +70,7 @@ def check(cfg: Config) -> None:
         _check_judge_spec(cfg.env.kwargs["judge"])
     if cfg.engine.name == "openai":
         raise ConfigError("engine.name: openai samples for eval model and rlef; training needs hf or vllm")
-    if cfg.engine.name == "vllm":  # missing or too old: one line before any work
+    if cfg.engine.name == "vllm" and load:  # missing or too old: one line before any work
         from agentopd.inference.vllm import require_vllm
 
         require_vllm()
@@ -92,7 +93,7 @@ def check_env_id(env_id: str) -> None:
         raise ConfigError(f"env.id: {env_id!r} is not a registered env ({type(e).__name__}){hint}") from None
 
 
-def _check_teacher(cfg: Config) -> None:
+def _check_teacher(cfg: Config, load: bool = True) -> None:
     """The teacher settings, and a separate teacher's tokenizer against the student's (before any
     model loads: token-level distillation needs the same tokens)."""
     t = cfg.teacher
@@ -105,9 +106,9 @@ def _check_teacher(cfg: Config) -> None:
     if not (t.model or t.base_url or t.context):
         raise ConfigError("teacher.context=[] shows the self-teacher nothing the student did not see: name a "
                           "teacher.model (or teacher.base_url), or a context source")
-    if t.model:
+    if t.model and load:
         _check_teacher_tokenizer(cfg.model.path, t.model, cfg.run.seed)
-    if t.base_url:  # the server's /tokenize against the student's tokenizer (a warning where it has none)
+    if t.base_url and load:  # the server's /tokenize against the student's tokenizer (a warning where it has none)
         from agentopd.inference import load_tokenizer
         from agentopd.rl.served import ServedTeacher
 
