@@ -98,12 +98,16 @@ def cmd_judges(a) -> int:
 
 
 def cmd_train(a) -> int:
+    from agentopd import faults
     from agentopd.config import load
     from agentopd.train import train
 
     try:
         cfg = load(a.config, a.overrides)
         rows = train(cfg)
+    except faults.Stopped as e:  # a stop signal, a full disk, a service down, bad numbers: its status
+        print(f"agentopd: {e}", file=sys.stderr)
+        return faults.leave(e.code)
     except _user_errors() as e:
         return _fail(str(e))
     if rows and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
@@ -126,11 +130,15 @@ def _run_config(run, a) -> int:
     """Load the config (YAML + overrides), run it, print the summary table (``run.out/summary.md``,
     stderr) and the report (JSON, stdout); a bad config, dataset, engine or missing extra is one line
     on stderr."""
+    from agentopd import faults
     from agentopd.config import load
 
     try:
         cfg = load(a.config, a.overrides)
         report = run(cfg)
+    except faults.Stopped as e:  # a results write that failed (a full disk): its status
+        print(f"agentopd: {e}", file=sys.stderr)
+        return faults.leave(e.code)
     except _user_errors() as e:
         return _fail(str(e))
     with open(os.path.join(cfg.run.out, "summary.md"), encoding="utf-8") as f:

@@ -25,6 +25,7 @@ for SIGTERM), without a checkpoint. This module imports no torch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 
 INTERRUPTED = 75
 WRITE_FAILED = 74
@@ -111,13 +113,17 @@ def dir_size(path: str) -> int:
 
 def _cause(e: BaseException) -> str | None:
     """Why a write failed, in words; None when ``e`` is not a write failure (a bug: re-raised).
-    safetensors and torch.save report the OS error inside their own exception types."""
+    safetensors reports the OS error inside its own exception; torch.save only that its zip writer
+    failed (a RuntimeError raised in torch.serialization)."""
     if isinstance(e, OSError):
         return e.strerror or str(e)
-    text = str(e)
-    code = re.search(r"code: (\d+)", text)  # safetensors: IoError(Os { code: 28, kind: StorageFull, ... })
-    if type(e).__name__ == "SafetensorError" or "PytorchStreamWriter" in text or "file write failed" in text:
-        return os.strerror(int(code[1])) if code else text.splitlines()[0][:200]
+    text = (str(e).splitlines() or [""])[0][:200]
+    code = re.search(r"code: (\d+)", str(e))  # safetensors: IoError(Os { code: 28, kind: StorageFull, ... })
+    if type(e).__name__ == "SafetensorError":
+        return os.strerror(int(code[1])) if code else text
+    frames = [f.f_code.co_filename.replace(os.sep, "/") for f, _ in traceback.walk_tb(e.__traceback__)]
+    if any(f.endswith("torch/serialization.py") for f in frames):
+        return f"torch.save failed: {text}"
     return None
 
 
@@ -135,8 +141,8 @@ def writing(path: str, need: int = 0, what: str = "write", after: str = "", clea
         if cleanup is not None:
             cleanup()
         free = free_bytes(path)
-        if free < need and "space" not in cause.lower():
-            cause = f"{cause} (the disk is full)"
+        if free < need and not isinstance(e, OSError) and "space" not in cause.lower():
+            cause = f"{os.strerror(errno.ENOSPC)} ({cause})"  # torch.save says only that the write failed
         room = f"{human(free)} free there" + (f", about {human(need)} needed" if need else "")
         raise WriteFailed(f"cannot {what} {path}: {cause}; {room}" + (f"; {after}" if after else ""),
                           path, need, free) from None

@@ -4,6 +4,8 @@ block or taken whole and run against the problem's tests by the test judge (see
 :mod:`agentopd.envs.base` for the episode)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from agentopd.envs.base import AnyText, JudgedEnv, JudgedVectorEnv  # noqa: F401  (AnyText re-exported)
 from agentopd.envs.data import load_code_problems
 from agentopd.envs.procedural import problem_set
@@ -12,7 +14,8 @@ from agentopd.envs.procedural import problem_set
 class CodeEnv(JudgedEnv):
     def __init__(self, problems=None, max_turns: int = 1, judge=None, backend: str = "auto",
                  timeout_s: float = 10.0, max_length: int = 1 << 20, render_mode: str | None = None,
-                 public_tests: int = 0, n: int = 256, levels=(1, 2), seed: int = 1, split: str = "train",
+                 public_tests: int = 0, n: int = 256, levels: tuple[int, ...] = (1, 2), seed: int = 1,
+                 split: Literal["train", "heldout"] = "train",
                  heldout_n: int = 0):
         """``problems``: a JSONL path, a ``datasets`` dataset, a list of dicts or Problems, or the
         generator ``"functions"`` (``n``, ``seed``; ``split``: "train", which leaves out the first
