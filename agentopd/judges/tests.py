@@ -157,8 +157,9 @@ class TestJudge(BaseJudge):
                 line, got, exp = where if where else (tests[i], "", "")
                 details[i] = TestResult(status, input=line or tests[i], expected=exp, got=got, error=msg)
                 reported.add(i)
-            elif rec[0] == "load_error":
-                return Verdict(0.0, 0, total, rec[1], [TestResult(rec[1], error=rec[2])])
+            elif rec[0] == "load_error":  # (a limit that ended the load is the status: e.g. its CPU time)
+                status = res.status if res.status in ("timeout", "memory", "output_limit") else rec[1]
+                return Verdict(0.0, 0, total, status, [TestResult(status, error=rec[2])])
             elif rec[0] == "unsupported":
                 raise _DriverFailed(rec[1])
         if not recs and res.exit_code == 1 and "Traceback" in res.stderr:  # only the driver writes there

@@ -258,7 +258,8 @@ class Link:
         """The candidate's first reply: None when the program loaded, else (status, error)."""
         line = self.replies.read()
         if line is None:
-            return "runtime_error", str(self._ended())
+            gone = self._ended()
+            return gone.status, str(gone)
         try:  # (the program may have written this line itself: its code ran before ours sent it)
             load = json.loads(line)["load"]
             return None if load == "ok" else (load[0], str(load[1]))

@@ -28,11 +28,10 @@ def wall_limit(cpu_s: float) -> float:
 
 
 def cpu_time(pid: int) -> float | None:
-    """Seconds of CPU time process ``pid`` has used (user + system; alive or a zombie), or None."""
+    """Seconds of CPU time process ``pid`` has used (the scheduler's count; alive or a zombie), or None."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        with open(f"/proc/{pid}/schedstat", encoding="ascii") as f:
+            return int(f.read().split()[0]) / 1e9
     except (OSError, ValueError, IndexError):
         return None
 

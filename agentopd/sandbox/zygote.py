@@ -583,15 +583,27 @@ def _collect_run(pid, lim, out_r, err_r, sinks, helper):
 
 
 def _used_its_cpu(pid, lim) -> bool:
-    """Whether the program ``pid`` (alive, exiting or a zombie) has used its whole CPU-time limit: a
-    call-style run's timeout, though the helper saw only that its process ended (SIGXCPU)."""
+    """Whether the program ``pid`` (this worker's child) was ended by its CPU-time limit (SIGXCPU, or
+    the hard limit's SIGKILL): a call-style run's timeout, though the helper saw only that its
+    process ended. Only a program that used at least 95% of its limit (the scheduler's count, the
+    clock RLIMIT_CPU uses) is waited for, a second at most: one still alive then was not ended."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        with open(f"/proc/{pid}/schedstat", encoding="ascii") as f:
+            used = int(f.read().split()[0]) / 1e9
     except (OSError, ValueError, IndexError):
         return False
-    return used >= cpu_seconds(lim) - 0.05
+    if used < 0.95 * cpu_seconds(lim):
+        return False
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if done:
+            return os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGXCPU, signal.SIGKILL)
+        time.sleep(0.002)
+    return False
 
 
 # modules most programs import: loaded once here, so a forked program does not pay for them
