@@ -460,7 +460,7 @@ def check_arguments(fn, given: dict, where: str, name: str | None = None, skip: 
 
     from pydantic import TypeAdapter
 
-    target = _init_of(fn)
+    target = inspect.unwrap(_init_of(fn))  # (a decorated estimator: the function it wraps)
     name = name or getattr(fn, "__name__", str(fn))
     params = {k: p for k, p in inspect.signature(target).parameters.items()
               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and k != "self" and k not in reserved}

@@ -134,33 +134,40 @@ def gate(gate_dir: Path, at: int = 0, inner: str = "math") -> str:
 
 
 @contextlib.contextmanager
-def small_disk(path: Path, mb: int, force_limit: bool = False):
-    """``(dir, how, limit)``: a real tmpfs of ``mb`` MB mounted at ``path`` (``how`` "tmpfs"; as root,
+def small_disk(path: Path, kb: int, force_limit: bool = False):
+    """``(dir, how, limit)``: a real tmpfs of ``kb`` kB mounted at ``path`` (``how`` "tmpfs"; as root,
     unmounted at the end), else (or with ``force_limit``) the plain directory and ``limit``, a
-    preexec_fn that caps every file a process writes at ``mb`` MB (RLIMIT_FSIZE, with SIGXFSZ ignored:
+    preexec_fn that caps every file a process writes at ``kb`` kB (RLIMIT_FSIZE, with SIGXFSZ ignored:
     the write fails with EFBIG; ``how`` "file-size limit")."""
     path.mkdir(parents=True, exist_ok=True)
     mounted = not force_limit and os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(path)], capture_output=True).returncode == 0
+        ["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", str(path)], capture_output=True).returncode == 0
     try:
-        yield path, ("tmpfs" if mounted else "file-size limit"), (None if mounted else _fsize(mb))
+        yield path, ("tmpfs" if mounted else "file-size limit"), (None if mounted else _fsize(kb))
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def _fsize(mb: int):
+def _fsize(kb: int):
     def limit():
         import resource
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (mb << 20, mb << 20))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (kb << 10, kb << 10))
     return limit
 
 
-def grow(path: Path, mb: int) -> None:
-    """A mounted tmpfs at ``path`` resized to ``mb`` MB."""
-    subprocess.run(["mount", "-o", f"remount,size={mb}m", str(path)], check=True, capture_output=True)
+def grow(path: Path, kb: int) -> None:
+    """A mounted tmpfs at ``path`` resized to ``kb`` kB."""
+    subprocess.run(["mount", "-o", f"remount,size={kb}k", str(path)], check=True, capture_output=True)
+
+
+def agentopd(*args: str, env=None, preexec_fn=None) -> subprocess.CompletedProcess:
+    """``python -m agentopd ARGS`` (one torch thread, tests/ on the path), its output captured."""
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "agentopd", *args], capture_output=True, text=True, env=environ,
+                          cwd=ROOT, preexec_fn=preexec_fn, timeout=WAIT_S)
 
 
 # ------------------------------------------------------------------------------ a private Docker engine

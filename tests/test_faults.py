@@ -8,6 +8,7 @@ that was never stopped. No test waits on a timing: gates hold a step until the t
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import torch
 from fault_parts import (
     WAIT_S,
     At,
+    agentopd,
     GateJudge,
     NaNJudge,
     PrivateDocker,
@@ -166,7 +168,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_what_it_needs(tmp_path, 
     """4 MB hold the step-2 checkpoint (2.4 MB) but not step 4's (or every file is capped at 1 MB,
     below the optimizer state's 1.2 MB): one line, exit 74, no partial files; it fails the same way
     until there is room, then resumes to the parameters of a run that never failed."""
-    with small_disk(tmp_path / "disk", 4 if mode == "tmpfs" else 1, force_limit=mode != "tmpfs") as (disk, how, cap):
+    with small_disk(tmp_path / "disk", 4096 if mode == "tmpfs" else 1024, force_limit=mode != "tmpfs") as (disk, how, cap):
         if how != mode:
             pytest.skip(f"mounting a tmpfs is not allowed here ({how} instead)")
         out = disk / "run"
@@ -181,10 +183,49 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_what_it_needs(tmp_path, 
             assert os.listdir(out / "checkpoints") == ["step-2"]
         if how == "tmpfs":
             assert "No space left on device" in _said(text)[-1] and "low disk space" in text  # the early warning
-            grow(disk, 16)
+            grow(disk, 16384)
         code, text = _finish(train_process(out, "run.steps=4", "run.checkpoint_every=2", "run.resume=true"))
         assert code == 0, text[-3000:]
         _same_run(out, straight)
+
+
+EVAL = {"model": {"path": "tiny"}, "engine": {"name": "hf"}, "sampling": {"max_new_tokens": 8},
+        "env": {"id": "agentopd/Math-v0", "kwargs": {"problems": "arithmetic", "n": 40}},
+        "eval": {"samples": 2, "chunk": 4}, "run": {"progress": False, "device": "cpu"}}
+
+
+@pytest.mark.parametrize("mode", ["tmpfs", "file-size limit"])
+def test_eval_results_on_a_full_disk_stop_whole_and_resume(tmp_path, mode):
+    """``eval model`` whose results.jsonl outgrows 8 kB (a tmpfs, or a file-size limit): one line, exit
+    74, the file holds whole rows only; with room, run.resume=true ends with the rows of a run that
+    never failed."""
+    import yaml
+
+    from agentopd.jsonl import read
+
+    def config(out):
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump({**EVAL, "run": {**EVAL["run"], "out": str(out)}}))
+        return str(path)
+
+    straight = tmp_path / "straight"
+    assert agentopd("eval", "model", "--config", config(straight)).returncode == 0
+    with small_disk(tmp_path / "disk", 8, force_limit=mode != "tmpfs") as (disk, how, cap):
+        if how != mode:
+            pytest.skip(f"mounting a tmpfs is not allowed here ({how} instead)")
+        out = disk / "eval"
+        r = agentopd("eval", "model", "--config", config(out), preexec_fn=cap)
+        assert r.returncode == faults.WRITE_FAILED and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert _said(r.stderr)[-1].startswith(f"agentopd: cannot ") and str(out) in _said(r.stderr)[-1]
+        kept = read(str(out / "results.jsonl"))  # whole rows only (a torn line would raise here)
+        assert 0 < len(kept) < 80
+        if how == "tmpfs":
+            grow(disk, 1024)
+        r = agentopd("eval", "model", "--config", config(out), "run.resume=true")
+        assert r.returncode == 0, r.stderr[-3000:]
+        key = lambda row: (row["task_id"], row["sample_index"])  # noqa: E731
+        assert sorted(read(str(out / "results.jsonl")), key=key) == sorted(read(str(straight / "results.jsonl")),
+                                                                            key=key)
 
 
 # ---------------------------------------------------------------------------------- 3. non-finite numbers
@@ -300,6 +341,7 @@ def docker(tmp_path_factory):
     d.start()
     yield d
     d.stop()
+    shutil.rmtree(d.root, ignore_errors=True)
 
 
 @pytest.mark.parametrize("back", [True, False], ids=["engine-back-in-time", "engine-stays-down"])
