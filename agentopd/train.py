@@ -438,7 +438,8 @@ def _service_failure(cfg: Config, prep: Prepared) -> str:
         why = f"{batch.teacher_errors} of {asked} teacher rows got no scores (the teacher at {cfg.teacher.base_url})"
     if distributed.world() > 1 and float(distributed.all_sum(torch.tensor(float(bool(why))))) and not why:
         why = "another rank's samples could not be judged or scored"
-    return why and f"{why}: more than run.max_error_rate={limit:g} after {cfg.run.service_retries} retries"
+    n = cfg.run.service_retries
+    return why and f"{why}: more than run.max_error_rate={limit:g} after {n} retr{'y' if n == 1 else 'ies'}"
 
 
 def _resume(cfg: Config, ckpt_dir: str, model, opt, teacher, device) -> tuple[int, int, dict]:
@@ -698,7 +699,9 @@ def _act(run: _Run, act: str, line: str) -> None:
         if distributed.is_main():
             faults.say(line)
     elif act == "unhealthy":
-        run.stop(faults.UNHEALTHY, line, f"the last good weights (those of step {run.guard.last_good})")
+        good = run.guard.last_good
+        run.stop(faults.UNHEALTHY, line, f"the last good weights (those of step {good})" if good else
+                 "the weights it started from (no update was applied)")
     elif act == "stop":
         run.stop(faults.UNHEALTHY, line)
     else:

@@ -254,6 +254,7 @@ def test_an_infinite_teacher_skips_the_update_and_stops_with_the_last_good_weigh
     assert e.value.code == faults.UNHEALTHY
     assert str(e.value).startswith("step 2: stopped after 2 skipped updates in a row (optim.max_bad_steps): "
                                    "teacher_logprobs is not finite; checkpoint ")
+    assert "holds the weights it started from (no update was applied)" in str(e.value)
     assert [r["update_skipped"] for r in e.value.rows] == ["teacher_logprobs"] * 2
     from agentopd.testbed.tiny import build_tiny
 
@@ -367,6 +368,23 @@ def test_the_docker_engine_stopped_mid_run(tmp_path, monkeypatch, docker, back):
     docker.start()
     rows = train(_cfg(tmp_path, *code, "run.resume=true"), engine=Programs, judge=TestJudge(backend="docker", workers=1))
     assert [r["step"] for r in rows] == [2, 3] and all(r["judge_errors"] == 0 for r in rows)
+
+
+def test_sandbox_workers_killed_mid_run_cost_no_sample(tmp_path):
+    """Every warm sandbox worker killed from outside before step 2's judging: the pool starts new ones
+    and every sample is judged."""
+    from agentopd.judges.tests import TestJudge
+
+    def kill_workers():
+        for w in list(judge.sandbox.pool.live.values()):
+            os.killpg(w.proc.pid, signal.SIGKILL)
+
+    judge = TestJudge(backend="bwrap", workers=1) if shutil.which("bwrap") else None
+    if judge is None:
+        pytest.skip("bubblewrap is not installed")
+    rows = train(_cfg(tmp_path, "env.id=agentopd/Code-v0", "env.kwargs.problems=functions", "env.kwargs.n=8",
+                      "run.steps=2", "run.checkpoint_every=0"), engine=Programs, judge=At(judge, at=2, act=kill_workers))
+    assert [r["judge_errors"] for r in rows] == [0, 0] and [r["judged"] for r in rows] == [6, 6]
 
 
 @pytest.mark.parametrize("fault", ["killed", "slow"])

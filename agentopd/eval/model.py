@@ -137,7 +137,11 @@ class Results:
         """Record judged rows; they are appended to the file in one write."""
         from agentopd import jsonl
 
-        jsonl.append(self.path, rows)
+        try:
+            jsonl.append(self.path, rows)
+        except faults.WriteFailed as e:  # the rows before these are whole: a rerun goes on from them
+            raise faults.WriteFailed(f"{e}; the rows before are kept: free space, then run.resume=true continues",
+                                     e.path, e.need, e.free) from None
         self.rows.update({(str(r["task_id"]), int(r["sample_index"])): r for r in rows})
 
     def select(self, problems, n: int) -> list[dict]:
