@@ -23,6 +23,7 @@ from agentopd.diagnose import step_metrics
 from agentopd.eval.heldout import heldout_eval
 from agentopd.inference.hf import HFEngine
 from agentopd.rl import distributed, objectives
+from agentopd.rl.guard import Guard
 from agentopd.rl.learner import (
     Batch,
     TurnRows,
@@ -40,7 +41,6 @@ from agentopd.rl.models import (
     pick_device,
     precision,
 )
-from agentopd.rl.guard import Guard
 from agentopd.rl.teacher import Teacher
 from agentopd.rollout import Sampling, env_specs, make_envs, rollout_chunks
 

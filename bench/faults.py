@@ -26,12 +26,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 from fault_parts import (  # noqa: E402
     At,
+    Collapsing,
     NaNJudge,
     PrivateDocker,
+    Programs,
     agentopd,
     gate,
     grow,
     server_process,
+    sigterm_one_rank,
     small_disk,
     train_process,
     wait_for,
@@ -139,7 +142,7 @@ def full_disk(tmp: Path, straight: Path) -> dict:
         out = disk / "run"
         code, text = finish(train_process(out, "run.steps=40", "run.checkpoint_every=2", preexec_fn=cap))
         kept = sorted(os.listdir(out / "checkpoints"))
-        again, text2 = finish(train_process(out, "run.steps=40", "run.checkpoint_every=2", "run.resume=true",
+        again, _ = finish(train_process(out, "run.steps=40", "run.checkpoint_every=2", "run.resume=true",
                                             preexec_fn=cap))
         if how == "tmpfs":
             grow(disk, 131072)
@@ -211,8 +214,6 @@ def huge_lr(tmp: Path) -> dict:
 
 
 def collapse(tmp: Path) -> dict:
-    from test_faults import Collapsing
-
     c = cfg(tmp / "collapse", "run.steps=6", "run.checkpoint_every=1", "run.guard=rollback", "run.guard_window=1")
     rows = train(c, engine=Collapsing)
     acts = [r.get("guard") for r in rows]
@@ -223,8 +224,6 @@ def collapse(tmp: Path) -> dict:
 
 
 def docker_down(tmp: Path) -> dict:
-    from test_faults import Programs
-
     from agentopd.judges.tests import TestJudge
 
     why = PrivateDocker.available()
@@ -282,8 +281,6 @@ def server_down(tmp: Path, kind: str) -> dict:
 
 
 def sandbox_killed(tmp: Path) -> dict:
-    from test_faults import Programs
-
     from agentopd.judges.tests import TestJudge
 
     judge = TestJudge(backend="auto", workers=1)
@@ -300,21 +297,8 @@ def sandbox_killed(tmp: Path) -> dict:
 
 
 def torchrun_one_rank(tmp: Path) -> dict:
-    import subprocess
-
     out, g, log = tmp / "ranks", tmp / "gate-ranks", tmp / "ranks.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "agentopd",
-           "train", "--config", str(ROOT / "configs" / "micro-sdpo.yaml"), *TINY, f"run.out={out}", "run.steps=10",
-           "run.checkpoint_every=0", "run.distributed=ddp", gate(g, at=4)]
-    with open(log, "w") as sink:
-        p = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        rank1 = json.loads(wait_for(lambda: (g / "ready-1").exists() and (g / "ready-1").read_text()))["pid"]
-        wait_for((g / "ready-0").exists)
-        os.kill(rank1, signal.SIGTERM)
-        wait_for(lambda: "on every rank" in log.read_text())
-        (g / "go").touch()
-        p.wait()
+    sigterm_one_rank(out, g, log, steps=10, at=4)
     calls = [len((g / f"calls-{r}").read_text().split()) for r in (0, 1)]
     kept = sorted(os.listdir(out / "checkpoints"))
     text = log.read_text()

@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from agentopd.inference.base import Engine
 from agentopd.judges import BaseJudge, make_judge
-from agentopd.types import Judgement, Verdict
+from agentopd.types import Generation, Judgement, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -109,6 +110,43 @@ class At(BaseJudge):
         self.inner.close()
 
 
+# ------------------------------------------------------------------------------ engines
+
+
+class Collapsing(Engine):
+    """The tiny model's sampling, until call ``at``; from then on one token per answer (a length
+    collapse, as late SDPO runs show)."""
+
+    at = 3
+
+    def __init__(self, model, tokenizer, device=None):
+        from agentopd.inference.hf import HFEngine
+
+        self.hf, self.tokenizer, self.calls = HFEngine(model, tokenizer, device=device), tokenizer, 0
+
+    def generate(self, prompt_ids, n=1, **kw):
+        self.calls += 1
+        out = self.hf.generate(prompt_ids, n=n, **kw)
+        if self.calls >= self.at:
+            for gs in out:
+                for g in gs:
+                    g.response_ids, g.logprobs, g.finish_reason = g.response_ids[:1], g.logprobs[:1], "stop"
+                    g.text = self.tokenizer.decode(g.response_ids)
+        return out
+
+
+class Programs(Engine):
+    """Answers every code problem with the same correct-looking program (the judge must run it)."""
+
+    def __init__(self, model, tokenizer, device=None):
+        self.tokenizer = tokenizer
+
+    def generate(self, prompt_ids, n=1, **kw):
+        text = "```python\ndef f(x):\n    return x\n```"
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return [[Generation(ids, [-1.0] * len(ids), text, "stop") for _ in range(n)] for _ in prompt_ids]
+
+
 # ------------------------------------------------------------------------------ a training process
 
 
@@ -128,6 +166,24 @@ def gate(gate_dir: Path, at: int = 0, inner: str = "math") -> str:
     """The override that puts a :class:`GateJudge` in the env."""
     gate_dir.mkdir(parents=True, exist_ok=True)
     return f"env.kwargs.judge={json.dumps({'name': 'fault_parts:GateJudge', 'gate_dir': str(gate_dir), 'at': at, 'inner': inner})}"
+
+
+def sigterm_one_rank(out: Path, gate_dir: Path, log: Path, steps: int, at: int) -> None:
+    """``agentopd train`` under torchrun (2 CPU ranks, ddp) held at the gate in step ``at``; SIGTERM to
+    rank 1 alone once both ranks are there, the gate opened once rank 1 said it will stop; returns
+    when torchrun ends (its output in ``log``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "agentopd",
+           "train", "--config", str(ROOT / "configs" / "micro-sdpo.yaml"), *TINY, f"run.out={out}",
+           f"run.steps={steps}", "run.checkpoint_every=0", "run.distributed=ddp", gate(gate_dir, at=at)]
+    with open(log, "w") as sink:
+        p = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        rank1 = json.loads(wait_for(lambda: (gate_dir / "ready-1").exists() and (gate_dir / "ready-1").read_text()))
+        wait_for((gate_dir / "ready-0").exists)
+        os.kill(rank1["pid"], signal.SIGTERM)
+        wait_for(lambda: "SIGTERM: finishing the current step on every rank" in log.read_text())
+        (gate_dir / "go").touch()
+        p.wait(timeout=WAIT_S)
 
 
 # ------------------------------------------------------------------------------ a small disk

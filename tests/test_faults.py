@@ -20,13 +20,16 @@ import torch
 from fault_parts import (
     WAIT_S,
     At,
-    agentopd,
+    Collapsing,
     GateJudge,
     NaNJudge,
     PrivateDocker,
+    Programs,
+    agentopd,
     gate,
     grow,
     server_process,
+    sigterm_one_rank,
     small_disk,
     train_process,
     wait_for,
@@ -34,9 +37,7 @@ from fault_parts import (
 
 from agentopd import faults
 from agentopd.config import load
-from agentopd.inference.base import Engine
 from agentopd.train import train
-from agentopd.types import Generation
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["run.progress=false", "model.path=tiny", "env.id=agentopd/Math-v0", "env.kwargs.problems=arithmetic",
@@ -141,20 +142,9 @@ def test_a_second_signal_stops_at_once_and_leaves_the_last_checkpoint(tmp_path):
 
 def test_under_torchrun_every_rank_stops_after_the_same_step(tmp_path):
     """SIGTERM to rank 1 alone: both ranks finish step 2, agree, and stop; rank 0 writes step-2."""
-    out, g, log = tmp_path / "run", tmp_path / "gate", tmp_path / "log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "agentopd",
-           "train", "--config", str(ROOT / "configs" / "micro-sdpo.yaml"), *TINY, f"run.out={out}", "run.steps=4",
-           "run.checkpoint_every=0", "run.distributed=ddp", gate(g, at=2)]
-    with open(log, "w") as sink:
-        p = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        rank1 = json.loads(wait_for(lambda: (g / "ready-1").exists() and (g / "ready-1").read_text()))["pid"]
-        wait_for((g / "ready-0").exists)
-        os.kill(rank1, signal.SIGTERM)
-        wait_for(lambda: "SIGTERM: finishing the current step on every rank" in log.read_text())
-        (g / "go").touch()
-        p.wait(timeout=WAIT_S)
-    text = log.read_text()
+    out, g = tmp_path / "run", tmp_path / "gate"
+    sigterm_one_rank(out, g, tmp_path / "log", steps=4, at=2)
+    text = (tmp_path / "log").read_text()
     assert "stopped by SIGTERM after step 2" in text and "stopped by a stop signal on another rank after step 2" in text
     assert os.listdir(out / "checkpoints") == ["step-2"]
     assert [(g / f"calls-{r}").read_text().split() for r in (0, 1)] == [["1", "2"], ["1", "2"]]  # no rank began step 3
@@ -216,14 +206,14 @@ def test_eval_results_on_a_full_disk_stop_whole_and_resume(tmp_path, mode):
         out = disk / "eval"
         r = agentopd("eval", "model", "--config", config(out), preexec_fn=cap)
         assert r.returncode == faults.WRITE_FAILED and "Traceback" not in r.stderr, r.stderr[-3000:]
-        assert _said(r.stderr)[-1].startswith(f"agentopd: cannot ") and str(out) in _said(r.stderr)[-1]
+        assert _said(r.stderr)[-1].startswith("agentopd: cannot ") and str(out) in _said(r.stderr)[-1]
         kept = read(str(out / "results.jsonl"))  # whole rows only (a torn line would raise here)
         assert 0 < len(kept) < 80
         if how == "tmpfs":
             grow(disk, 1024)
         r = agentopd("eval", "model", "--config", config(out), "run.resume=true")
         assert r.returncode == 0, r.stderr[-3000:]
-        key = lambda row: (row["task_id"], row["sample_index"])  # noqa: E731
+        key = lambda row: (row["task_id"], row["sample_index"])
         assert sorted(read(str(out / "results.jsonl")), key=key) == sorted(read(str(straight / "results.jsonl")),
                                                                             key=key)
 
@@ -278,28 +268,6 @@ def test_a_huge_learning_rate_is_skipped_then_stopped_with_the_last_good_weights
 # ---------------------------------------------------------------------------------- 4. collapse
 
 
-class Collapsing(Engine):
-    """The tiny model's sampling, until call ``at``; from then on one token per answer (a length
-    collapse, as late SDPO runs show)."""
-
-    at = 3
-
-    def __init__(self, model, tokenizer, device=None):
-        from agentopd.inference.hf import HFEngine
-
-        self.hf, self.tokenizer, self.calls = HFEngine(model, tokenizer, device=device), tokenizer, 0
-
-    def generate(self, prompt_ids, n=1, **kw):
-        self.calls += 1
-        out = self.hf.generate(prompt_ids, n=n, **kw)
-        if self.calls >= self.at:
-            for gs in out:
-                for g in gs:
-                    g.response_ids, g.logprobs, g.finish_reason = g.response_ids[:1], g.logprobs[:1], "stop"
-                    g.text = self.tokenizer.decode(g.response_ids)
-        return out
-
-
 @pytest.mark.parametrize("guard", ["warn", "stop", "rollback"])
 def test_a_run_forced_to_collapse_is_warned_stopped_or_rolled_back(tmp_path, guard, capsys):
     cfg = _cfg(tmp_path, "run.steps=4", "run.checkpoint_every=1", f"run.guard={guard}", "run.guard_window=1")
@@ -319,18 +287,6 @@ def test_a_run_forced_to_collapse_is_warned_stopped_or_rolled_back(tmp_path, gua
 
 
 # ---------------------------------------------------------------------------------- 5. services
-
-
-class Programs(Engine):
-    """Answers every code problem with the same correct-looking program (the judge must run it)."""
-
-    def __init__(self, model, tokenizer, device=None):
-        self.tokenizer = tokenizer
-
-    def generate(self, prompt_ids, n=1, **kw):
-        text = "```python\ndef f(x):\n    return x\n```"
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return [[Generation(ids, [-1.0] * len(ids), text, "stop") for _ in range(n)] for _ in prompt_ids]
 
 
 @pytest.fixture
