@@ -24,21 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
-from fault_parts import (  # noqa: E402
-    At,
-    Collapsing,
-    NaNJudge,
-    PrivateDocker,
-    Programs,
-    agentopd,
-    gate,
-    grow,
-    server_process,
-    sigterm_one_rank,
-    small_disk,
-    train_process,
-    wait_for,
-)
+from fault_parts import At, Collapsing, NaNJudge, PrivateDocker, Programs, agentopd, gate, grow  # noqa: E402
+from fault_parts import server_process, sigterm_one_rank, small_disk, train_process, wait_for  # noqa: E402
 
 from agentopd import faults  # noqa: E402
 from agentopd.config import load  # noqa: E402
