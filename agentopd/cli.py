@@ -108,6 +108,9 @@ def cmd_train(a) -> int:
     except faults.Stopped as e:  # a stop signal, a full disk, a service down, bad numbers: its status
         print(f"agentopd: {e}", file=sys.stderr)
         return faults.leave(e.code)
+    except faults.StopAtOnce as e:  # a second signal: now, whatever is still running
+        print(f"\nagentopd: {e}", file=sys.stderr)
+        return faults.leave(128 + e.signum, now=True)
     except _user_errors() as e:
         return _fail(str(e))
     if rows and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports

@@ -19,8 +19,8 @@ status                 code  meaning
                              collapse guard's ``stop``: a checkpoint of the current weights
 =====================  ====  ==============================================================
 
-A second stop signal ends the process at once with 128 + the signal's number (130 for SIGINT, 143
-for SIGTERM), without a checkpoint. This module imports no torch.
+A second stop signal stops at once (:class:`StopAtOnce`; the command exits with 128 + the signal's
+number: 130 for SIGINT, 143 for SIGTERM), without a checkpoint. This module imports no torch.
 """
 from __future__ import annotations
 
@@ -64,6 +64,15 @@ class StepAbandoned(BaseException):  # noqa: N818  (like KeyboardInterrupt: no `
     ends, while the step is still in a part that changes no training state."""
 
 
+class StopAtOnce(BaseException):  # noqa: N818  (like KeyboardInterrupt)
+    """A second stop signal, raised in the main thread: stop now, without a checkpoint (the
+    ``agentopd`` command then exits at once with 128 + ``signum``)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"second {signal.Signals(signum).name}: stopped at once, without a checkpoint")
+        self.signum = signum
+
+
 def say(message: str) -> None:
     """One line on stderr, above any progress bar."""
     from tqdm import tqdm
@@ -71,12 +80,13 @@ def say(message: str) -> None:
     tqdm.write(f"agentopd: {message}", file=sys.stderr)
 
 
-def leave(code: int) -> int:
-    """The exit status ``code``, returned; where an abandoned step left worker threads running
-    (they would hold the interpreter's exit), the process ends here, its output flushed."""
+def leave(code: int, now: bool = False) -> int:
+    """The exit status ``code``, returned; the process ends here instead, its output flushed, when
+    ``now`` or where an abandoned step left worker threads running (they would hold the
+    interpreter's exit)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    if now or any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         os._exit(code)
     return code
 
@@ -184,7 +194,8 @@ class GracefulStop:
     it is abandoned instead, by :class:`StepAbandoned` raised in the main thread, when finishing it
     would pass ``grace_s``: at once when the last step's timing (:meth:`record`) says it would,
     else when the grace, less what the rest of the last step and its checkpoint took, has passed.
-    A second signal ends the process at once (status 128 + its number), without a checkpoint."""
+    A second signal raises :class:`StopAtOnce` in the main thread (the command exits at once with
+    128 + its number), without a checkpoint."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -234,10 +245,8 @@ class GracefulStop:
         self.part_s, self.tail_s = part_s, tail_s
 
     def _on_signal(self, signum, frame) -> None:
-        if self.requested:  # a second signal: at once (os.write: no lock a handler could wait on)
-            os.write(2, f"\nagentopd: second {signal.Signals(signum).name}: stopped at once, without a "
-                        "checkpoint\n".encode())
-            os._exit(128 + signum)
+        if self.requested:  # a second signal
+            raise StopAtOnce(signum)
         self.signum, self.at = signum, time.monotonic()
         how = f", or abandoning it if {self.grace_s:g} s would pass" if self.abandon else " on every rank"
         os.write(2, f"\nagentopd: {self.name}: finishing the current step{how}, then a checkpoint; "

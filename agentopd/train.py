@@ -519,7 +519,8 @@ def train(cfg: Config, engine=None, judge=None) -> list[dict]:
     around the model by ``engine(model, tokenizer, device)`` when it is a callable class).
     A run that stops early (a stop signal, a failed write, a service down, non-finite updates, the
     collapse guard) raises :class:`agentopd.faults.Stopped`: one line and an exit status, after a
-    checkpoint where there is one to write (:mod:`agentopd.faults`, :mod:`agentopd.rl.guard`)."""
+    checkpoint where there is one to write (:mod:`agentopd.faults`, :mod:`agentopd.rl.guard`); a
+    second stop signal raises :class:`agentopd.faults.StopAtOnce` at once, nothing written or closed."""
     check(cfg)
     distributed.setup(cfg)  # torchrun: the process group; progress off on ranks > 0
     os.makedirs(cfg.run.out, exist_ok=True)
@@ -530,10 +531,15 @@ def train(cfg: Config, engine=None, judge=None) -> list[dict]:
         except faults.StepAbandoned:
             raise faults.Stopped(f"stopped by {stop.name} before the first step: nothing to save",
                                  faults.INTERRUPTED) from None
+        at_once = False
         try:
             _loop(run, stop)
+        except faults.StopAtOnce:
+            at_once = True  # a second signal: nothing is closed or waited for
+            raise
         finally:
-            run.close()
+            if not at_once:
+                run.close()
     return run.rows
 
 
@@ -647,7 +653,7 @@ def _train_step(run: _Run, stop: faults.GracefulStop, step: int) -> None:
     run.step, run.data_pos = step + 1, run.data_pos + cfg.sampling.prompts_per_step
     _finish(run, got)
     stop.record(t1 - t0, time.perf_counter() - t1)
-    if _any_rank(stop.requested):
+    if _any_rank(stop.requested) and run.step < run.cfg.run.steps:  # (after the last step: done anyway)
         run.stop(faults.INTERRUPTED, f"stopped by {stop.name or 'a stop signal on another rank'} after step {run.step}")
 
 
