@@ -98,6 +98,7 @@ def cmd_judges(a) -> int:
 
 
 def cmd_train(a) -> int:
+    from agentopd import faults
     from agentopd.config import load
     from agentopd.train import train
 
@@ -109,6 +110,12 @@ def cmd_train(a) -> int:
             print(render(dry_run(cfg, a.ranks, a.gpu_gib)))
             return 0
         rows = train(cfg)
+    except faults.Stopped as e:  # a stop signal, a full disk, a service down, bad numbers: its status
+        print(f"agentopd: {e}", file=sys.stderr)
+        return faults.leave(e.code)
+    except faults.StopAtOnce as e:  # a second signal: now, whatever is still running
+        print(f"\nagentopd: {e}", file=sys.stderr)
+        return faults.leave(128 + e.signum, now=True)
     except _user_errors() as e:
         return _fail(str(e))
     if rows and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
@@ -131,11 +138,15 @@ def _run_config(run, a) -> int:
     """Load the config (YAML + overrides), run it, print the summary table (``run.out/summary.md``,
     stderr) and the report (JSON, stdout); a bad config, dataset, engine or missing extra is one line
     on stderr."""
+    from agentopd import faults
     from agentopd.config import load
 
     try:
         cfg = load(a.config, a.overrides)
         report = run(cfg)
+    except faults.Stopped as e:  # a results write that failed (a full disk): its status
+        print(f"agentopd: {e}", file=sys.stderr)
+        return faults.leave(e.code)
     except _user_errors() as e:
         return _fail(str(e))
     with open(os.path.join(cfg.run.out, "summary.md"), encoding="utf-8") as f:

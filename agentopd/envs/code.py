@@ -5,6 +5,7 @@ block or taken whole and run against the problem's tests by the test judge (see
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
 from agentopd.envs.base import AnyText, JudgedEnv, JudgedVectorEnv  # noqa: F401  (AnyText re-exported)
 from agentopd.envs.data import load_code_problems
@@ -14,8 +15,9 @@ from agentopd.envs.procedural import problem_set
 class CodeEnv(JudgedEnv):
     def __init__(self, problems=None, max_turns: int = 1, judge=None, backend: str = "auto",
                  timeout_s: float = 10.0, max_length: int = 1 << 20, render_mode: str | None = None,
-                 public_tests: int = 0, n: int = 256, levels=(1, 2), seed: int = 1, split: str = "train",
-                 heldout_n: int = 0, judge_tests=None, critique_tests=None, max_tests: int = 0):
+                 public_tests: int = 0, n: int = 256, levels: tuple[int, ...] = (1, 2), seed: int = 1,
+                 split: Literal["train", "heldout"] = "train", heldout_n: int = 0,
+                 judge_tests: list[str] | None = None, critique_tests: list[str] | None = None, max_tests: int = 0):
         """``problems``: a JSONL path, a ``datasets`` dataset, a list of dicts or Problems, or the
         generator ``"functions"`` (``n``, ``seed``; ``split``: "train", which leaves out the first
         ``heldout_n`` held-out problems, or "heldout"). ``judge``: anything with ``judge(problem,
