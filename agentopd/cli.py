@@ -98,12 +98,24 @@ def cmd_judges(a) -> int:
 
 
 def cmd_train(a) -> int:
+    from agentopd import faults
     from agentopd.config import load
     from agentopd.train import train
 
     try:
         cfg = load(a.config, a.overrides)
+        if a.dry_run:
+            from agentopd.plan import dry_run, render
+
+            print(render(dry_run(cfg, a.ranks, a.gpu_gib)))
+            return 0
         rows = train(cfg)
+    except faults.Stopped as e:  # a stop signal, a full disk, a service down, bad numbers: its status
+        print(f"agentopd: {e}", file=sys.stderr)
+        return faults.leave(e.code)
+    except faults.StopAtOnce as e:  # a second signal: now, whatever is still running
+        print(f"\nagentopd: {e}", file=sys.stderr)
+        return faults.leave(128 + e.signum, now=True)
     except _user_errors() as e:
         return _fail(str(e))
     if rows and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
@@ -126,11 +138,15 @@ def _run_config(run, a) -> int:
     """Load the config (YAML + overrides), run it, print the summary table (``run.out/summary.md``,
     stderr) and the report (JSON, stdout); a bad config, dataset, engine or missing extra is one line
     on stderr."""
+    from agentopd import faults
     from agentopd.config import load
 
     try:
         cfg = load(a.config, a.overrides)
         report = run(cfg)
+    except faults.Stopped as e:  # a results write that failed (a full disk): its status
+        print(f"agentopd: {e}", file=sys.stderr)
+        return faults.leave(e.code)
     except _user_errors() as e:
         return _fail(str(e))
     with open(os.path.join(cfg.run.out, "summary.md"), encoding="utf-8") as f:
@@ -240,8 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     pk.set_defaults(func=cmd_eval_passk)
     _config_command(evsub, "model", "sample from an engine, judge, report pass@k (resumable)", "eval.samples=10",
                     cmd_eval_model, EVAL_SECTIONS)
-    _config_command(sub, "train", "train a policy (GRPO, self-distillation, on-policy distillation) from a YAML "
-                    "config", "run.steps=2", cmd_train, TRAIN_SECTIONS)
+    tr = _config_command(sub, "train", "train a policy (GRPO, self-distillation, on-policy distillation) from a YAML "
+                         "config", "run.steps=2", cmd_train, TRAIN_SECTIONS)
+    tr.add_argument("--dry-run", action="store_true", help="everything but the training: check the config, the env "
+                    "and judge (reference solutions through the judge), the local tokenizers and model configs; "
+                    "print the plan (steps, rollouts, tokens, teacher, memory per GPU)")
+    tr.add_argument("--ranks", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                    help="--dry-run: the processes the plan is for (torchrun's; default WORLD_SIZE or 1)")
+    tr.add_argument("--gpu-gib", type=float, default=None, help="--dry-run: GPU memory in GiB (default: this "
+                    "machine's GPU, else 80)")
     _config_command(sub, "rlef", "the in-context RLEF baseline: public-test feedback between turns", "env.max_turns=3",
                     cmd_rlef, EVAL_SECTIONS)
 

@@ -52,9 +52,12 @@ class EnvConfig(Section):
     user's ('package.module:Name-v0' imports the module first)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """The env's arguments. agentopd's: problems (a generator: functions, micro, arithmetic; humaneval;
-    a JSONL file), n, levels, seed (generated problems; default run.seed + 1 in training), judge (a
-    spec {name: ..., ...}), backend, timeout_s, public_tests (RLEF: the critique comes from that many
-    public tests, the verdict from the rest)."""
+    a JSONL file; a datasets dataset {dataset: NAME_OR_DIR, split: train, name: CONFIG, limit: N}), n,
+    levels, seed (generated problems; default run.seed + 1 in training), judge (a spec {name: ...,
+    ...}), backend, timeout_s, public_tests (RLEF: the critique comes from that many public tests, the
+    verdict from the rest); code rows with named test sets (CodeContests, LiveCodeBench): judge_tests
+    (the sets that give the reward, default [private, generated]), critique_tests (those that give the
+    critique, e.g. [public]), max_tests (the first N judging tests, 0: all)."""
     heldout_kwargs: dict[str, Any] = Field(default_factory=dict)
     """What the held-out env (eval.problems in training) changes in kwargs; for generated problems
     the default is {split: heldout, n: eval.problems}."""
@@ -214,6 +217,10 @@ class OptimConfig(Section):
     """Response positions per chunk of logits: the update and the scoring form the logits from the
     final hidden states this many positions at a time (recomputed in backward), never as a whole
     [B, R, V] tensor. 0: full [B, R, V] logits per micro-batch (more memory)."""
+    max_bad_steps: Pos = 3
+    """An update whose loss, gradient norm or teacher log-probs are not finite is skipped (the
+    optimizer and its state untouched) and logged; this many in a row stop the run with a checkpoint
+    of the last good weights (exit status 65)."""
 
 
 class RunConfig(Section):
@@ -252,6 +259,31 @@ class RunConfig(Section):
     samples_per_step: NonNeg = 4
     samples_max_tokens: Pos = 256
     """Tokens per written sample (its first ones)."""
+    stop_grace_s: Annotated[float, Field(ge=0.0)] = 30.0
+    """SIGTERM or SIGINT (a scheduler's preemption): the current step finishes, or is abandoned if
+    finishing it would take longer than this many seconds; then a checkpoint of the last completed
+    step and exit status 75 (run.resume=true continues exactly). A second signal stops at once."""
+    max_error_rate: Unit = 0.5
+    """A step where more than this share of the samples could not be judged, or of the teacher's
+    rows got no scores, after the retries: stop with a checkpoint of the last completed step (exit
+    status 69). Below it the failed samples are masked and counted (judge_errors, teacher_errors)."""
+    service_retries: NonNeg = 3
+    """When more than max_error_rate of a judge or served-teacher call fails (an outage), ask again
+    for the failed samples this many times, waiting retry_backoff_s, doubling, before each."""
+    retry_backoff_s: Annotated[float, Field(ge=0.0)] = 2.0
+    """The first wait before an outage's retry (seconds; doubles each time)."""
+    guard: Literal["off", "warn", "stop", "rollback"] = "warn"
+    """The collapse guard (agentopd.rl.guard): when heldout_pass1, or the mean response_len or
+    entropy over guard_window steps, falls below (1 - guard_drop) x its running best: 'warn' (a
+    line), 'stop' (a checkpoint, exit status 65), 'rollback' (back to the checkpoint of the best
+    held-out evaluation, or of the last step before the fall, with the learning rate times
+    guard_lr_factor; a checkpoint is written at each new best evaluation), or 'off'."""
+    guard_drop: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    """The share of its running best a sign may lose before the guard acts."""
+    guard_window: Pos = 5
+    """Steps whose response_len and entropy are averaged before they are compared."""
+    guard_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    """rollback: the learning rate is multiplied by this at each rollback."""
 
 
 class EvalConfig(Section):
@@ -416,6 +448,76 @@ def to_dict(cfg: Config) -> dict:
     return cfg.model_dump()
 
 
+# ------------------------------------------------------------------------- structured options
+
+
+def check_arguments(fn, given: dict, where: str, name: str | None = None, skip: tuple = (),
+                    reserved: tuple = ()) -> None:
+    """A structured option (``env.kwargs``, a judge spec, ``algo.advantage_kwargs``,
+    ``engine.kwargs``) checked as the sections are, before any work: its keys against ``fn``'s
+    parameters (a class: its ``__init__``; unchecked where it takes ``**kwargs``), each value
+    against its parameter's annotation (pydantic, as for the sections; a parameter without one,
+    or with a type pydantic cannot check, is taken as it is). ``skip``: keys someone else checks;
+    ``reserved``: parameters the caller passes itself (not the option's to give). A mistake is one
+    :class:`ConfigError` naming ``where.key``."""
+    import inspect
+
+    from pydantic import TypeAdapter
+
+    target = inspect.unwrap(_init_of(fn))  # (a decorated estimator: the function it wraps)
+    name = name or getattr(fn, "__name__", str(fn))
+    params = {k: p for k, p in inspect.signature(target).parameters.items()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and k != "self" and k not in reserved}
+    bad = [k for k in given if k not in params and k not in skip]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
+    if bad and (not takes_any or set(bad) & set(reserved)):
+        close = difflib.get_close_matches(bad[0], list(params), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close and len(bad) == 1 else ""
+        raise ConfigError(f"{where}: {name} does not take {bad}{hint}; it takes {list(params)}")
+    hints = _hints(target)
+    for key, value in given.items():
+        if key in skip or hints.get(key) is None:
+            continue
+        try:
+            TypeAdapter(hints[key]).validate_python(value)
+        except ValidationError as e:
+            raise ConfigError(f"{where}.{key}: {e.errors()[0]['msg'].lower()} (got {value!r}; {name} takes "
+                              f"{_type_name(hints[key])})") from None
+        except Exception:  # noqa: BLE001  (a type pydantic cannot build a validator for: unchecked)
+            continue
+
+
+def _init_of(fn):
+    """What a call of ``fn`` runs: a class's first ``__init__`` (in its MRO) that names its
+    parameters, not one that only passes ``**kwargs`` on; a function itself."""
+    import inspect
+
+    if not isinstance(fn, type):
+        return fn
+    for cls in fn.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        kinds = {p.kind for k, p in inspect.signature(init).parameters.items() if k != "self"}
+        if kinds - {inspect.Parameter.VAR_KEYWORD}:
+            return init
+    return fn.__init__
+
+
+def _hints(fn) -> dict:
+    """``fn``'s parameter annotations as types; one that does not resolve is left out."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001  (one unresolvable name: resolve them one by one)
+        out = {}
+        for k, v in getattr(fn, "__annotations__", {}).items():
+            try:
+                out[k] = eval(v, getattr(fn, "__globals__", {})) if isinstance(v, str) else v  # noqa: S307
+            except Exception:  # noqa: BLE001
+                continue
+        return out
+
+
 # ------------------------------------------------------------------------------------ --help
 
 
@@ -425,8 +527,8 @@ def _type_name(tp) -> str:
         return _type_name(args[0])
     if origin is Literal:
         return " | ".join(repr(a) for a in args)
-    if origin in (list, dict):
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if origin in (list, dict, tuple):
+        return f"{origin.__name__}[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]"
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         return " | ".join(_type_name(a) for a in args)
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "None")

@@ -429,8 +429,9 @@ def table(report: dict) -> str:
 
 
 def _write(out: str, report: dict) -> None:
+    """``diagnose.json`` and ``summary.md``, each whole or not at all (agentopd.faults.write_text)."""
+    from agentopd import faults
+
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "diagnose.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(table(report))
+    faults.write_text(os.path.join(out, "diagnose.json"), json.dumps(report, indent=2))
+    faults.write_text(os.path.join(out, "summary.md"), table(report))

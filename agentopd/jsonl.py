@@ -4,7 +4,9 @@
 adds rows at the end in one flushed write, so a crash while appending loses at most the line being
 written: a *torn* last line, which :func:`read` drops where the caller asks; :func:`write`
 replaces a file atomically (a temporary file, then ``os.replace``), so a crash leaves the old
-file or the new one, never a part of either. Rows are written with ``json.dumps``'s defaults.
+file or the new one, never a part of either. A write that fails (a full disk) leaves the file as
+it was, no temporary file and no partial line, and raises :class:`agentopd.faults.WriteFailed`
+(one line: the path, the cause, the free space). Rows are written with ``json.dumps``'s defaults.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import gzip
 import json
 import os
 import warnings
+
+from agentopd import faults
 
 
 class JSONLError(ValueError):
@@ -34,24 +38,29 @@ def numbered(path: str, *, skip_torn_last: bool = False, skip_unreadable: bool =
 
 def append(path: str, rows: list[dict]) -> None:
     """Add ``rows`` at the end of ``path`` (made if missing) in one write, flushed to the system
-    on return: a crash loses at most the line being written."""
-    text = _text(rows)  # a row json cannot write raises before the file is touched
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
+    on return: a crash loses at most the line being written. A failed write is undone (the file
+    cut back to its old length) and raises :class:`agentopd.faults.WriteFailed`."""
+    data = _text(rows).encode("utf-8")  # a row json cannot write raises before the file is touched
+    with faults.writing(path, len(data), "append to"):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except BaseException:
+                os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
 
 
 def write(path: str, rows: list[dict]) -> None:
     """Make ``path`` hold exactly ``rows``, atomically: they go to ``path + ".tmp"``, which then
-    replaces ``path``; a failure leaves ``path`` as it was and no temporary file."""
-    text = _text(rows)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    replaces ``path``; a failure leaves ``path`` as it was and no temporary file (and raises
+    :class:`agentopd.faults.WriteFailed`)."""
+    faults.write_text(path, _text(rows))
 
 
 def _text(rows: list[dict]) -> str:

@@ -11,6 +11,7 @@ conversation.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ def _judgement(infos: dict, i: int, reward: float, ended: bool) -> Judgement:
     if given is not None:
         return given
     critique = _info(infos, "critique", i, "")
-    if reward != reward:
+    if not math.isfinite(reward):  # NaN (a failed judge) or infinite: never a reward
         return Judgement(Verdict(float("nan"), 0, 0, "judge_error"), critique)
     success = _info(infos, "success", i)
     ok = bool(success) if success is not None else ended and reward >= 1.0
@@ -238,7 +239,8 @@ def env_specs(cfg) -> tuple[str, dict, dict | None]:
     env_id, kw = e.id, dict(e.kwargs)
     ours = env_id.startswith("agentopd/")
     kind = {"agentopd/Math-v0": "math"}.get(env_id, "code")
-    if ours and GENERATORS.get(kw.get("problems"), kind) != kind:
+    named = kw.get("problems") if isinstance(kw.get("problems"), str) else None  # (else a file's rows, a dataset spec)
+    if ours and GENERATORS.get(named, kind) != kind:
         raise ConfigError(f"env.kwargs.problems={kw['problems']!r} makes {GENERATORS[kw['problems']]} problems, but "
                           f"env.id is {env_id}")
     if ours:
@@ -246,7 +248,7 @@ def env_specs(cfg) -> tuple[str, dict, dict | None]:
         kw.setdefault("seed", cfg.run.seed + 1)
     if not cfg.eval.problems:
         return env_id, kw, None
-    generated = ours and kw.get("problems") in GENERATORS
+    generated = ours and named in GENERATORS
     held = dict(e.heldout_kwargs)
     if generated and not held:
         kw.setdefault("heldout_n", cfg.eval.problems)
@@ -281,7 +283,8 @@ def rollout_chunks(engine, tokenizer, venvs: list, chunks: list[dict], **kw) -> 
 
     timing, lock = Timing(), threading.Lock()
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(len(chunks), 1), thread_name_prefix="rollout") as pool:
+    pool = ThreadPoolExecutor(max_workers=max(len(chunks), 1), thread_name_prefix="rollout")
+    try:
         futures = []
         for v, c in zip(venvs, chunks):  # chunk k starts once chunk k-1 has generated: the same order every run
             started = threading.Event()
@@ -290,6 +293,10 @@ def rollout_chunks(engine, tokenizer, venvs: list, chunks: list[dict], **kw) -> 
             while not started.wait(0.01) and not futures[-1].done():
                 pass
         parts = [f.result() for f in futures]
+    except BaseException:  # e.g. a stop signal abandoning the step: the chunks still running are left to end
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     episodes = []
     for part in parts:
         base = max((e.group for e in episodes), default=-1) + 1

@@ -12,16 +12,18 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from agentopd.config import Config, ConfigError, EvalConfig
+from agentopd import faults
+from agentopd.config import Config, ConfigError, EvalConfig, check_arguments
 from agentopd.diagnose import step_metrics
 from agentopd.eval.heldout import heldout_eval
 from agentopd.inference.hf import HFEngine
 from agentopd.rl import distributed, objectives
+from agentopd.rl.guard import Guard
 from agentopd.rl.learner import (
     Batch,
     TurnRows,
@@ -45,34 +47,45 @@ from agentopd.rollout import Sampling, env_specs, make_envs, rollout_chunks
 # ------------------------------------------------------------------------------------ helpers
 
 
-def check(cfg: Config) -> None:
+def check(cfg: Config, load: bool = True) -> None:
     """What the config's types and ranges cannot say, checked before any work: the estimator and
     its arguments, the objective, the teacher (a separate teacher's tokenizer against the student's),
-    the env and its judge, the engine."""
-    import inspect
-
+    the env and its judge, the engine. ``load=False`` (the dry run, agentopd.plan) skips what needs
+    the tokenizers or vLLM installed."""
     from agentopd.rl import advantages
 
     if cfg.algo.advantage not in advantages.ADVANTAGES:
         raise ConfigError(f"algo.advantage: unknown estimator {cfg.algo.advantage!r}; "
                           f"choices: {', '.join(sorted(advantages.ADVANTAGES))}")
-    params = inspect.signature(advantages.ADVANTAGES[cfg.algo.advantage]).parameters
-    bad = [k for k in cfg.algo.advantage_kwargs if k not in params or k == "inputs"]
-    if bad:
-        takes = [p for p in params if p != "inputs"]
-        raise ConfigError(f"algo.advantage_kwargs: {cfg.algo.advantage} does not take {bad}; it takes {takes}")
-    _check_teacher(cfg)
+    check_arguments(advantages.ADVANTAGES[cfg.algo.advantage], cfg.algo.advantage_kwargs, "algo.advantage_kwargs",
+                    cfg.algo.advantage, reserved=("inputs",))
+    _check_teacher(cfg, load)
     _check_loss(cfg.algo)
     check_env_id(cfg.env.id)
-    env_specs(cfg)
-    if "judge" in cfg.env.kwargs:
-        _check_judge_spec(cfg.env.kwargs["judge"])
+    _check_env_arguments(cfg)
+    if cfg.engine.name == "hf":
+        check_arguments(HFEngine, cfg.engine.kwargs, "engine.kwargs", "the hf engine",
+                        reserved=("model", "tokenizer", "device", "batch_size"))
     if cfg.engine.name == "openai":
         raise ConfigError("engine.name: openai samples for eval model and rlef; training needs hf or vllm")
-    if cfg.engine.name == "vllm":  # missing or too old: one line before any work
+    if cfg.engine.name == "vllm" and load:  # missing or too old: one line before any work
         from agentopd.inference.vllm import require_vllm
 
         require_vllm()
+
+
+def _check_env_arguments(cfg: Config) -> None:
+    """``env.kwargs`` (and the held-out env's) against the env's constructor, and its judge spec."""
+    import gymnasium as gym
+    from gymnasium.envs.registration import load_env_creator
+
+    env_id, kw, held = env_specs(cfg)
+    entry = gym.spec(env_id).entry_point
+    make = load_env_creator(entry) if isinstance(entry, str) else entry
+    for where, given in (("env.kwargs", kw), ("env.heldout_kwargs", held or {})):
+        check_arguments(make, given, where, env_id, skip=("judge",))
+        if "judge" in given:
+            _check_judge_spec(given["judge"], f"{where}.judge")
 
 
 def check_env_id(env_id: str) -> None:
@@ -92,7 +105,7 @@ def check_env_id(env_id: str) -> None:
         raise ConfigError(f"env.id: {env_id!r} is not a registered env ({type(e).__name__}){hint}") from None
 
 
-def _check_teacher(cfg: Config) -> None:
+def _check_teacher(cfg: Config, load: bool = True) -> None:
     """The teacher settings, and a separate teacher's tokenizer against the student's (before any
     model loads: token-level distillation needs the same tokens)."""
     t = cfg.teacher
@@ -105,9 +118,9 @@ def _check_teacher(cfg: Config) -> None:
     if not (t.model or t.base_url or t.context):
         raise ConfigError("teacher.context=[] shows the self-teacher nothing the student did not see: name a "
                           "teacher.model (or teacher.base_url), or a context source")
-    if t.model:
+    if t.model and load:
         _check_teacher_tokenizer(cfg.model.path, t.model, cfg.run.seed)
-    if t.base_url:  # the server's /tokenize against the student's tokenizer (a warning where it has none)
+    if t.base_url and load:  # the server's /tokenize against the student's tokenizer (a warning where it has none)
         from agentopd.inference import load_tokenizer
         from agentopd.rl.served import ServedTeacher
 
@@ -141,8 +154,9 @@ def _check_loss(algo) -> None:
         raise ConfigError(f"algo.loss=mix needs algo.distill_weight in [0, 1], got {algo.distill_weight}")
 
 
-def _check_judge_spec(spec) -> None:
-    """The judge a config names exists (before any model loads): a name, or a mapping with one."""
+def _check_judge_spec(spec, where: str = "env.kwargs.judge") -> None:
+    """The judge a config names exists and takes its arguments (before any model loads): a name, or
+    a mapping with one and the judge's arguments (checked by name and type)."""
     from agentopd.judges import resolve
 
     try:
@@ -154,10 +168,11 @@ def _check_judge_spec(spec) -> None:
                 raise ValueError(f"judge config {spec} needs a 'name'")
         else:
             raise ValueError(f"a judge name or a mapping {{name: ..., ...}}, got {spec!r}")
-        if name:
-            resolve(name)
+        judge = resolve(name) if name else None
     except ValueError as e:
-        raise ConfigError(f"env.kwargs.judge: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
+    if judge is not None and isinstance(spec, dict):
+        check_arguments(judge, {k: v for k, v in spec.items() if k not in ("name", "type")}, where, name)
 
 
 def _needs(module: str, option: str, package: str):
@@ -208,8 +223,7 @@ def _wandb_sink(wandb, cfg: Config, start: int):
             state.update(json.load(f))
 
     def save():
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(state, f)
+        faults.write_text(path, json.dumps(state))
 
     save()
     run = wandb.init(project=cfg.run.wandb, config=cfg.model_dump(), dir=cfg.run.out, id=state["id"],
@@ -266,9 +280,12 @@ def _envs(cfg: Config, judge):
     P, G = cfg.sampling.prompts_per_step // distributed.world(), cfg.sampling.group_size  # this rank's prompts
     per_call = cfg.sampling.generate_chunk or P
     venvs = make_envs(env_id, kw, [min(per_call, P - c) * G for c in range(0, P, per_call)])
+    shared = getattr(venvs[0], "env", None)  # agentopd's env: one judge (one sandbox pool) for both
+    if shared is not None:  # an outage is retried (agentopd.faults)
+        r = cfg.run
+        shared.judge = faults.RetryingJudge(shared.judge, r.max_error_rate, r.service_retries, r.retry_backoff_s)
     if held_kw is None:
         return venvs, None
-    shared = getattr(venvs[0], "env", None)  # agentopd's env: one judge (one sandbox pool) for both
     if shared is not None and "judge" not in cfg.env.heldout_kwargs:
         held_kw["judge"] = shared.judge
     heldout = make_envs(env_id, held_kw, [cfg.eval.problems * cfg.eval.samples])[0]
@@ -300,8 +317,16 @@ def _row(step: int, episodes: list, rows: TurnRows, batch: Batch, upd: Update, t
                                / (mask_BT * tmask_B[:, None]).sum().clamp(min=1)),
            "teacher_signal_frac": float(tmask_B.mean()), "turns_mean": len(rows.turns) / max(len(episodes), 1),
            "response_len": n_resp / max(len(resp_ids), 1), "empty_responses": sum(len(r) == 0 for r in resp_ids),
-           "tokens_per_s": n_resp / max(t["generate"], 1e-9), **{f"time_{k}": v for k, v in t.items()}}
+           "entropy": _entropy(batch), "tokens_per_s": n_resp / max(t["generate"], 1e-9),
+           **({"update_skipped": upd.skipped} if upd.skipped else {}), **{f"time_{k}": v for k, v in t.items()}}
     return row | step_metrics(ls_BT, lt_BT, mask_BT, tmask_B, success_B)  # teacher_auc, ratio_correct/wrong
+
+
+def _entropy(batch: Batch) -> float | None:
+    """The sampling entropy per token, estimated by the mean of the sampled tokens' negative
+    log-probs under the engine (None: the engine gave none)."""
+    m_BT = batch.engine_mask_BT
+    return float(-(batch.engine_BT * m_BT).sum() / m_BT.sum()) if m_BT.sum() > 0 else None
 
 
 @dataclass
@@ -350,9 +375,20 @@ class StepResult:
     update: Update
 
 
-def _step(cfg: Config, k: _Parts, step: int, starts: list) -> StepResult:
-    """One training step on the problems ``starts``: rollouts, teacher contexts, scoring, the batch,
-    the update, the teacher's own update and the engine's sync with the new weights."""
+@dataclass
+class Prepared:
+    """Steps 1-4, which change no training state (a stop signal may abandon them): the episodes,
+    their learner rows, each row's teacher context, the batch and the stage times so far."""
+
+    episodes: list
+    rows: TurnRows
+    contexts: list | None
+    batch: Batch
+    t: dict
+
+
+def _prepare(cfg: Config, k: _Parts, step: int, starts: list) -> Prepared:
+    """Rollouts on the problems ``starts``, teacher contexts, scoring and the batch."""
     t = {"generate": 0.0, "execute": 0.0, "execute_total": 0.0, "score": 0.0, "update": 0.0, "sync": 0.0}
     k.model.eval()
     episodes = _rollouts(cfg, k.engine, k.tok, k.venvs, starts, step, k.amp, t)
@@ -360,32 +396,64 @@ def _step(cfg: Config, k: _Parts, step: int, starts: list) -> StepResult:
     t0 = time.perf_counter()  # 3. the teacher: its context, the same ids re-scored
     ctx = _contexts(cfg, k.tok, episodes, rows)
     teacher_prompts = [c.ids for c in ctx] if ctx else [None] * len(rows.turns)
-    T = learner_temperature(cfg.sampling)
-    scores = score(cfg.algo, cfg.optim, T, k.model, k.teacher, k.ref, k.amp, rows, teacher_prompts)
+    scores = score(cfg.algo, cfg.optim, learner_temperature(cfg.sampling), k.model, k.teacher, k.ref, k.amp, rows,
+                   teacher_prompts)
     t["score"] = time.perf_counter() - t0
-    batch = make_batch(cfg.algo, rows, teacher_prompts, scores)
+    return Prepared(episodes, rows, ctx, make_batch(cfg.algo, rows, teacher_prompts, scores), t)
+
+
+def _learn(cfg: Config, k: _Parts, step: int, prep: Prepared) -> StepResult:
+    """5. The update, the teacher's own update (not after a skipped update) and the engine's sync."""
+    t = prep.t
     k.engine.sleep()  # vllm: its weights and KV cache freed for the update
     t0 = time.perf_counter()
-    upd = update(cfg.algo, cfg.optim, T, k.model, k.opt, k.teacher, k.head_VH, k.chunk, k.amp, batch)
-    k.teacher.update(k.model)  # ema: one step toward the new weights
+    upd = update(cfg.algo, cfg.optim, learner_temperature(cfg.sampling), k.model, k.opt, k.teacher, k.head_VH,
+                 k.chunk, k.amp, prep.batch)
+    if not upd.skipped:
+        k.teacher.update(k.model)  # ema: one step toward the new weights
     t["update"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     k.engine.sync(k.model)  # vllm: awake with the new weights, once per step (not in time_generate)
     t["sync"] = time.perf_counter() - t0
-    return StepResult(_row(step + 1, episodes, rows, batch, upd, t), episodes, rows, ctx, batch, upd)
+    row = _row(step + 1, prep.episodes, prep.rows, prep.batch, upd, t)
+    return StepResult(row, prep.episodes, prep.rows, prep.contexts, prep.batch, upd)
 
 
-def _resume(cfg: Config, ckpt_dir: str, model, opt, teacher, device) -> tuple[int, int]:
-    """``(step, data position)`` to start from: the newest readable checkpoint with ``run.resume``
-    (whose later metrics and sample rows are cut, as they are redone), else ``(0, 0)``."""
+def _step(cfg: Config, k: _Parts, step: int, starts: list) -> StepResult:
+    """One training step on the problems ``starts``: rollouts, teacher contexts, scoring, the batch,
+    the update, the teacher's own update and the engine's sync with the new weights."""
+    return _learn(cfg, k, step, _prepare(cfg, k, step, starts))
+
+
+def _service_failure(cfg: Config, prep: Prepared) -> str:
+    """Why the step cannot be learned from: more than ``run.max_error_rate`` of its samples not
+    judged, or of its teacher rows not scored, after the retries (agreed over the ranks); else empty."""
+    episodes, batch, limit = prep.episodes, prep.batch, cfg.run.max_error_rate
+    judged = [e.turns[-1].judgement for e in episodes]
+    bad = [j for j in judged if j.verdict.status == "judge_error"]
+    asked = batch.teacher_errors + int(batch.teacher_mask_B.sum())
+    why = ""
+    if judged and len(bad) > limit * len(judged):
+        why = f"{len(bad)} of {len(judged)} samples could not be judged ({faults._judge_reason(bad[0])[:200]})"
+    elif asked and batch.teacher_errors > limit * asked:
+        why = f"{batch.teacher_errors} of {asked} teacher rows got no scores (the teacher at {cfg.teacher.base_url})"
+    if distributed.world() > 1 and float(distributed.all_sum(torch.tensor(float(bool(why))))) and not why:
+        why = "another rank's samples could not be judged or scored"
+    n = cfg.run.service_retries
+    return why and f"{why}: more than run.max_error_rate={limit:g} after {n} retr{'y' if n == 1 else 'ies'}"
+
+
+def _resume(cfg: Config, ckpt_dir: str, model, opt, teacher, device) -> tuple[int, int, dict]:
+    """``(step, data position, extra state)`` to start from: the newest readable checkpoint with
+    ``run.resume`` (whose later metrics and sample rows are cut, as they are redone), else ``(0, 0, {})``."""
     from agentopd.rl import checkpoints
 
     if not cfg.run.resume:
-        return 0, 0
-    start, data_pos = checkpoints.resume(ckpt_dir, model, opt, teacher, device) or (0, 0)
+        return 0, 0, {}
+    start, data_pos, extra = checkpoints.resume(ckpt_dir, model, opt, teacher, device) or (0, 0, {})
     for name in ("metrics.jsonl", "samples.jsonl"):  # the rows after the checkpoint (or all) are redone
         checkpoints.cut_rows(os.path.join(cfg.run.out, name), start if start else -1)
-    return start, data_pos
+    return start, data_pos, extra
 
 
 def _setup(cfg: Config, engine, judge) -> _Parts:
@@ -404,6 +472,9 @@ def _setup(cfg: Config, engine, judge) -> _Parts:
     head_VH = lm_head_weight(model)
     chunk = cfg.optim.logits_chunk if head_VH is not None else 0  # hidden states, logits chunk by chunk
     teacher = load_teacher(cfg.teacher, model, device, cfg.run.seed, cfg.run.progress)
+    if cfg.teacher.base_url:  # a served teacher's outage is retried (agentopd.faults)
+        r = cfg.run
+        teacher = faults.RetryingTeacher(teacher, r.max_error_rate, r.service_retries, r.retry_backoff_s)
     ref = Teacher(model, "frozen") if cfg.algo.ref_kl else None
     distributed.wrap(cfg, model, teacher, ref, device)  # torchrun: FSDP2 or DDP (the optimizer sees the shards)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
@@ -446,63 +517,229 @@ def _eval_due(ev: EvalConfig, step: int, last: bool) -> bool:
 def train(cfg: Config, engine=None, judge=None) -> list[dict]:
     """Run ``cfg.run.steps`` steps; returns the metrics rows (also appended to metrics.jsonl).
     ``engine`` / ``judge``: use these instead of the ones the config names (an engine is built
-    around the model by ``engine(model, tokenizer, device)`` when it is a callable class)."""
-    from tqdm import tqdm
-
-    from agentopd import jsonl
-    from agentopd import samples as sample_log
-    from agentopd.rl import checkpoints
-    from agentopd.threads import configure_torch
-
+    around the model by ``engine(model, tokenizer, device)`` when it is a callable class).
+    A run that stops early (a stop signal, a failed write, a service down, non-finite updates, the
+    collapse guard) raises :class:`agentopd.faults.Stopped`: one line and an exit status, after a
+    checkpoint where there is one to write (:mod:`agentopd.faults`, :mod:`agentopd.rl.guard`); a
+    second stop signal raises :class:`agentopd.faults.StopAtOnce` at once, nothing written or closed."""
     check(cfg)
     distributed.setup(cfg)  # torchrun: the process group; progress off on ranks > 0
     os.makedirs(cfg.run.out, exist_ok=True)
+    with faults.GracefulStop(cfg.run.stop_grace_s, abandon=distributed.world() == 1) as stop:
+        try:
+            with stop.abandonable():  # nothing to lose yet
+                run = _open(cfg, engine, judge)
+        except faults.StepAbandoned:
+            raise faults.Stopped(f"stopped by {stop.name} before the first step: nothing to save",
+                                 faults.INTERRUPTED) from None
+        at_once = False
+        try:
+            _loop(run, stop)
+        except faults.StopAtOnce:
+            at_once = True  # a second signal: nothing is closed or waited for
+            raise
+        finally:
+            if not at_once:
+                run.close()
+    return run.rows
+
+
+@dataclass
+class _Run:
+    """A run in progress: its parts, the steps done, the data position, its metrics rows and sinks,
+    the guard, and the step of the newest checkpoint it wrote or resumed from."""
+
+    cfg: Config
+    k: _Parts
+    step: int
+    data_pos: int
+    guard: Guard
+    sinks: list
+    saved: int
+    rows: list = field(default_factory=list)
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.cfg.run.out, "checkpoints")
+
+    def log(self, row: dict) -> None:
+        from agentopd import jsonl
+
+        self.rows.append(row)
+        if distributed.is_main():
+            jsonl.append(os.path.join(self.cfg.run.out, "metrics.jsonl"), [row])
+            for sink, _ in self.sinks:
+                sink(row)
+
+    def save(self) -> str:
+        """A checkpoint of the steps done (once per step), with the guard's state."""
+        from agentopd.rl import checkpoints
+
+        path = os.path.join(self.ckpt_dir, f"step-{self.step}")
+        if self.saved != self.step:
+            k = self.k
+            checkpoints.save(self.ckpt_dir, self.step, k.model, k.tok, k.opt, k.teacher, self.data_pos,
+                             self.cfg.run.save_merged, {"guard": self.guard.state_dict()})
+            self.saved = self.step
+        return path
+
+    def stop(self, code: int, why: str, holds: str = ""):
+        """Stop here: a checkpoint of the steps done (none before the first), then Stopped(code)."""
+        if self.step == 0:
+            raise faults.Stopped(f"{why}; no step was completed: nothing to save", code, self.rows)
+        path = self.save()
+        raise faults.Stopped(f"{why}; checkpoint {path} holds {holds or f'step {self.step}'}; "
+                             "run.resume=true continues from it", code, self.rows)
+
+    def close(self) -> None:
+        for _, close in self.sinks:
+            close()
+        _close(self.k.venvs, self.k.heldout)
+        distributed.teardown()
+
+
+def _open(cfg: Config, engine, judge) -> _Run:
+    """The parts, the metric sinks, and where the run starts (``run.resume``: the newest checkpoint)."""
+    from agentopd.threads import configure_torch
+
     open_sinks = _metric_sinks(cfg) if distributed.is_main() else (lambda start: [])
     k = _setup(cfg, engine, judge)
     shared = getattr(getattr(k.venvs[0], "env", None), "judge", None)  # judging overlaps generation: its workers
     configure_torch(getattr(shared, "workers", 1) if cfg.sampling.generate_chunk else 0)  # agentopd.threads
+    guard = Guard(cfg.run.guard_drop, cfg.run.guard_window, cfg.optim.max_bad_steps)
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
-    start, data_pos = _resume(cfg, ckpt_dir, k.model, k.opt, k.teacher, next(k.model.parameters()).device)
+    start, data_pos, extra = _resume(cfg, ckpt_dir, k.model, k.opt, k.teacher, next(k.model.parameters()).device)
+    guard.load_state_dict(extra.get("guard", {}))
     if start:  # vllm: the resumed weights
         k.engine.sync(k.model)
-    sinks = open_sinks(start)
-    rows = []
+    return _Run(cfg, k, start, data_pos, guard, open_sinks(start), start if start else -1)
 
-    def log(row: dict) -> None:
-        rows.append(row)
-        if not distributed.is_main():
-            return
-        jsonl.append(os.path.join(cfg.run.out, "metrics.jsonl"), [row])
-        for sink, _ in sinks:
-            sink(row)
 
-    if k.heldout is not None and start == 0:
-        log({"step": 0, **_evaluate(cfg, k)})
-    bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train",
+def _loop(run: _Run, stop: faults.GracefulStop) -> None:
+    from tqdm import tqdm
+
+    cfg, k = run.cfg, run.k
+    if k.heldout is not None and run.step == 0:
+        run.log({"step": 0, **_evaluate(cfg, k)})
+    bar = tqdm(range(run.step, cfg.run.steps), initial=run.step, total=cfg.run.steps, desc="train",
                disable=not cfg.run.progress)
     for step in bar:
-        starts = distributed.rank_share(_starts(cfg, k.venvs[0], data_pos))  # torchrun: this rank's (whole groups)
-        got = _step(cfg, k, step, starts)
-        row = got.row
-        data_pos += cfg.sampling.prompts_per_step
-        last = step + 1 == cfg.run.steps
-        if k.heldout is not None and _eval_due(cfg.eval, step + 1, last):
-            row |= _evaluate(cfg, k)
-        if distributed.is_main():
-            sample_log.record(cfg.run, step + 1, last, "heldout_pass1" in row, k.tok, got)
-        log(row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_teacher']:.3f}")
-        if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 or last:
-            saved = checkpoints.save(ckpt_dir, step + 1, k.model, k.tok, k.opt, k.teacher, data_pos, cfg.run.save_merged)
-            if last:
-                checkpoints.export_final(saved, os.path.join(cfg.run.out, "final"))
+        _train_step(run, stop, step)
+        bar.set_postfix(reward=f"{run.rows[-1]['reward_mean']:.3f}", kl=f"{run.rows[-1]['kl_teacher']:.3f}")
     if distributed.is_main():
-        _summary(cfg, rows)
-    for _, close in sinks:
-        close()
-    _close(k.venvs, k.heldout)
-    distributed.teardown()
-    return rows
+        _summary(cfg, run.rows)
+
+
+def _train_step(run: _Run, stop: faults.GracefulStop, step: int) -> None:
+    """Step ``step + 1``. Its rollouts and scoring may be abandoned by a stop signal, and a step whose
+    samples mostly failed is not learned from: both stop the run with a checkpoint of the step
+    before, the RNGs as they were then (a resumed run redoes the step exactly)."""
+    from agentopd.rl import checkpoints
+
+    cfg, k = run.cfg, run.k
+    rng = checkpoints.rng_state()
+    t0 = time.perf_counter()
+    try:
+        with stop.abandonable():
+            prep = _prepare(cfg, k, step, distributed.rank_share(_starts(cfg, k.venvs[0], run.data_pos)))
+    except faults.StepAbandoned as e:
+        checkpoints.set_rng_state(*rng)
+        run.stop(faults.INTERRUPTED, f"stopped by {stop.name}: step {step + 1} abandoned ({e} would have passed)")
+    failure = _service_failure(cfg, prep)
+    if failure:
+        checkpoints.set_rng_state(*rng)
+        run.stop(faults.SERVICE_DOWN, f"step {step + 1} not learned from: {failure}")
+    t1 = time.perf_counter()
+    got = _learn(cfg, k, step, prep)
+    run.step, run.data_pos = step + 1, run.data_pos + cfg.sampling.prompts_per_step
+    _finish(run, got)
+    stop.record(t1 - t0, time.perf_counter() - t1)
+    if _any_rank(stop.requested) and run.step < run.cfg.run.steps:  # (after the last step: done anyway)
+        run.stop(faults.INTERRUPTED, f"stopped by {stop.name or 'a stop signal on another rank'} after step {run.step}")
+
+
+def _finish(run: _Run, got: StepResult) -> None:
+    """After the update: the held-out evaluation when due, the sample log, the metrics row, the
+    guard's verdict (a line, a stop or a rollback), the checkpoint when due."""
+    from agentopd import samples as sample_log
+    from agentopd.rl import checkpoints
+
+    cfg, k, step, row = run.cfg, run.k, run.step, got.row
+    last = step == cfg.run.steps
+    if k.heldout is not None and _eval_due(cfg.eval, step, last):
+        row |= _evaluate(cfg, k)
+    if distributed.is_main():
+        sample_log.record(cfg.run, step, last, "heldout_pass1" in row, k.tok, got)
+    act, line, best = _health(run, got.update, row)
+    run.log(row)
+    if act:
+        _act(run, act, line)
+    if best and cfg.run.guard == "rollback":  # a checkpoint to come back to
+        run.save()
+    if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 or last:
+        saved = run.save()
+        if last:
+            checkpoints.export_final(saved, os.path.join(cfg.run.out, "final"))
+
+
+def _health(run: _Run, upd: Update, row: dict) -> tuple[str, str, bool]:
+    """``(action, line, new best held-out)`` after a step: a skipped update (``skipped``, or
+    ``unhealthy`` at ``optim.max_bad_steps`` in a row), else the collapse guard's findings
+    (``run.guard``'s action); an action goes into the row as ``guard``."""
+    if upd.skipped:
+        line, stop = run.guard.skipped(run.step, upd.skipped)
+        row["guard"] = "unhealthy" if stop else "skipped"
+        return row["guard"], line, False
+    run.guard.applied(run.step)
+    if run.cfg.run.guard == "off":
+        return "", "", False
+    findings, best = run.guard.observe(row)
+    if not findings:
+        return "", "", best
+    row["guard"] = run.cfg.run.guard
+    return row["guard"], f"step {run.step}: collapse guard: {'; '.join(findings)}", best
+
+
+def _act(run: _Run, act: str, line: str) -> None:
+    """What the guard's verdict does: a line, a stop (checkpoint, UNHEALTHY) or a rollback."""
+    if act in ("skipped", "warn"):
+        if distributed.is_main():
+            faults.say(line)
+    elif act == "unhealthy":
+        good = run.guard.last_good
+        run.stop(faults.UNHEALTHY, line, f"the last good weights (those of step {good})" if good else
+                 "the weights it started from (no update was applied)")
+    elif act == "stop":
+        run.stop(faults.UNHEALTHY, line)
+    else:
+        _rollback(run, line)
+
+
+def _rollback(run: _Run, line: str) -> None:
+    """Back to the newest checkpoint at or before the guard's target step, with the learning rate
+    times ``run.guard_lr_factor``; the step count and the data go on."""
+    from agentopd.rl import checkpoints
+
+    k, target = run.k, run.guard.target()
+    path = next((p for p in checkpoints.checkpoints(run.ckpt_dir) if int(p.rsplit("-", 1)[1]) <= target), None)
+    if path is None:
+        run.stop(faults.UNHEALTHY, f"{line}; no checkpoint at or before step {target} to roll back to")
+    lrs = [group["lr"] * run.cfg.run.guard_lr_factor for group in k.opt.param_groups]  # lower than now, again
+    checkpoints.load(path, k.model, k.opt, k.teacher, next(k.model.parameters()).device)
+    for group, lr in zip(k.opt.param_groups, lrs):
+        group["lr"] = lr
+    run.guard.rolled_back()
+    run.saved = -1  # the state is no longer the one saved at this step
+    k.engine.sync(k.model)
+    if distributed.is_main():
+        faults.say(f"{line}; rolled back to {path}, learning rate now {k.opt.param_groups[0]['lr']:g}")
+
+
+def _any_rank(flag: bool) -> bool:
+    """``flag`` on any rank (every rank calls it)."""
+    if distributed.world() == 1:
+        return flag
+    return float(distributed.all_sum(torch.tensor(float(flag)))) > 0
 
 
 def _summary(cfg: Config, rows: list[dict]) -> None:

@@ -21,8 +21,18 @@ and the others still run.
    step (plus the teacher scoring under a longer context) on the 1.5B shape; and the train loop on
    the tiny model (``algo.advantage`` sd_token vs grpo; mean step over the steps after the first,
    from the ``time_*`` metrics; clip fraction of every step, epoch 0).
+6. ``recipe_*``: every recipe of configs/recipes/ (:func:`recipe_overrides`) trained for 2 steps as
+   its own ``agentopd train`` process, its models swapped for small local ones (same tokenizer,
+   head dimension 64 as vLLM's attention kernels want) and its problems for generated ones: the
+   recipe's engine (vLLM colocated, sleeping and syncing each step; ``hf`` where vLLM is missing,
+   as the stage records), LoRA or full, its algorithm and teacher (the separate teacher model of the
+   OPD recipes), gradient checkpointing; the 8-GPU recipes under ``torchrun`` with FSDP2 over as many
+   GPUs as there are (up to 8; one GPU: a single process). ``--smoke``: one recipe (its path on
+   the CPU with the ``hf`` engine); tests/test_recipes.py dry-runs all of them.
 
-    python bench/gpu_check.py            # on one GPU, under 8 minutes; writes bench/results/gpu_check.json
+    python bench/gpu_check.py            # on one GPU; writes bench/results/gpu_check.json
+    python bench/gpu_check.py --only stages --out A.json    # stages 1-5 alone (under 8 minutes)
+    python bench/gpu_check.py --only recipes --out B.json   # stage 6 alone (about 40 s a recipe)
     python bench/gpu_check.py --smoke    # tiny sizes, on CPU in seconds: checks that the script works
 """
 from __future__ import annotations
@@ -307,6 +317,87 @@ def bench_loop(sizes: dict, device, tmp: str, out: dict) -> None:
     out["sdpo_over_grpo"] = round(steps["sd_token"] / steps["grpo"], 3)
 
 
+# ------------------------------------------------------------------ 6. the recipes
+
+ROOT = os.path.dirname(HERE)
+RECIPES = os.path.join(ROOT, "configs", "recipes")
+SMOKE_RECIPES = ("coder1.5b-opd7b-lora",)  # LoRA, a teacher model, a distillation loss
+
+
+def recipe_models(tmp: str) -> tuple[str, str]:
+    """A small student and a wider teacher with the same tokenizer, head dimension 64, saved."""
+    from agentopd.testbed.tiny import build_tiny
+
+    student, teacher = os.path.join(tmp, "student"), os.path.join(tmp, "teacher")
+    build_tiny(student, hidden=128, layers=2, heads=2)
+    build_tiny(teacher, hidden=256, layers=2, heads=4)
+    return student, teacher
+
+
+def recipe_overrides(path: str, student: str, teacher: str, out: str, device: torch.device, ranks: int) -> list[str]:
+    """A recipe at a test's size: local models, generated problems, 2 short steps, a small vLLM."""
+    from agentopd.config import load
+
+    cfg = load(path)
+    vllm = device.type == "cuda" and cfg.engine.name == "vllm" and _has_vllm()
+    over = [f"model.path={student}", "env.kwargs.problems=functions", "env.kwargs.n=64", "env.heldout_kwargs={}",
+            "sampling.max_new_tokens=32", f"sampling.prompts_per_step={2 * ranks}", "sampling.group_size=2",
+            "run.steps=2", "run.checkpoint_every=0", "run.progress=false", f"run.out={out}", "eval.problems=2",
+            "eval.every=0", f"run.device={device.type}", "teacher.max_tokens=512"]
+    if cfg.teacher.model:
+        over.append(f"teacher.model={teacher}")
+    if vllm:
+        over.append("engine.kwargs={gpu_memory_utilization: 0.25, max_model_len: 1024, enforce_eager: true}")
+    else:
+        over += ["engine.name=hf", "engine.kwargs={}"]
+    return over
+
+
+def _has_vllm() -> bool:
+    try:
+        from agentopd.inference.vllm import require_vllm
+
+        require_vllm()
+        return True
+    except ImportError:
+        return False
+
+
+def bench_recipe(path: str, models: tuple[str, str], device: torch.device, tmp: str, out: dict) -> None:
+    """One recipe trained for 2 steps in its own process (torchrun for the 8-GPU ones)."""
+    import subprocess
+
+    from agentopd import jsonl
+
+    with open(path, encoding="utf-8") as f:
+        eight = "--nproc-per-node 8" in f.read()
+    ranks = max(1, min(torch.cuda.device_count(), 8)) if eight and device.type == "cuda" else 1
+    run_out = tempfile.mkdtemp(prefix="recipe-", dir=tmp)
+    over = recipe_overrides(path, *models, run_out, device, ranks)
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)] if ranks > 1
+              else [sys.executable])
+    cmd = [*launch, "-m", "agentopd", "train", "--config", path, *over]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
+    if r.returncode:
+        raise RuntimeError(f"exit {r.returncode}: {r.stderr.strip()[-400:]}")
+    rows = [row for row in jsonl.read(os.path.join(run_out, "metrics.jsonl")) if "loss" in row]
+    engine = next((o.split("=", 1)[1] for o in over if o.startswith("engine.name=")), "vllm")
+    out.update(ranks=ranks, engine=engine, steps=len(rows), loss=[row["loss"] for row in rows],
+               reward_mean=[row["reward_mean"] for row in rows], time_sync=[row.get("time_sync") for row in rows],
+               final=os.path.isdir(os.path.join(run_out, "final")))
+    if len(rows) != 2 or not out["final"]:
+        raise RuntimeError(f"{len(rows)} steps, final checkpoint {out['final']}")
+
+
+def bench_recipes(smoke: bool, device: torch.device, tmp: str, results: dict) -> None:
+    models = recipe_models(tmp)
+    names = SMOKE_RECIPES if smoke else sorted(f[:-5] for f in os.listdir(RECIPES) if f.endswith(".yaml"))
+    for name in names:
+        with Stage(results, f"recipe_{name}", device) as out:
+            bench_recipe(os.path.join(RECIPES, f"{name}.yaml"), models, device, tmp, out)
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -320,9 +411,19 @@ def environment(device: torch.device, smoke: bool) -> dict:
     return env
 
 
-def run(smoke: bool, device: torch.device) -> dict:
+def run(smoke: bool, device: torch.device, only: str = "") -> dict:
     shape, sizes = SHAPES["smoke" if smoke else "full"], SIZES["smoke" if smoke else "full"]
     results = {"environment": environment(device, smoke), "shape": shape, "sizes": sizes}
+    if only != "recipes":
+        run_stages(smoke, device, shape, sizes, results)
+    if only != "stages":
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_recipes(smoke, device, tmp, results)
+    return results
+
+
+def run_stages(smoke: bool, device: torch.device, shape: dict, sizes: dict, results: dict) -> None:
+    """Stages 1-5."""
     with Stage(results, "build", device) as out:
         model = build_llama(shape, device)
         out["params"] = sum(p.numel() for p in model.parameters())
@@ -341,7 +442,6 @@ def run(smoke: bool, device: torch.device) -> dict:
     del model
     with tempfile.TemporaryDirectory() as tmp, Stage(results, "train_loop_tiny", device) as out:
         bench_loop(sizes, device, tmp, out)
-    return results
 
 
 def main(argv=None) -> int:
@@ -349,13 +449,15 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, seconds): check the script works")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "gpu_check.json"))
+    ap.add_argument("--only", default="", choices=["", "stages", "recipes"],
+                    help="stages 1-5 or the recipes alone (each fits a 10-minute command)")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     if device.type != "cuda" and not a.smoke:
         print("gpu_check: no GPU; run with --smoke for a check of the script on CPU", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    results = run(a.smoke, device)
+    results = run(a.smoke, device, a.only)
     results["total_seconds"] = round(time.perf_counter() - t0, 1)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w", encoding="utf-8") as f:

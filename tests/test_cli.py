@@ -267,6 +267,16 @@ def test_eval_passk_unreadable_files(tmp_path):
     ("env.id=agentopd/Math-v0s", ["env.id", "did you mean 'agentopd/Math-v0'"]),
     ("env.kwargs.judge={name: nosuchjudge}", ["env.kwargs.judge", "nosuchjudge"]), ("env.kwargs.judge=mth", ["mth"]),
     ("sampling.top_p=1.5", ["sampling.top_p", "<= 1"]), ("optim.lr=0", ["optim.lr", "> 0"]),
+    # structured options, checked by name and type against what reads them
+    ("env.kwargs.judge=[1]", ["env.kwargs.judge", "a judge name or a mapping"]),
+    ("env.kwargs.judge={name: tests, timeout_s: abc}", ["env.kwargs.judge.timeout_s", "valid number", "'abc'"]),
+    ("env.kwargs.judge={name: tests, timout_s: 3}", ["env.kwargs.judge", "does not take ['timout_s']",
+                                                      "did you mean 'timeout_s'"]),
+    ("env.kwargs.n=abc", ["env.kwargs.n", "valid integer"]), ("env.kwargs.levels=3", ["env.kwargs.levels", "tuple"]),
+    ("env.kwargs.nn=3", ["env.kwargs", "does not take ['nn']", "did you mean 'n'"]),
+    ("algo.advantage_kwargs={std_normalize: maybe}", ["algo.advantage_kwargs.std_normalize", "valid boolean"]),
+    ("engine.kwargs.batchsize=3", ["engine.kwargs", "does not take ['batchsize']"]),
+    ("run.guard=rolback", ["run.guard", "'rollback'"]), ("run.max_error_rate=2", ["run.max_error_rate", "<= 1"]),
 ])
 def test_train_bad_options_fail_before_the_model_loads(tmp_path, override, words):
     # no model could load from this path: an error about it would mean the options were checked too late

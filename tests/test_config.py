@@ -19,7 +19,7 @@ def test_shipped_configs_load(name):
     assert cfg.algo.advantage == {"sdpo": "sd_token", "grpo": "grpo", "hybrid": "hybrid"}[name[6:-5]]
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_shipped_config_loads(path):
     assert isinstance(load(str(path)), Config)
 

@@ -210,11 +210,14 @@ def test_the_program_never_holds_the_tests(judge):
     p = Problem("probe", "probe", "code", {"style": "call", "tests": [
         f"# {marker}: only the tests hold this\nassert probe() == []\n",
         f"assert probe() == []  # {marker}\n"]})
-    j = judge.judge(p, _probe("QQ[0-9]{12}QQ"))
+    # the probe reads every file and process it can reach (seconds with the process backend, more on a
+    # busy machine): its own limit is generous, on the same sandbox (its time is not what is tested)
+    probe = Judge(sandbox=judge.sandbox, extract=False, timeout_s=120.0)
+    j = probe.judge(p, _probe("QQ[0-9]{12}QQ"))
     assert j.verdict.status == "ok", j.critique  # a failure shows where the program found them
     # the probe works: a marker in the program itself is found in its own memory
     seen = Problem("seen", "seen", "code", {"style": "call", "tests": ["assert probe() == []"]})
-    j = judge.judge(seen, _probe("QQ[0-9]{12}QQ") + f"\nHERE = '{marker}'\n")
+    j = probe.judge(seen, _probe("QQ[0-9]{12}QQ") + f"\nHERE = '{marker}'\n")
     assert j.verdict.status == "wrong_answer" and "own memory" in j.critique, j.critique
 
 

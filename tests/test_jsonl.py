@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from agentopd import jsonl
+from agentopd import faults, jsonl
 
 ROWS = [{"step": 1, "text": "naïve café ✓ 東京", "x": [1.5, None]}, {"step": 2, "emoji": "🙂"}]
 
@@ -116,7 +116,7 @@ def test_a_write_that_fails_on_disk_leaves_no_temporary_file(tmp_path, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", replace_fails)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(faults.WriteFailed, match=r"cannot write .*r.jsonl: disk full; .* free there"):
         jsonl.write(path, [{"step": 9}])
     assert jsonl.read(path) == ROWS and os.listdir(tmp_path) == ["r.jsonl"]
 
@@ -127,3 +127,25 @@ def test_a_failed_append_adds_nothing(tmp_path):
     with pytest.raises(TypeError):
         jsonl.append(path, [{"step": 2}, {"bad": Unwritable()}])
     assert jsonl.read(path) == ROWS[:1]
+
+
+def test_an_append_that_fails_on_disk_leaves_no_partial_line(tmp_path, monkeypatch):
+    """A full disk mid-append (the first bytes written, then ENOSPC): the file is cut back to what it
+    held, and the error is one line naming the file."""
+    import errno
+
+    path = str(tmp_path / "m.jsonl")
+    jsonl.append(path, ROWS[:1])
+    size = os.path.getsize(path)
+    real = os.write
+
+    def short_then_full(fd, data):
+        if len(data) > 8:
+            return real(fd, bytes(data[:8]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", short_then_full)
+    with pytest.raises(faults.WriteFailed, match=r"cannot append to .*m.jsonl: No space left on device"):
+        jsonl.append(path, ROWS[1:])
+    monkeypatch.undo()
+    assert os.path.getsize(path) == size and jsonl.read(path) == ROWS[:1]

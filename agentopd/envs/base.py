@@ -21,6 +21,7 @@ registered ids): ``gymnasium.make_vec(id, num_envs)`` steps all slots with one b
 from __future__ import annotations
 
 import copy
+import math
 from typing import ClassVar
 
 import gymnasium as gym
@@ -45,14 +46,29 @@ class AnyText(spaces.Text):
 
 def judge_turns(judge, views: list[tuple[Problem, Problem]], actions: list[str]) -> list[tuple[Judgement, Judgement]]:
     """``(public, held-out)`` judgements of each answer, in one ``judge_many`` call per view
-    (one call in all when every problem is its own public view)."""
-    many = getattr(judge, "judge_many", None) or (lambda pairs: [judge.judge(p, a) for p, a in pairs])
+    (one call in all when every problem is its own public view). A score that is not a finite
+    number becomes a ``judge_error`` (masked and counted, never a reward)."""
+    given = getattr(judge, "judge_many", None) or (lambda pairs: [judge.judge(p, a) for p, a in pairs])
+
+    def many(pairs):
+        return [finite(j) for j in given(pairs)]
+
     public = many([(pub, a) for (pub, _), a in zip(views, actions)])
     split = [i for i, (pub, held) in enumerate(views) if held is not pub]
     held = list(public)
     for i, j in zip(split, many([(views[i][1], actions[i]) for i in split]) if split else []):
         held[i] = j
     return list(zip(public, held))
+
+
+def finite(j: Judgement) -> Judgement:
+    """``j``, or a judge error where its score is not a finite number (a judge's bug, not the answer's)."""
+    from agentopd.judges.base import judge_error
+
+    score = j.verdict.score
+    if j.verdict.status == "judge_error" or (isinstance(score, (int, float)) and math.isfinite(score)):
+        return j
+    return judge_error(f"the judge returned a score that is not finite: {score!r}", j.verdict.total)
 
 
 def reset_info(problem: Problem) -> dict:

@@ -11,9 +11,14 @@ Rows are normalised to :class:`agentopd.types.Problem`. Recognised row shapes:
   "test_setup_code"?, "test_imports"?}`` (the original and the sanitized column sets)
 - CodeContests/SandboxFusion: ``{"content", "test": [{"input": {"stdin"}, "output": {"stdout"}}]}``
   (``test`` may be a JSON string)
-- CodeContests (deepmind/code_contests): ``{"description", "public_tests", "private_tests",
-  "generated_tests", "solutions"?}``, each test column ``{"input": [...], "output": [...]}``
-- TACO/APPS: ``{"question", "input_output": {"inputs", "outputs"}, "solutions"?}`` (JSON strings)
+- CodeContests (deepmind/code_contests): ``{"name", "description", "public_tests",
+  "private_tests", "generated_tests", "solutions"?}``, each test column ``{"input": [...], "output":
+  [...]}``; which sets judge and which critique: :class:`Choice`
+- LiveCodeBench (code_generation_lite): ``{"question_id", "question_content", "starter_code",
+  "public_test_cases", "private_test_cases", "metadata"}``, stdin or functional (call-style) cases
+  (:mod:`agentopd.envs.testcases`); no reference solutions
+- TACO/APPS: ``{"question", "input_output": {"inputs", "outputs", "fn_name"?}, "solutions"?}`` (JSON
+  strings); with an ``fn_name`` the cases are call-style
 
 A problem's ``privileged["solution"]`` is the row's reference solution, the answer a teacher may
 see: HumanEval's whole function (``prompt + canonical_solution``), MBPP's ``code``, a stdin/stdout
@@ -30,6 +35,7 @@ import json
 from typing import Any
 
 from agentopd import jsonl
+from agentopd.envs import testcases
 from agentopd.judges.math import extract_answer
 from agentopd.types import Problem
 
@@ -145,27 +151,97 @@ def _mbpp_problem(row: dict, where: str) -> Problem:
                    reference(row.get("code") or row.get("canonical_solution")))
 
 
-def _contests_row(row: dict) -> dict:
-    """A deepmind/code_contests row (``description``; tests in ``public_tests``, ``private_tests``
-    and ``generated_tests``, each ``{"input": [...], "output": [...]}``) in the native shape: the
-    public tests are shown as feedback and the private and generated ones held out (the public
-    ones are all the tests where there are no others)."""
-    def pairs(*keys):
-        cols = [row.get(k) or {} for k in keys]
-        return [{"input": i, "output": o} for c in cols for i, o in zip(c.get("input", []), c.get("output", []))]
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """Which of a row's tests judge and which critique (rows with named test sets: CodeContests'
+    public/private/generated, LiveCodeBench's public/private; :func:`agentopd.envs.testcases.choose`),
+    and how many judging tests a problem keeps at most (``max_tests``, 0: all; the first ones)."""
 
-    public, held = pairs("public_tests"), pairs("private_tests", "generated_tests")
-    return {**row, "prompt": row["description"], "tests": held or public, "public_tests": public if held else None}
+    judge_tests: tuple | None = None
+    critique_tests: tuple | None = None
+    max_tests: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "judge_tests", testcases.check_sets(self.judge_tests, "judge_tests"))
+        object.__setattr__(self, "critique_tests", testcases.check_sets(self.critique_tests, "critique_tests"))
+        if not isinstance(self.max_tests, int) or self.max_tests < 0:
+            raise ValueError(f"max_tests: a count >= 0 (0: all), got {self.max_tests!r}")
 
 
-def code_problem(row: dict, where: str = "row") -> Problem:
+def _named_sets(row: dict, choice: Choice, sets: dict) -> dict:
+    """``row`` in the native shape with the chosen judging tests and critique (public) tests."""
+    tests, public = testcases.choose(sets, choice.judge_tests, choice.critique_tests)
+    return {**row, "tests": tests, "public_tests": public or None}
+
+
+def _contests_row(row: dict, choice: Choice) -> dict:
+    """A deepmind/code_contests row (``name``, ``description``; tests in ``public_tests``,
+    ``private_tests`` and ``generated_tests``, each ``{"input": [...], "output": [...]}``) in the
+    native shape, its tests chosen by ``choice``."""
+    def pairs(key):
+        col = row.get(key) or {}
+        return [{"input": i, "output": o} for i, o in zip(col.get("input", []), col.get("output", []))]
+
+    sets = {name: pairs(f"{name}_tests") for name in testcases.TEST_SETS}
+    return _named_sets({**row, "id": row.get("name", row.get("id")), "prompt": row["description"]}, choice, sets)
+
+
+LCB_CALL = ("Complete the starter code below. Answer with the whole program in one ```python block.\n\n"
+            "```python\n{starter}\n```")
+LCB_STDIN = ("Read the input from standard input and write the answer to standard output. Answer with the whole "
+             "program in one ```python block.")
+
+
+def _livecodebench_row(row: dict, choice: Choice) -> dict:
+    """A LiveCodeBench code_generation_lite row in the native shape: the question and the
+    starter code (or the stdin instruction) as the prompt; functional cases as asserts on
+    ``metadata.func_name`` with :func:`agentopd.envs.testcases.call_prefix` before the program."""
+    name = testcases.func_name(row.get("metadata"))
+    sets = {k: testcases.lcb_tests(testcases.decode_cases(row.get(f"{k}_test_cases")), name)
+            for k in ("public", "private")}
+    starter = (row.get("starter_code") or "").strip("\n")
+    ask = LCB_CALL.format(starter=starter) if starter else LCB_STDIN
+    native = {**row, "id": row.get("question_id", row.get("id")), "prompt": f"{row['question_content']}\n\n{ask}"}
+    if name and any(isinstance(t, str) for s in sets.values() for t in s):
+        native["prefix"] = testcases.call_prefix(name)
+    return _named_sets(native, choice, sets)
+
+
+def _apps_row(row: dict) -> dict:
+    """A TACO/APPS row: its ``input_output`` parsed (a JSON string there); with an ``fn_name`` its
+    cases as call-style asserts."""
+    spec = row["input_output"]
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError:
+            return row  # (the tests' reader names the error)
+    if not (isinstance(spec, dict) and spec.get("fn_name")):
+        return {**row, "input_output": spec}
+    return {**row, "tests": testcases.apps_call_tests(spec), "prefix": testcases.call_prefix(spec["fn_name"])}
+
+
+def _shape(row: dict, choice: Choice) -> dict:
+    """A CodeContests, LiveCodeBench or call-style TACO row in the native shape; others as they are."""
+    if "description" in row and "private_tests" in row:
+        return _contests_row(row, choice)
+    if "question_content" in row and "public_test_cases" in row:
+        return _livecodebench_row(row, choice)
+    if "input_output" in row and "tests" not in row:
+        return _apps_row(row)
+    return row
+
+
+def code_problem(row: dict, where: str = "row", choice: Choice = Choice()) -> Problem:
     """Normalise one code-problem row (any recognised shape) to a Problem."""
     if "test" in row and "entry_point" in row and "prompt" in row:
         return _humaneval_problem(row, where)
     if "test_list" in row:
-        return _mbpp_problem(row, where)
-    if "description" in row and "private_tests" in row:
-        row = _contests_row(row)
+        return _limit(_mbpp_problem(row, where), choice)
+    try:
+        row = _shape(row, choice)
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{where}: {e}") from None
     prompt = row.get("prompt") or row.get("content") or row.get("question")
     tests = row.get("tests", row.get("test", row.get("input_output")))
     if not prompt:
@@ -186,20 +262,53 @@ def code_problem(row: dict, where: str = "row") -> Problem:
             payload["public_tests"] = _io_tests(public, where)
     if row.get("prefix"):
         payload["prefix"] = row["prefix"]
-    return Problem(pid, prompt, "code", payload,
-                   reference(row.get("solution") or first_solution(row.get("solutions"), where)))
+    return _limit(Problem(pid, prompt, "code", payload,
+                          reference(row.get("solution") or first_solution(row.get("solutions"), where))), choice)
 
 
-def load_code_problems(source) -> list[Problem]:
-    """Problems from a JSONL path, ``"humaneval"``, a ``datasets`` dataset or any iterable of
-    dicts / Problems."""
+def _limit(problem: Problem, choice: Choice) -> Problem:
+    """The problem with at most ``choice.max_tests`` judging tests (its first ones)."""
+    if not choice.max_tests or len(problem.payload["tests"]) <= choice.max_tests:
+        return problem
+    return dataclasses.replace(problem, payload={**problem.payload, "tests": problem.payload["tests"][:choice.max_tests]})
+
+
+def dataset_rows(spec: dict):
+    """The rows of a Hugging Face ``datasets`` dataset named in a config: ``{dataset: NAME_OR_DIR,
+    split: train, name: CONFIG, data_files: ..., limit: N}`` (``datasets.load_dataset``; ``limit``:
+    the first N rows, 0 all)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("problems from a datasets dataset need it: pip install 'agentopd[datasets]'") from None
+    spec = dict(spec)
+    if "dataset" not in spec:
+        raise DataError(f"problems {spec}: a dataset spec needs 'dataset' (a hub id or a local directory)")
+    limit = int(spec.pop("limit", 0) or 0)
+    name, config, split = spec.pop("dataset"), spec.pop("name", None), spec.pop("split", "train")
+    try:
+        ds = datasets.load_dataset(name, config, split=split, **spec)
+    except Exception as e:  # noqa: BLE001 -- a missing dataset, split or file is the user's input
+        raise DataError(f"problems: cannot load dataset {name!r} (split {split!r}): {str(e).splitlines()[0]}") from None
+    return ds.select(range(min(limit, len(ds)))) if limit else ds
+
+
+def load_code_problems(source, judge_tests=None, critique_tests=None, max_tests: int = 0) -> list[Problem]:
+    """Problems from a JSONL path, ``"humaneval"``, a ``datasets`` dataset (or a spec of one,
+    :func:`dataset_rows`) or any iterable of dicts / Problems; the tests per :class:`Choice`."""
+    try:
+        choice = Choice(judge_tests, critique_tests, max_tests)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if isinstance(source, dict):
+        source = dataset_rows(source)
     if isinstance(source, str):
         if source.lower() == "humaneval":
             return load_humaneval()
-        return unique_ids([code_problem(row, f"{source}:{n}") for n, row in read_jsonl(source)], source)
+        return unique_ids([code_problem(row, f"{source}:{n}", choice) for n, row in read_jsonl(source)], source)
     out = []
     for i, row in enumerate(source):
-        out.append(row if isinstance(row, Problem) else code_problem(dict(row), f"row {i}"))
+        out.append(row if isinstance(row, Problem) else code_problem(dict(row), f"row {i}", choice))
     return unique_ids(out, "the problems")
 
 
@@ -264,9 +373,11 @@ def math_problem(row: dict, where: str = "row", question_key: str = "question", 
 
 def load_math_problems(source, question_key: str = "question", answer_key: str = "answer",
                        solution_key: str | None = None) -> list[Problem]:
-    """Math problems from a JSONL path, a ``datasets`` dataset, or an iterable of dicts/Problems
-    (the columns as in :func:`math_problem`)."""
+    """Math problems from a JSONL path, a ``datasets`` dataset (or a spec of one,
+    :func:`dataset_rows`), or an iterable of dicts/Problems (the columns as in :func:`math_problem`)."""
     keys = (question_key, answer_key, solution_key)
+    if isinstance(source, dict):
+        source = dataset_rows(source)
     if isinstance(source, str):
         return unique_ids([math_problem(r, f"{source}:{n}", *keys) for n, r in read_jsonl(source)], source)
     return unique_ids([r if isinstance(r, Problem) else math_problem(dict(r), f"row {i}", *keys)

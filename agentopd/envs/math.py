@@ -6,6 +6,7 @@ list of rows, or a built-in generator (``problems="arithmetic"`` or ``"micro"``,
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
 from agentopd.envs.base import JudgedEnv, JudgedVectorEnv
 from agentopd.envs.data import load_math_problems
@@ -15,8 +16,8 @@ from agentopd.envs.procedural import problem_set
 class MathEnv(JudgedEnv):
     def __init__(self, problems="arithmetic", max_turns: int = 1, judge=None, question_key: str = "question",
                  answer_key: str = "answer", reveal_answer: bool = False, timeout_s: float = 5.0,
-                 n: int = 1000, levels=(1, 2, 3, 4, 5), seed: int = 0, max_length: int = 1 << 20,
-                 render_mode: str | None = None, split: str = "train", heldout_n: int = 0,
+                 n: int = 1000, levels: tuple[int, ...] = (1, 2, 3, 4, 5), seed: int = 0, max_length: int = 1 << 20,
+                 render_mode: str | None = None, split: Literal["train", "heldout"] = "train", heldout_n: int = 0,
                  solution_key: str | None = None):
         """``problems``: a generator ("arithmetic", "micro": ``n``, ``levels``, ``seed``, ``split``,
         ``heldout_n`` as in :func:`agentopd.envs.procedural.problem_set`), a JSONL path, a dataset or

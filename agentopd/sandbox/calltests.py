@@ -169,7 +169,11 @@ def _answer(req, ns, objs, ref):
 
 
 class ProgramGone(Exception):
-    pass
+    """The program's process ended; ``status``: ``timeout`` when its CPU-time limit ended it."""
+
+    def __init__(self, message, status="runtime_error"):
+        super().__init__(message)
+        self.status = status
 
 
 class Unsendable(Exception):
@@ -201,7 +205,7 @@ class Link:
 
     def ask(self, req):
         if self.gone:
-            raise ProgramGone(self.gone)
+            raise ProgramGone(*self.gone)
         try:
             _send(self.cmd_fd, req)
             line = self.replies.read()
@@ -212,14 +216,17 @@ class Link:
         return json.loads(line)
 
     def _ended(self):
-        if self.pid is None:  # (a warm worker forked the candidate: its exit status is not ours)
-            self.gone = "the program's process ended"
-            return ProgramGone(self.gone)
+        if self.pid is None:  # (a warm worker forked the candidate: its exit status is not ours, and
+            self.gone = ("the program's process ended",)  # the worker tells a CPU-time limit itself)
+            return ProgramGone(*self.gone)
+        import signal
+
         _, status = os.waitpid(self.pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        self.gone = (f"the program exited (exit code {code})" if code >= 0
-                     else f"the program was killed by signal {-code}")
-        return ProgramGone(self.gone)
+        self.gone = ((f"the program exited (exit code {code})",) if code >= 0 else
+                     ("timeout", "timeout") if -code == signal.SIGXCPU else
+                     (f"the program was killed by signal {-code}",))
+        return ProgramGone(*self.gone)
 
     def _ref(self, x):
         if isinstance(x, Remote) and x._link is self:
@@ -251,7 +258,8 @@ class Link:
         """The candidate's first reply: None when the program loaded, else (status, error)."""
         line = self.replies.read()
         if line is None:
-            return "runtime_error", str(self._ended())
+            gone = self._ended()
+            return gone.status, str(gone)
         try:  # (the program may have written this line itself: its code ran before ours sent it)
             load = json.loads(line)["load"]
             return None if load == "ok" else (load[0], str(load[1]))
@@ -326,6 +334,8 @@ def _failed_assert(e, test):
 
 
 def _status(e):
+    if isinstance(e, ProgramGone):
+        return e.status
     if isinstance(e, AssertionError):
         return "wrong_answer"
     if isinstance(e, MemoryError):
@@ -424,7 +434,10 @@ def main():
     os.close(cmd_r)
     os.close(rep_w)
     _judge(Link(cmd_w, rep_r, pid), lambda: _frame(0))
-    os.kill(pid, 9)  # not waited for: whoever runs this (a warm worker, a sandbox's end) reaps it
+    try:
+        os.kill(pid, 9)  # not waited for: whoever runs this (a warm worker, a sandbox's end) reaps it
+    except ProcessLookupError:  # it ended, and the link reaped it
+        pass
 
 
 def drive(cmd_fd, rep_fd, tests_fd):

@@ -25,9 +25,15 @@ import time
 MB = 1 << 20
 
 
+def cpu_seconds(lim) -> int:
+    """A program's CPU-time limit (RLIMIT_CPU, whole seconds rounded up): ``cpu_s``, else the wall
+    limit + 1."""
+    return max(1, -int(-float(lim.get("cpu_s") or lim["timeout_s"] + 1) // 1))
+
+
 def rlimits(lim):
     """Set the per-program resource limits of ``lim`` (a dict) on the calling process."""
-    cpu = int(lim.get("cpu_s") or lim["timeout_s"] + 1)
+    cpu = cpu_seconds(lim)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     mem = lim["memory_mb"] * MB
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
@@ -130,11 +136,14 @@ def _exit_code(exc):
 
 
 def _enter(lim):
-    """In a forked child, before it becomes a program: its own session and its limits. (Default
-    signal actions, set in the worker, and a fresh random seed, random's own after-fork hook,
-    it has already: as a new interpreter would.)"""
+    """In a forked child, before it becomes a program: its own session, its limits, and ``random``
+    seeded with 0 (not the fresh seed of random's own after-fork hook: the same program draws the
+    same numbers, so its verdict depends on it alone). (Default signal actions, set in the worker,
+    it has already.)"""
     os.setsid()
     rlimits(lim)
+    if "random" in sys.modules:
+        sys.modules["random"].seed(0)
 
 
 _STREAMS = []  # sys.stdin/stdout/stderr for programs, made once in the worker (which never uses them)
@@ -567,9 +576,34 @@ def _collect_run(pid, lim, out_r, err_r, sinks, helper):
     if helper is not None:
         ok = not res["timed_out"] and not res["truncated"] and helper.answer(deadline + 1.0)
         res["helper_ok"], res["exit_code"] = ok, 0 if ok else 1
+        res["timed_out"] = res["timed_out"] or _used_its_cpu(pid, lim)
     res["duration_s"] = time.monotonic() - t0
     res["attach"] = [os.fstat(fd).st_size for fd in fds]
     return res
+
+
+def _used_its_cpu(pid, lim) -> bool:
+    """Whether the program ``pid`` (this worker's child) was ended by its CPU-time limit (SIGXCPU, or
+    the hard limit's SIGKILL): a call-style run's timeout, though the helper saw only that its
+    process ended. Only a program that used at least 95% of its limit (the scheduler's count, the
+    clock RLIMIT_CPU uses) is waited for, a second at most: one still alive then was not ended."""
+    try:
+        with open(f"/proc/{pid}/schedstat", encoding="ascii") as f:
+            used = int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return False
+    if used < 0.95 * cpu_seconds(lim):
+        return False
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if done:
+            return os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGXCPU, signal.SIGKILL)
+        time.sleep(0.002)
+    return False
 
 
 # modules most programs import: loaded once here, so a forked program does not pay for them
