@@ -397,7 +397,8 @@ def test_a_programs_verdict_does_not_depend_on_the_machines_load():
     from agentopd.types import Problem
 
     p = Problem("cpu", "cpu", "code", {"style": "call", "tests": ["assert f(2) == 2"]})
-    program = "import time\nwhile time.process_time() < 1.2:\n    pass\ndef f(x):\n    return x\n"
+    program = ("import time\ndef f(x):\n    t = time.process_time()\n    while time.process_time() - t < 1.2:\n"
+               "        pass\n    return x\n")  # (a call-style judge runs definitions only: the loop is in f)
     was = os.sched_getaffinity(0)
     core = {min(was)}
     os.sched_setaffinity(0, core)  # the judge's workers start here, on this core
