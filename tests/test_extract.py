@@ -107,3 +107,17 @@ def test_an_example_assignment_named_like_a_parameter_is_dropped():
             "SCALE = 2\nnumbers = [1, 2]\ntotal = f(numbers, 3)\ndef g():\n    global count\n    count += 1\ncount = 0\n")
     assert definitions(code) == ("def f(numbers, k):\n    total = 0\n    for x in numbers:\n        total += x * SCALE\n"
                                  "    return total\nSCALE = 2\ndef g():\n    global count\n    count += 1\ncount = 0\n")
+
+
+def test_a_table_filled_at_the_top_level_is_kept_and_a_demo_loop_is_not(judge):
+    from agentopd.types import Problem
+
+    code = ("PRIMES = []\nfor n in range(2, 50):\n    if all(n % p for p in PRIMES):\n        PRIMES.append(n)\n"
+            "SQUARES = {}\nfor i in range(10):\n    SQUARES[i] = i * i\nLOOKUP = set()\nLOOKUP.update(PRIMES)\n"
+            "def nth_prime(k):\n    return PRIMES[k] + SQUARES[0] + len(LOOKUP) * 0\n"
+            "for k in range(3):\n    print(nth_prime(k))\nif __name__ == '__main__':\n    PRIMES.clear()\n"
+            "extra = int(input())\nPRIMES.append(extra)\n")
+    kept = definitions(code)
+    assert kept == code[:code.index("for k in range(3)")]  # the table loops kept; the demo, stdin and __main__ not
+    p = Problem("p", "p", "code", {"style": "call", "tests": ["assert nth_prime(0) == 2", "assert nth_prime(3) == 7"]})
+    assert judge.judge(p, "```python\n" + code + "```").verdict.status == "ok"

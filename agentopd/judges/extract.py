@@ -15,10 +15,12 @@ closed, example ``print`` calls, ``if __name__ == "__main__":`` demos, a body wi
    compiles, else the last that compiles, else the last python-fenced one (the judge then reports its
    syntax error), else the last body.
 3. **Definitions** (``call=True``; problems whose tests call the program's functions): every piece
-   that compiles, in order, reduced to its imports, functions and classes, and the assignments that
-   they or the tests read. A later definition replaces an earlier one when Python runs them, as in
-   a notebook. Top-level calls, prints, asserts, loops and ``if __name__`` blocks are dropped: the
-   tests call the definitions, and a demo that crashes, reads stdin or loops would fail them all.
+   that compiles, in order, reduced to its imports, functions and classes, and the top-level
+   statements that bind or fill in a name they or the tests read (an assignment, a loop that fills a
+   table, ``table.append(...)``). A later definition replaces an earlier one when Python runs them,
+   as in a notebook. Other top-level calls, prints, asserts and loops, ``if __name__`` blocks and
+   anything that reads stdin are dropped: the tests call the definitions, and a demo that crashes,
+   reads stdin or loops would fail them all.
 
 evalplus's sanitizer (``evalplus.sanitize``) does steps 1 and 3 with tree-sitter on the whole text;
 this module uses the standard library's ``ast`` so that the judge needs nothing more (evalplus pulls
@@ -149,19 +151,48 @@ def _lines(stmt: ast.stmt) -> tuple[int, int]:
     return first, stmt.end_lineno
 
 
+def _fills(stmt: ast.stmt) -> set[str]:
+    """The names a top-level statement binds or fills in: assigned names (loop variables
+    included), the containers under a subscript or attribute it assigns (``table[i] = ...``) and the
+    objects whose methods it calls (``table.append(x)``)."""
+    out = set()
+    for n in ast.walk(stmt):
+        if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
+            out.add(n.id)
+        elif isinstance(n, (ast.Subscript, ast.Attribute)) and not isinstance(n.ctx, ast.Load):
+            base = n.value
+            while isinstance(base, (ast.Subscript, ast.Attribute)):
+                base = base.value
+            if isinstance(base, ast.Name):
+                out.add(base.id)
+        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name):
+            out.add(n.func.value.id)
+    return out
+
+
+def _demo(stmt: ast.stmt) -> bool:
+    """An ``if __name__ == "__main__":`` block, or a statement that reads stdin (``input()``)."""
+    if isinstance(stmt, ast.If) and "__name__" in _names(stmt.test):
+        return True
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "input"
+               for n in ast.walk(stmt))
+
+
 def definitions(code: str, roots: set[str] = frozenset()) -> str:
-    """``code`` (which must compile) reduced to its imports, functions and classes, and the
-    assignments that these, the other kept assignments or ``roots`` (the names the tests use) read,
-    in their order."""
+    """``code`` (which must compile) reduced to its imports, functions and classes, and the other
+    top-level statements (assignments, and loops or calls that fill a table) that bind or fill in a
+    name that these, the other kept statements or ``roots`` (the names the tests use) read, in their
+    order. Demo blocks and statements that read stdin are never kept."""
     tree = ast.parse(code)
     keep = [s for s in tree.body if isinstance(s, _DEFS)]
     used = set(roots).union(*(_reads(s) for s in keep))
-    assigns = [s for s in tree.body if isinstance(s, (ast.Assign, ast.AnnAssign, ast.AugAssign))
-               and getattr(s, "value", None) is not None]
+    demos = [s for s in tree.body if _demo(s)]
+    rest = [(s, _fills(s)) for s in tree.body if not isinstance(s, _DEFS) and s not in demos
+            and not (isinstance(s, ast.AnnAssign) and s.value is None)]
+    only_demo = set().union(*(_fills(s) for s in demos)) - set().union(*(f for _, f in rest))
     grew = True
-    while grew:
-        new = [s for s in assigns if s not in keep and used & set().union(
-            *(_names(t) for t in getattr(s, "targets", [getattr(s, "target", None)])))]
+    while grew:  # (a statement that reads what only a demo binds would fail: not kept)
+        new = [s for s, fills in rest if s not in keep and used & fills and not _reads(s) & only_demo]
         keep += new
         used |= set().union(*(_reads(s) for s in new))
         grew = bool(new)
