@@ -1,10 +1,9 @@
-"""Shared by the test modules: the real CodeContests samples beside the checkout, and a sample
+"""Shared by the test modules: the real CodeContests samples (tests/data), and a sample
 problem in deepmind/code_contests's columns with a known Python 3 solution."""
 import json
 from pathlib import Path
 
-SAMPLES = next((d / "shared" / "data" / "sandboxfusion-samples" for d in Path(__file__).resolve().parents[1:]
-                if (d / "shared" / "data" / "sandboxfusion-samples").is_dir()), Path("/nonexistent"))
+SAMPLES = Path(__file__).resolve().parent / "data" / "sandboxfusion-samples"
 CONTESTS = SAMPLES / "code_contests-20.jsonl"
 
 TSHIRTS = """from collections import Counter

@@ -11,7 +11,7 @@ import pytest
 from agentopd.envs.data import load_humaneval
 from sandbox_probe import bwrap_or_skip
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "sandboxfusion-samples"
+SAMPLES = Path(__file__).resolve().parent / "data" / "sandboxfusion-samples"
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample data not found at {SAMPLES}")
 
 

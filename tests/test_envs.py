@@ -24,10 +24,8 @@ from agentopd.envs.data import (
 from agentopd.judges import make_judge
 from agentopd.types import Judgement, Verdict
 
-SAMPLES = next((d / "shared" / "data" / "sandboxfusion-samples" for d in Path(__file__).resolve().parents[1:]
-                if (d / "shared" / "data" / "sandboxfusion-samples").is_dir()), Path("/nonexistent"))
-"""The shared sample data beside the checkout (``/work/shared`` for ``/work/main`` and for a git
-worktree under ``/work/wt/``)."""
+SAMPLES = Path(__file__).resolve().parent / "data" / "sandboxfusion-samples"
+"""Real MBPP and CodeContests rows (tests/data/sandboxfusion-samples/README.md)."""
 MBPP = SAMPLES / "mbpp-20.jsonl"
 CONTESTS = SAMPLES / "code_contests-20.jsonl"
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"sample data not found at {SAMPLES}")
