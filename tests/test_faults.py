@@ -384,7 +384,9 @@ def test_the_teacher_server_killed(tmp_path, no_proxy):
 
 
 def _busy(cores: set, n: int) -> list[subprocess.Popen]:
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    # each in a session of its own: with the scheduler's autogroups (sched_autogroup_enabled), the CPU
+    # is shared between sessions first, and the sandboxed program runs in a session of its own too
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(n)]
     for p in procs:
         os.sched_setaffinity(p.pid, cores)
     return procs
