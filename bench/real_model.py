@@ -282,11 +282,20 @@ def train_one(name: str, overrides: list[str], args, log) -> dict:
 
 def part_train(args, log, results) -> dict:
     rec, more = recommended(results)
-    out = {"greedy_before": greedy_heldout("smollm2", "base", args, log), "grpo": train_one("grpo", [], args, log)}
-    if rec != "grpo":
+    which = args.objectives.split(",")
+    out = {"recommended": rec, "threads": torch_threads()}
+    if "grpo" in which:
+        out["greedy_before"] = greedy_heldout("smollm2", "base", args, log)
+        out["grpo"] = train_one("grpo", [], args, log)
+    if "recommended" in which and rec != "grpo":
         out[rec] = train_one(rec, more, args, log)
-    out["recommended"] = rec
     return out
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 # ------------------------------------------------------------------------------------ main
@@ -300,6 +309,8 @@ def main():
     ap.add_argument("--evalplus", help="a directory holding evalplus and its sanitizer's imports (see the docstring)")
     ap.add_argument("--sampled-problems", type=int, default=164)
     ap.add_argument("--steps", type=int, default=40, help="training steps per objective")
+    ap.add_argument("--objectives", default="grpo,recommended",
+                    help="which of the train part's runs (two processes can run one each, with --out apart)")
     args = ap.parse_args()
     results = {}
     if os.path.exists(args.out):
