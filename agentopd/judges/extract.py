@@ -187,14 +187,15 @@ def definitions(code: str, roots: set[str] = frozenset()) -> str:
     keep = [s for s in tree.body if isinstance(s, _DEFS)]
     used = set(roots).union(*(_reads(s) for s in keep))
     demos = [s for s in tree.body if _demo(s)]
-    rest = [(s, _fills(s)) for s in tree.body if not isinstance(s, _DEFS) and s not in demos
+    rest = [(s, _fills(s), _reads(s)) for s in tree.body if not isinstance(s, _DEFS) and s not in demos
             and not (isinstance(s, ast.AnnAssign) and s.value is None)]
-    only_demo = set().union(*(_fills(s) for s in demos)) - set().union(*(f for _, f in rest))
+    only_demo = set().union(*(_fills(s) for s in demos)) - set().union(*(f for _, f, _ in rest))
+    rest = [r for r in rest if not r[2] & only_demo]  # (it reads what only a demo binds: it would fail)
     grew = True
-    while grew:  # (a statement that reads what only a demo binds would fail: not kept)
-        new = [s for s, fills in rest if s not in keep and used & fills and not _reads(s) & only_demo]
-        keep += new
-        used |= set().union(*(_reads(s) for s in new))
+    while grew:
+        new = [(s, reads) for s, fills, reads in rest if s not in keep and used & fills]
+        keep += [s for s, _ in new]
+        used |= set().union(*(reads for _, reads in new))
         grew = bool(new)
     lines = code.split("\n")
     spans = sorted(_lines(s) for s in keep)
