@@ -198,6 +198,26 @@ class AlgoConfig(Section):
     (lasgroup/SDPO: rollout_is token, threshold 2); 0 or less: off."""
 
 
+class ReuseConfig(Section):
+    """Rollout reuse (agentopd.rl.offpolicy): the last max_age steps' batches are updated on again
+    beside the fresh one, each token's loss weighted by how likely the current policy is to produce
+    what the policy that sampled it (its behaviour policy) did."""
+
+    max_age: NonNeg = 0
+    """Keep the batches of the last this many steps and update on them beside the fresh one
+    (0: off, each rollout used by one update). A cached policy-gradient token is weighted by the
+    truncated ratio min(pi/mu, algo.rollout_is_clip) of the current policy to its behaviour policy
+    (the advantage carries the future); a distillation token by the visitation correction."""
+    min_ess: Unit = 0.5
+    """A cached batch whose effective sample size (sum w)^2 / sum w^2, as a fraction of its tokens,
+    falls below this is evicted and never used again."""
+    visitation: bool = True
+    """The distillation terms of stale rows (cached, or sampled run.async_steps behind) weighted by
+    the prefix product of the per-token ratios before each token, truncated at
+    algo.rollout_is_clip (how much likelier the current policy is to reach that state); false: 1
+    (the targets at a state are valid whoever reached it)."""
+
+
 class OptimConfig(Section):
     lr: Annotated[float, Field(gt=0.0)] = 1e-4
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
@@ -217,6 +237,8 @@ class OptimConfig(Section):
     """Response positions per chunk of logits: the update and the scoring form the logits from the
     final hidden states this many positions at a time (recomputed in backward), never as a whole
     [B, R, V] tensor. 0: full [B, R, V] logits per micro-batch (more memory)."""
+    reuse: ReuseConfig = Field(default_factory=ReuseConfig)
+    """Rollout reuse with importance weights and effective-sample-size eviction."""
     max_bad_steps: Pos = 3
     """An update whose loss, gradient norm or teacher log-probs are not finite is skipped (the
     optimizer and its state untouched) and logged; this many in a row stop the run with a checkpoint
@@ -234,6 +256,11 @@ class RunConfig(Section):
     resume: bool = False
     """Continue in out: training from the latest readable checkpoint; eval and rlef judge only the
     samples results.jsonl does not hold yet."""
+    async_steps: NonNeg = 0
+    """Generate the next steps' rollouts while the learner updates (0: off, each step samples with
+    the weights it updates): an hf engine in a process of its own holds a copy of the weights,
+    synced after each update, so rollouts are at most this many updates stale, corrected as
+    optim.reuse corrects cached ones (the per-token ratio to the engine's sampling log-probs)."""
     checkpoint_every: NonNeg = 5
     """Steps between checkpoints (0: only the last)."""
     save_merged: bool = False
@@ -541,20 +568,31 @@ def _range(field) -> str:
 
 
 def help_text(sections: tuple[str, ...] | None = None, width: int = 100) -> str:
-    """Every option of the sections (default: all): ``section.key  type = default  [range]`` and its docstring."""
-    import textwrap
-
+    """Every option of the sections (default: all): ``section.key  type = default  [range]`` and its
+    docstring; a section inside a section (``optim.reuse``) lists its own options the same way."""
     out = []
     for name, sf in Config.model_fields.items():
         if sections and name not in sections:
             continue
         cls = sf.annotation
         out.append(f"{name}:" + (f"  {cls.__doc__.split(chr(10))[0]}" if cls.__doc__ else ""))
-        for key, f in cls.model_fields.items():
-            default = f.get_default(call_default_factory=True)
-            rng = _range(f)
-            out.append(f"  {name}.{key}  {_type_name(f.annotation)} = {default!r}" + (f"  [{rng}]" if rng else ""))
-            if f.description:
-                text = " ".join(f.description.split())
-                out += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ")
+        out += _options(cls, name, width)
     return "\n".join(out)
+
+
+def _options(cls, prefix: str, width: int) -> list[str]:
+    import textwrap
+
+    out = []
+    for key, f in cls.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            out.append(f"  {prefix}.{key}  section: {f.description or ''}".rstrip())
+            out += _options(f.annotation, f"{prefix}.{key}", width)
+            continue
+        default = f.get_default(call_default_factory=True)
+        rng = _range(f)
+        out.append(f"  {prefix}.{key}  {_type_name(f.annotation)} = {default!r}" + (f"  [{rng}]" if rng else ""))
+        if f.description:
+            text = " ".join(f.description.split())
+            out += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ")
+    return out

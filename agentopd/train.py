@@ -11,6 +11,7 @@ import json
 import os
 import random
 import sys
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ from agentopd.rl.learner import (
     update,
 )
 from agentopd.rl.logprobs import lm_head_weight
+from agentopd.rl.offpolicy import ReplayCache
 from agentopd.rl.models import (
     autocast,
     load_model,
@@ -61,6 +63,7 @@ def check(cfg: Config, load: bool = True) -> None:
                     cfg.algo.advantage, reserved=("inputs",))
     _check_teacher(cfg, load)
     _check_loss(cfg.algo)
+    _check_offpolicy(cfg)
     check_env_id(cfg.env.id)
     _check_env_arguments(cfg)
     if cfg.engine.name == "hf":
@@ -152,6 +155,19 @@ def _check_loss(algo) -> None:
         raise ConfigError(f"algo.loss=sdpo_token is reverse KL only: it needs algo.distill_alpha=1, got {algo.distill_alpha}")
     if algo.loss == "mix" and not 0.0 <= algo.distill_weight <= 1.0:
         raise ConfigError(f"algo.loss=mix needs algo.distill_weight in [0, 1], got {algo.distill_weight}")
+
+
+def _check_offpolicy(cfg: Config) -> None:
+    """Rollout reuse and asynchronous rollouts: importance weights on, one process, the hf engine."""
+    stale = cfg.optim.reuse.max_age or cfg.run.async_steps
+    if stale and cfg.algo.rollout_is_clip <= 0:
+        raise ConfigError(f"{'optim.reuse.max_age' if cfg.optim.reuse.max_age else 'run.async_steps'} needs "
+                          f"algo.rollout_is_clip > 0 (the truncation of the importance weights), got {cfg.algo.rollout_is_clip}")
+    if cfg.run.async_steps and cfg.engine.name != "hf":
+        raise ConfigError(f"run.async_steps runs the hf engine in a process of its own; engine.name={cfg.engine.name} "
+                          "is not supported with it yet (set run.async_steps=0)")
+    if cfg.run.async_steps and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("run.async_steps runs in one process: not under torchrun yet (set run.async_steps=0)")
 
 
 def _check_judge_spec(spec, where: str = "env.kwargs.judge") -> None:
@@ -344,6 +360,8 @@ class _Parts:
     amp: object
     head_VH: object
     chunk: int
+    cache: object = None  # agentopd.rl.offpolicy.ReplayCache (optim.reuse)
+    pipeline: object = None  # agentopd.async_rollouts.AsyncRollouts (run.async_steps), made once the start is known
 
 
 def _contexts(cfg: Config, tok, episodes: list, rows: TurnRows) -> list | None:
@@ -385,13 +403,19 @@ class Prepared:
     contexts: list | None
     batch: Batch
     t: dict
+    age: int = 0  # the updates between the weights that sampled the rollouts and the learner's (run.async_steps)
 
 
 def _prepare(cfg: Config, k: _Parts, step: int, starts: list) -> Prepared:
     """Rollouts on the problems ``starts``, teacher contexts, scoring and the batch."""
     t = {"generate": 0.0, "execute": 0.0, "execute_total": 0.0, "score": 0.0, "update": 0.0, "sync": 0.0}
     k.model.eval()
-    episodes = _rollouts(cfg, k.engine, k.tok, k.venvs, starts, step, k.amp, t)
+    age = 0
+    if k.pipeline is None:
+        episodes = _rollouts(cfg, k.engine, k.tok, k.venvs, starts, step, k.amp, t)
+    else:  # generated while earlier updates ran
+        episodes, timing, age, t["rollout_wait"] = k.pipeline.take(step, k.model)
+        t |= {key: timing[key] for key in ("generate", "execute", "execute_total")}
     rows = TurnRows.of(episodes, cfg.env.discount)
     t0 = time.perf_counter()  # 3. the teacher: its context, the same ids re-scored
     ctx = _contexts(cfg, k.tok, episodes, rows)
@@ -399,7 +423,10 @@ def _prepare(cfg: Config, k: _Parts, step: int, starts: list) -> Prepared:
     scores = score(cfg.algo, cfg.optim, learner_temperature(cfg.sampling), k.model, k.teacher, k.ref, k.amp, rows,
                    teacher_prompts)
     t["score"] = time.perf_counter() - t0
-    return Prepared(episodes, rows, ctx, make_batch(cfg.algo, rows, teacher_prompts, scores), t)
+    batch = make_batch(cfg.algo, rows, teacher_prompts, scores)
+    if age:  # sampled by older weights: corrected as cached rows are
+        batch = dataclasses.replace(batch, stale_B=torch.ones(len(batch.response_ids)))
+    return Prepared(episodes, rows, ctx, batch, t, age)
 
 
 def _learn(cfg: Config, k: _Parts, step: int, prep: Prepared) -> StepResult:
@@ -407,16 +434,55 @@ def _learn(cfg: Config, k: _Parts, step: int, prep: Prepared) -> StepResult:
     t = prep.t
     k.engine.sleep()  # vllm: its weights and KV cache freed for the update
     t0 = time.perf_counter()
+    batch, reuse = _with_cached(cfg, k, step, prep.batch)
     upd = update(cfg.algo, cfg.optim, learner_temperature(cfg.sampling), k.model, k.opt, k.teacher, k.head_VH,
-                 k.chunk, k.amp, prep.batch)
+                 k.chunk, k.amp, batch)
+    upd, off = _fresh_part(cfg, k, step, prep, upd)
     if not upd.skipped:
         k.teacher.update(k.model)  # ema: one step toward the new weights
     t["update"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     k.engine.sync(k.model)  # vllm: awake with the new weights, once per step (not in time_generate)
     t["sync"] = time.perf_counter() - t0
-    row = _row(step + 1, prep.episodes, prep.rows, prep.batch, upd, t)
+    row = _row(step + 1, prep.episodes, prep.rows, prep.batch, upd, t) | reuse | off
     return StepResult(row, prep.episodes, prep.rows, prep.contexts, prep.batch, upd)
+
+
+def _with_cached(cfg: Config, k: _Parts, step: int, fresh: Batch) -> tuple[Batch, dict]:
+    """The update's batch: the fresh one and the cached batches still fresh enough (``optim.reuse``),
+    their old log-probs the current policy's; and the reuse metrics."""
+    if k.cache is None or not k.cache.entries:
+        return fresh, {}
+    from agentopd.rl.learner import current_logprobs
+    from agentopd.rl.offpolicy import concat
+
+    temperature = learner_temperature(cfg.sampling)
+    got = k.cache.draw(step, cfg.algo, lambda b: current_logprobs(cfg.optim, temperature, k.model, k.amp, b))
+    return concat([fresh, *got.batches]), got.metrics
+
+
+def _fresh_part(cfg: Config, k: _Parts, step: int, prep: Prepared, upd: Update) -> tuple[Update, dict]:
+    """What the update computed for the fresh rows alone (it may have read cached ones too), the
+    fresh batch cached for reuse, and the staleness metrics of asynchronous rollouts."""
+    from agentopd.rl import offpolicy
+
+    b = prep.batch
+    B, T = b.mask_BT.shape
+    old_BT = upd.old_BT[:B, :T]
+    if upd.old_BT.shape != (B, T):
+        upd = dataclasses.replace(upd, old_BT=old_BT, adv_BT=upd.adv_BT[:B, :T], rollout_BT=upd.rollout_BT[:B, :T],
+                                  rollout_metrics=_rollout_metrics(cfg, b, old_BT))
+    behaviour_BT = torch.where(b.engine_mask_BT > 0, b.engine_BT, old_BT)
+    if k.cache is not None and not upd.skipped:
+        k.cache.add(step, b, behaviour_BT, upd.adv_BT)
+    if not prep.age:
+        return upd, {}
+    return upd, {"rollout_age": prep.age,
+                 "rollout_ess": offpolicy.ess(cfg.algo, cfg.optim.reuse.visitation, old_BT, behaviour_BT, b.mask_BT)}
+
+
+def _rollout_metrics(cfg: Config, batch: Batch, old_BT) -> dict:
+    return objectives.rollout_weights(old_BT, batch.engine_BT, batch.engine_mask_BT, cfg.algo.rollout_is_clip)[1]
 
 
 def _step(cfg: Config, k: _Parts, step: int, starts: list) -> StepResult:
@@ -484,7 +550,10 @@ def _setup(cfg: Config, engine, judge) -> _Parts:
     if lacks:
         raise ConfigError(f"the engine {type(engine).__name__} lacks {', '.join(lacks)}: subclass "
                           "agentopd.inference.base.Engine (sleep, wake and sync do nothing there)")
-    return _Parts(model, tok, opt, teacher, ref, engine, venvs, heldout, autocast(precision(cfg.run.precision), device), head_VH, chunk)
+    reuse = cfg.optim.reuse
+    cache = ReplayCache(reuse.max_age, reuse.min_ess, reuse.visitation) if reuse.max_age else None
+    return _Parts(model, tok, opt, teacher, ref, engine, venvs, heldout, autocast(precision(cfg.run.precision), device),
+                  head_VH, chunk, cache)
 
 
 def _starts(cfg: Config, venv, data_pos: int) -> list:
@@ -502,6 +571,8 @@ def _evaluate(cfg: Config, k: _Parts) -> dict:
     from agentopd.envs.procedural import HELDOUT_SEED
 
     k.model.eval()
+    if k.pipeline is not None:  # the rollouts ahead finish first: one judge at a time
+        k.pipeline.drain()
     n = min(cfg.eval.problems, len(getattr(k.heldout, "problems", [None] * cfg.eval.problems)))
     with distributed.gathered(k.model), k.amp():  # rank 0 alone evaluates
         got = (heldout_eval(k.engine, k.tok, k.heldout, n, cfg.eval.samples, cfg.sampling, HELDOUT_SEED,
@@ -579,9 +650,15 @@ class _Run:
         if self.saved != self.step:
             k = self.k
             checkpoints.save(self.ckpt_dir, self.step, k.model, k.tok, k.opt, k.teacher, self.data_pos,
-                             self.cfg.run.save_merged, {"guard": self.guard.state_dict()})
+                             self.cfg.run.save_merged, {"guard": self.guard.state_dict()}, self.offpolicy_state())
             self.saved = self.step
         return path
+
+    def offpolicy_state(self) -> dict:
+        """The rollout cache and the weights the next asynchronous rollouts sample with."""
+        k = self.k
+        return {**({"cache": k.cache.state_dict()} if k.cache is not None else {}),
+                **({"versions": k.pipeline.state_dict(self.step)} if k.pipeline is not None else {})}
 
     def stop(self, code: int, why: str, holds: str = ""):
         """Stop here: a checkpoint of the steps done (none before the first), then Stopped(code)."""
@@ -592,6 +669,8 @@ class _Run:
                              "run.resume=true continues from it", code, self.rows)
 
     def close(self) -> None:
+        if self.k.pipeline is not None:
+            self.k.pipeline.close()
         for _, close in self.sinks:
             close()
         _close(self.k.venvs, self.k.heldout)
@@ -605,14 +684,41 @@ def _open(cfg: Config, engine, judge) -> _Run:
     open_sinks = _metric_sinks(cfg) if distributed.is_main() else (lambda start: [])
     k = _setup(cfg, engine, judge)
     shared = getattr(getattr(k.venvs[0], "env", None), "judge", None)  # judging overlaps generation: its workers
-    configure_torch(getattr(shared, "workers", 1) if cfg.sampling.generate_chunk else 0)  # agentopd.threads
+    busy = (getattr(shared, "workers", 1) if cfg.sampling.generate_chunk else 0) + (1 if cfg.run.async_steps else 0)
+    configure_torch(busy)  # agentopd.threads (run.async_steps: the engine process computes beside the learner)
     guard = Guard(cfg.run.guard_drop, cfg.run.guard_window, cfg.optim.max_bad_steps)
     ckpt_dir = os.path.join(cfg.run.out, "checkpoints")
     start, data_pos, extra = _resume(cfg, ckpt_dir, k.model, k.opt, k.teacher, next(k.model.parameters()).device)
     guard.load_state_dict(extra.get("guard", {}))
     if start:  # vllm: the resumed weights
         k.engine.sync(k.model)
+    _offpolicy(cfg, k, start, data_pos, extra.get("offpolicy", {}))
     return _Run(cfg, k, start, data_pos, guard, open_sinks(start), start if start else -1)
+
+
+def _offpolicy(cfg: Config, k: _Parts, start: int, data_pos: int, state: dict) -> None:
+    """The resumed rollout cache, and the asynchronous rollouts (``run.async_steps``) from step ``start``
+    on (data position ``data_pos``): an hf engine in its own process, the weights each step samples
+    with as the checkpoint kept them."""
+    from agentopd.async_rollouts import AsyncRollouts
+    from agentopd.inference.worker import ProcessEngine
+    from agentopd.rl.learner import Batch
+
+    if k.cache is not None and "cache" in state:
+        k.cache.load_state_dict(state["cache"], Batch)
+    if not cfg.run.async_steps:
+        return
+    P = cfg.sampling.prompts_per_step
+
+    def rollout(engine, j: int):
+        t = {"generate": 0.0, "execute": 0.0, "execute_total": 0.0}
+        episodes = _rollouts(cfg, engine, k.tok, k.venvs, _starts(cfg, k.venvs[0], data_pos + (j - start) * P), j,
+                             k.amp, t)
+        return episodes, t
+
+    engine = ProcessEngine(k.model, k.tok, cfg.engine.batch_size, **cfg.engine.kwargs)
+    k.pipeline = AsyncRollouts(cfg.run.async_steps, engine, rollout, cfg.run.steps)
+    k.pipeline.load_state_dict(state.get("versions", {}))
 
 
 def _loop(run: _Run, stop: faults.GracefulStop) -> None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from agentopd.config import Config, ConfigError, help_text, load, to_dict
 
@@ -95,6 +96,11 @@ def test_help_text_lists_every_option_with_its_docstring_type_default_and_range(
     for name, section in Config.model_fields.items():
         for key, field in section.annotation.model_fields.items():
             assert f"  {name}.{key}  " in text, f"{name}.{key}"
+            nested = field.annotation.model_fields if isinstance(field.annotation, type) and issubclass(
+                field.annotation, BaseModel) else {}
+            for sub in nested:  # a section inside a section (optim.reuse): its options too
+                assert f"  {name}.{key}.{sub}  " in text, f"{name}.{key}.{sub}"
+    assert "  optim.reuse.min_ess  float = 0.5  [>= 0.0, <= 1.0]" in text
     assert "  run.steps  int = 10  [>= 1]" in text and "Training steps." in text
     assert "  teacher.mode  'ema' | 'frozen' | 'live' | 'trust_region' = 'ema'" in text
     assert "  sampling.top_p  float = 1.0  [> 0.0, <= 1.0]" in text

@@ -8,7 +8,8 @@
         trainer_state/              state.json (step, data position, Python and NumPy RNG, teacher
                                     settings), rng.safetensors (torch RNG), teacher.safetensors (the
                                     tensors the teacher does not share with the student),
-                                    optimizer.pt (loaded with weights_only=True)
+                                    optimizer.pt (loaded with weights_only=True), offpolicy.pt
+                                    (optim.reuse's cache, run.async_steps's next weights)
     <run.out>/final/                the last step's model without trainer_state/ (hard links)
     <run.out>/base/                 a LoRA run's base model, where it has no directory of its own
                                     (tiny, or a merged adapter)
@@ -42,6 +43,7 @@ from agentopd import faults, jsonl
 from agentopd.rl import distributed
 
 STATE = "trainer_state"
+OFFPOLICY = "offpolicy.pt"
 FORMAT = 1
 
 
@@ -161,7 +163,7 @@ def set_rng_state(state: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _save_trainer_state(path: str, step: int, opt_state: dict, teacher_state: dict, data_pos: int,
-                        extra: dict) -> None:
+                        extra: dict, offpolicy: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(path)
@@ -170,6 +172,8 @@ def _save_trainer_state(path: str, step: int, opt_state: dict, teacher_state: di
               os.path.join(path, "teacher.safetensors"))
     save_file(rng_tensors, os.path.join(path, "rng.safetensors"))
     torch.save(opt_state, os.path.join(path, "optimizer.pt"))
+    if offpolicy:
+        torch.save(offpolicy, os.path.join(path, OFFPOLICY))
     with open(os.path.join(path, "state.json"), "w", encoding="utf-8") as f:  # written last
         json.dump({"format": FORMAT, "step": step, "data_pos": data_pos, "teacher": teacher_state, "rng": rng,
                    "extra": extra}, f)
@@ -200,9 +204,10 @@ def _remove_stale(ckpt_dir: str) -> None:
 
 
 def save(ckpt_dir: str, step: int, model, tokenizer, opt, teacher, data_pos: int, merged: bool = False,
-         extra: dict | None = None) -> str:
+         extra: dict | None = None, offpolicy: dict | None = None) -> str:
     """Write ``ckpt_dir/step-<step>/``; returns its path. ``extra``: more JSON state, given back by
-    :func:`resume`. Distributed: every rank calls it (the sharded tensors are gathered), rank 0
+    :func:`resume`; ``offpolicy``: tensors, lists and numbers (the rollout cache, the weights the next
+    asynchronous rollouts sample with), given back in ``extra["offpolicy"]``. Distributed: every rank calls it (the sharded tensors are gathered), rank 0
     writes, and a failed write raises :class:`agentopd.faults.WriteFailed` on every rank."""
     weights = distributed.full_tensors(model.state_dict()) if distributed.is_sharded(model) else None
     opt_state = distributed.full_optimizer_state(opt.state_dict())
@@ -211,7 +216,7 @@ def save(ckpt_dir: str, step: int, model, tokenizer, opt, teacher, data_pos: int
 
     def write(tmp):
         save_model(model, tokenizer, tmp, merged, weights)
-        _save_trainer_state(os.path.join(tmp, STATE), step, opt_state, teacher_state, data_pos, extra or {})
+        _save_trainer_state(os.path.join(tmp, STATE), step, opt_state, teacher_state, data_pos, extra or {}, offpolicy)
 
     path = os.path.join(ckpt_dir, f"step-{step}")
     failed = None
@@ -288,6 +293,8 @@ def _read(path: str, model, device) -> dict:
               "optimizer": torch.load(os.path.join(state_dir, "optimizer.pt"), map_location=device, weights_only=True),
               "teacher_tensors": load_file(os.path.join(state_dir, "teacher.safetensors")),
               "rng_tensors": load_file(os.path.join(state_dir, "rng.safetensors"))}
+    if os.path.isfile(os.path.join(state_dir, OFFPOLICY)):
+        state.setdefault("extra", {})["offpolicy"] = torch.load(os.path.join(state_dir, OFFPOLICY), weights_only=True)
     return state
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from agentopd.config import AlgoConfig, OptimConfig, SamplingConfig
-from agentopd.rl import distributed, losses, objectives
+from agentopd.rl import distributed, losses, objectives, offpolicy
 from agentopd.rl.logprobs import (
     can_share_prefix,
     causal_lm,
@@ -128,11 +128,12 @@ def old_from_update(algo: AlgoConfig, optim: OptimConfig, model) -> bool:
     (2) the model applies no dropout (the update forwards in train mode, scoring in eval mode).
     The scoring forward stays for the estimators that need the whole batch's student log-probs
     before the update: ``sd_token`` with ``center`` (a batch mean), ``sd_to_go`` (later turns and a
-    group baseline), ``hybrid`` (group statistics) and any unknown one."""
+    group baseline), ``hybrid`` (group statistics) and any unknown one; and with ``optim.reuse`` (a
+    batch's old log-probs and advantages are kept with it in the cache)."""
     from agentopd.rl import advantages
 
     scope = advantages.student_logprobs_scope(algo.advantage, algo.advantage_kwargs)
-    return not optim.score_old and scope != "batch" and not _has_dropout(model)
+    return not optim.score_old and not optim.reuse.max_age and scope != "batch" and not _has_dropout(model)
 
 
 def _has_dropout(model) -> bool:
@@ -160,18 +161,32 @@ def _served_scores(teacher, teacher_prompts, resp_ids, scored: list[int], teache
     return topk, failed
 
 
+def _logprobs(optim: OptimConfig, temperature: float, scorer, prompts: list, responses: list) -> list:
+    """Each response's log-probs under ``scorer`` (repeated prompts forwarded once, as in the update)."""
+    with distributed.gathered(scorer):  # FSDP: any number of forwards per rank
+        return sequence_logprobs(scorer, prompts, responses, micro_batch=optim.micro_batch, chunk=optim.logits_chunk,
+                                 temperature=temperature, share_prefix=optim.share_prompts)[0]
+
+
+def current_logprobs(optim: OptimConfig, temperature: float, model, amp, batch: Batch) -> torch.Tensor:
+    """The model's log-probs of a batch's response ids now, ``[B, T]`` as its mask, no grad (a cached
+    batch's log-probs under the current policy: its old log-probs for this update)."""
+    model.eval()
+    with torch.no_grad(), amp():
+        got = _logprobs(optim, temperature, model, batch.prompt_ids, batch.response_ids)
+    out_BT = torch.zeros_like(batch.mask_BT)
+    for b, lp in enumerate(got):
+        out_BT[b, :len(lp)] = lp.float().cpu()
+    return out_BT
+
+
 def score(algo: AlgoConfig, optim: OptimConfig, temperature: float, model, teacher, ref, amp, rows: TurnRows,
           teacher_prompts) -> Scores:
     """3. The student's, teacher's (on rows with a teacher prompt) and reference's log-probs of the
     same response ids at ``temperature``, no grad (:class:`Scores`)."""
     resp_ids = [g.response_ids for g in rows.turns]
     student_prompts = rows.prompt_ids
-
-    def score(scorer, prompts, responses):  # repeated prompts forwarded once, as in the update (_forward)
-        with distributed.gathered(scorer):  # FSDP: any number of forwards per rank
-            return sequence_logprobs(scorer, prompts, responses, micro_batch=optim.micro_batch, chunk=optim.logits_chunk,
-                                     temperature=temperature, share_prefix=optim.share_prompts)[0]
-
+    score = lambda scorer, prompts, responses: _logprobs(optim, temperature, scorer, prompts, responses)  # noqa: E731
     topk, failed = None, []
     with torch.no_grad(), amp():
         student_lp = None if old_from_update(algo, optim, model) else score(model, student_prompts, resp_ids)
@@ -217,6 +232,7 @@ class Batch:
     adv_inputs: object = None
     teacher_topk: list | None = None  # a served teacher's (ids_RK, logprobs_RK) per row (None: a local teacher)
     teacher_errors: int = 0
+    stale_B: torch.Tensor | None = None  # 1: the row was sampled by older weights (cached, async); None: none was
 
 
 def make_batch(algo: AlgoConfig, rows: TurnRows, teacher_prompts, scores: Scores) -> Batch:
@@ -294,6 +310,7 @@ class _Pass:
     old_BT: torch.Tensor
     adv_BT: torch.Tensor
     rollout_BT: torch.Tensor
+    state_BT: torch.Tensor  # the weight of the objective's state terms (agentopd.rl.offpolicy)
     pending: bool
 
 
@@ -307,9 +324,10 @@ def update(algo: AlgoConfig, optim: OptimConfig, temperature: float, model, opt,
     model.train()
     pending = batch.old_BT is None
     old_BT = torch.zeros_like(batch.mask_BT) if pending else batch.old_BT
+    rollout_BT = torch.ones_like(batch.mask_BT) if pending else _rollout(algo, batch, old_BT)[0]
     p = _Pass(algo, optim, temperature, model, teacher, head_VH, chunk, amp, batch, old_BT.clone(),
-              torch.zeros_like(batch.mask_BT) if batch.adv_BT is None else batch.adv_BT.clone(),
-              torch.ones_like(batch.mask_BT) if pending else _rollout(algo, batch, old_BT)[0], pending)
+              torch.zeros_like(batch.mask_BT) if batch.adv_BT is None else batch.adv_BT.clone(), rollout_BT,
+              rollout_BT.clone() if pending else _state(algo, optim, batch, old_BT, rollout_BT), pending)
     skipped = _agree(_nonfinite_inputs(batch))
     if skipped:
         return Update(math.nan, {}, math.nan, p.old_BT, p.adv_BT, p.rollout_BT, {}, skipped)
@@ -389,6 +407,19 @@ def _rollout(algo: AlgoConfig, batch: Batch, old_BT: torch.Tensor, idx=slice(Non
     return objectives.rollout_weights(old_BT[idx], batch.engine_BT[idx], batch.engine_mask_BT[idx], algo.rollout_is_clip)
 
 
+def _state(algo: AlgoConfig, optim: OptimConfig, batch: Batch, old_BT: torch.Tensor, rollout_BT: torch.Tensor,
+           idx=slice(None)) -> torch.Tensor:
+    """The weight of the objective's state terms on rows ``idx`` (``rollout_BT``: their rollout
+    correction): that correction on rows sampled by the current weights; on stale rows the
+    visitation correction, or 1 with ``optim.reuse.visitation`` off (:mod:`agentopd.rl.offpolicy`)."""
+    if batch.stale_B is None or not (batch.stale_B[idx] > 0).any():
+        return rollout_BT
+    visit_BT = (offpolicy.visitation_weights(old_BT[idx], batch.engine_BT[idx], batch.engine_mask_BT[idx],
+                                             algo.rollout_is_clip)
+                if optim.reuse.visitation else torch.ones_like(rollout_BT))
+    return torch.where(batch.stale_B[idx][:, None] > 0, visit_BT, rollout_BT)
+
+
 def _forward(p: _Pass, idx: list[int]):
     """The student's forward over rows ``idx``: its final hidden states ``[B, R, H]`` (chunk > 0) or
     logits ``[B, R, V]``, the head, and the log-probs ``[B, T]``; in the first epoch also their old
@@ -408,6 +439,7 @@ def _forward(p: _Pass, idx: list[int]):
         if b.adv_inputs is not None:
             p.adv_BT[idx] = _advantages(p.algo, b.adv_inputs.rows(idx, student_logprobs_BT=old_BT), b.mask_BT[idx])
         p.rollout_BT[idx] = _rollout(p.algo, b, p.old_BT, idx)[0]
+        p.state_BT[idx] = _state(p.algo, p.optim, b, p.old_BT, p.rollout_BT[idx], idx)
     return out_BRX, head_VH, lp_BT
 
 
@@ -430,7 +462,8 @@ def _micro_batch_loss(p: _Pass, idx: list[int]):
     m_BT = b.mask_BT[idx].to(dev)
     tm_BT = m_BT * b.teacher_mask_B[idx, None].to(dev)
     tb = objectives.TokenBatch(lp_BT, p.old_BT[idx].to(dev), p.adv_BT[idx].to(dev), m_BT / b.n_tok,
-                               tm_BT / b.n_teacher_tok, p.rollout_BT[idx].to(dev), b.teacher_BT[idx].to(dev))
+                               tm_BT / b.n_teacher_tok, p.rollout_BT[idx].to(dev), p.state_BT[idx].to(dev),
+                               b.teacher_BT[idx].to(dev))
     rows = [k for k, i in enumerate(idx) if b.teacher_prompts[i] is not None and len(R_[k])]
     if "divergence" in objectives.needs(algo):
         tb.divergence_BT = torch.zeros_like(lp_BT)

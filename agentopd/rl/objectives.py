@@ -49,6 +49,7 @@ class TokenBatch:
     token_weight_BT: torch.Tensor  # mask / masked tokens of the whole batch
     teacher_weight_BT: torch.Tensor  # mask * teacher signal / such tokens of the whole batch
     rollout_weight_BT: torch.Tensor  # rollout correction (1 where off)
+    state_weight_BT: torch.Tensor | None = None  # the weight of the state terms (None: rollout_weight_BT)
     teacher_logprobs_BT: torch.Tensor | None = None  # lt of the sampled tokens, at the sampling temperature
     divergence_BT: torch.Tensor | None = None  # KL_alpha(student, teacher) per position, with grad
 
@@ -61,17 +62,21 @@ class Objective:
     terms: Callable[[TokenBatch, object], Terms]
     needs: Callable[[object], frozenset]
     uses_advantage: bool
+    state_terms: frozenset = frozenset()
 
 
 OBJECTIVES: dict[str, Objective] = {}
 
 
-def register(name: str, needs: Callable[[object], frozenset] = lambda algo: frozenset(), uses_advantage: bool = False):
+def register(name: str, needs: Callable[[object], frozenset] = lambda algo: frozenset(), uses_advantage: bool = False,
+             state_terms: frozenset = frozenset()):
     """Register an objective by name: ``needs(algo)`` says what the learner must compute for it
     (``"divergence"``, ``"teacher_logprobs"``), ``uses_advantage`` whether it reads ``algo.advantage``'s
-    advantages (whose estimator may read the teacher too)."""
+    advantages (whose estimator may read the teacher too), ``state_terms`` which of its terms are an
+    expectation over the actions at each state (weighted by ``state_weight_BT``: on stale rows the
+    visitation correction alone, :mod:`agentopd.rl.offpolicy`)."""
     def wrap(fn: Callable[[TokenBatch, object], Terms]):
-        OBJECTIVES[name] = Objective(fn, needs, uses_advantage)
+        OBJECTIVES[name] = Objective(fn, needs, uses_advantage, frozenset(state_terms))
         return fn
 
     return wrap
@@ -94,8 +99,11 @@ def needs_teacher(algo) -> bool:
 def loss(algo, batch: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
     """This micro-batch's share of the whole batch's loss, and its share of the metrics (sums over
     micro-batches): ``<term>_loss`` per term and the objective's own (``clipfrac``, ``is_mean``, ...)."""
-    terms, metrics = OBJECTIVES[algo.loss].terms(batch, algo)
-    out = {f"{k}_loss": (t * batch.rollout_weight_BT).sum() for k, t in terms.items()}
+    objective = OBJECTIVES[algo.loss]
+    terms, metrics = objective.terms(batch, algo)
+    state_BT = batch.rollout_weight_BT if batch.state_weight_BT is None else batch.state_weight_BT
+    out = {f"{k}_loss": (t * (state_BT if k in objective.state_terms else batch.rollout_weight_BT)).sum()
+           for k, t in terms.items()}
     total = sum(out.values(), batch.logprobs_BT.new_zeros(()))
     return total, {k: float(v.detach()) for k, v in {**out, **metrics}.items()}
 
@@ -153,7 +161,8 @@ def _divergence(algo) -> frozenset:
     return frozenset({"divergence"})
 
 
-@register("pg", needs=lambda algo: _divergence(algo) if algo.distill_weight else frozenset(), uses_advantage=True)
+@register("pg", needs=lambda algo: _divergence(algo) if algo.distill_weight else frozenset(), uses_advantage=True,
+          state_terms={"distill"})
 def pg(b: TokenBatch, algo) -> Terms:
     """PPO-clip on the advantages (+ ``distill_weight * KL_alpha``, no importance weight)."""
     terms, metrics = _pg_terms(b, algo)
@@ -163,7 +172,7 @@ def pg(b: TokenBatch, algo) -> Terms:
     return terms, metrics
 
 
-@register("sdpo", needs=_divergence)
+@register("sdpo", needs=_divergence, state_terms={"distill"})
 def sdpo(b: TokenBatch, algo) -> Terms:
     """The reference SDPO: the divergence to the teacher alone, importance-weighted (``is_clip``)."""
     return _distill_terms(b, b.divergence_BT, algo.is_clip)
@@ -177,7 +186,7 @@ def sdpo_token(b: TokenBatch, algo) -> Terms:
     return _distill_terms(b, per_token_BT, algo.is_clip)
 
 
-@register("mix", needs=_divergence, uses_advantage=True)
+@register("mix", needs=_divergence, uses_advantage=True, state_terms={"distill"})
 def mix(b: TokenBatch, algo) -> Terms:
     """``(1 - w) * pg + w * sdpo``, ``w = algo.distill_weight``."""
     w = algo.distill_weight
@@ -185,7 +194,7 @@ def mix(b: TokenBatch, algo) -> Terms:
     return {**pg_t, **sd_t}, {**pg_m, **sd_m}
 
 
-@register("opd", needs=_divergence)
+@register("opd", needs=_divergence, state_terms={"distill"})
 def opd(b: TokenBatch, algo) -> Terms:
     """On-policy distillation: the importance-weighted divergence to the teacher plus
     ``trust_region`` x ``KL(pi_old || pi_theta)`` (k3, at the sampled tokens), both on the
