@@ -471,7 +471,7 @@ def _fresh_part(cfg: Config, k: _Parts, step: int, prep: Prepared, upd: Update) 
     old_BT = upd.old_BT[:B, :T]
     if upd.old_BT.shape != (B, T):
         upd = dataclasses.replace(upd, old_BT=old_BT, adv_BT=upd.adv_BT[:B, :T], rollout_BT=upd.rollout_BT[:B, :T],
-                                  rollout_metrics=_rollout_metrics(cfg, b, old_BT))
+                                  state_BT=upd.state_BT[:B, :T], rollout_metrics=_rollout_metrics(cfg, b, old_BT))
     behaviour_BT = torch.where(b.engine_mask_BT > 0, b.engine_BT, old_BT)
     if k.cache is not None and not upd.skipped:
         k.cache.add(step, b, behaviour_BT, upd.adv_BT)
@@ -757,6 +757,7 @@ def _train_step(run: _Run, stop: faults.GracefulStop, step: int) -> None:
         run.stop(faults.SERVICE_DOWN, f"step {step + 1} not learned from: {failure}")
     t1 = time.perf_counter()
     got = _learn(cfg, k, step, prep)
+    got.row["time_step"] = time.perf_counter() - t0  # the step's wall time (its held-out evaluation apart)
     run.step, run.data_pos = step + 1, run.data_pos + cfg.sampling.prompts_per_step
     _finish(run, got)
     stop.record(t1 - t0, time.perf_counter() - t1)
@@ -773,7 +774,9 @@ def _finish(run: _Run, got: StepResult) -> None:
     cfg, k, step, row = run.cfg, run.k, run.step, got.row
     last = step == cfg.run.steps
     if k.heldout is not None and _eval_due(cfg.eval, step, last):
+        t0 = time.perf_counter()
         row |= _evaluate(cfg, k)
+        row["time_eval"] = time.perf_counter() - t0
     if distributed.is_main():
         sample_log.record(cfg.run, step, last, "heldout_pass1" in row, k.tok, got)
     act, line, best = _health(run, got.update, row)

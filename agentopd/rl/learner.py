@@ -291,6 +291,7 @@ class Update:
     rollout_BT: torch.Tensor
     rollout_metrics: dict
     skipped: str = ""
+    state_BT: torch.Tensor | None = None  # the weight of the objective's state terms (agentopd.rl.offpolicy)
 
 
 @dataclass
@@ -330,7 +331,7 @@ def update(algo: AlgoConfig, optim: OptimConfig, temperature: float, model, opt,
               rollout_BT.clone() if pending else _state(algo, optim, batch, old_BT, rollout_BT), pending)
     skipped = _agree(_nonfinite_inputs(batch))
     if skipped:
-        return Update(math.nan, {}, math.nan, p.old_BT, p.adv_BT, p.rollout_BT, {}, skipped)
+        return Update(math.nan, {}, math.nan, p.old_BT, p.adv_BT, p.rollout_BT, {}, skipped, p.state_BT)
     B, W = len(batch.response_ids), distributed.world()
     sums = {"loss": 0.0, "distill_loss": 0.0, "clipfrac": 0.0}
     starts = range(0, B, optim.micro_batch)
@@ -355,7 +356,7 @@ def update(algo: AlgoConfig, optim: OptimConfig, temperature: float, model, opt,
             opt.step()
     sums = distributed.sum_dicts(sums)
     rollout_metrics = _rollout(algo, batch, p.old_BT)[1]
-    return Update(sums.pop("loss"), sums, gnorm, p.old_BT, p.adv_BT, p.rollout_BT, rollout_metrics, skipped)
+    return Update(sums.pop("loss"), sums, gnorm, p.old_BT, p.adv_BT, p.rollout_BT, rollout_metrics, skipped, p.state_BT)
 
 
 def _nonfinite_inputs(batch: Batch) -> str:

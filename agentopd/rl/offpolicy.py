@@ -1,5 +1,5 @@
 """Off-policy rollouts: cached batches reused (``optim.reuse``) and rollouts sampled while the learner
-updates (``run.async_steps``), both corrected by importance weights (DESIGN.md, "Off-policy rollouts").
+updates (``run.async_steps``), both corrected by importance weights (docs/design.md, "Off-policy rollouts").
 
 A row's *behaviour* policy ``mu`` sampled it (its engine's log-probs); the *current* policy ``pi`` is
 the learner's before this update. With ``r_t = pi(a_t | s_t) / mu(a_t | s_t)`` and ``c =
