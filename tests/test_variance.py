@@ -1,0 +1,143 @@
+"""The gradient-variance diagnostic (agentopd/variance.py): exact on an enumerable toy against a brute
+force by autograd of every per-token loss w.r.t. the LM head; the seeded projection; ``agentopd
+diagnose variance`` end to end on the tiny model."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from agentopd.rl import losses
+from agentopd.variance import Projection, States, statistics
+
+ROOT = Path(__file__).resolve().parents[1]
+V, T, TAU, TOPK = 5, 3, 0.8, 2
+PROMPT, TEACHER_PROMPT = [0], [1, 2]
+
+
+def _lm(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).double().eval()
+
+
+def _hidden(model, prompt, seqs):
+    """The final hidden states predicting each response token, ``[S, T, H]``."""
+    ids = torch.tensor([prompt + list(s) for s in seqs])
+    h = model.model(input_ids=ids).last_hidden_state
+    return h[:, len(prompt) - 1:-1]
+
+
+class Toy:
+    """Every response of length T over V tokens, its exact probability under the student, the
+    states' hidden states and logits of both models, and a GRPO-like advantage per response."""
+
+    def __init__(self):
+        self.student, self.teacher = _lm(0), _lm(1)
+        self.W = self.student.lm_head.weight
+        self.seqs = list(itertools.product(range(V), repeat=T))
+        self.h_STH = _hidden(self.student, PROMPT, self.seqs).detach()
+        with torch.no_grad():
+            self.ut_STV = self.teacher.lm_head(_hidden(self.teacher, TEACHER_PROMPT, self.seqs))
+        self.u_STV = self.h_STH @ self.W.T  # with grad to W
+        logp_STV = losses.tempered_logp(self.u_STV.detach(), TAU)
+        a_ST = torch.tensor(self.seqs)
+        self.p_S = logp_STV.gather(-1, a_ST[..., None])[..., 0].sum(-1).exp()
+        reward_S = (a_ST == 1).sum(-1).double()
+        self.adv_S = reward_S - (self.p_S * reward_S).sum()
+
+    def states(self) -> States:
+        S = len(self.seqs)
+        w = (self.p_S / T)[:, None].expand(S, T).reshape(-1)
+        return States(self.h_STH.reshape(S * T, -1), self.u_STV.detach().reshape(S * T, V),
+                      self.ut_STV.reshape(S * T, V), torch.tensor(self.seqs).reshape(-1),
+                      self.adv_S[:, None].expand(S, T).reshape(-1), w, w)
+
+
+def _grad(loss, W):
+    return torch.autograd.grad(loss, W, retain_graph=True)[0]
+
+
+def _brute(toy: Toy) -> dict:
+    """The exact figures by autograd of each per-token loss w.r.t. the head weight, per (response,
+    position, action)."""
+    W, feats = toy.W, {k: [] for k in ("samp", "enum", "topk", "grpo")}
+    weights, within, cache = [], 0.0, {}
+    for i, seq in enumerate(toy.seqs):
+        for t in range(T):
+            key = (tuple(seq[:t]))
+            if key not in cache:
+                u, ut = toy.u_STV[i, t], toy.ut_STV[i, t]
+                logp = losses.tempered_logp(u, TAU)
+                c = (logp - losses.tempered_logp(ut, TAU)).detach()
+                pi = logp.detach().exp()
+                samp = torch.stack([_grad(c[a] * logp[a], W) for a in range(V)])
+                lp = torch.stack([_grad(logp[a], W) for a in range(V)])
+                enum = _grad(losses.kl_alpha_per_token(u[None], ut[None], 1.0, TAU)[0], W)
+                topk = _grad(losses.kl_alpha_topk_per_token(u[None], ut[None], 1.0, TOPK, TAU)[0], W)
+                assert torch.allclose((pi[:, None, None] * samp).sum(0), enum, atol=1e-12)  # E_a[samp] = enum
+                var = (pi * (samp - enum).pow(2).sum((1, 2))).sum()
+                cache[key] = (samp, lp, enum, topk, float(var))
+            samp, lp, enum, topk, var = cache[key]
+            w = float(toy.p_S[i]) / T
+            a = seq[t]
+            feats["samp"].append(samp[a])
+            feats["enum"].append(enum)
+            feats["topk"].append(topk)
+            feats["grpo"].append(-float(toy.adv_S[i]) * lp[a])
+            weights.append(w)
+            within += w * var
+    w = torch.tensor(weights, dtype=torch.float64)
+    out = {}
+    for k, fs in feats.items():
+        f = torch.stack(fs).reshape(len(fs), -1)
+        m = (w[:, None] * f).sum(0)
+        out[k] = (float((w * f.pow(2).sum(-1)).sum() - m.pow(2).sum()), float(m.pow(2).sum()))
+    out["within"] = within
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return Toy()
+
+
+def test_exact_on_an_enumerable_toy(toy):
+    assert float(toy.p_S.sum()) == pytest.approx(1.0, abs=1e-12)
+    brute = _brute(toy)
+    got = statistics([toy.states()], TAU, 1.0, TOPK, None, bias_correct=False)
+    est = got["estimators"]
+    approx = lambda x: pytest.approx(x, rel=1e-6, abs=1e-12)  # noqa: E731
+    for name, k in (("enumerated", "enum"), ("enumerated_topk", "topk"), ("grpo", "grpo")):
+        assert (est[name]["variance"], est[name]["mean_sq"]) == (approx(brute[k][0]), approx(brute[k][1])), name
+    samp = est["sampled_token"]
+    assert samp["variance"] == approx(brute["samp"][0]) and samp["measured"]["variance"] == approx(brute["samp"][0])
+    assert samp["mean_sq"] == approx(brute["samp"][1]) and samp["measured"]["mean_sq"] == approx(brute["samp"][1])
+    assert got["within_state"] == approx(brute["within"]) and got["within_state"] > 0
+    assert got["across_state"] == est["enumerated"]["variance"]  # the same numbers, exactly
+    assert samp["variance"] == got["across_state"] + got["within_state"]
+    assert brute["samp"][0] == pytest.approx(brute["enum"][0] + brute["within"], rel=1e-9)  # total variance
+    assert est["enumerated"]["snr"] >= samp["snr"] and got["snr_ratio_enumerated_vs_sampled"] >= 1.0
+
+
+def test_the_projection_is_seeded_and_close_on_average(toy):
+    s = toy.states()
+    exact = statistics([s], TAU, 1.0, TOPK, None, bias_correct=False)
+    runs = [statistics([s], TAU, 1.0, TOPK, Projection(V, 8, 3, 4, seed=k), bias_correct=False) for k in range(200)]
+    again = statistics([s], TAU, 1.0, TOPK, Projection(V, 8, 3, 4, seed=0), bias_correct=False)
+    assert again == runs[0] and runs[1] != runs[0]
+    for key in ("across_state", "within_state"):  # unbiased: the mean over 200 seeds within ~10%
+        mean = sum(r[key] for r in runs) / len(runs)
+        assert mean == pytest.approx(exact[key], rel=0.15), key
+    mean = sum(r["estimators"]["grpo"]["variance"] for r in runs) / len(runs)
+    assert mean == pytest.approx(exact["estimators"]["grpo"]["variance"], rel=0.15)
