@@ -215,3 +215,163 @@ def statistics(chunks: Iterable[States], temperature: float = 1.0, alpha: float 
     return {"estimators": {k: figs[k] for k in ESTIMATORS}, "across_state": across["variance"],
             "within_state": within, "sampled_check": total,
             "snr_ratio_enumerated_vs_sampled": snr_e / snr_s if snr_e is not None and snr_s else None}
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def _checked(cfg, steps: int):
+    """The config the rollouts are prepared with, after every check that needs no model: an agentopd
+    env, a local teacher whose full distribution can be read, an objective that reads it (a config
+    whose objective reads no teacher but names ``teacher.model`` is prepared as ``algo.loss=opd``)."""
+    from agentopd.config import ConfigError
+    from agentopd.rl import objectives
+    from agentopd.train import check
+
+    check(cfg)
+    if steps < 1:
+        raise ConfigError(f"--steps: at least 1, got {steps}")
+    if not cfg.env.id.startswith("agentopd/"):
+        raise ConfigError(f"diagnose variance needs one of agentopd's envs, not {cfg.env.id}")
+    if cfg.teacher.base_url:
+        raise ConfigError("teacher.base_url: a served teacher gives its top-K only; diagnose variance needs the "
+                          "teacher's full distribution (teacher.model or the self-teacher)")
+    if objectives.needs_teacher(cfg.algo):
+        return cfg
+    if not cfg.teacher.model:
+        raise ConfigError(f"algo.loss={cfg.algo.loss} with algo.advantage={cfg.algo.advantage} reads no teacher: "
+                          "diagnose variance needs a distillation objective (opd, sdpo, ...) or a teacher.model")
+    return cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"loss": "opd"})})
+
+
+def _grpo_BT(cfg, rows, mask_BT: torch.Tensor) -> torch.Tensor:
+    """The episodes' GRPO advantages on their rows (``algo.advantage_kwargs`` where the config's
+    estimator is grpo), 0 outside ``mask_BT``."""
+    from agentopd.rl import advantages
+
+    rewards_B = torch.tensor(rows.rewards, dtype=torch.float32)
+    inputs = advantages.AdvantageInputs(torch.where(torch.isfinite(rewards_B), rewards_B, torch.nan),
+                                        torch.tensor(rows.groups), mask_BT, episode_B=torch.tensor(rows.episodes))
+    kw = cfg.algo.advantage_kwargs if cfg.algo.advantage == "grpo" else {}
+    return torch.nan_to_num(advantages.compute("grpo", inputs, **kw)) * mask_BT
+
+
+def _hidden_rows(parts, batch, idx: list[int]):
+    """The student's and (zeros on rows without a teacher prompt) the teacher's final hidden states
+    at the response positions of rows ``idx``, ``[B, R, H]`` and ``[B, R, H']``, and the teacher's head."""
+    from agentopd.rl.logprobs import response_hidden
+
+    P = [batch.prompt_ids[b] for b in idx]
+    R = [batch.response_ids[b] for b in idx]
+    h_BRH = response_hidden(parts.model, P, R)
+    t_rows = [j for j, b in enumerate(idx) if batch.teacher_prompts[b] is not None]
+    if not t_rows:
+        return h_BRH, None, None
+    ht_bRH, head_VH = parts.teacher.hidden([batch.teacher_prompts[idx[j]] for j in t_rows], [R[j] for j in t_rows])
+    ht_BRH = h_BRH.new_zeros((*h_BRH.shape[:2], ht_bRH.shape[-1]), dtype=ht_bRH.dtype)
+    ht_BRH[t_rows, :ht_bRH.shape[1]] = ht_bRH.to(h_BRH.device)
+    return h_BRH, ht_BRH, head_VH
+
+
+def _rows_states(parts, batch, adv_BT, idx: list[int], chunk: int):
+    """The :class:`States` of rows ``idx``' masked response positions, ``chunk`` positions at a time (on
+    the CPU, the logits formed per chunk: never a ``[B, T, V]`` tensor)."""
+    from agentopd.rl.learner import pad_BT
+
+    with torch.no_grad(), parts.amp():
+        h_BRH, ht_BRH, head_t_VH = _hidden_rows(parts, batch, idx)
+    R = h_BRH.shape[1]
+    m_BR = batch.mask_BT[idx, :R].bool()
+    ids_BR = pad_BT([batch.response_ids[b] for b in idx], dtype=torch.long)[0][:, :R]
+    dw_BR = (batch.teacher_mask_B[idx, None] * m_BR).to(torch.float64)
+    cols = (h_BRH.float().cpu()[m_BR], ids_BR[m_BR], adv_BT[idx, :R][m_BR], dw_BR[m_BR])
+    ht_NH = ht_BRH.float().cpu()[m_BR] if ht_BRH is not None else None
+    head_VH = parts.head_VH.detach().float().cpu()
+    head_t_VH = head_t_VH.detach().float().cpu() if head_t_VH is not None else None
+    for s in range(0, len(cols[0]), chunk):
+        h_NH, a_N, adv_N, dw_N = (x[s:s + chunk] for x in cols)
+        ut_NV = (ht_NH[s:s + chunk] @ head_t_VH.T if ht_NH is not None
+                 else torch.zeros(len(h_NH), head_VH.shape[0]))
+        yield States(h_NH, h_NH @ head_VH.T, ut_NV, a_N, adv_N, dw_N, torch.ones_like(dw_N))
+
+
+def _states(cfg, parts, steps: int, counts: dict):
+    """The training steps' rollouts (their problems and seeds, no update), then the states of every
+    micro-batch of rows; ``counts`` gets the rollouts and tokens."""
+    from tqdm import tqdm
+
+    from agentopd import train
+
+    P, mb = cfg.sampling.prompts_per_step, cfg.optim.micro_batch
+    for step in range(steps):
+        prep = train._prepare(cfg, parts, step, train._starts(cfg, parts.venvs[0], step * P))
+        batch = prep.batch
+        adv_BT = _grpo_BT(cfg, prep.rows, batch.mask_BT)
+        counts["rollouts"] += len(prep.episodes)
+        counts["tokens"] += int(batch.mask_BT.sum())
+        counts["distill_tokens"] += int((batch.mask_BT * batch.teacher_mask_B[:, None]).sum())
+        rows = [b for b in range(len(batch.response_ids)) if batch.mask_BT[b].sum() > 0]
+        for s in tqdm(range(0, len(rows), mb), desc=f"step {step + 1}/{steps}: head gradients",
+                      disable=not cfg.run.progress, file=sys.stderr):
+            yield from _rows_states(parts, batch, adv_BT, rows[s:s + mb], cfg.optim.logits_chunk or 128)
+
+
+def diagnose_variance(cfg, engine=None, judge=None, steps: int = 1, d1: int = D1, d2: int = D2, seed: int = 0) -> dict:
+    """The figures of the module docstring on ``steps`` training steps' rollouts of a
+    :class:`agentopd.config.Config` (at its current weights; no update), written to
+    ``<run.out>/variance.json``. ``engine`` / ``judge``: as in :func:`agentopd.train.train`; ``d1``,
+    ``d2``, ``seed``: the projection (:class:`Projection`)."""
+    from agentopd import train
+    from agentopd.config import ConfigError
+    from agentopd.rl.learner import learner_temperature
+
+    cfg = _checked(cfg, steps)
+    parts = train._setup(cfg, engine, judge)
+    counts = {"rollouts": 0, "tokens": 0, "distill_tokens": 0}
+    tau, alpha = learner_temperature(cfg.sampling), cfg.algo.distill_alpha
+    topk = cfg.algo.distill_topk or DEFAULT_TOPK
+    try:
+        if parts.head_VH is None:
+            raise ConfigError(f"model.path={cfg.model.path}: its logits are not hidden @ W.T (a head with a bias, "
+                              "adapters or logit scaling): diagnose variance measures the LM head's gradient")
+        proj = Projection(*parts.head_VH.shape, d1, d2, seed)
+        stats = statistics(_states(cfg, parts, steps, counts), tau, alpha, topk, proj, bias_correct=True)
+    finally:
+        train._close(parts.venvs, parts.heldout)
+    teacher = cfg.teacher.model or f"self ({cfg.teacher.mode}; context {'+'.join(cfg.teacher.context) or 'none'})"
+    report = {**stats, "model": cfg.model.path, "teacher": teacher, "objective": cfg.algo.loss, "alpha": alpha,
+              "topk": topk, "temperature": tau, "steps": steps, **counts,
+              "projection": {"vocab": proj.V, "hidden": proj.H, "d1": proj.d1, "d2": proj.d2, "seed": seed,
+                             "exact": proj.exact},
+              "bias_corrected": "mean_sq = |mean|^2 - variance / (states - 1), clamped at 0"}
+    if not stats["estimators"]["grpo"]["variance"]:
+        report["notes"] = ["grpo: every advantage is 0 (each group's rewards are equal, or sampling.group_size=1)"]
+    _write(cfg.run.out, report)
+    return report
+
+
+def table(report: dict) -> str:
+    """The report as a markdown table, one row per estimator; then the across/within split."""
+    def fmt(v):
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    est = report["estimators"]
+    rows = [(k, est[k]) for k in ESTIMATORS] + [("sampled_token (measured)", est["sampled_token"]["measured"])]
+    lines = [f"head-gradient variance of {report['model']} against {report['teacher']} ({report['objective']}, "
+             f"alpha {report['alpha']}, top-K {report['topk']}, temperature {report['temperature']}): "
+             f"{report['rollouts']} rollouts, {report['distill_tokens']} distillation tokens of {report['tokens']}", "",
+             "| estimator | variance | snr | mean_sq | states |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {fmt(e['variance'])} | {fmt(e['snr'])} | {fmt(e['mean_sq'])} | {e['states']} |" for k, e in rows]
+    share = (report["within_state"] / report["sampled_check"]) if report["sampled_check"] else None
+    lines += ["", f"across_state {fmt(report['across_state'])} + within_state {fmt(report['within_state'])} = "
+              f"{fmt(report['sampled_check'])} (within: {fmt(share)} of the sampled-token variance)",
+              f"snr enumerated / sampled_token: {fmt(report['snr_ratio_enumerated_vs_sampled'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def _write(out: str, report: dict) -> None:
+    """``variance.json``, whole or not at all (agentopd.faults.write_text)."""
+    from agentopd import faults
+
+    os.makedirs(out, exist_ok=True)
+    faults.write_text(os.path.join(out, "variance.json"), json.dumps(report, indent=2))

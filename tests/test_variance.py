@@ -141,3 +141,50 @@ def test_the_projection_is_seeded_and_close_on_average(toy):
         assert mean == pytest.approx(exact[key], rel=0.15), key
     mean = sum(r["estimators"]["grpo"]["variance"] for r in runs) / len(runs)
     assert mean == pytest.approx(exact["estimators"]["grpo"]["variance"], rel=0.15)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+TINY = ["model.path=tiny", "run.progress=false", "env.id=agentopd/Math-v0", "env.kwargs.problems=micro",
+        "env.kwargs.levels=[1,2,3]", "sampling.max_new_tokens=8", "eval.problems=0"]
+
+
+def cli(*args, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "agentopd.cli", *map(str, args)], check=False, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_cli_writes_variance_json(tmp_path):
+    from agentopd.testbed.tiny import build_tiny
+
+    build_tiny(tmp_path / "teacher", hidden=96, layers=3, seed=0)  # the student's tokenizer, other weights
+    r = cli("diagnose", "variance", "--config", ROOT / "configs" / "micro-opd.yaml", *TINY,
+            f"teacher.model={tmp_path / 'teacher'}", "sampling.prompts_per_step=3", "sampling.group_size=2",
+            "--steps", 2, "--out", tmp_path / "d")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert json.loads((tmp_path / "d" / "variance.json").read_text()) == report
+    est = report["estimators"]
+    assert set(est) == {"sampled_token", "enumerated", "enumerated_topk", "grpo"}
+    assert report["rollouts"] == 12 and report["steps"] == 2 and report["distill_tokens"] == report["tokens"] > 0
+    assert report["projection"] == {"vocab": 512, "hidden": 64, "d1": 256, "d2": 32, "seed": 0, "exact": False}
+    for name in ("sampled_token", "enumerated", "enumerated_topk"):
+        e = est[name]
+        assert e["states"] == report["tokens"] and math.isfinite(e["variance"]) and e["variance"] > 0, name
+        assert math.isfinite(e["snr"]) and 0 <= e["mean_sq"] <= e["mean_sq_raw"], name
+    assert math.isfinite(est["sampled_token"]["measured"]["variance"])
+    assert report["across_state"] == est["enumerated"]["variance"] and report["within_state"] > 0
+    assert est["sampled_token"]["variance"] == report["across_state"] + report["within_state"]
+    assert est["enumerated"]["snr"] >= est["sampled_token"]["snr"]  # Rao-Blackwell: the same mean, less variance
+    assert report["snr_ratio_enumerated_vs_sampled"] >= 1.0
+    assert "| estimator | variance | snr |" in r.stderr and "| enumerated_topk |" in r.stderr
+    assert "across_state" in r.stderr
+
+
+def test_cli_help_and_a_config_without_a_teacher(tmp_path):
+    r = cli("diagnose", "variance", "--help")
+    assert r.returncode == 0 and "--steps" in r.stdout and "algo.distill_topk" in r.stdout
+    r = cli("diagnose", "variance", "--config", ROOT / "configs" / "micro-grpo.yaml", f"run.out={tmp_path}")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "reads no teacher: diagnose variance needs a distillation objective" in r.stderr
