@@ -195,8 +195,11 @@ def statistics(chunks: Iterable[States], temperature: float = 1.0, alpha: float 
     """The figures of the module docstring over the states of ``chunks`` (each :class:`States`):
     ``estimators`` (per estimator ``variance``, ``snr``, ``mean_sq``, ``mean_sq_raw``,
     ``second_moment``, ``states``; ``sampled_token`` also ``measured``, the figures of the sampled
-    tokens), ``across_state``, ``within_state``, ``sampled_check`` (= across + within) and
-    ``snr_ratio_enumerated_vs_sampled``. ``proj`` None: exact (identities; the first chunk's sizes)."""
+    tokens; at ``alpha`` other than 1 also ``enumerated_reverse_kl``, the sampled-token estimator's
+    own enumeration), ``across_state``, ``within_state``, ``sampled_check`` (= across + within),
+    ``snr_ratio_enumerated_vs_sampled`` and ``snr_ratio_rao_blackwell`` (the reverse-KL enumerated
+    estimator's SNR over the sampled-token one's; the same at alpha 1). ``proj`` None: exact
+    (identities; the first chunk's sizes)."""
     acc = _Accumulator()
     for s in chunks:
         if proj is None:
@@ -211,10 +214,11 @@ def statistics(chunks: Iterable[States], temperature: float = 1.0, alpha: float 
     samp.update(variance=total, second_moment=None if total is None else total + samp["mean_sq_raw"],
                 snr=samp["mean_sq"] / total if total else None, measured=figs["sampled_token"])
     figs["sampled_token"] = samp
-    snr_e, snr_s = figs["enumerated"]["snr"], samp["snr"]
-    return {"estimators": {k: figs[k] for k in ESTIMATORS}, "across_state": across["variance"],
-            "within_state": within, "sampled_check": total,
-            "snr_ratio_enumerated_vs_sampled": snr_e / snr_s if snr_e is not None and snr_s else None}
+    ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
+    est = {k: figs[k] for k in ESTIMATORS} | ({} if alpha == 1.0 else {"enumerated_reverse_kl": across})
+    return {"estimators": est, "across_state": across["variance"], "within_state": within, "sampled_check": total,
+            "snr_ratio_enumerated_vs_sampled": ratio(figs["enumerated"]["snr"], samp["snr"]),
+            "snr_ratio_rao_blackwell": ratio(across["snr"], samp["snr"])}
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -356,7 +360,7 @@ def table(report: dict) -> str:
         return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
     est = report["estimators"]
-    rows = [(k, est[k]) for k in ESTIMATORS] + [("sampled_token (measured)", est["sampled_token"]["measured"])]
+    rows = list(est.items()) + [("sampled_token (measured)", est["sampled_token"]["measured"])]
     lines = [f"head-gradient variance of {report['model']} against {report['teacher']} ({report['objective']}, "
              f"alpha {report['alpha']}, top-K {report['topk']}, temperature {report['temperature']}): "
              f"{report['rollouts']} rollouts, {report['distill_tokens']} distillation tokens of {report['tokens']}", "",
@@ -365,7 +369,8 @@ def table(report: dict) -> str:
     share = (report["within_state"] / report["sampled_check"]) if report["sampled_check"] else None
     lines += ["", f"across_state {fmt(report['across_state'])} + within_state {fmt(report['within_state'])} = "
               f"{fmt(report['sampled_check'])} (within: {fmt(share)} of the sampled-token variance)",
-              f"snr enumerated / sampled_token: {fmt(report['snr_ratio_enumerated_vs_sampled'])}"]
+              f"snr enumerated / sampled_token: {fmt(report['snr_ratio_enumerated_vs_sampled'])} (reverse KL both: "
+              f"{fmt(report['snr_ratio_rao_blackwell'])})"]
     return "\n".join(lines) + "\n"
 
 

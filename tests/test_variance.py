@@ -68,10 +68,10 @@ def _grad(loss, W):
     return torch.autograd.grad(loss, W, retain_graph=True)[0]
 
 
-def _brute(toy: Toy) -> dict:
+def _brute(toy: Toy, alpha: float) -> dict:
     """The exact figures by autograd of each per-token loss w.r.t. the head weight, per (response,
-    position, action)."""
-    W, feats = toy.W, {k: [] for k in ("samp", "enum", "topk", "grpo")}
+    position, action); ``enum`` the reverse KL's, ``alpha`` the divergence's."""
+    W, feats = toy.W, {k: [] for k in ("samp", "enum", "alpha", "topk", "grpo")}
     weights, within, cache = [], 0.0, {}
     for i, seq in enumerate(toy.seqs):
         for t in range(T):
@@ -84,15 +84,17 @@ def _brute(toy: Toy) -> dict:
                 samp = torch.stack([_grad(c[a] * logp[a], W) for a in range(V)])
                 lp = torch.stack([_grad(logp[a], W) for a in range(V)])
                 enum = _grad(losses.kl_alpha_per_token(u[None], ut[None], 1.0, TAU)[0], W)
-                topk = _grad(losses.kl_alpha_topk_per_token(u[None], ut[None], 1.0, TOPK, TAU)[0], W)
+                at_alpha = _grad(losses.kl_alpha_per_token(u[None], ut[None], alpha, TAU)[0], W)
+                topk = _grad(losses.kl_alpha_topk_per_token(u[None], ut[None], alpha, TOPK, TAU)[0], W)
                 assert torch.allclose((pi[:, None, None] * samp).sum(0), enum, atol=1e-12)  # E_a[samp] = enum
                 var = (pi * (samp - enum).pow(2).sum((1, 2))).sum()
-                cache[key] = (samp, lp, enum, topk, float(var))
-            samp, lp, enum, topk, var = cache[key]
+                cache[key] = (samp, lp, enum, at_alpha, topk, float(var))
+            samp, lp, enum, at_alpha, topk, var = cache[key]
             w = float(toy.p_S[i]) / T
             a = seq[t]
             feats["samp"].append(samp[a])
             feats["enum"].append(enum)
+            feats["alpha"].append(at_alpha)
             feats["topk"].append(topk)
             feats["grpo"].append(-float(toy.adv_S[i]) * lp[a])
             weights.append(w)
@@ -112,22 +114,25 @@ def toy():
     return Toy()
 
 
-def test_exact_on_an_enumerable_toy(toy):
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_exact_on_an_enumerable_toy(toy, alpha):
     assert float(toy.p_S.sum()) == pytest.approx(1.0, abs=1e-12)
-    brute = _brute(toy)
-    got = statistics([toy.states()], TAU, 1.0, TOPK, None, bias_correct=False)
+    brute = _brute(toy, alpha)
+    got = statistics([toy.states()], TAU, alpha, TOPK, None, bias_correct=False)
     est = got["estimators"]
     approx = lambda x: pytest.approx(x, rel=1e-6, abs=1e-12)  # noqa: E731
-    for name, k in (("enumerated", "enum"), ("enumerated_topk", "topk"), ("grpo", "grpo")):
+    rev = "enumerated" if alpha == 1.0 else "enumerated_reverse_kl"
+    for name, k in (("enumerated", "alpha"), (rev, "enum"), ("enumerated_topk", "topk"), ("grpo", "grpo")):
         assert (est[name]["variance"], est[name]["mean_sq"]) == (approx(brute[k][0]), approx(brute[k][1])), name
     samp = est["sampled_token"]
     assert samp["variance"] == approx(brute["samp"][0]) and samp["measured"]["variance"] == approx(brute["samp"][0])
     assert samp["mean_sq"] == approx(brute["samp"][1]) and samp["measured"]["mean_sq"] == approx(brute["samp"][1])
     assert got["within_state"] == approx(brute["within"]) and got["within_state"] > 0
-    assert got["across_state"] == est["enumerated"]["variance"]  # the same numbers, exactly
+    assert got["across_state"] == est[rev]["variance"]  # the same numbers, exactly
     assert samp["variance"] == got["across_state"] + got["within_state"]
     assert brute["samp"][0] == pytest.approx(brute["enum"][0] + brute["within"], rel=1e-9)  # total variance
-    assert est["enumerated"]["snr"] >= samp["snr"] and got["snr_ratio_enumerated_vs_sampled"] >= 1.0
+    assert est[rev]["snr"] >= samp["snr"] and got["snr_ratio_rao_blackwell"] >= 1.0
+    assert set(est) == {"sampled_token", "enumerated", "enumerated_topk", "grpo"} | {rev}
 
 
 def test_the_projection_is_seeded_and_close_on_average(toy):
