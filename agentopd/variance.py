@@ -33,6 +33,9 @@ them; the distillation estimators over the tokens of rows with a teacher context
 bias-corrected, ``|m|^2 - variance / (N - 1)`` clamped at 0 (``mean_sq``; ``mean_sq_raw`` without),
 since the mean of N states carries ``variance / N`` of noise. :func:`statistics` with explicit exact
 weights (``bias_correct=False``) gives the exact figures of an enumerated toy.
+
+The head's gradient is measured whether or not the run trains the head (a LoRA run does not): it is
+the probe of each estimator's noise, the same per-state logit gradient times the state's features.
 """
 from __future__ import annotations
 
@@ -50,6 +53,9 @@ DEFAULT_TOPK = 20
 """K of ``enumerated_topk`` when the config's ``algo.distill_topk`` is 0."""
 D1, D2 = 256, 32
 """The default projection sizes of the gradient's vocabulary and hidden sides."""
+CHUNK_ELEMENTS = 1 << 22
+"""At most this many logits per chunk of states (``optim.logits_chunk`` positions, fewer at a large
+vocabulary): the statistics hold about a dozen ``[chunk, V]`` float64 tensors at a time."""
 
 
 # ---------------------------------------------------------------------------------- projection
@@ -277,9 +283,16 @@ def _hidden_rows(parts, batch, idx: list[int]):
     return h_BRH, ht_BRH, head_VH
 
 
+def _head_logits(h_NH: torch.Tensor, head_VH: torch.Tensor) -> torch.Tensor:
+    """``h @ W.T`` in float32 on the head's device (no autocast), brought to the CPU, ``[N, V]``."""
+    with torch.no_grad(), torch.autocast(head_VH.device.type, enabled=False):
+        return (h_NH.to(head_VH.device, torch.float32) @ head_VH.T).cpu()
+
+
 def _rows_states(parts, batch, adv_BT, idx: list[int], chunk: int):
-    """The :class:`States` of rows ``idx``' masked response positions, ``chunk`` positions at a time (on
-    the CPU, the logits formed per chunk: never a ``[B, T, V]`` tensor)."""
+    """The :class:`States` of rows ``idx``' masked response positions, ``chunk`` positions at a time
+    (the logits formed per chunk on the model's device, the statistics on the CPU: never a
+    ``[B, T, V]`` tensor)."""
     from agentopd.rl.learner import pad_BT
 
     with torch.no_grad(), parts.amp():
@@ -288,15 +301,17 @@ def _rows_states(parts, batch, adv_BT, idx: list[int], chunk: int):
     m_BR = batch.mask_BT[idx, :R].bool()
     ids_BR = pad_BT([batch.response_ids[b] for b in idx], dtype=torch.long)[0][:, :R]
     dw_BR = (batch.teacher_mask_B[idx, None] * m_BR).to(torch.float64)
-    cols = (h_BRH.float().cpu()[m_BR], ids_BR[m_BR], adv_BT[idx, :R][m_BR], dw_BR[m_BR])
-    ht_NH = ht_BRH.float().cpu()[m_BR] if ht_BRH is not None else None
-    head_VH = parts.head_VH.detach().float().cpu()
-    head_t_VH = head_t_VH.detach().float().cpu() if head_t_VH is not None else None
+    h_NH = h_BRH[m_BR.to(h_BRH.device)]
+    ht_NH = ht_BRH[m_BR.to(ht_BRH.device)] if ht_BRH is not None else None
+    cols = (ids_BR[m_BR], adv_BT[idx, :R][m_BR], dw_BR[m_BR])
+    head_VH = parts.head_VH.detach().float()  # once per micro-batch (a copy only for a low-precision head)
+    head_t_VH = head_t_VH.detach().float() if head_t_VH is not None else None
     for s in range(0, len(cols[0]), chunk):
-        h_NH, a_N, adv_N, dw_N = (x[s:s + chunk] for x in cols)
-        ut_NV = (ht_NH[s:s + chunk] @ head_t_VH.T if ht_NH is not None
-                 else torch.zeros(len(h_NH), head_VH.shape[0]))
-        yield States(h_NH, h_NH @ head_VH.T, ut_NV, a_N, adv_N, dw_N, torch.ones_like(dw_N))
+        a_N, adv_N, dw_N = (x[s:s + chunk] for x in cols)
+        ut_NV = (_head_logits(ht_NH[s:s + chunk], head_t_VH) if ht_NH is not None
+                 else torch.zeros(len(a_N), head_VH.shape[0]))
+        h = h_NH[s:s + chunk]
+        yield States(h.float().cpu(), _head_logits(h, head_VH), ut_NV, a_N, adv_N, dw_N, torch.ones_like(dw_N))
 
 
 def _states(cfg, parts, steps: int, counts: dict):
@@ -307,6 +322,7 @@ def _states(cfg, parts, steps: int, counts: dict):
     from agentopd import train
 
     P, mb = cfg.sampling.prompts_per_step, cfg.optim.micro_batch
+    chunk = max(1, min(cfg.optim.logits_chunk or 128, CHUNK_ELEMENTS // parts.head_VH.shape[0]))
     for step in range(steps):
         prep = train._prepare(cfg, parts, step, train._starts(cfg, parts.venvs[0], step * P))
         batch = prep.batch
@@ -317,7 +333,7 @@ def _states(cfg, parts, steps: int, counts: dict):
         rows = [b for b in range(len(batch.response_ids)) if batch.mask_BT[b].sum() > 0]
         for s in tqdm(range(0, len(rows), mb), desc=f"step {step + 1}/{steps}: head gradients",
                       disable=not cfg.run.progress, file=sys.stderr):
-            yield from _rows_states(parts, batch, adv_BT, rows[s:s + mb], cfg.optim.logits_chunk or 128)
+            yield from _rows_states(parts, batch, adv_BT, rows[s:s + mb], chunk)
 
 
 def diagnose_variance(cfg, engine=None, judge=None, steps: int = 1, d1: int = D1, d2: int = D2, seed: int = 0) -> dict:
