@@ -220,7 +220,7 @@ def statistics(chunks: Iterable[States], temperature: float = 1.0, alpha: float 
     samp.update(variance=total, second_moment=None if total is None else total + samp["mean_sq_raw"],
                 snr=samp["mean_sq"] / total if total else None, measured=figs["sampled_token"])
     figs["sampled_token"] = samp
-    ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
+    ratio = lambda a, b: a / b if a is not None and b else None
     est = {k: figs[k] for k in ESTIMATORS} | ({} if alpha == 1.0 else {"enumerated_reverse_kl": across})
     return {"estimators": est, "across_state": across["variance"], "within_state": within, "sampled_check": total,
             "snr_ratio_enumerated_vs_sampled": ratio(figs["enumerated"]["snr"], samp["snr"]),
@@ -375,18 +375,19 @@ def table(report: dict) -> str:
     def fmt(v):
         return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    est = report["estimators"]
+    est, r = report["estimators"], report
     rows = list(est.items()) + [("sampled_token (measured)", est["sampled_token"]["measured"])]
-    lines = [f"head-gradient variance of {report['model']} against {report['teacher']} ({report['objective']}, "
-             f"alpha {report['alpha']}, top-K {report['topk']}, temperature {report['temperature']}): "
-             f"{report['rollouts']} rollouts, {report['distill_tokens']} distillation tokens of {report['tokens']}", "",
-             "| estimator | variance | snr | mean_sq | states |", "|---|---|---|---|---|"]
+    head = (f"head-gradient variance of {r['model']} against {r['teacher']} ({r['objective']}, alpha {r['alpha']}, "
+            f"top-K {r['topk']}, temperature {r['temperature']}): {r['rollouts']} rollouts, "
+            f"{r['distill_tokens']} distillation tokens of {r['tokens']}")
+    lines = [head, "", "| estimator | variance | snr | mean_sq | states |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {fmt(e['variance'])} | {fmt(e['snr'])} | {fmt(e['mean_sq'])} | {e['states']} |" for k, e in rows]
-    share = (report["within_state"] / report["sampled_check"]) if report["sampled_check"] else None
-    lines += ["", f"across_state {fmt(report['across_state'])} + within_state {fmt(report['within_state'])} = "
-              f"{fmt(report['sampled_check'])} (within: {fmt(share)} of the sampled-token variance)",
-              f"snr enumerated / sampled_token: {fmt(report['snr_ratio_enumerated_vs_sampled'])} (reverse KL both: "
-              f"{fmt(report['snr_ratio_rao_blackwell'])})"]
+    share = (r["within_state"] / r["sampled_check"]) if r["sampled_check"] else None
+    split = (f"across_state {fmt(r['across_state'])} + within_state {fmt(r['within_state'])} = "
+             f"{fmt(r['sampled_check'])} (within: {fmt(share)} of the sampled-token variance)")
+    ratio = (f"snr enumerated / sampled_token: {fmt(r['snr_ratio_enumerated_vs_sampled'])} "
+             f"(reverse KL both: {fmt(r['snr_ratio_rao_blackwell'])})")
+    lines += ["", split, ratio]
     return "\n".join(lines) + "\n"
 
 

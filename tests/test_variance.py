@@ -120,7 +120,7 @@ def test_exact_on_an_enumerable_toy(toy, alpha):
     brute = _brute(toy, alpha)
     got = statistics([toy.states()], TAU, alpha, TOPK, None, bias_correct=False)
     est = got["estimators"]
-    approx = lambda x: pytest.approx(x, rel=1e-6, abs=1e-12)  # noqa: E731
+    approx = lambda x: pytest.approx(x, rel=1e-6, abs=1e-12)
     rev = "enumerated" if alpha == 1.0 else "enumerated_reverse_kl"
     for name, k in (("enumerated", "alpha"), (rev, "enum"), ("enumerated_topk", "topk"), ("grpo", "grpo")):
         assert (est[name]["variance"], est[name]["mean_sq"]) == (approx(brute[k][0]), approx(brute[k][1])), name
@@ -146,6 +146,19 @@ def test_the_projection_is_seeded_and_close_on_average(toy):
         assert mean == pytest.approx(exact[key], rel=0.15), key
     mean = sum(r["estimators"]["grpo"]["variance"] for r in runs) / len(runs)
     assert mean == pytest.approx(exact["estimators"]["grpo"]["variance"], rel=0.15)
+
+
+def test_chunks_add_up_and_the_bias_correction(toy):
+    s = toy.states()
+    whole = statistics([s], TAU, 1.0, TOPK, None, bias_correct=False)
+    parts = [States(*(x[k:k + 40] for x in vars(s).values())) for k in range(0, len(s.action_N), 40)]
+    chunked = statistics(parts, TAU, 1.0, TOPK, None, bias_correct=False)
+    for name, e in whole["estimators"].items():
+        for key in ("variance", "mean_sq", "snr"):
+            assert chunked["estimators"][name][key] == pytest.approx(e[key], rel=1e-9), (name, key)
+    e = statistics([s], TAU, 1.0, TOPK, None, bias_correct=True)["estimators"]["enumerated"]
+    n = len(s.action_N)
+    assert e["states"] == n and e["mean_sq"] == pytest.approx(max(e["mean_sq_raw"] - e["variance"] / (n - 1), 0.0))
 
 
 # ----------------------------------------------------------------------------- the command line
