@@ -238,14 +238,14 @@ def _checked(cfg, steps: int):
     from agentopd.rl import objectives
     from agentopd.train import check
 
-    check(cfg)
     if steps < 1:
         raise ConfigError(f"--steps: at least 1, got {steps}")
-    if not cfg.env.id.startswith("agentopd/"):
-        raise ConfigError(f"diagnose variance needs one of agentopd's envs, not {cfg.env.id}")
     if cfg.teacher.base_url:
         raise ConfigError("teacher.base_url: a served teacher gives its top-K only; diagnose variance needs the "
                           "teacher's full distribution (teacher.model or the self-teacher)")
+    check(cfg)
+    if not cfg.env.id.startswith("agentopd/"):
+        raise ConfigError(f"diagnose variance needs one of agentopd's envs, not {cfg.env.id}")
     if objectives.needs_teacher(cfg.algo):
         return cfg
     if not cfg.teacher.model:
@@ -345,6 +345,7 @@ def diagnose_variance(cfg, engine=None, judge=None, steps: int = 1, d1: int = D1
     from agentopd.config import ConfigError
     from agentopd.rl.learner import learner_temperature
 
+    objective = cfg.algo.loss
     cfg = _checked(cfg, steps)
     parts = train._setup(cfg, engine, judge)
     counts = {"rollouts": 0, "tokens": 0, "distill_tokens": 0}
@@ -359,13 +360,18 @@ def diagnose_variance(cfg, engine=None, judge=None, steps: int = 1, d1: int = D1
     finally:
         train._close(parts.venvs, parts.heldout)
     teacher = cfg.teacher.model or f"self ({cfg.teacher.mode}; context {'+'.join(cfg.teacher.context) or 'none'})"
-    report = {**stats, "model": cfg.model.path, "teacher": teacher, "objective": cfg.algo.loss, "alpha": alpha,
+    report = {**stats, "model": cfg.model.path, "teacher": teacher, "objective": objective, "alpha": alpha,
               "topk": topk, "temperature": tau, "steps": steps, **counts,
               "projection": {"vocab": proj.V, "hidden": proj.H, "d1": proj.d1, "d2": proj.d2, "seed": seed,
                              "exact": proj.exact},
               "bias_corrected": "mean_sq = |mean|^2 - variance / (states - 1), clamped at 0"}
+    notes = []
+    if objective != cfg.algo.loss:
+        notes.append(f"algo.loss={objective} reads no teacher: the rollouts were prepared as algo.loss=opd")
     if not stats["estimators"]["grpo"]["variance"]:
-        report["notes"] = ["grpo: every advantage is 0 (each group's rewards are equal, or sampling.group_size=1)"]
+        notes.append("grpo: every advantage is 0 (each group's rewards are equal, or sampling.group_size=1)")
+    if notes:
+        report["notes"] = notes
     _write(cfg.run.out, report)
     return report
 

@@ -200,6 +200,32 @@ def test_cli_writes_variance_json(tmp_path):
     assert "across_state" in r.stderr
 
 
+class AlternateJudge:
+    """Every other sample correct: each group's rewards differ, so GRPO's advantages do not vanish."""
+
+    def judge_many(self, pairs, progress=None):
+        from agentopd.types import Judgement, Verdict
+
+        return [Judgement(Verdict(float(k % 2), k % 2, 1, "ok" if k % 2 else "wrong_answer"), "")
+                for k in range(len(pairs))]
+
+
+def test_a_grpo_config_with_a_teacher_model(tmp_path):
+    from agentopd.config import load
+    from agentopd.testbed.tiny import build_tiny
+    from agentopd.variance import diagnose_variance
+
+    build_tiny(tmp_path / "teacher", hidden=96, layers=3, seed=0)
+    cfg = load(str(ROOT / "configs" / "micro-grpo.yaml"), [*TINY, f"teacher.model={tmp_path / 'teacher'}",
+               "sampling.prompts_per_step=2", "sampling.group_size=2", f"run.out={tmp_path / 'd'}"])
+    report = diagnose_variance(cfg, judge=AlternateJudge())
+    grpo = report["estimators"]["grpo"]
+    assert report["objective"] == "pg" and "prepared as algo.loss=opd" in report["notes"][0] and len(report["notes"]) == 1
+    assert grpo["variance"] > 0 and grpo["states"] == report["tokens"] and math.isfinite(grpo["snr"])
+    assert report["rollouts"] == 4 and report["alpha"] == cfg.algo.distill_alpha
+    assert json.loads((tmp_path / "d" / "variance.json").read_text()) == report
+
+
 def test_cli_help_and_a_config_without_a_teacher(tmp_path):
     r = cli("diagnose", "variance", "--help")
     assert r.returncode == 0 and "--steps" in r.stdout and "algo.distill_topk" in r.stdout
