@@ -134,10 +134,10 @@ def _user_errors() -> tuple:
     return ConfigError, DataError, SandboxUnavailable, EngineError, ImportError, ValueError
 
 
-def _run_config(run, a) -> int:
-    """Load the config (YAML + overrides), run it, print the summary table (``run.out/summary.md``,
-    stderr) and the report (JSON, stdout); a bad config, dataset, engine or missing extra is one line
-    on stderr."""
+def _run_config(run, a, summary=None) -> int:
+    """Load the config (YAML + overrides), run it, print the summary table (``summary(report)``, else
+    ``run.out/summary.md``; stderr) and the report (JSON, stdout); a bad config, dataset, engine or
+    missing extra is one line on stderr."""
     from agentopd import faults
     from agentopd.config import load
 
@@ -149,8 +149,11 @@ def _run_config(run, a) -> int:
         return faults.leave(e.code)
     except _user_errors() as e:
         return _fail(str(e))
-    with open(os.path.join(cfg.run.out, "summary.md"), encoding="utf-8") as f:
-        print(f.read(), file=sys.stderr, end="", flush=True)
+    if summary is not None:
+        print(summary(report), file=sys.stderr, end="", flush=True)
+    else:
+        with open(os.path.join(cfg.run.out, "summary.md"), encoding="utf-8") as f:
+            print(f.read(), file=sys.stderr, end="", flush=True)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -173,6 +176,14 @@ def cmd_diagnose_teacher(a) -> int:
     if a.out:
         a.overrides = [*a.overrides, f"run.out={a.out}"]
     return _run_config(diagnose_teacher, a)
+
+
+def cmd_diagnose_variance(a) -> int:
+    from agentopd.variance import diagnose_variance, table
+
+    if a.out:
+        a.overrides = [*a.overrides, f"run.out={a.out}"]
+    return _run_config(lambda cfg: diagnose_variance(cfg, steps=a.steps, d1=a.d1, d2=a.d2, seed=a.seed), a, table)
 
 
 def cmd_report(a) -> int:
@@ -274,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "held-out problems, per teacher source, and a recommendation", "sampling.group_size=8",
                          cmd_diagnose_teacher, TRAIN_SECTIONS)
     dt.add_argument("--out", default=None, help="where diagnose.json and summary.md go (default: run.out)")
+    dv = _config_command(disub, "variance", "how noisy is each gradient estimator? on real rollouts, the LM "
+                         "head's per-state gradient variance and SNR of the sampled-token, enumerated and top-K "
+                         "distillation estimators and GRPO, and the split into across-state and within-state parts "
+                         "(variance.json)", "sampling.prompts_per_step=4", cmd_diagnose_variance, TRAIN_SECTIONS)
+    dv.add_argument("--steps", type=int, default=1, help="training steps' rollouts to measure on (default 1)")
+    dv.add_argument("--out", default=None, help="where variance.json goes (default: run.out)")
+    dv.add_argument("--d1", type=int, default=256, help="the projection of the gradient's vocabulary side (V: exact)")
+    dv.add_argument("--d2", type=int, default=32, help="the projection of its hidden side (H: exact)")
+    dv.add_argument("--seed", type=int, default=0, help="the projection's seed")
 
     rp = sub.add_parser("report", help="one self-contained HTML page of a run: learning curves, tokens coloured "
                         "by their advantage next to the critique (or a diagnose teacher table, or an rlef run's turns)")
