@@ -362,6 +362,7 @@ class _Parts:
     chunk: int
     cache: object = None  # agentopd.rl.offpolicy.ReplayCache (optim.reuse)
     pipeline: object = None  # agentopd.async_rollouts.AsyncRollouts (run.async_steps), made once the start is known
+    worker: object = None  # its engine process (agentopd.inference.worker), started before the model loads
 
 
 def _contexts(cfg: Config, tok, episodes: list, rows: TurnRows) -> list | None:
@@ -530,10 +531,14 @@ def _setup(cfg: Config, engine, judge) -> _Parts:
     torch.manual_seed(cfg.run.seed)
     device = pick_device(cfg.run.device)
     venvs, heldout = _envs(cfg, judge)  # a bad problems file fails before the model loads
+    worker = None
     try:
+        worker = _engine_process(cfg)  # its imports overlap the loading
         model, tok = load_model(cfg.model, cfg.run, device)
     except BaseException:
         _close(venvs, heldout)
+        if worker is not None:
+            worker.close()
         raise
     head_VH = lm_head_weight(model)
     chunk = cfg.optim.logits_chunk if head_VH is not None else 0  # hidden states, logits chunk by chunk
@@ -553,7 +558,16 @@ def _setup(cfg: Config, engine, judge) -> _Parts:
     reuse = cfg.optim.reuse
     cache = ReplayCache(reuse.max_age, reuse.min_ess, reuse.visitation) if reuse.max_age else None
     return _Parts(model, tok, opt, teacher, ref, engine, venvs, heldout, autocast(precision(cfg.run.precision), device),
-                  head_VH, chunk, cache)
+                  head_VH, chunk, cache, worker=worker)
+
+
+def _engine_process(cfg: Config):
+    """``run.async_steps``: the engine process, started now (one torch thread), else None."""
+    if not cfg.run.async_steps:
+        return None
+    from agentopd.inference.worker import ProcessEngine
+
+    return ProcessEngine(threads=1)
 
 
 def _starts(cfg: Config, venv, data_pos: int) -> list:
@@ -671,6 +685,8 @@ class _Run:
     def close(self) -> None:
         if self.k.pipeline is not None:
             self.k.pipeline.close()
+        elif self.k.worker is not None:
+            self.k.worker.close()
         for _, close in self.sinks:
             close()
         _close(self.k.venvs, self.k.heldout)
@@ -701,7 +717,6 @@ def _offpolicy(cfg: Config, k: _Parts, start: int, data_pos: int, state: dict) -
     on (data position ``data_pos``): an hf engine in its own process, the weights each step samples
     with as the checkpoint kept them."""
     from agentopd.async_rollouts import AsyncRollouts
-    from agentopd.inference.worker import ProcessEngine
     from agentopd.rl.learner import Batch
 
     if k.cache is not None and "cache" in state:
@@ -716,7 +731,7 @@ def _offpolicy(cfg: Config, k: _Parts, start: int, data_pos: int, state: dict) -
                              k.amp, t)
         return episodes, t
 
-    engine = ProcessEngine(k.model, k.tok, cfg.engine.batch_size, **cfg.engine.kwargs)
+    engine = k.worker.attach(k.model, k.tok, cfg.engine.batch_size, **cfg.engine.kwargs)
     k.pipeline = AsyncRollouts(cfg.run.async_steps, engine, rollout, cfg.run.steps)
     k.pipeline.load_state_dict(state.get("versions", {}))
 
