@@ -270,7 +270,7 @@ def _finish(ep: Episode, stats: dict | None) -> None:
     every turn's credit reads)."""
     if stats is None:
         return
-    ep.stats = dict(stats)
+    ep.stats = {k: v.item() if hasattr(v, "item") else v for k, v in stats.items()}  # (numpy, from a vector info)
     for t in ep.turns[:-1]:
         if t.feedback_status == "tool":
             t.judgement = ep.turns[-1].judgement

@@ -13,7 +13,8 @@ class ScriptedEngine:
     """Subclasses say what to answer: ``answer(prompt_text)``. ``prompts``: every prompt's ids."""
 
     def __init__(self, tok):
-        self.tok, self.prompts = tok, []
+        self.tok = self.tokenizer = tok
+        self.prompts = []
 
     def answer(self, text: str) -> str:
         raise NotImplementedError

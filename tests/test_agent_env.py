@@ -4,6 +4,7 @@ calls; every limit; token ids carried across tool turns on a chat template with 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gymnasium as gym
@@ -15,7 +16,7 @@ import agentopd.envs  # noqa: F401  (registers agentopd's ids)
 from agentopd.envs.agent import TOOLS, AgentVectorEnv
 from agentopd.envs.procedural import generated_problems
 from agentopd.envs.tools import ToolCall, hermes_parser
-from agentopd.inference.base import apply_chat
+from agentopd.inference.base import Engine, apply_chat
 from agentopd.rollout import rollout
 
 MICRO = str(Path(__file__).resolve().parents[1] / "agentopd" / "testbed" / "micro_model")
@@ -191,3 +192,85 @@ def test_the_hermes_parser_reads_calls_in_order_and_says_why_one_cannot_be_read(
     assert got[0] == ToolCall("run_tests", {"code": "x"})  # arguments given as a JSON string
     assert got[1:] == ['the tool call needs a "name" (a string)', 'the tool call needs a "name" (a string)']
     assert hermes_parser("no calls here, ```python\nx = '<tool'\n```") == []
+
+
+def test_the_self_teacher_rescores_each_agent_turn_in_its_conversation_with_the_final_critique(tok, problems):
+    bwrap_or_skip().close()
+    from agentopd.config import TeacherConfig
+    from agentopd.rl.teacher import (
+        TeacherTemplate,
+        context_rows,
+        conversation_tails,
+        reference_text,
+    )
+
+    def script(prompt):  # a wrong final answer after a passing test run: the episode fails
+        return [call("run_tests", code=_code(problems[0])), "```python\ndef f(x):\n    return 0\n```"]
+
+    ep = play(tok, problems[:1], script)[0]
+    final = ep.turns[-1].judgement
+    assert not ep.success and final.verdict.status == "wrong_answer" and final.verdict.total == 5
+    tails = conversation_tails([ep], [0, 0], [0, 1])
+    assert tails[0] == [] and tails[1] == ep.turns[1].prompt_ids[len(ep.turns[0].prompt_ids):]
+    ref = reference_text(ep.privileged, ep.kind)
+    rows = context_rows(tok, [ep.prompt], ep.turns, [t.judgement for t in ep.turns], 1,
+                        TeacherConfig(context=["feedback", "reference"]), TeacherTemplate(), [0, 0],
+                        [(ep.turns[-1].text, ep.success)], [ref], tails=tails)
+    for row, tail in zip(rows, tails):
+        text = tok.decode(row.ids)
+        assert row.critique_shown and final.critique in text and ref in text  # hindsight, the reference
+        assert row.ids[len(row.ids) - len(tail):] == tail  # the student's own ids, unchanged
+        assert row.ids[:len(row.ids) - len(tail)][-3:] == ep.turns[0].prompt_ids[-3:]  # (the assistant header)
+    assert "All 3 tests passed." in tok.decode(rows[1].ids) and "All 3 tests passed." not in tok.decode(rows[0].ids)
+
+
+class ToolThenAnswer(ScriptedEngine, Engine):
+    """A policy for a training step: ``run_tests`` on ``f(x) = x`` first, then that as the answer."""
+
+    def __init__(self, model, tok, device=None):
+        super().__init__(tok)
+
+    def answer(self, text: str) -> str:
+        code = "def f(x):\n    return x"
+        return call("run_tests", code=code) if text.count("<|im_start|>assistant") == 1 else f"```python\n{code}\n```"
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "hybrid"])
+def test_a_training_step_on_agent_episodes_logs_tool_use(tmp_path, advantage):
+    bwrap_or_skip().close()
+    from agentopd.config import load
+    from agentopd.train import train
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load(str(root / "configs" / "micro-agent.yaml"),
+               [f"run.out={tmp_path}", "run.progress=false", "model.path=micro", "run.steps=1", "eval.problems=2",
+                "eval.samples=1", "sampling.prompts_per_step=2", "sampling.group_size=2",
+                f"algo.advantage={advantage}", "algo.advantage_kwargs={}", "env.kwargs.backend=bwrap"])
+    rows = train(cfg, engine=ToolThenAnswer)
+    row = rows[-1]
+    assert row["tool_calls_mean"] == 1.0 and row["tool_errors"] == 0.0 and row["turns_mean"] == 2.0
+    assert row["run_tests_frac"] == 1.0 and row["heldout_tool_calls_mean"] == 1.0
+    assert row["teacher_signal_frac"] == (1.0 if advantage == "hybrid" else 0.0)
+
+
+def test_eval_model_and_rlef_play_the_agent_env_and_report_tool_use(tmp_path, tok):
+    bwrap_or_skip().close()
+    from agentopd.config import load
+    from agentopd.eval.model import eval_model
+    from agentopd.eval.rlef import rlef
+
+    def cfg(out):
+        return load(None, [f"run.out={tmp_path / out}", "run.progress=false", "env.id=agentopd/CodeAgent-v0",
+                           "env.kwargs={problems: functions, n: 3, backend: bwrap}", "env.max_turns=3",
+                           "eval.problems=3", "eval.samples=2", "eval.k=[1, 2]"])
+
+    for run, out in ((eval_model, "eval"), (rlef, "rlef")):
+        report = run(cfg(out), engine=ToolThenAnswer(None, tok))
+        assert report["problems"] == 3 and report["tool_calls_mean"] == 1.0 and report["turns_per_episode"] == 2.0
+        assert report["run_tests_frac"] == 1.0 and report["pass_rate_run_tests"] == report["pass@1" if run is eval_model
+                                                                                             else "1@3"]
+        assert math.isnan(report["pass_rate_no_run_tests"]) and report["tool_errors"] == 0.0
+        rows = [json.loads(line) for line in (tmp_path / out / "results.jsonl").read_text().splitlines()]
+        assert all(r["tool_calls"] == 1 and r["status"] == "answered" and r["turns"] == 2 for r in rows)
+        assert "tool calls mean" in (tmp_path / out / "summary.md").read_text()
+    assert all(r["passed_after_turn"][:2] == [False, r["passed"]] for r in rows)  # (rlef's) a tool turn: no answer

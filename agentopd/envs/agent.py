@@ -22,6 +22,7 @@ model, counted in ``tool_errors`` and in the tool calls.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from agentopd.envs.base import JudgedVectorEnv, finite, reset_info
@@ -38,6 +39,13 @@ TOOLS = [
 TOOL_HINT = ("\n\nTools: run_python(code, stdin) runs a program, run_tests(code) runs the public tests. Call one as "
              '<tool_call>{"name": "run_tests", "arguments": {"code": "..."}}</tool_call>. '
              "Reply without a tool call to give your final answer.")
+AGENT_ENV = "agentopd/CodeAgent-v0"
+AGENT_OPTIONS = ("max_tool_calls", "max_tokens", "public_tests", "output_chars", "parser", "tool_hint",
+                 "python_timeout_s")
+"""The agent env's own arguments (beside :class:`agentopd.envs.code.CodeEnv`'s)."""
+TOOL_METRICS = ("turns_per_episode", "tool_calls_mean", "tool_errors", "run_tests_frac", "pass_rate_run_tests",
+                "pass_rate_no_run_tests")
+"""What :func:`tool_summary` reports (per episode: tool errors too)."""
 STATUSES = ("answered", "turn_limit", "tool_limit", "token_limit", "judge_error")
 
 
@@ -238,3 +246,38 @@ class AgentVectorEnv(JudgedVectorEnv):
 
 def agent_vector_env(num_envs: int = 1, **kw) -> AgentVectorEnv:
     return AgentVectorEnv(AgentEnv(**kw), num_envs)
+
+
+def episode_fields(ep) -> dict:
+    """An agent episode's statistics for a results row or a metric (``{}`` for other envs' episodes):
+    its end ``status``, ``turns``, ``tool_calls``, ``tool_errors`` and whether it ran the tests."""
+    s = ep.stats
+    if "tool_calls" not in s:
+        return {}
+    return {"status": s["status"], "turns": s["turns"], "tool_calls": s["tool_calls"], "tool_errors": s["tool_errors"],
+            "used_run_tests": s.get("calls_run_tests", 0) > 0}
+
+
+def tool_summary(rows: list[dict]) -> dict:
+    """Over agent episodes' rows (:func:`episode_fields` plus ``passed``; judge errors left out):
+    mean tool calls and tool errors per episode, the share that ran the tests, and the pass rate of
+    the episodes that did and did not (NaN where there are none). ``{}`` for no agent rows."""
+    rows = [r for r in rows if "tool_calls" in r]
+    if not rows:
+        return {}
+
+    def rate(rs):
+        return sum(r["passed"] for r in rs) / len(rs) if rs else math.nan
+
+    used = [r for r in rows if r["used_run_tests"]]
+    unused = [r for r in rows if not r["used_run_tests"]]
+    return {"tool_calls_mean": sum(r["tool_calls"] for r in rows) / len(rows),
+            "tool_errors": sum(r["tool_errors"] for r in rows) / len(rows),
+            "turns_per_episode": sum(r["turns"] for r in rows) / len(rows),
+            "run_tests_frac": len(used) / len(rows), "pass_rate_run_tests": rate(used),
+            "pass_rate_no_run_tests": rate(unused)}
+
+
+def episode_tool_metrics(episodes: list) -> dict:
+    """:func:`tool_summary` of a batch of episodes (those a judge failed left out)."""
+    return tool_summary([{**episode_fields(e), "passed": e.success} for e in episodes if not e.judge_error])
