@@ -274,3 +274,19 @@ def test_eval_model_and_rlef_play_the_agent_env_and_report_tool_use(tmp_path, to
         assert all(r["tool_calls"] == 1 and r["status"] == "answered" and r["turns"] == 2 for r in rows)
         assert "tool calls mean" in (tmp_path / out / "summary.md").read_text()
     assert all(r["passed_after_turn"][:2] == [False, r["passed"]] for r in rows)  # (rlef's) a tool turn: no answer
+
+
+def test_the_micro_agent_demonstrations_are_episodes_the_env_would_play():
+    bwrap_or_skip().close()
+    from agentopd.testbed.agent import AgentRecipe, demonstrations
+
+    examples = demonstrations(AgentRecipe(problems=24))
+    calls = [(m, t) for m, t in examples if len(m) == 1 and t.startswith("<tool_call>")]
+    finals = [(m, t) for m, t in examples if len(m) == 3]
+    assert calls and finals and len(calls) == len(finals)  # each tool call is followed by its final answer
+    for msgs, target in calls:
+        (c,) = hermes_parser(target)
+        assert c.name == "run_tests" and msgs[0]["content"].endswith("final answer.")  # the env's own hint
+    critiques = [m[2]["content"] for m, _ in finals]
+    assert any(c == "All 3 tests passed." for c in critiques) and any("Wrong answer on test" in c for c in critiques)
+    assert all(t.startswith("```python\ndef f(") for m, t in examples if not t.startswith("<tool_call>"))

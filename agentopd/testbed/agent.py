@@ -34,9 +34,9 @@ class AgentRecipe:
     """Training problems (one demonstration each)."""
     shapes: tuple[float, float, float] = (0.3, 0.3, 0.4)
     """Shares of the three shapes: answer at once, test then answer, test a wrong attempt then repair."""
-    steps: int = 300
+    steps: int = 800
     batch: int = 16
-    lr: float = 5e-4
+    lr: float = 1e-3
     heldout: int = 60
     """Held-out problems for the warm start's pass@1 (2 episodes each, temperature 1)."""
 
