@@ -290,3 +290,25 @@ def test_the_micro_agent_demonstrations_are_episodes_the_env_would_play():
     critiques = [m[2]["content"] for m, _ in finals]
     assert any(c == "All 3 tests passed." for c in critiques) and any("Wrong answer on test" in c for c in critiques)
     assert all(t.startswith("```python\ndef f(") for m, t in examples if not t.startswith("<tool_call>"))
+
+
+def test_the_single_env_replies_with_tool_messages_and_a_misspelt_option_is_named_before_any_work(problems):
+    bwrap_or_skip().close()
+    from agentopd.config import ConfigError, load
+    from agentopd.train import check
+
+    env = gym.make("agentopd/CodeAgent-v0", problems=problems[:1], backend="bwrap", max_turns=2)
+    try:
+        obs, info = env.reset(seed=0)
+        assert obs.endswith("final answer.") and info["tools"] == TOOLS and info["privileged"]["solution"]
+        reply, reward, term, trunc, info = env.step(call("run_python", code="print(input()[::-1])", stdin="abc"))
+        assert reply == [{"role": "tool", "name": "run_python", "content": "exit code: 0\nstdout:\ncba\n\nstderr:\n"}]
+        assert (reward, term, trunc, info["feedback_status"]) == (0.0, False, False, "tool")
+        critique, reward, term, trunc, info = env.step(f"```python\n{_code(problems[0])}\n```")
+        assert (reward, term, trunc, info["episode"]["status"]) == (1.0, True, False, "answered")
+        assert critique == "All 5 tests passed." and info["episode"]["calls_run_python"] == 1
+    finally:
+        env.close()
+    with pytest.raises(ConfigError, match="did you mean 'max_tool_calls'"):
+        check(load(str(Path(__file__).resolve().parents[1] / "configs" / "micro-agent.yaml"),
+                   ["env.kwargs.max_tool_call=3"]), load=False)

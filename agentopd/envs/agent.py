@@ -219,6 +219,23 @@ class AgentEnv(CodeEnv):
         return j.critique, float("nan") if broken else float(v.score), not broken, broken, info
 
 
+def _signature(cls, base) -> None:
+    """``cls.__init__``'s signature with ``base.__init__``'s parameters in place of its ``**kw`` (so a
+    config's misspelt key is named before any work, :func:`agentopd.config.check_arguments`)."""
+    import inspect
+
+    own = inspect.signature(cls.__init__).parameters
+    params = [p for p in own.values() if p.kind is not p.VAR_KEYWORD]
+    params += [p.replace(kind=p.KEYWORD_ONLY) for k, p in inspect.signature(base.__init__).parameters.items()
+               if k not in own and k != "self"]
+    cls.__init__.__signature__ = inspect.Signature(
+        [p.replace(kind=p.KEYWORD_ONLY) if p.kind is p.POSITIONAL_OR_KEYWORD and k > 1 else p
+         for k, p in enumerate(params)])
+
+
+_signature(AgentEnv, CodeEnv)
+
+
 class AgentVectorEnv(JudgedVectorEnv):
     """``num_envs`` episodes of one :class:`AgentEnv`, stepped together: each turn's sandbox runs and
     judgements in one batch (:meth:`AgentEnv.respond`)."""
