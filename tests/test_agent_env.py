@@ -312,3 +312,14 @@ def test_the_single_env_replies_with_tool_messages_and_a_misspelt_option_is_name
     with pytest.raises(ConfigError, match="did you mean 'max_tool_calls'"):
         check(load(str(Path(__file__).resolve().parents[1] / "configs" / "micro-agent.yaml"),
                    ["env.kwargs.max_tool_call=3"]), load=False)
+
+
+def test_run_tests_on_all_runs_the_tests_that_judge_the_final_answer(tok, problems):
+    bwrap_or_skip().close()
+
+    def script(prompt):
+        return [call("run_tests", code="def f(x):\n    return 0"), "```python\ndef f(x):\n    return 0\n```"]
+
+    public, every = (play(tok, problems[:1], script, run_tests_on=on)[0] for on in ("public", "all"))
+    assert public.messages[2]["content"].startswith("0/3 tests passed.")  # the prompt's three examples
+    assert every.messages[2]["content"].startswith("0/5 tests passed.") and "assert f(0) ==" in every.messages[2]["content"]

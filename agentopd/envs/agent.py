@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from agentopd.envs.base import JudgedVectorEnv, finite, reset_info
 from agentopd.envs.code import CodeEnv
@@ -41,7 +42,7 @@ TOOL_HINT = ("\n\nTools: run_python(code, stdin) runs a program, run_tests(code)
              "Reply without a tool call to give your final answer.")
 AGENT_ENV = "agentopd/CodeAgent-v0"
 AGENT_OPTIONS = ("max_tool_calls", "max_tokens", "public_tests", "output_chars", "parser", "tool_hint",
-                 "python_timeout_s")
+                 "python_timeout_s", "run_tests_on")
 """The agent env's own arguments (beside :class:`agentopd.envs.code.CodeEnv`'s)."""
 TOOL_METRICS = ("turns_per_episode", "tool_calls_mean", "tool_errors", "run_tests_frac", "pass_rate_run_tests",
                 "pass_rate_no_run_tests")
@@ -81,13 +82,18 @@ def python_reply(r: ExecResult, cap: int) -> str:
 class AgentEnv(CodeEnv):
     def __init__(self, problems=None, max_turns: int = 6, max_tool_calls: int = 8, max_tokens: int = 0,
                  public_tests: int = 1, output_chars: int = 1000, parser="hermes", tool_hint: str = TOOL_HINT,
-                 python_timeout_s: float = 5.0, **kw):
+                 python_timeout_s: float = 5.0, run_tests_on: Literal["public", "all"] = "public", **kw):
         """``problems`` and ``kw``: as :class:`agentopd.envs.code.CodeEnv`. ``max_tokens``: 0, no limit.
         ``parser``: a tool-call parser (:mod:`agentopd.envs.tools`). ``tool_hint``: added to each prompt
         (names the tools and the call markup for a chat template that does not render ``tools``; ""
-        for one that does). ``python_timeout_s``: CPU seconds of a ``run_python`` program."""
+        for one that does). ``python_timeout_s``: CPU seconds of a ``run_python`` program.
+        ``run_tests_on``: "public" (the public tests), or "all": every test, the held-out ones that
+        judge the final answer included (the agent is given the test suite that judges it)."""
         if max_tool_calls < 0 or max_tokens < 0 or output_chars < 1:
             raise ValueError("max_tool_calls and max_tokens must be >= 0 and output_chars >= 1")
+        if run_tests_on not in ("public", "all"):
+            raise ValueError(f"run_tests_on must be 'public' or 'all', got {run_tests_on!r}")
+        self.run_tests_on = run_tests_on
         super().__init__(problems, max_turns=max_turns, public_tests=max(public_tests, 1), **kw)
         self.max_tool_calls, self.max_tokens, self.output_chars = max_tool_calls, max_tokens, output_chars
         self.parser, self.tool_hint, self.tools = make_parser(parser), tool_hint, TOOLS
@@ -102,6 +108,11 @@ class AgentEnv(CodeEnv):
 
     def observe(self, problem: Problem) -> str:
         return problem.prompt + self.tool_hint
+
+    def views(self, problem: Problem) -> tuple[Problem, Problem]:
+        """``(what run_tests runs, what judges the final answer)``."""
+        public, held = super().views(problem)
+        return (held, held) if self.run_tests_on == "all" else (public, held)
 
     def start_info(self, problem: Problem) -> dict:
         return {**reset_info(problem), "tools": self.tools}
