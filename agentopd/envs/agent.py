@@ -80,6 +80,9 @@ def python_reply(r: ExecResult, cap: int) -> str:
 
 
 class AgentEnv(CodeEnv):
+    """A code problem played by an agent with tools (see the module's docstring); :meth:`respond` is
+    the one method that makes it multi-turn, the limits its stop conditions."""
+
     def __init__(self, problems=None, max_turns: int = 6, max_tool_calls: int = 8, max_tokens: int = 0,
                  public_tests: int = 1, output_chars: int = 1000, parser="hermes", tool_hint: str = TOOL_HINT,
                  python_timeout_s: float = 5.0, run_tests_on: Literal["public", "all"] = "public", **kw):
