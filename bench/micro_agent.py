@@ -47,7 +47,7 @@ STEP = ("pass_rate", "reward_mean", "tool_calls_mean", "tool_errors", "run_tests
         "teacher_signal_frac", "time_generate", "time_execute_total", "time_update")
 
 
-def run_arm(arm: str, steps: int, seed: int, every: int, setting: str = "public") -> dict:
+def run_arm(arm: str, steps: int, seed: int, every: int, setting: str = "public", model: str = "") -> dict:
     from agentopd.config import load
     from agentopd.train import train
 
@@ -55,11 +55,12 @@ def run_arm(arm: str, steps: int, seed: int, every: int, setting: str = "public"
     with tempfile.TemporaryDirectory() as out:
         cfg = load(os.path.join(ROOT, "configs", "micro-agent.yaml"),
                    [f"run.out={out}", f"run.steps={steps}", f"run.seed={seed}", f"eval.every={every}",
-                    "run.progress=false", *SETTINGS[setting], *ARMS[arm]])
+                    "run.progress=false", *SETTINGS[setting], *ARMS[arm], *([f"model.path={model}"] if model else [])])
         rows = train(cfg)
     evals = [r for r in rows if "heldout_pass1" in r]
     held = [{"step": r["step"], **{k: r.get(f"heldout_{k}") for k in HELD}} for r in evals]
-    return {"arm": arm, "setting": setting, "overrides": SETTINGS[setting] + ARMS[arm], "steps": steps, "seed": seed, "config": "configs/micro-agent.yaml",
+    return {"arm": arm, "setting": setting, "model": model or "micro-agent", "overrides": SETTINGS[setting] + ARMS[arm],
+            "steps": steps, "seed": seed, "config": "configs/micro-agent.yaml",
             "heldout_before": held[0], "heldout_after": held[-1], "heldout": held,
             "train": [{"step": r["step"], **{k: r.get(k) for k in STEP}} for r in rows if "loss" in r],
             "seconds": time.perf_counter() - t0, "threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0)}
@@ -72,9 +73,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="public")
+    ap.add_argument("--model", default="", help="a warm start other than micro-agent (bench/micro_agent_build.py OUT)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    result = run_arm(a.arm, a.steps, a.seed, a.eval_every, a.setting)
+    result = run_arm(a.arm, a.steps, a.seed, a.eval_every, a.setting, a.model)
     tag = "" if a.setting == "public" else f"{a.setting}_"
     out = a.out or os.path.join(ROOT, "bench", "results", f"micro_agent_{tag}{a.arm}.json")
     with open(out, "w", encoding="utf-8") as f:
