@@ -48,8 +48,8 @@ class ModelConfig(Section):
 
 class EnvConfig(Section):
     id: str = "agentopd/Code-v0"
-    """A registered Gymnasium env id: agentopd/Code-v0, agentopd/Math-v0, agentopd/HumanEval-v0, or a
-    user's ('package.module:Name-v0' imports the module first)."""
+    """A registered Gymnasium env id: agentopd/Code-v0, agentopd/Math-v0, agentopd/HumanEval-v0,
+    agentopd/CodeAgent-v0, or a user's ('package.module:Name-v0' imports the module first)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """The env's arguments. agentopd's: problems (a generator: functions, micro, arithmetic; humaneval;
     a JSONL file; a datasets dataset {dataset: NAME_OR_DIR, split: train, name: CONFIG, limit: N}), n,
@@ -57,7 +57,9 @@ class EnvConfig(Section):
     ...}), backend, timeout_s, public_tests (RLEF: the critique comes from that many public tests, the
     verdict from the rest); code rows with named test sets (CodeContests, LiveCodeBench): judge_tests
     (the sets that give the reward, default [private, generated]), critique_tests (those that give the
-    critique, e.g. [public]), max_tests (the first N judging tests, 0: all)."""
+    critique, e.g. [public]), max_tests (the first N judging tests, 0: all). agentopd/CodeAgent-v0 (a
+    coding agent with tools) also: max_tool_calls, max_tokens (episode limits), output_chars,
+    python_timeout_s, parser (tool-call markup, default hermes), tool_hint."""
     heldout_kwargs: dict[str, Any] = Field(default_factory=dict)
     """What the held-out env (eval.problems in training) changes in kwargs; for generated problems
     the default is {split: heldout, n: eval.problems}."""

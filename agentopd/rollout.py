@@ -2,11 +2,12 @@
 
 A batch of episodes runs in a Gymnasium vector env (``gymnasium.make_vec``; agentopd's envs have a
 vector entry point that judges every slot of a turn in one batched call): reset, generate for the
-active episodes, step them, and append the env's observation (the critique) as the next user turn
-until each episode ends (success, the turn limit, or a judge failure). Token ids are the source of
-truth: a later turn's prompt is the earlier prompt ids, the sampled ids, and the chat template's
-rendering of the new message (:func:`continuation_ids`), never a re-tokenization of the whole
-conversation.
+active episodes, step them, and append the env's reply to the conversation until each episode ends
+(success, a limit, or a judge failure). A reply is a list of messages (an agent env's tool results,
+``role: tool``) or a string (a critique: one user message through the ``feedback`` template). Token
+ids are the source of truth: a later turn's prompt is the earlier prompt ids, the sampled ids, and
+the chat template's rendering of the new messages (:func:`continuation_ids`), never a
+re-tokenization of the whole conversation.
 """
 from __future__ import annotations
 
@@ -42,15 +43,19 @@ class Timing:
     extra: dict = field(default_factory=dict)
 
 
-def continuation_ids(tokenizer, history: list[dict], new_messages: list[dict], response_ids: list[int]) -> list[int]:
+def continuation_ids(tokenizer, history: list[dict], new_messages: list[dict], response_ids: list[int],
+                     tools: list[dict] | None = None) -> list[int]:
     """The ids that follow an assistant turn's sampled ``response_ids`` to close that turn and open the
-    next assistant turn after ``new_messages`` (``history`` ends with the user message the response
-    answered). The template renders the assistant turn around a placeholder; what follows the
+    next assistant turn after ``new_messages`` (``history`` ends with the message(s) the response
+    answered; ``new_messages``: user or tool messages; ``tools``: as the first prompt was rendered
+    with). The template renders the assistant turn around a placeholder; what follows the
     placeholder closes the turn (less the end-of-turn token if the model sampled it), and what the
     new messages add is tokenized alone."""
-    closed = tokenizer.apply_chat_template(history + [{"role": "assistant", "content": _SENTINEL}], tokenize=False)
+    kw = {"tools": tools} if tools else {}
+    closed = tokenizer.apply_chat_template(history + [{"role": "assistant", "content": _SENTINEL}], tokenize=False,
+                                           **kw)
     opened = tokenizer.apply_chat_template(history + [{"role": "assistant", "content": _SENTINEL}] + new_messages,
-                                           tokenize=False, add_generation_prompt=True)
+                                           tokenize=False, add_generation_prompt=True, **kw)
     if not opened.startswith(closed):
         raise ValueError("the chat template renders earlier turns differently once a turn is added; "
                          "multi-turn token continuity needs a template that only appends")
@@ -59,6 +64,33 @@ def continuation_ids(tokenizer, history: list[dict], new_messages: list[dict], r
     if response_ids and eos and response_ids[-1] == tokenizer.eos_token_id and closing.startswith(eos):
         closing = closing[len(eos):]
     return tokenizer.encode(closing + opened[len(closed):], add_special_tokens=False)
+
+
+class Action(str):
+    """A turn's answer as the env receives it: its text, and ``tokens``, the episode's token count
+    once the answer is appended (prompt ids and sampled ids; None for a server engine). An env that
+    limits an episode's tokens reads it (:mod:`agentopd.envs.agent`); any other env sees a ``str``."""
+
+    tokens: int | None = None
+
+
+def _action(text: str, tokens: int | None) -> Action:
+    a = Action(text)
+    a.tokens = tokens
+    return a
+
+
+def reply_messages(obs, feedback: str = DEFAULT_FEEDBACK) -> list[dict]:
+    """The messages an env's observation adds to the conversation: a list of messages (``role`` user
+    or tool, ``content``) as they are; a string (a critique, a text env's reply) as one user message
+    through the ``feedback`` template (``{critique}``)."""
+    if isinstance(obs, str):
+        return [{"role": "user", "content": feedback.format(critique=obs)}]
+    msgs = [dict(m) for m in obs]
+    bad = [m for m in msgs if m.get("role") not in ("user", "tool") or not isinstance(m.get("content"), str)]
+    if bad:
+        raise ValueError(f"an env reply message needs role user or tool and a string content, got {bad[0]!r}")
+    return msgs
 
 
 def _info(infos: dict, key: str, i: int, default=None):
@@ -120,11 +152,11 @@ class _Generate:
                          getattr(engine, "generate", None))
         self.takes_seeds = _takes(method, "seeds")
 
-    def first_prompt(self, messages: list[dict]):
+    def first_prompt(self, messages: list[dict], tools: list[dict] | None = None):
         text = messages[0]["content"]
         if self.completion:
             return text if self.chat else self.tok.encode(text)
-        return messages if self.chat else apply_chat(self.tok, messages)
+        return messages if self.chat else apply_chat(self.tok, messages, tools)
 
     def __call__(self, prompts: list, n: int, seed: int, seeds: list[int] | None = None) -> list:
         """``n`` samples of each prompt; ``seeds``: one per sample (the engine's ``seeds``)."""
@@ -169,7 +201,7 @@ def rollout(engine, tokenizer, venv, *, group_size: int = 1, sampling: Sampling 
     """Play one episode per slot of ``venv`` to its end; slots ``k*group_size ..`` form group ``k``
     and must start on the same problem (``index``: each slot's problem, for envs that pick by index;
     else ``seeds``: each slot's reset seed). ``feedback``: the user message after a failed turn
-    (``{critique}`` is the env's observation). ``engine``: a token engine (``generate`` on ids, with
+    (``{critique}`` is the env's observation) when the env replies with a string. ``engine``: a token engine (``generate`` on ids, with
     ``tokenizer``) or a server engine (``generate_chat``). ``context``: a factory of the context each
     engine call runs in (e.g. autocast); ``started``: an event set once the first turn generated.
     ``template``: the first user message (``{prompt}``: the env's first observation); ``completion``:
@@ -185,9 +217,10 @@ def rollout(engine, tokenizer, venv, *, group_size: int = 1, sampling: Sampling 
     ids = infos.get("problem_id", [None] * N)
     episodes = [Episode(str(ids[i]), i // group_size, obs[i],
                         messages=[{"role": "user", "content": template.format(prompt=obs[i])}],
-                        privileged=_info(infos, "privileged", i, None) or {}, kind=_info(infos, "kind", i, ""))
+                        privileged=_info(infos, "privileged", i, None) or {}, kind=_info(infos, "kind", i, ""),
+                        tools=_info(infos, "tools", i, None))
                 for i in range(N)]
-    prompts = [gen.first_prompt(e.messages) for e in episodes]
+    prompts = [gen.first_prompt(e.messages, e.tools) for e in episodes]
     max_turns = 1 if completion else max_turns
     active = list(range(N))
     for turn in range(max_turns):
@@ -196,7 +229,8 @@ def rollout(engine, tokenizer, venv, *, group_size: int = 1, sampling: Sampling 
                                    _turn_seeds(sample_seeds, active, turn))])
         actions = [""] * N
         for i, g in zip(active, gens):
-            g.text = actions[i] = cut_at_stop(g.text, s.stop or [])
+            g.text = cut_at_stop(g.text, s.stop or [])
+            actions[i] = _action(g.text, None if gen.chat else len(prompts[i]) + len(g.response_ids))
         t0 = time.perf_counter()
         obs, rewards, terms, truncs, infos = venv.step(tuple(actions))
         timing.step += time.perf_counter() - t0
@@ -218,14 +252,28 @@ def _advance(ep: Episode, prompts: list, i: int, g, obs: str, reward: float, end
     history = list(ep.messages)
     ep.messages.append({"role": "assistant", "content": g.text})
     if ended:
+        _finish(ep, _info(infos, "episode", i, None))
         return False
-    new = [{"role": "user", "content": feedback.format(critique=obs)}]
+    new = reply_messages(obs, feedback)
     ep.messages += new
     if not gen.chat:
-        prompts[i] = prompts[i] + list(g.response_ids) + continuation_ids(gen.tok, history, new, g.response_ids)
+        prompts[i] = (prompts[i] + list(g.response_ids)
+                      + continuation_ids(gen.tok, history, new, g.response_ids, ep.tools))
     else:
         prompts[i] = ep.messages
     return True
+
+
+def _finish(ep: Episode, stats: dict | None) -> None:
+    """At an episode's end: the env's episode statistics (an agent env's status and tool calls), and
+    each tool turn's judgement in hindsight, the episode's final one (the verdict and critique that
+    every turn's credit reads)."""
+    if stats is None:
+        return
+    ep.stats = {k: v.item() if hasattr(v, "item") else v for k, v in stats.items()}  # (numpy, from a vector info)
+    for t in ep.turns[:-1]:
+        if t.feedback_status == "tool":
+            t.judgement = ep.turns[-1].judgement
 
 
 def env_specs(cfg) -> tuple[str, dict, dict | None]:
@@ -270,7 +318,7 @@ def make_envs(env_id: str, kwargs: dict, sizes: list[int]) -> list:
 
     first = gym.make_vec(env_id, num_envs=sizes[0], **kwargs)
     if isinstance(first, JudgedVectorEnv):
-        return [first] + [JudgedVectorEnv(first.env, n, owner=False) for n in sizes[1:]]
+        return [first] + [type(first)(first.env, n, owner=False) for n in sizes[1:]]
     return [first] + [gym.make_vec(env_id, num_envs=n, **kwargs) for n in sizes[1:]]
 
 

@@ -318,6 +318,7 @@ def _close(venvs: list, heldout) -> None:
 def _row(step: int, episodes: list, rows: TurnRows, batch: Batch, upd: Update, t: dict) -> dict:
     """The step's metrics row (before any held-out evaluation): rewards and pass rate per episode
     (its last turn), the rest per turn."""
+    from agentopd.envs.agent import episode_tool_metrics
     from agentopd.judges import reward_stats
 
     success_B = torch.tensor(rows.success)
@@ -335,6 +336,7 @@ def _row(step: int, episodes: list, rows: TurnRows, batch: Batch, upd: Update, t
            "response_len": n_resp / max(len(resp_ids), 1), "empty_responses": sum(len(r) == 0 for r in resp_ids),
            "entropy": _entropy(batch), "tokens_per_s": n_resp / max(t["generate"], 1e-9),
            **({"update_skipped": upd.skipped} if upd.skipped else {}), **{f"time_{k}": v for k, v in t.items()}}
+    row |= episode_tool_metrics(episodes)  # an agent env's: tool_calls_mean, tool_errors, ...
     return row | step_metrics(ls_BT, lt_BT, mask_BT, tmask_B, success_B)  # teacher_auc, ratio_correct/wrong
 
 
@@ -369,7 +371,12 @@ def _contexts(cfg: Config, tok, episodes: list, rows: TurnRows) -> list | None:
     """3a. Each turn's teacher context (``teacher.context``: its critique in hindsight, a successful
     sibling episode's final answer, the problem's reference solution, or the turn's own prompt):
     ContextRows, or None where the algorithm needs no teacher (grpo / rloo)."""
-    from agentopd.rl.teacher import TeacherTemplate, context_rows, reference_text
+    from agentopd.rl.teacher import (
+        TeacherTemplate,
+        context_rows,
+        conversation_tails,
+        reference_text,
+    )
 
     if not objectives.needs_teacher(cfg.algo):
         return None
@@ -378,7 +385,8 @@ def _contexts(cfg: Config, tok, episodes: list, rows: TurnRows) -> list | None:
     return context_rows(tok, [e.prompt for e in groups], rows.turns, [t.judgement for t in rows.turns],
                         cfg.sampling.group_size, cfg.teacher, TeacherTemplate(), rows.episodes,
                         [(e.turns[-1].text, e.success) for e in episodes],
-                        [reference_text(e.privileged, e.kind) for e in groups], rows.prompt_ids)
+                        [reference_text(e.privileged, e.kind) for e in groups], rows.prompt_ids,
+                        conversation_tails(episodes, rows.episodes, rows.turn_index))  # agent turns: in context
 
 
 @dataclass

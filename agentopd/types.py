@@ -114,6 +114,11 @@ class Episode:
     messages: list[dict] = field(default_factory=list)
     privileged: dict = field(default_factory=dict)
     kind: str = ""
+    tools: list[dict] | None = None
+    """The tools' JSON schemas the chat template rendered (an agent env's), else None."""
+    stats: dict = field(default_factory=dict)
+    """The env's statistics of the finished episode (an agent env's ``status``, ``turns``,
+    ``tool_calls``, ``tool_errors``, ``calls_<tool>``); empty for other envs."""
 
     @property
     def success(self) -> bool:

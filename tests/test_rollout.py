@@ -12,19 +12,18 @@ import gymnasium as gym
 import pytest
 import torch
 from gymnasium import spaces
+from sandbox_probe import bwrap_or_skip
+from scripted import ScriptedEngine, char_ids
 
 import agentopd.envs  # noqa: F401  (registers agentopd's ids)
-from agentopd.config import load
+from agentopd.config import TeacherConfig, load
 from agentopd.envs.base import JudgedVectorEnv
 from agentopd.envs.procedural import function_solution, generated_problems
 from agentopd.inference.base import apply_chat
 from agentopd.rl import advantages
 from agentopd.rl.teacher import TeacherTemplate, context_rows
 from agentopd.rollout import DEFAULT_FEEDBACK, continuation_ids, make_envs, rollout
-from agentopd.config import TeacherConfig
 from agentopd.train import train
-from agentopd.types import Generation
-from sandbox_probe import bwrap_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = str(ROOT / "agentopd" / "testbed" / "micro_model")
@@ -37,30 +36,19 @@ def tok():
     return AutoTokenizer.from_pretrained(MICRO)  # a real BPE tokenizer with a chat template
 
 
-def char_ids(tok, text: str) -> list[int]:
-    """``text`` one character per token: valid ids that no tokenizer would produce from the text."""
-    return [i for c in text for i in tok.encode(c, add_special_tokens=False)]
-
-
-class Scripted:
+class Scripted(ScriptedEngine):
     """A token engine whose answer depends on how many feedback turns its prompt holds: wrong answers
     first, the right one after ``fix_after`` critiques (``fix_after[slot % len]``, by problem order).
     Responses are sampled as one id per character (non-canonical ids) and end with the eos token."""
 
     def __init__(self, tok, right: dict, fix_after: int):
-        self.tok, self.right, self.fix_after, self.prompts = tok, right, fix_after, []
+        super().__init__(tok)
+        self.right, self.fix_after = right, fix_after
 
-    def generate(self, prompt_ids, n=1, **kw):
-        out = []
-        for ids in prompt_ids:
-            self.prompts.append(list(ids))
-            text = self.tok.decode(ids)
-            seen = text.count("Feedback:")
-            prompt = next(p for p in self.right if p in text)
-            answer = self.right[prompt] if seen >= self.fix_after else f"```python\ndef f(x):\n    return {seen}\n```"
-            rids = char_ids(self.tok, answer) + [self.tok.eos_token_id]
-            out.append([Generation(rids, [-0.5] * len(rids), answer, "stop") for _ in range(n)])
-        return out
+    def answer(self, text: str) -> str:
+        seen = text.count("Feedback:")
+        prompt = next(p for p in self.right if p in text)
+        return self.right[prompt] if seen >= self.fix_after else f"```python\ndef f(x):\n    return {seen}\n```"
 
 
 @pytest.fixture(scope="module")

@@ -119,12 +119,20 @@ class JudgedEnv(gym.Env):
             return self.problems[int(options["index"]) % len(self.problems)]
         return self.problems[int(rng.integers(len(self.problems)))]
 
+    def observe(self, problem: Problem) -> str:
+        """The first observation of an episode on ``problem``: its prompt."""
+        return problem.prompt
+
+    def start_info(self, problem: Problem) -> dict:
+        """The reset info of an episode on ``problem`` (:func:`reset_info`)."""
+        return reset_info(problem)
+
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.problem = self.pick(self.np_random, options)
         self.turn = 0
-        self._last = self.problem.prompt
-        return self.problem.prompt, reset_info(self.problem)
+        self._last = self.observe(self.problem)
+        return self._last, self.start_info(self.problem)
 
     def step(self, action: str):
         if self.problem is None:
@@ -174,7 +182,7 @@ class JudgedVectorEnv(VectorEnv):
     def _reset_slot(self, i: int, index=None) -> str:
         self._slots[i] = self.env.pick(self._rngs[i], None if index is None else {"index": index})
         self._turns[i], self._ended[i] = 0, False
-        return self._slots[i].prompt
+        return self.env.observe(self._slots[i])
 
     def reset(self, *, seed=None, options=None):
         seeds = seed if isinstance(seed, (list, tuple)) else [None if seed is None else seed + i for i in range(self.num_envs)]
@@ -183,22 +191,30 @@ class JudgedVectorEnv(VectorEnv):
         obs = tuple(self._reset_slot(i, None if index is None else index[i]) for i in range(self.num_envs))
         infos = {}
         for i, p in enumerate(self._slots):
-            infos = self._add_info(infos, reset_info(p), i)
+            infos = self._add_info(infos, self.env.start_info(p), i)
         return obs, infos
+
+    def play(self, live: list[int], actions) -> list[tuple]:
+        """The ``(observation, reward, terminated, truncated, info)`` of each live slot's turn: its
+        answer judged (one batched call for all of them)."""
+        judged = judge_turns(self.env.judge, [self.env.views(self._slots[i]) for i in live], [actions[i] for i in live])
+        out = []
+        for i, (public, held) in zip(live, judged):
+            self._turns[i] += 1
+            out.append(outcome(self._slots[i], self._turns[i], self.env.max_turns, public, held))
+        return out
 
     def step(self, actions):
         live = [i for i in range(self.num_envs) if not self._ended[i]]
-        judged = judge_turns(self.env.judge, [self.env.views(self._slots[i]) for i in live], [actions[i] for i in live])
+        played = self.play(live, actions)
         obs, infos = [""] * self.num_envs, {}
         rewards, terms, truncs = np.zeros(self.num_envs), np.zeros(self.num_envs, bool), np.zeros(self.num_envs, bool)
         for i in range(self.num_envs):
             if self._ended[i]:
                 obs[i] = self._reset_slot(i)
-                infos = self._add_info(infos, reset_info(self._slots[i]), i)
-        for i, (public, held) in zip(live, judged):
-            self._turns[i] += 1
-            obs[i], rewards[i], terms[i], truncs[i], info = outcome(self._slots[i], self._turns[i], self.env.max_turns,
-                                                                   public, held)
+                infos = self._add_info(infos, self.env.start_info(self._slots[i]), i)
+        for i, result in zip(live, played):
+            obs[i], rewards[i], terms[i], truncs[i], info = result
             self._ended[i] = bool(terms[i] or truncs[i])
             infos = self._add_info(infos, info, i)
         return tuple(obs), rewards, terms, truncs, infos

@@ -22,7 +22,9 @@ def heldout_eval(engine, tok, venv, problems: int, n: int, sampling: SamplingCon
                  max_turns: int = 1, feedback: str | None = None) -> dict:
     """Play ``n`` episodes of each of the first ``problems`` problems of the vector env ``venv``
     (``problems * n`` slots): ``{"heldout_pass1", "heldout_judge_errors"}``, plus
-    ``heldout_pass_after_turn`` when ``max_turns > 1``. pass@1 is the final success rate."""
+    ``heldout_pass_after_turn`` when ``max_turns > 1``, and an agent env's tool use
+    (``heldout_tool_calls_mean``, ``heldout_pass_rate_run_tests``, ... :func:`agentopd.envs.agent.tool_summary`).
+    pass@1 is the final success rate."""
     from agentopd.rollout import DEFAULT_FEEDBACK, Sampling, rollout
 
     episodes = rollout(engine, tok, venv, group_size=n, seed=seed, max_turns=max_turns,
@@ -32,8 +34,11 @@ def heldout_eval(engine, tok, venv, problems: int, n: int, sampling: SamplingCon
     if errors:
         print(f"held-out pass@1: {errors} of {len(episodes)} samples could not be judged (judge_error); left out",
               file=sys.stderr)
+    from agentopd.envs.agent import episode_tool_metrics
+
     after = pass_after_turn(episodes, max_turns)
-    out = {"heldout_pass1": after[-1], "heldout_judge_errors": errors}
+    out = {"heldout_pass1": after[-1], "heldout_judge_errors": errors,
+           **{f"heldout_{k}": v for k, v in episode_tool_metrics(episodes).items()}}  # an agent env's tool use
     return out | ({"heldout_pass_after_turn": after} if max_turns > 1 else {})
 
 

@@ -232,16 +232,22 @@ def outcome(row: dict) -> tuple[str, str]:
 def play(run: Session, cfg, problems: list, n: int, max_turns: int = 1, public_tests: int = 0,
          feedback: str | None = None) -> list:
     """The ``n`` samples still to do (``run.todo``) of each of ``problems`` through
-    :func:`agentopd.rollout.rollout` (problem-major), with the session's engine and judge. Sample
+    :func:`agentopd.rollout.rollout` (problem-major), with the session's engine and judge (the agent
+    env, ``agentopd/CodeAgent-v0``: its own turns, tools and limits, ``env.max_turns``). Sample
     ``i`` of problem ``p`` is drawn from the seed ``derive_seed(run.seed, p.id, i)`` alone:
     the same numbers whatever the chunking, the batch or the resume."""
     from agentopd.config import DEFAULT_FEEDBACK
+    from agentopd.envs.agent import AGENT_ENV, AGENT_OPTIONS, AgentVectorEnv
     from agentopd.envs.base import JudgedVectorEnv
     from agentopd.inference.base import derive_seed
     from agentopd.rollout import Sampling, rollout
 
     s = cfg.sampling
-    venv = JudgedVectorEnv.over(problems, run.judge, n, max_turns, public_tests)
+    if cfg.env.id == AGENT_ENV:  # the agent's own loop: its tools, limits and turns, whatever the caller asked
+        kw = {k: v for k, v in cfg.env.kwargs.items() if k in AGENT_OPTIONS}
+        venv, max_turns = AgentVectorEnv.over(problems, run.judge, n, cfg.env.max_turns, **kw), cfg.env.max_turns
+    else:
+        venv = JudgedVectorEnv.over(problems, run.judge, n, max_turns, public_tests)
     seeds = [derive_seed(cfg.run.seed, p.id, i) for p in problems for i in run.todo[p.id]]
     # (``seed``: for an engine without per-sample seeds, a function of the call's first sample)
     return rollout(run.engine, getattr(run.engine, "tokenizer", None), venv, group_size=n, seed=seeds[0],
@@ -254,6 +260,7 @@ def play(run: Session, cfg, problems: list, n: int, max_turns: int = 1, public_t
 def eval_model(cfg: Config, engine=None, judge=None) -> dict:
     """Sample, judge and report pass@k; returns the report (also in ``summary.json``).
     ``engine`` / ``judge``: use these instead of the ones the config names."""
+    from agentopd.envs.agent import TOOL_METRICS, episode_fields
     from agentopd.eval.passk import result_row, summarize
 
     n = cfg.eval.samples
@@ -265,18 +272,29 @@ def eval_model(cfg: Config, engine=None, judge=None) -> dict:
                 index = [(p, i) for p in group for i in run.todo[p.id]]
                 rows = [result_row({"task_id": p.id, "sample_index": i,
                                     "completion": completion_of(p, e.turns[-1].text, cfg.eval.format),
-                                    "response": e.turns[-1].text, "finish_reason": e.turns[-1].finish_reason},
-                                   e.turns[-1].judgement)
+                                    "response": e.turns[-1].text, "finish_reason": e.turns[-1].finish_reason,
+                                    **episode_fields(e)}, e.turns[-1].judgement)
                         for (p, i), e in zip(index, episodes)]
                 run.results.add(rows)
                 run.bar.update(len(rows))
-    report = summarize([outcome(r) for r in run.results.select(run.problems, n)], cfg.eval.k)
+    selected = run.results.select(run.problems, n)
+    report = summarize([outcome(r) for r in selected], cfg.eval.k)
     report.update(engine=cfg.engine.name, model=cfg.model.path, dataset=dataset_name(cfg), n=n,
-                  results=run.results.path)
+                  results=run.results.path, **agent_report(selected))
     rows = [(key, report[key]) for key in (f"pass@{k}" for k in cfg.eval.k) if key in report]
+    rows += [(key.replace("_", " "), report[key]) for key in TOOL_METRICS if key in report]
     rows += [("problems", report["problems"]), ("samples", report["samples"]), ("judge errors", report["judge_errors"])]
     write_summary(cfg.run.out, report, markdown_table(("metric", "value"), rows))
     return report
+
+
+def agent_report(rows: list[dict]) -> dict:
+    """An agent env's tool use over results rows (judge failures left out): mean turns, tool calls and
+    tool errors per episode, and the pass rate of episodes that ran the tests and that did not
+    (:func:`agentopd.envs.agent.tool_summary`); ``{}`` for other envs."""
+    from agentopd.envs.agent import tool_summary
+
+    return tool_summary([r for r in rows if not r.get("judge_error")])
 
 
 def dataset_name(cfg: Config) -> str:

