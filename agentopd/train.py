@@ -6,12 +6,12 @@ a plain call on plain data; token ids are the source of truth from sampling to t
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
 import random
 import sys
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -31,11 +31,11 @@ from agentopd.rl.learner import (
     Update,
     learner_temperature,
     make_batch,
+    rollout_correction,
     score,
     update,
 )
 from agentopd.rl.logprobs import lm_head_weight
-from agentopd.rl.offpolicy import ReplayCache
 from agentopd.rl.models import (
     autocast,
     load_model,
@@ -43,6 +43,7 @@ from agentopd.rl.models import (
     pick_device,
     precision,
 )
+from agentopd.rl.offpolicy import ReplayCache
 from agentopd.rl.teacher import Teacher
 from agentopd.rollout import Sampling, env_specs, make_envs, rollout_chunks
 
@@ -480,7 +481,7 @@ def _fresh_part(cfg: Config, k: _Parts, step: int, prep: Prepared, upd: Update) 
     old_BT = upd.old_BT[:B, :T]
     if upd.old_BT.shape != (B, T):
         upd = dataclasses.replace(upd, old_BT=old_BT, adv_BT=upd.adv_BT[:B, :T], rollout_BT=upd.rollout_BT[:B, :T],
-                                  state_BT=upd.state_BT[:B, :T], rollout_metrics=_rollout_metrics(cfg, b, old_BT))
+                                  state_BT=upd.state_BT[:B, :T], rollout_metrics=rollout_correction(cfg.algo, b, old_BT)[1])
     behaviour_BT = torch.where(b.engine_mask_BT > 0, b.engine_BT, old_BT)
     if k.cache is not None and not upd.skipped:
         k.cache.add(step, b, behaviour_BT, upd.adv_BT)
@@ -488,10 +489,6 @@ def _fresh_part(cfg: Config, k: _Parts, step: int, prep: Prepared, upd: Update) 
         return upd, {}
     return upd, {"rollout_age": prep.age,
                  "rollout_ess": offpolicy.ess(cfg.algo, cfg.optim.reuse.visitation, old_BT, behaviour_BT, b.mask_BT)}
-
-
-def _rollout_metrics(cfg: Config, batch: Batch, old_BT) -> dict:
-    return objectives.rollout_weights(old_BT, batch.engine_BT, batch.engine_mask_BT, cfg.algo.rollout_is_clip)[1]
 
 
 def _step(cfg: Config, k: _Parts, step: int, starts: list) -> StepResult:

@@ -4,6 +4,7 @@ per-token loss (:mod:`agentopd.rl.objectives`), returning what the update comput
 Each function takes the config sections it reads (``algo``, ``optim``), never the whole config."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -174,10 +175,7 @@ def current_logprobs(optim: OptimConfig, temperature: float, model, amp, batch: 
     model.eval()
     with torch.no_grad(), amp():
         got = _logprobs(optim, temperature, model, batch.prompt_ids, batch.response_ids)
-    out_BT = torch.zeros_like(batch.mask_BT)
-    for b, lp in enumerate(got):
-        out_BT[b, :len(lp)] = lp.float().cpu()
-    return out_BT
+    return pad_BT([lp.float().cpu() for lp in got])[0]  # (the mask is padded the same way)
 
 
 def score(algo: AlgoConfig, optim: OptimConfig, temperature: float, model, teacher, ref, amp, rows: TurnRows,
@@ -186,7 +184,7 @@ def score(algo: AlgoConfig, optim: OptimConfig, temperature: float, model, teach
     same response ids at ``temperature``, no grad (:class:`Scores`)."""
     resp_ids = [g.response_ids for g in rows.turns]
     student_prompts = rows.prompt_ids
-    score = lambda scorer, prompts, responses: _logprobs(optim, temperature, scorer, prompts, responses)  # noqa: E731
+    score = functools.partial(_logprobs, optim, temperature)  # (scorer, prompts, responses)
     topk, failed = None, []
     with torch.no_grad(), amp():
         student_lp = None if old_from_update(algo, optim, model) else score(model, student_prompts, resp_ids)
@@ -325,7 +323,7 @@ def update(algo: AlgoConfig, optim: OptimConfig, temperature: float, model, opt,
     model.train()
     pending = batch.old_BT is None
     old_BT = torch.zeros_like(batch.mask_BT) if pending else batch.old_BT
-    rollout_BT = torch.ones_like(batch.mask_BT) if pending else _rollout(algo, batch, old_BT)[0]
+    rollout_BT = torch.ones_like(batch.mask_BT) if pending else rollout_correction(algo, batch, old_BT)[0]
     p = _Pass(algo, optim, temperature, model, teacher, head_VH, chunk, amp, batch, old_BT.clone(),
               torch.zeros_like(batch.mask_BT) if batch.adv_BT is None else batch.adv_BT.clone(), rollout_BT,
               rollout_BT.clone() if pending else _state(algo, optim, batch, old_BT, rollout_BT), pending)
@@ -355,7 +353,7 @@ def update(algo: AlgoConfig, optim: OptimConfig, temperature: float, model, opt,
                 break
             opt.step()
     sums = distributed.sum_dicts(sums)
-    rollout_metrics = _rollout(algo, batch, p.old_BT)[1]
+    rollout_metrics = rollout_correction(algo, batch, p.old_BT)[1]
     return Update(sums.pop("loss"), sums, gnorm, p.old_BT, p.adv_BT, p.rollout_BT, rollout_metrics, skipped, p.state_BT)
 
 
@@ -403,7 +401,7 @@ def _accumulate(p: _Pass, idx: list[int], last: bool, W: int) -> tuple[float, di
     return float(loss.detach()), met
 
 
-def _rollout(algo: AlgoConfig, batch: Batch, old_BT: torch.Tensor, idx=slice(None)):
+def rollout_correction(algo: AlgoConfig, batch: Batch, old_BT: torch.Tensor, idx=slice(None)):
     """The rollout correction of rows ``idx`` from their old log-probs, and its metrics."""
     return objectives.rollout_weights(old_BT[idx], batch.engine_BT[idx], batch.engine_mask_BT[idx], algo.rollout_is_clip)
 
@@ -439,7 +437,7 @@ def _forward(p: _Pass, idx: list[int]):
         p.old_BT[idx] = old_BT
         if b.adv_inputs is not None:
             p.adv_BT[idx] = _advantages(p.algo, b.adv_inputs.rows(idx, student_logprobs_BT=old_BT), b.mask_BT[idx])
-        p.rollout_BT[idx] = _rollout(p.algo, b, p.old_BT, idx)[0]
+        p.rollout_BT[idx] = rollout_correction(p.algo, b, p.old_BT, idx)[0]
         p.state_BT[idx] = _state(p.algo, p.optim, b, p.old_BT, p.rollout_BT[idx], idx)
     return out_BRX, head_VH, lp_BT
 

@@ -86,7 +86,7 @@ def concat(batches: list):
     if len(batches) == 1:
         return batches[0]
     T = max(b.mask_BT.shape[1] for b in batches)
-    cat = lambda name: torch.cat([_pad(getattr(b, name), T) for b in batches])  # noqa: E731
+    cat = lambda name: torch.cat([_pad(getattr(b, name), T) for b in batches])
     mask_BT = cat("mask_BT")
     teacher_mask_B = torch.cat([b.teacher_mask_B for b in batches])
     stale_B = torch.cat([b.stale_B if b.stale_B is not None else torch.zeros(len(b.response_ids)) for b in batches])
